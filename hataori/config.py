@@ -1,0 +1,233 @@
+"""Typed configs: dataclasses merged by omegaconf from YAML presets and command-line overrides.
+
+Every component owns one ``@dataclass(kw_only=True, slots=True)`` config that validates itself
+in ``__post_init__``. A command loads its config with :func:`load`::
+
+    cfg = load(TokenizerTrainConfig, ["configs/tokenizer/ja-unigram-32k.yaml"], ["vocab_size=16000"])
+
+Layers are applied in order: each YAML file (after the files named by its ``base:`` key, which
+lets a preset say only what differs from the one it derives from), then the dotlist overrides.
+Each layer is checked against the schema on its own, so an unknown key is reported with the file
+(or override) it came from and the closest valid key. Values are then type-checked while the
+dataclasses are built; ``__post_init__`` checks raise :class:`ConfigError` with the field name and
+the dotted path is prefixed on the way out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Sequence, TypeVar, Union
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from hataori.errors import ConfigError
+
+T = TypeVar("T")
+
+BASE_KEY = "base"
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load(schema: type[T], files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> T:
+    """Build ``schema`` from YAML ``files`` (each with its ``base:`` chain) and ``overrides``."""
+    layers: list[tuple[str, DictConfig]] = []
+    for file in files:
+        layers.extend(_file_layers(Path(file), chain=()))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError("", f"override {item!r} is not of the form key=value (e.g. optim.lr=3e-4)")
+        try:
+            layer = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as err:
+            raise ConfigError("", f"cannot parse override {item!r}: {err}") from None
+        layers.append((f"override {item!r}", layer))
+
+    for origin, layer in layers:
+        check_keys(schema, OmegaConf.to_container(layer, resolve=False), origin)
+
+    merged = OmegaConf.merge(*(layer for _, layer in layers)) if layers else OmegaConf.create({})
+    try:
+        data = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError("", f"cannot resolve interpolation: {err}") from None
+    return build(schema, data)
+
+
+def _file_layers(path: Path, chain: tuple[Path, ...]) -> list[tuple[str, DictConfig]]:
+    """The layers of one YAML file: its bases first (recursively), then the file itself."""
+    if not path.is_file():
+        raise ConfigError("", f"config file {path} does not exist")
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, resolved))
+        raise ConfigError(BASE_KEY, f"{path}: presets derive from each other in a cycle: {cycle}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and friends: say which file
+        raise ConfigError("", f"{path}: not valid YAML: {err}") from None
+    if node is None or isinstance(node, ListConfig) or not isinstance(node, DictConfig):
+        raise ConfigError("", f"{path}: a config file must hold a mapping of keys to values")
+    layers: list[tuple[str, DictConfig]] = []
+    bases = node.pop(BASE_KEY, None)
+    if bases is not None:
+        for base in [bases] if isinstance(bases, str) else list(bases):
+            base_path = (path.parent / str(base)) if not Path(str(base)).is_absolute() else Path(str(base))
+            layers.extend(_file_layers(base_path, (*chain, resolved)))
+    layers.append((str(path), node))
+    return layers
+
+
+# ----------------------------------------------------------------------------- key checks
+
+
+def check_keys(schema: type, data: Any, origin: str, prefix: str = "") -> None:
+    """Raise on any key of ``data`` that ``schema`` does not have, suggesting the closest one."""
+    if not isinstance(data, dict):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(path, f"unknown key in {origin}{_suggest(str(key), fields, prefix)}")
+        inner = _dataclass_in(_hints(schema)[key])
+        if inner is not None:
+            if isinstance(value, dict):
+                check_keys(inner, value, origin, f"{path}.")
+            elif isinstance(value, list):
+                for i, item in enumerate(value):
+                    check_keys(inner, item, origin, f"{path}[{i}].")
+
+
+def _suggest(key: str, fields: dict, prefix: str) -> str:
+    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    return f"; valid keys here: {', '.join(prefix + name for name in fields)}"
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass a field holds, directly, in a list, or as Optional."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    for arg in typing.get_args(hint):
+        found = _dataclass_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(schema: type) -> dict[str, Any]:
+    if schema not in _HINTS:
+        _HINTS[schema] = typing.get_type_hints(schema)
+    return _HINTS[schema]
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build(schema: type[T], data: Any, prefix: str = "") -> T:
+    """Build a ``schema`` instance from plain ``data``, type-checking each value."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(prefix.rstrip("."), f"expected a mapping of keys for {schema.__name__}, got {data!r}")
+    check_keys(schema, data, "config", prefix)
+    hints = _hints(schema)
+    kwargs = {}
+    for field in dataclasses.fields(schema):
+        if field.name in data:
+            kwargs[field.name] = _convert(hints[field.name], data[field.name], f"{prefix}{field.name}")
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{field.name}", "is required but not set; add it to the YAML or pass "
+                              f"{prefix}{field.name}=... on the command line")
+    try:
+        return schema(**kwargs)
+    except ConfigError as err:
+        key = f"{prefix}{err.key}" if err.key else prefix.rstrip(".")
+        raise ConfigError(key, err.message) from None
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, key)
+            except ConfigError as err:
+                errors.append(err.message)
+        raise ConfigError(key, " / ".join(errors))
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.4)
+        hint_text = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(key, f"must be one of {', '.join(repr(a) for a in args)}, got {value!r}{hint_text}")
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, f"{key}.")
+    if origin in (list, tuple, Sequence) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"must be a list, got {value!r}; write it as [a, b] or as a YAML list")
+        item_hint = args[0] if args else Any
+        items = [_convert(item_hint, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"must be a mapping, got {value!r}")
+        value_hint = args[1] if len(args) == 2 else Any
+        return {str(k): _convert(value_hint, v, f"{key}.{k}") for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(key, f"must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(key, f"must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(key, f"must be a string, got {value!r}")
+    raise TypeError(f"config field {key} has a type hataori.config cannot build: {hint!r}")
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, YAML-ready dict of a config (tuples become lists)."""
+    return OmegaConf.to_container(OmegaConf.create(dataclasses.asdict(cfg)))
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML, as recorded in run folders and outputs."""
+    return OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg)))
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    """``__post_init__`` helper: raise a :class:`ConfigError` for ``key`` unless ``condition``."""
+    if not condition:
+        raise ConfigError(key, message)

@@ -1,0 +1,1 @@
+"""hataori.kernels: fused Triton kernels (attention, norms, loss) with pure-PyTorch references."""

@@ -1,0 +1,1 @@
+"""hataori.model: the Llama-style decoder-only transformer."""

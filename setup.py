@@ -1,0 +1,37 @@
+"""hataori: a pretraining framework for Japanese decoder-only language models.
+
+The top-level folders (model/, tokenizer/, train/, kernels/) install as subpackages of the
+``hataori`` import namespace, so nothing lands in site-packages under a bare name that other
+distributions already own (``kernels``, ``tokenizer`` and ``train`` are taken on PyPI).
+"""
+
+from setuptools import setup
+
+SUBPACKAGES = ("model", "tokenizer", "train", "kernels")
+
+setup(
+    name="hataori",
+    version="0.1.0",
+    description="Pretraining framework for Japanese decoder-only language models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["hataori", *(f"hataori.{name}" for name in SUBPACKAGES)],
+    package_dir={"hataori": "hataori", **{f"hataori.{name}": name for name in SUBPACKAGES}},
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.15",
+        "sentencepiece>=0.2",
+        "numpy>=1.24",
+        "omegaconf>=2.3",
+        "tensorboard>=2.15",
+        # .zst corpora: the standard library reads zstd only from Python 3.14 on.
+        "zstandard>=0.22",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "gpu": ["flash-attn>=2.6", "triton>=3.0"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "build>=1.0"],
+    },
+    entry_points={"console_scripts": ["hataori = hataori.cli:main"]},
+)

@@ -1,0 +1,1 @@
+"""hataori.tokenizer: corpora, SentencePiece training and evaluation, token shards."""
