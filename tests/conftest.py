@@ -1,0 +1,38 @@
+"""Shared fixtures: the real Japanese corpus and a tokenizer trained on it.
+
+The Debian Japanese documentation corpus is built once per machine into a cache folder
+(``HATAORI_TEST_CACHE``, default ``~/.cache/hataori-tests``) by the same command users run, and
+reused afterwards (the builder is idempotent). The tokenizer is trained once per test session.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from hataori.cli import main as hataori_main
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("HATAORI_TEST_CACHE", Path.home() / ".cache" / "hataori-tests"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ja_corpus() -> Path:
+    """Folder of the Debian Japanese corpus: corpus.jsonl (text, source, path) and manifest.json."""
+    out = cache_dir() / "debian-ja"
+    assert hataori_main(["corpus", "debian-ja", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def ja_tokenizer(ja_corpus: Path, tmp_path_factory) -> Path:
+    """Folder of a small unigram tokenizer (tokenizer.model) trained on a sample of the corpus."""
+    out = tmp_path_factory.mktemp("tokenizer")
+    assert hataori_main(["tokenizer", "train", "--input", str(ja_corpus / "corpus.jsonl"),
+                         "--output", str(out), "vocab_size=4000", "max_input_chars=3000000"]) == 0
+    return out
