@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv (if absent) and install hataori with its test tools into it.
+# Safe to rerun: pip skips what is already installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# torch is pinned for reproducible CPU runs; on a GPU machine install the CUDA build of your
+# choice first and drop the pin.
+.venv/bin/python -m pip install -q "torch==2.13.0" -e ".[dev]"

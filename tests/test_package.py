@@ -1,0 +1,71 @@
+"""The package installs cleanly: a wheel built from this tree, installed into a fresh venv,
+provides every subpackage under the ``hataori`` namespace and nothing under bare names."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBPACKAGES = ["hataori", "hataori.model", "hataori.tokenizer", "hataori.train", "hataori.kernels"]
+# Names other distributions own on PyPI, and our own folder names: none may be installed bare.
+FORBIDDEN_TOP_LEVEL = {"model", "tokenizer", "train", "kernels", "configs", "tests", "slurm"}
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(out), str(ROOT)], check=True, timeout=300)
+    (wheel,) = out.glob("hataori-*.whl")
+    return wheel
+
+
+def test_wheel_holds_only_the_hataori_namespace(wheel: Path):
+    with zipfile.ZipFile(wheel) as zf:
+        top = {name.split("/")[0] for name in zf.namelist() if not name.split("/")[0].endswith(".dist-info")}
+        assert top == {"hataori"}, f"wheel installs top-level names {sorted(top)}"
+        names = set(zf.namelist())
+    for package in SUBPACKAGES:
+        assert package.replace(".", "/") + "/__init__.py" in names
+
+
+@pytest.mark.timeout(600)
+def test_fresh_venv_imports_every_subpackage(wheel: Path, tmp_path: Path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    # The heavy dependencies (torch, sentencepiece, ...) come from this environment's site-packages
+    # through a .pth line; hataori itself only from the wheel. A path added by a .pth line is not a
+    # site dir, so this environment's editable-install hook is not run in the fresh venv.
+    fresh_site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                     check=True, capture_output=True, text=True).stdout.strip())
+    (fresh_site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+                   check=True, timeout=300)
+
+    installed = {p.name for p in fresh_site.iterdir()}
+    assert not (installed & FORBIDDEN_TOP_LEVEL), f"bare names installed: {installed & FORBIDDEN_TOP_LEVEL}"
+
+    code = ("import importlib, sys\n"
+            f"for name in {SUBPACKAGES!r}:\n"
+            "    module = importlib.import_module(name)\n"
+            "    print(name, module.__file__)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True,
+                            cwd=tmp_path, env=env, timeout=300)
+    for line in result.stdout.splitlines():
+        name, path = line.split()
+        assert Path(path).is_relative_to(fresh_site), f"{name} imported from {path}, not from the fresh venv"
+
+    cli = subprocess.run([str(venv / "bin" / "hataori"), "--help"], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    for group in ("corpus", "tokenizer", "data"):
+        assert group in cli.stdout
