@@ -4,4 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The corpus builder downloads Debian packages with apt-get: it needs the package lists.
+if [ "$(id -u)" = 0 ] && ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then
+  apt-get update -qq
+fi
 exec .venv/bin/python -m pytest "$@"
