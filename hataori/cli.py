@@ -20,6 +20,7 @@ COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("tokenizer", "train"): ("hataori.tokenizer.trainer", "train a SentencePiece tokenizer made for Japanese"),
     ("tokenizer", "eval"): ("hataori.tokenizer.evaluate", "compare tokenizers on Japanese text"),
     ("data", "prepare"): ("hataori.tokenizer.prepare", "encode corpora into memory-mapped token shards"),
+    ("data", "inspect"): ("hataori.tokenizer.shards", "describe a prepared dataset or shard"),
     ("data", "bench"): ("hataori.train.data", "measure the blending, packing loader's tokens/s"),
 }
 

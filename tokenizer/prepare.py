@@ -1,0 +1,492 @@
+"""``hataori data prepare``: encode corpora into token shards for training.
+
+    hataori data prepare [CONFIG.yaml] --input corpus.jsonl[:WEIGHT] ... --tokenizer DIR --output DIR \\
+        [--workers N] [key=value ...]
+
+The main process reads the sources in order (through :mod:`hataori.tokenizer.sources`), decides
+each document's split, and hands batches of documents to worker processes that each load the
+tokenizer once. Results are taken back in submission order, so the shards are byte-identical
+whatever the number of workers.
+
+Split: a document goes to validation when a keyed hash of its text (``split_seed``) falls below
+``val_fraction`` of the hash range, or, with ``val_docs=K``, among the K smallest hashes (which
+costs one extra reading pass). Being decided by content, the split does not depend on the order
+or number of the inputs, and exact duplicates land on the same side.
+
+Output: ``train-NNNNN`` and ``val-NNNNN`` shards (see :mod:`hataori.tokenizer.shards`) of at most
+``shard_tokens`` tokens each (a longer document gets a shard of its own), each written under a
+temporary name and renamed when complete, and ``dataset.json`` last. A rerun after a crash or a
+kill keeps the complete shards, re-reads the inputs without encoding the documents they hold, and
+writes the rest; if the inputs or settings changed in between, it starts over.
+
+Source weights given with ``--input PATH:WEIGHT`` are recorded in the manifest; a dataset stores
+each document once, and blending happens when training reads datasets (:mod:`hataori.train.data`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import hashlib
+import heapq
+import itertools
+import json
+import multiprocessing
+import re
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+
+from hataori.config import ConfigError, load, require, to_dict
+from hataori.errors import HataoriError
+from hataori.fsutil import atomic_write_text, remove_stale_temps
+from hataori.tokenizer.model import Tokenizer
+from hataori.tokenizer.shards import (FORMAT_VERSION, MANIFEST, SPLITS, Shard, ShardError, ShardWriter,
+                                      choose_dtype, shard_name, shard_paths)
+from hataori.tokenizer.sources import ReadStats, SourceConfig, expand, iter_documents
+
+PLAN = ".prepare-plan.json"
+SHARD_FILE = re.compile(r"^(train|val)-(\d{5})\.(bin|idx)$")
+
+
+@dataclass(kw_only=True, slots=True)
+class PrepareConfig:
+    """Settings of ``hataori data prepare``."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    """The corpora to encode, in order (``--input`` adds to them)."""
+    tokenizer: str = ""
+    """The tokenizer: a folder holding tokenizer.model, or the .model file."""
+    output: str = ""
+    """The dataset folder to write."""
+    workers: int = 1
+    """Encoding processes; 1 encodes in the main process. Does not change the output."""
+    batch_docs: int = 256
+    """Documents handed to a worker at a time."""
+    val_fraction: float = 0.005
+    """Share of documents (by hash of their text) that go to the validation split."""
+    val_docs: int = 0
+    """If positive, exactly this many documents go to validation instead (one extra reading pass)."""
+    split_seed: int = 0
+    """Key of the split hash: another seed draws another validation set."""
+    shard_tokens: int = 100_000_000
+    """Largest number of tokens in one shard (a longer document gets a shard of its own)."""
+    dtype: Literal["auto", "uint16", "uint32"] = "auto"
+    """Token id type in the shards; auto takes uint16 when the vocabulary fits."""
+    skip_bad_lines: bool = False
+    """Count and skip malformed input lines instead of stopping at the first."""
+    progress: bool = True
+    """Show a progress bar on stderr."""
+
+    def __post_init__(self):
+        require(len(self.sources) > 0, "sources", "no input; pass --input PATH[:WEIGHT] or list sources in the config")
+        require(bool(self.tokenizer), "tokenizer", "no tokenizer; pass --tokenizer DIR (from `hataori tokenizer train`)")
+        require(bool(self.output), "output", "no output folder; pass --output DIR")
+        require(self.workers >= 1, "workers", f"must be at least 1, got {self.workers}")
+        require(self.batch_docs >= 1, "batch_docs", f"must be at least 1, got {self.batch_docs}")
+        require(0.0 <= self.val_fraction < 1.0, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        require(self.val_docs >= 0, "val_docs", f"must be 0 (use val_fraction) or positive, got {self.val_docs}")
+        require(self.shard_tokens >= 1, "shard_tokens", f"must be positive, got {self.shard_tokens}")
+
+
+# ----------------------------------------------------------------------------- encoding (worker side)
+
+_ENCODER: "_Encoder | None" = None
+
+
+class _Encoder:
+    """Turns a batch of texts into concatenated ids (EOS after each document) and lengths."""
+
+    def __init__(self, tokenizer_path: str, dtype: str):
+        self.tokenizer = Tokenizer(tokenizer_path)
+        self.eos = self.tokenizer.eos_id
+        self.dtype = np.dtype(dtype)
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        # One thread: parallelism comes from worker processes, so `workers` is the CPU budget.
+        ids = self.tokenizer.sp.Encode(texts, out_type=int, num_threads=1)
+        lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+        eos = (self.eos,)
+        flat = np.fromiter(itertools.chain.from_iterable(itertools.chain(x, eos) for x in ids),
+                           dtype=self.dtype, count=int(lengths.sum()))
+        return flat, lengths
+
+
+def _init_worker(tokenizer_path: str, dtype: str) -> None:
+    global _ENCODER
+    _ENCODER = _Encoder(tokenizer_path, dtype)
+
+
+def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return _ENCODER(texts)
+
+
+# ----------------------------------------------------------------------------- writing shards of one split
+
+
+class _SplitWriter:
+    """Appends documents to the shards of one split, starting a new shard when one is full."""
+
+    def __init__(self, folder: Path, split: str, first_index: int, dtype: np.dtype, fingerprint: str,
+                 shard_tokens: int, done: list[dict]):
+        self.folder, self.split, self.index = folder, split, first_index
+        self.dtype, self.fingerprint, self.shard_tokens = dtype, fingerprint, shard_tokens
+        self.shards = list(done)  # manifest entries of complete shards
+        self.writer: ShardWriter | None = None
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        first, start = 0, 0
+        while first < len(lengths):
+            if self.writer is None:
+                self.writer = ShardWriter(self.folder / shard_name(self.split, self.index), self.dtype, self.fingerprint)
+            room = self.shard_tokens - self.writer.tokens
+            ends = np.cumsum(lengths[first:])
+            n = int(np.searchsorted(ends, room, side="right"))
+            if n == 0 and self.writer.documents == 0:
+                n = 1  # a document longer than a shard gets one of its own
+            if n:
+                self.writer.add(tokens[start:start + int(ends[n - 1])], lengths[first:first + n])
+                first, start = first + n, start + int(ends[n - 1])
+            if first < len(lengths):  # the next document does not fit
+                self._close()
+
+    def _close(self) -> None:
+        self.writer.close()
+        self.shards.append({"name": shard_name(self.split, self.index), "documents": self.writer.documents,
+                            "tokens": self.writer.tokens})
+        self.writer, self.index = None, self.index + 1
+
+    def finish(self) -> dict:
+        if self.writer is not None and self.writer.documents:
+            self._close()
+        return {"documents": sum(s["documents"] for s in self.shards),
+                "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+
+# ----------------------------------------------------------------------------- reading and splitting
+
+
+def _split_key(data: bytes, seed: int) -> int:
+    """A 64-bit keyed hash of a document's UTF-8 text; documents below the limit go to validation."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8, key=str(seed).encode()).digest(), "little")
+
+
+def _documents(cfg: PrepareConfig, files: list[tuple[int, Path]], stats: list[ReadStats]) -> Iterator[tuple[int, str]]:
+    """``(source index, text)`` of every document of every source, in order."""
+    for s, path in files:
+        yield from ((s, doc) for doc in iter_documents(path, cfg.sources[s], cfg.skip_bad_lines, stats[s]))
+
+
+def _val_limit(cfg: PrepareConfig, files: list[tuple[int, Path]]) -> int:
+    """Documents whose split key is below this go to validation."""
+    if cfg.val_docs == 0:
+        return int(cfg.val_fraction * 2**64)
+    smallest: list[int] = []  # max-heap (negated) of the val_docs smallest keys
+    total = 0
+    for _, text in _documents(cfg, files, [ReadStats() for _ in cfg.sources]):
+        key = _split_key(text.encode("utf-8"), cfg.split_seed)
+        total += 1
+        if len(smallest) < cfg.val_docs:
+            heapq.heappush(smallest, -key)
+        elif key < -smallest[0]:
+            heapq.heapreplace(smallest, -key)
+    if total <= cfg.val_docs:
+        raise ConfigError("val_docs", f"asks for {cfg.val_docs} validation documents, but the inputs hold only "
+                          f"{total}; lower it or use val_fraction")
+    return -smallest[0] + 1
+
+
+# ----------------------------------------------------------------------------- resuming
+
+
+def _plan(cfg: PrepareConfig, tokenizer: Tokenizer, dtype: np.dtype, files: list[tuple[int, Path]]) -> dict:
+    """Everything the output depends on; a partial output with another plan is started over."""
+    settings = to_dict(cfg)
+    for key in ("workers", "batch_docs", "progress", "output", "tokenizer"):
+        settings.pop(key)
+    inputs = [{"path": str(p), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for _, p in files]
+    return {"format_version": FORMAT_VERSION, "tokenizer": tokenizer.fingerprint, "dtype": dtype.name,
+            "settings": settings, "inputs": inputs}
+
+
+def _shard_files(folder: Path) -> list[tuple[str, int, Path]]:
+    found = []
+    for path in folder.iterdir():
+        m = SHARD_FILE.match(path.name)
+        if m:
+            found.append((m.group(1), int(m.group(2)), path))
+    return found
+
+
+def _complete_shards(folder: Path, split: str, dtype: np.dtype, fingerprint: str) -> list[dict]:
+    """Manifest entries of the complete shards ``split-00000``, ``split-00001``, ... of an
+    interrupted run; files of later or incomplete shards are removed."""
+    done = []
+    while True:
+        stem = folder / shard_name(split, len(done))
+        try:
+            shard = Shard(stem, fingerprint)
+        except (ShardError, HataoriError):
+            break
+        if shard.dtype != dtype:
+            break
+        done.append({"name": stem.name, "documents": shard.num_docs, "tokens": shard.num_tokens})
+    for file_split, index, path in _shard_files(folder):
+        if file_split == split and index >= len(done):
+            path.unlink()
+    return done
+
+
+def _start(folder: Path, plan: dict) -> None:
+    """Make ``folder`` ready: remove temporary files, and shards of a run with another plan."""
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)
+    plan_path = folder / PLAN
+    old = json.loads(plan_path.read_text(encoding="utf-8")) if plan_path.is_file() else None
+    if old != plan:
+        stale = _shard_files(folder)
+        if stale:
+            print(f"{folder}: the shards there were made from other inputs or settings; starting over",
+                  file=sys.stderr)
+            for _, _, path in stale:
+                path.unlink()
+        atomic_write_text(plan_path, json.dumps(plan, indent=1, ensure_ascii=False))
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Encode ``cfg.sources`` into a dataset folder; return its manifest."""
+    tokenizer = Tokenizer(cfg.tokenizer)
+    dtype = choose_dtype(tokenizer.vocab_size, cfg.dtype)
+    files = [(s, path) for s, source in enumerate(cfg.sources) for path in expand(source)]
+    folder = Path(cfg.output)
+    plan = _plan(cfg, tokenizer, dtype, files)
+
+    manifest_path = folder / MANIFEST
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("plan") == plan:
+            print(f"{folder}: already prepared from these inputs and settings; nothing to do", file=sys.stderr)
+            return manifest
+        raise HataoriError(f"{folder} already holds a dataset prepared from other inputs or settings; "
+                           "choose another --output, or delete the folder to replace it")
+    if folder.exists() and not folder.is_dir():
+        raise HataoriError(f"{folder} exists and is not a folder; choose another --output")
+    _start(folder, plan)
+
+    writers = {}
+    for split in SPLITS:
+        done = _complete_shards(folder, split, dtype, tokenizer.fingerprint)
+        writers[split] = _SplitWriter(folder, split, len(done), dtype, tokenizer.fingerprint, cfg.shard_tokens, done)
+    skip = {split: sum(s["documents"] for s in writers[split].shards) for split in SPLITS}
+    if any(skip.values()):
+        print(f"{folder}: resuming; " + ", ".join(f"{len(writers[s].shards)} {s} shards ({skip[s]} documents)"
+                                                 for s in SPLITS) + " already complete", file=sys.stderr)
+    val_limit = _val_limit(cfg, files)
+
+    stats = [ReadStats() for _ in cfg.sources]
+    per_source = [{split: 0 for split in SPLITS} for _ in cfg.sources]
+    encoded = {"documents": 0, "tokens": 0, "text_bytes": 0}
+    started = time.perf_counter()
+    try:
+        with _Pipeline(cfg, str(tokenizer.path), dtype) as pipeline, _progress(cfg, files) as bar:
+            seen = {split: 0 for split in SPLITS}
+            batch: list[str] = []
+            splits: list[str] = []
+            read_bytes = 0
+
+            def submit():
+                nonlocal batch, splits
+                if batch:
+                    pipeline.submit(batch, splits)
+                    encoded["documents"] += len(batch)
+                    batch, splits = [], []
+
+            for s, text in _documents(cfg, files, stats):
+                data = text.encode("utf-8")
+                split = "val" if _split_key(data, cfg.split_seed) < val_limit else "train"
+                per_source[s][split] += 1
+                seen[split] += 1
+                if seen[split] > skip[split]:
+                    encoded["text_bytes"] += len(data)
+                    batch.append(text)
+                    splits.append(split)
+                    if len(batch) >= cfg.batch_docs:
+                        submit()
+                for tokens, lengths, doc_splits in pipeline.ready():
+                    encoded["tokens"] += _write(writers, tokens, lengths, doc_splits)
+                total_read = sum(st.bytes for st in stats)
+                if total_read - read_bytes > 1 << 20:
+                    bar.update(total_read - read_bytes)
+                    read_bytes = total_read
+            submit()
+            for tokens, lengths, doc_splits in pipeline.drain():
+                encoded["tokens"] += _write(writers, tokens, lengths, doc_splits)
+            bar.update(sum(st.bytes for st in stats) - read_bytes)
+        splits_info = {split: writers[split].finish() for split in SPLITS}
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    elapsed = time.perf_counter() - started
+
+    if splits_info["train"]["documents"] == 0:
+        raise HataoriError("no documents went to the train split; check the inputs and val_fraction/val_docs")
+    manifest = _manifest(cfg, tokenizer, dtype, plan, files, splits_info, stats, per_source, encoded, elapsed)
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=1, ensure_ascii=False))
+    (folder / PLAN).unlink(missing_ok=True)
+    return manifest
+
+
+def _write(writers: dict, tokens: np.ndarray, lengths: np.ndarray, doc_splits: list[str]) -> int:
+    """Route a batch's documents to their splits' shards, keeping their order; return its tokens."""
+    is_val = np.array([s == "val" for s in doc_splits])
+    if not is_val.any():
+        writers["train"].add(tokens, lengths)
+        return len(tokens)
+    token_is_val = np.repeat(is_val, lengths)
+    for split, doc_mask, token_mask in (("train", ~is_val, ~token_is_val), ("val", is_val, token_is_val)):
+        if doc_mask.any():
+            writers[split].add(tokens[token_mask], lengths[doc_mask])
+    return len(tokens)
+
+
+class _Pipeline:
+    """Batches of texts in, encoded batches out in submission order; a bounded number in flight."""
+
+    def __init__(self, cfg: PrepareConfig, tokenizer_path: str, dtype: np.dtype):
+        self.pending: deque = deque()
+        self.local = None
+        self.pool = None
+        if cfg.workers == 1:
+            self.local = _Encoder(tokenizer_path, dtype.str)
+        else:
+            context = multiprocessing.get_context("spawn")
+            self.pool = cf.ProcessPoolExecutor(cfg.workers, mp_context=context, initializer=_init_worker,
+                                               initargs=(tokenizer_path, dtype.str))
+        self.max_pending = 2 * cfg.workers + 2
+
+    def submit(self, texts: list[str], splits: list[str]) -> None:
+        if self.local is not None:
+            self.pending.append((self.local(texts), splits))
+        else:
+            self.pending.append((self.pool.submit(_encode_in_worker, texts), splits))
+
+    def _pop(self):
+        result, splits = self.pending.popleft()
+        tokens, lengths = result if self.local is not None else result.result()
+        return tokens, lengths, splits
+
+    def ready(self):
+        """Encoded batches that are done (or must be waited for to bound memory), oldest first."""
+        while self.pending and (len(self.pending) >= self.max_pending or self.local is not None
+                                or self.pending[0][0].done()):
+            yield self._pop()
+
+    def drain(self):
+        while self.pending:
+            yield self._pop()
+
+    def __enter__(self) -> "_Pipeline":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _progress(cfg: PrepareConfig, files: list[tuple[int, Path]]):
+    from tqdm import tqdm
+
+    compressed = any(p.name.endswith((".gz", ".zst")) for _, p in files)
+    total = None if compressed else sum(p.stat().st_size for _, p in files)
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="encoding", file=sys.stderr,
+                disable=not cfg.progress, dynamic_ncols=True)
+
+
+def _manifest(cfg, tokenizer, dtype, plan, files, splits_info, stats, per_source, encoded, elapsed) -> dict:
+    sources = []
+    for s, source in enumerate(cfg.sources):
+        sources.append({"name": source.name, "path": source.path, "weight": source.weight,
+                        "files": [str(p) for i, p in files if i == s], "documents": per_source[s],
+                        "skipped_lines": stats[s].skipped, "skipped_examples": stats[s].skipped_examples})
+    seconds = max(elapsed, 1e-9)
+    run = {"seconds": round(elapsed, 3), "workers": cfg.workers, "encoded_documents": encoded["documents"],
+           "encoded_tokens": encoded["tokens"], "encoded_text_bytes": encoded["text_bytes"],
+           "text_mb_per_s": round(encoded["text_bytes"] / 1e6 / seconds, 3),
+           "tokens_per_s": round(encoded["tokens"] / seconds), "documents_per_s": round(encoded["documents"] / seconds)}
+    return {"format_version": FORMAT_VERSION, "dtype": dtype.name,
+            "tokenizer": {"path": str(tokenizer.path.resolve()), "fingerprint": tokenizer.fingerprint,
+                          "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
+            "sources": sources, "splits": splits_info, "config": to_dict(cfg), "plan": plan, "last_run": run}
+
+
+def report(manifest: dict) -> str:
+    """A short human summary of a prepare: counts and the last run's throughput."""
+    lines = []
+    for split, info in manifest["splits"].items():
+        lines.append(f"{split}: {info['documents']} documents, {info['tokens']} tokens, {len(info['shards'])} shards")
+    skipped = sum(s["skipped_lines"] for s in manifest["sources"])
+    if skipped:
+        examples = [e for s in manifest["sources"] for e in s["skipped_examples"]][:3]
+        lines.append(f"skipped {skipped} bad lines, e.g. " + "; ".join(examples))
+    run = manifest["last_run"]
+    lines.append(f"encoded {run['encoded_documents']} documents ({run['encoded_text_bytes'] / 1e6:.2f} MB of text, "
+                 f"{run['encoded_tokens']} tokens) in {run['seconds']:.2f} s with {run['workers']} workers: "
+                 f"{run['text_mb_per_s']:.2f} MB/s, {run['tokens_per_s']} tokens/s, {run['documents_per_s']} documents/s")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_input(item: str) -> dict:
+    """``PATH`` or ``PATH:WEIGHT`` as a source mapping."""
+    path, sep, weight = item.rpartition(":")
+    if sep and path:
+        try:
+            return {"path": path, "weight": float(weight)}
+        except ValueError:
+            pass
+    return {"path": item}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="*", metavar="CONFIG|key=value",
+                        help="YAML presets (applied in order), then overrides such as shard_tokens=50000000")
+    parser.add_argument("--input", action="append", default=[], metavar="PATH[:WEIGHT]",
+                        help="a corpus file, glob or folder (repeatable); replaces the config's sources")
+    parser.add_argument("--tokenizer", help="tokenizer folder or .model file")
+    parser.add_argument("--output", help="dataset folder to write")
+    parser.add_argument("--workers", type=int, help="encoding processes (default 1)")
+
+
+def config_from_args(args: argparse.Namespace) -> PrepareConfig:
+    files = [c for c in args.config if "=" not in c]
+    overrides = [c for c in args.config if "=" in c]
+    if args.input:
+        overrides.append("sources=" + json.dumps([parse_input(i) for i in args.input]))
+    for key in ("tokenizer", "output", "workers"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    return load(PrepareConfig, files, overrides)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    manifest = prepare(cfg)
+    print(report(manifest))
+    return 0

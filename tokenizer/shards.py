@@ -1,0 +1,357 @@
+"""Token shards: documents encoded once, read back memory-mapped.
+
+A shard is two files with the same stem:
+
+``NAME.bin``
+    The token ids of its documents back to back, little-endian ``uint16`` when the vocabulary
+    fits in 16 bits, else ``uint32``. Every document ends with the tokenizer's EOS id.
+``NAME.idx``
+    A 64-byte header, then ``documents + 1`` little-endian int64 offsets into ``NAME.bin``
+    (counted in tokens, starting at 0): document ``i`` is ``tokens[offsets[i]:offsets[i + 1]]``,
+    its EOS included.
+
+Header layout (little-endian, ``struct`` format ``<8sII32sQQ``)::
+
+    magic        8 bytes   b"HATAORI\\x00"
+    version      uint32    FORMAT_VERSION
+    itemsize     uint32    2 (uint16 ids) or 4 (uint32 ids)
+    fingerprint  32 bytes  the tokenizer's fingerprint, ASCII, NUL-padded
+    documents    uint64
+    tokens       uint64
+
+The ``.idx`` file is renamed into place after the ``.bin``, so a shard whose index exists is
+complete. A dataset folder (see :class:`Dataset`) holds the shards of each split and a manifest,
+``dataset.json``, written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from hataori.errors import HataoriError, InputError
+from hataori.fsutil import temp_sibling
+
+MAGIC = b"HATAORI\x00"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<8sII32sQQ")
+HEADER_BYTES = HEADER.size  # 64
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+MANIFEST = "dataset.json"
+SPLITS = ("train", "val")
+
+
+class ShardError(HataoriError):
+    """A shard or dataset that this version of hataori must not read, and why."""
+
+
+def choose_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
+    """The id dtype for a vocabulary: ``uint16`` when it fits, else ``uint32``.
+
+    ``requested`` is ``auto``, ``uint16`` or ``uint32``; an explicit ``uint16`` with a vocabulary
+    of more than 65536 pieces is an error rather than a silent wrap-around.
+    """
+    if requested == "auto":
+        return DTYPES["uint16"] if vocab_size <= 1 << 16 else DTYPES["uint32"]
+    if requested not in DTYPES:
+        raise ShardError(f"token dtype {requested!r} is not one of auto, uint16, uint32")
+    dtype = DTYPES[requested]
+    if vocab_size > 1 << (8 * dtype.itemsize):
+        raise ShardError(f"a vocabulary of {vocab_size} tokens does not fit in {requested} "
+                         f"(ids up to {(1 << (8 * dtype.itemsize)) - 1}); use dtype=uint32 or dtype=auto")
+    return dtype
+
+
+def shard_paths(stem: str | Path) -> tuple[Path, Path]:
+    """The ``.bin`` and ``.idx`` paths of the shard named by ``stem`` (with or without suffix)."""
+    stem = Path(stem)
+    if stem.suffix in (".bin", ".idx"):
+        stem = stem.with_suffix("")
+    return stem.with_name(stem.name + ".bin"), stem.with_name(stem.name + ".idx")
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class ShardWriter:
+    """Write one shard: documents are appended to temporary files, renamed by :meth:`close`.
+
+    Use as a context manager; leaving it by an exception removes the temporary files.
+    """
+
+    def __init__(self, stem: str | Path, dtype: np.dtype, fingerprint: str):
+        self.bin_path, self.idx_path = shard_paths(stem)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in DTYPES.values():
+            raise ShardError(f"shard ids must be uint16 or uint32, not {self.dtype}")
+        self.fingerprint = fingerprint
+        self.limit = 1 << (8 * self.dtype.itemsize)
+        self._offsets = [0]
+        self._bin_tmp = temp_sibling(self.bin_path)
+        self._idx_tmp = temp_sibling(self.idx_path)
+        self.bin_path.parent.mkdir(parents=True, exist_ok=True)
+        self._bin = open(self._bin_tmp, "wb")
+
+    @property
+    def documents(self) -> int:
+        return len(self._offsets) - 1
+
+    @property
+    def tokens(self) -> int:
+        return self._offsets[-1]
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents given as their concatenated ids (EOS included) and their lengths."""
+        if int(np.sum(lengths)) != len(tokens):
+            raise ValueError(f"document lengths sum to {int(np.sum(lengths))}, but {len(tokens)} ids were given")
+        if len(tokens) and int(tokens.max()) >= self.limit:
+            raise ShardError(f"token id {int(tokens.max())} does not fit in {self.dtype.name}")
+        self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        ends = self._offsets[-1] + np.cumsum(lengths, dtype=np.int64)
+        self._offsets.extend(ends.tolist())
+
+    def close(self) -> None:
+        """Flush, then rename the ``.bin`` and, last, the ``.idx`` into place."""
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
+        self._bin.close()
+        header = HEADER.pack(MAGIC, FORMAT_VERSION, self.dtype.itemsize, self.fingerprint.encode("ascii"),
+                             self.documents, self.tokens)
+        with open(self._idx_tmp, "wb") as f:
+            f.write(header)
+            f.write(np.asarray(self._offsets, dtype="<i8").tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(self._bin_tmp, self.bin_path)
+        os.replace(self._idx_tmp, self.idx_path)
+
+    def abort(self) -> None:
+        """Remove the temporary files."""
+        if not self._bin.closed:
+            self._bin.close()
+        self._bin_tmp.unlink(missing_ok=True)
+        self._idx_tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_header(idx_path: Path) -> dict:
+    """The header fields of a ``.idx`` file, checked for magic, version and dtype."""
+    try:
+        with open(idx_path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except FileNotFoundError:
+        raise InputError(idx_path, "no such shard index; the shard is missing or was never completed "
+                         "(rerun `hataori data prepare` with the same arguments to finish it)") from None
+    if len(raw) < HEADER_BYTES or raw[:8] != MAGIC:
+        raise ShardError(f"{idx_path}: not a hataori shard index (magic {MAGIC!r} expected, found "
+                         f"{raw[:8]!r}); point at a folder written by `hataori data prepare`")
+    magic, version, itemsize, fingerprint, documents, tokens = HEADER.unpack(raw)
+    if version != FORMAT_VERSION:
+        raise ShardError(f"{idx_path}: shard format version {version}, but this hataori reads version "
+                         f"{FORMAT_VERSION}; re-encode the corpus with `hataori data prepare` from this version")
+    if itemsize not in (2, 4):
+        raise ShardError(f"{idx_path}: token size {itemsize} bytes in the header (2 or 4 expected); "
+                         "the file is damaged, re-encode it")
+    return {"version": version, "dtype": DTYPES["uint16" if itemsize == 2 else "uint32"],
+            "fingerprint": fingerprint.rstrip(b"\x00").decode("ascii"), "documents": documents, "tokens": tokens}
+
+
+class Shard:
+    """A memory-mapped shard: ``len(shard)`` documents, ``shard[i]`` (or ``doc(i)``) the ids of
+    document ``i`` with its EOS, ``shard.tokens`` all ids. Nothing is copied: documents and slices
+    of ``tokens`` are read-only views of the mapped file.
+
+    ``fingerprint``, when given, must match the tokenizer fingerprint the shard was written with.
+    """
+
+    def __init__(self, stem: str | Path, fingerprint: str | None = None):
+        self.bin_path, self.idx_path = shard_paths(stem)
+        header = read_header(self.idx_path)
+        self.version = header["version"]
+        self.dtype: np.dtype = header["dtype"]
+        self.fingerprint: str = header["fingerprint"]
+        if fingerprint is not None and fingerprint != self.fingerprint:
+            raise ShardError(f"{self.idx_path}: encoded with tokenizer fingerprint {self.fingerprint}, but the "
+                             f"tokenizer in use has fingerprint {fingerprint}; use the tokenizer the shards were "
+                             "made with, or re-encode them with `hataori data prepare --tokenizer ...`")
+        self.num_docs: int = header["documents"]
+        self.num_tokens: int = header["tokens"]
+        expected_idx = HEADER_BYTES + 8 * (self.num_docs + 1)
+        if self.idx_path.stat().st_size != expected_idx:
+            raise ShardError(f"{self.idx_path}: {self.idx_path.stat().st_size} bytes, but its header promises "
+                             f"{self.num_docs} documents ({expected_idx} bytes); the file is damaged, re-encode it")
+        if not self.bin_path.is_file():
+            raise ShardError(f"{self.bin_path}: missing beside its index; re-encode the shard")
+        expected_bin = self.num_tokens * self.dtype.itemsize
+        if self.bin_path.stat().st_size != expected_bin:
+            raise ShardError(f"{self.bin_path}: {self.bin_path.stat().st_size} bytes, but its index promises "
+                             f"{self.num_tokens} tokens of {self.dtype.name} ({expected_bin} bytes); re-encode it")
+        self.offsets = np.memmap(self.idx_path, dtype="<i8", mode="r", offset=HEADER_BYTES,
+                                 shape=(self.num_docs + 1,))
+        if self.num_tokens:
+            self.tokens = np.memmap(self.bin_path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
+        else:  # numpy cannot map an empty file
+            self.tokens = np.empty(0, dtype=self.dtype)
+        if self.offsets[0] != 0 or self.offsets[-1] != self.num_tokens:
+            raise ShardError(f"{self.idx_path}: offsets run from {self.offsets[0]} to {self.offsets[-1]}, "
+                             f"expected 0 to {self.num_tokens}; the file is damaged, re-encode it")
+
+    def __len__(self) -> int:
+        return self.num_docs
+
+    def doc(self, i: int) -> np.ndarray:
+        """The ids of document ``i``, its EOS last (a view, not a copy)."""
+        if not -self.num_docs <= i < self.num_docs:
+            raise IndexError(f"document {i} out of range for a shard of {self.num_docs}")
+        i %= self.num_docs
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    __getitem__ = doc
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(self.num_docs):
+            yield self.doc(i)
+
+    def lengths(self) -> np.ndarray:
+        """The length of every document in tokens (EOS included)."""
+        return np.diff(np.asarray(self.offsets))
+
+    def __repr__(self) -> str:
+        return (f"Shard({str(self.bin_path.with_suffix(''))!r}, documents={self.num_docs}, "
+                f"tokens={self.num_tokens}, dtype={self.dtype.name}, fingerprint={self.fingerprint})")
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}"
+
+
+class Dataset:
+    """A prepared dataset folder: ``dataset.json`` and the shards of one split, read as one
+    sequence of documents (shard by shard, in the order they were written).
+
+    ``fingerprint`` (the tokenizer's), when given, must match the manifest's and every shard's.
+    """
+
+    def __init__(self, path: str | Path, split: str = "train", fingerprint: str | None = None):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        try:
+            self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(manifest_path, "no dataset manifest; prepare the dataset with `hataori data prepare "
+                             "--output DIR` (an unfinished prepare writes no manifest: rerun it)") from None
+        except json.JSONDecodeError as err:
+            raise InputError(manifest_path, f"not valid JSON: {err}") from None
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ShardError(f"{manifest_path}: dataset format version {version}, but this hataori reads version "
+                             f"{FORMAT_VERSION}; re-encode the corpus with `hataori data prepare`")
+        self.tokenizer_fingerprint: str = self.manifest["tokenizer"]["fingerprint"]
+        if fingerprint is not None and fingerprint != self.tokenizer_fingerprint:
+            raise ShardError(f"{self.path}: encoded with tokenizer fingerprint {self.tokenizer_fingerprint}, but "
+                             f"{fingerprint} was expected; use the tokenizer the dataset was made with, or "
+                             "re-encode it with `hataori data prepare --tokenizer ...`")
+        if split not in self.manifest["splits"]:
+            raise InputError(manifest_path, f"no split {split!r}; it has {', '.join(self.manifest['splits'])}")
+        self.split = split
+        self.eos_id: int = self.manifest["tokenizer"]["eos_id"]
+        info = self.manifest["splits"][split]
+        self.shards = [Shard(self.path / entry["name"], self.tokenizer_fingerprint) for entry in info["shards"]]
+        for shard, entry in zip(self.shards, info["shards"]):
+            if (shard.num_docs, shard.num_tokens) != (entry["documents"], entry["tokens"]):
+                raise ShardError(f"{shard.idx_path}: holds {shard.num_docs} documents and {shard.num_tokens} "
+                                 f"tokens, the manifest says {entry['documents']} and {entry['tokens']}; "
+                                 "the folder mixes two prepares, re-encode it")
+        counts = [len(s) for s in self.shards]
+        self._first_doc = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self.num_docs = int(self._first_doc[-1])
+        self.num_tokens = sum(s.num_tokens for s in self.shards)
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of what this split holds: the tokenizer and every shard's counts."""
+        info = {"tokenizer": self.tokenizer_fingerprint, "split": self.split,
+                "shards": self.manifest["splits"][self.split]["shards"]}
+        return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
+
+    def __len__(self) -> int:
+        return self.num_docs
+
+    def locate(self, i: int) -> tuple[Shard, int]:
+        """The shard holding document ``i`` and the document's index in it."""
+        s = int(np.searchsorted(self._first_doc, i, side="right")) - 1
+        return self.shards[s], i - int(self._first_doc[s])
+
+    def doc(self, i: int) -> np.ndarray:
+        """The ids of document ``i`` of the split, EOS last (a view into the mapped shard)."""
+        if not 0 <= i < self.num_docs:
+            raise IndexError(f"document {i} out of range for {self.num_docs} documents")
+        shard, j = self.locate(i)
+        return shard.doc(j)
+
+    __getitem__ = doc
+
+    def lengths(self) -> np.ndarray:
+        return np.concatenate([s.lengths() for s in self.shards]) if self.shards else np.empty(0, np.int64)
+
+    def __repr__(self) -> str:
+        return (f"Dataset({str(self.path)!r}, split={self.split!r}, documents={self.num_docs}, "
+                f"tokens={self.num_tokens}, tokenizer={self.tokenizer_fingerprint})")
+
+
+# ----------------------------------------------------------------------------- `hataori data inspect`
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("path", help="a dataset folder (with dataset.json) or one shard (.bin or .idx)")
+    parser.add_argument("--tokenizer", help="decode the first documents with this tokenizer (folder or .model)")
+    parser.add_argument("--show", type=int, default=0, help="print the first N documents of the train split")
+
+
+def main(args) -> int:
+    path = Path(args.path)
+    if (path / MANIFEST).is_file():
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        tok = manifest["tokenizer"]
+        print(f"{path}: format version {manifest['format_version']}, ids {manifest['dtype']}, "
+              f"tokenizer {tok['fingerprint']} ({tok['path']}, vocab {tok['vocab_size']})")
+        for split, info in manifest["splits"].items():
+            data = Dataset(path, split)
+            mean = data.num_tokens / max(1, data.num_docs)
+            print(f"  {split}: {data.num_docs} documents, {data.num_tokens} tokens "
+                  f"({mean:.1f} per document) in {len(data.shards)} shards, fingerprint {data.fingerprint}")
+        docs = Dataset(path, "train")
+    else:
+        docs = Shard(path)
+        print(repr(docs))
+    if args.show:
+        tokenizer = None
+        if args.tokenizer:
+            from hataori.tokenizer.model import Tokenizer
+
+            tokenizer = Tokenizer(args.tokenizer)
+        for i in range(min(args.show, len(docs))):
+            ids = docs.doc(i)
+            text = tokenizer.decode(ids[:-1].tolist()) if tokenizer else " ".join(map(str, ids[:64].tolist()))
+            print(f"--- document {i} ({len(ids)} tokens)\n{text}")
+    return 0
