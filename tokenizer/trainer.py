@@ -1,0 +1,539 @@
+"""``hataori tokenizer train``: a SentencePiece tokenizer made for Japanese.
+
+Reading. Each source (a file, glob or folder of JSONL or plain text, optionally .gz/.zst) is read
+twice through :mod:`hataori.tokenizer.sources`: once to count its characters (so a malformed line
+fails before any training starts), once to sample it. The sample holds ``S = min(max_input_chars,
+all characters)`` characters, of which source ``i`` contributes ``S * w_i / sum(w)``: documents are
+drawn with that probability (deterministically from ``seed``), and a source smaller than its share
+is repeated. Documents are cut into training sentences at line boundaries, each at most
+``max_sentence_length`` bytes, the newlines kept.
+
+Defaults, made for Japanese text fed to a decoder-only model:
+
+* unigram (``model_type=bpe`` as an option), byte fallback, digits split one per piece;
+* identity normalization, so that decode(encode(text)) == text; ``nfkc``/``nmt_nfkc`` optional;
+* no dummy prefix, whitespace kept as written, runs of spaces allowed as pieces;
+* ``"\\n"`` as a piece of its own (a user-defined symbol; sentences keep their newlines);
+* ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, ``<pad>`` 3, then ``reserved_tokens`` control pieces
+  ``<|reserved_N|>`` for later chat or fill-in-the-middle formats;
+* every JIS X 0208 character a piece of its own (``required_chars``), so that a tokenizer
+  trained on a narrow corpus still reads other Japanese without falling back to bytes.
+
+The alphabet is decided here, not by SentencePiece: it is the required set plus the most frequent
+characters of the sample up to ``character_coverage``. Characters outside it are cut out of the
+training sentences (the model meets them as bytes). SentencePiece's own coverage pass visits
+required characters first and stops once the coverage is reached, which drops rare required
+characters whenever the corpus is mostly covered by them (e.g. kana-and-kanji prose). Training
+therefore runs at coverage 1.0 on the filtered sentences, and every alphabet character is made
+frequent enough, with one-character sentences, to be counted before that pass stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import json
+import math
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal
+
+from hataori.config import load, require, to_yaml
+from hataori.errors import ConfigError, HataoriError, InputError
+from hataori.fsutil import atomic_path
+from hataori.tokenizer import charsets
+from hataori.tokenizer.sources import ReadStats, SourceConfig, expand, iter_documents
+
+NEWLINE = "\n"
+SPACE_PIECE = "\u2581"  # SentencePiece writes a space as this
+SPECIAL_PIECES = 4  # <unk>, <s>, </s>, <pad>
+
+
+@dataclass(kw_only=True, slots=True)
+class TokenizerTrainConfig:
+    """Everything ``hataori tokenizer train`` does, as one typed config."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Corpora to learn from, each with a sampling weight (``--input PATH[:WEIGHT]``)."""
+    output: str = ""
+    """Folder to write (``--output DIR``): tokenizer.model, tokenizer.vocab, config.yaml, summary.json."""
+    model_type: Literal["unigram", "bpe"] = "unigram"
+    """SentencePiece algorithm."""
+    vocab_size: int = 32000
+    """Number of pieces, specials, bytes and required characters included."""
+    normalization: Literal["identity", "nfkc", "nmt_nfkc"] = "identity"
+    """SentencePiece normalization rule; ``identity`` keeps the text byte for byte."""
+    required_chars: charsets.CharsetName = "jis0208"
+    """Characters that each get a piece: ``jis0208`` (kana, symbols, level-1 and level-2 kanji),
+    ``jis_level1`` (without level-2 kanji), ``kana`` (JIS rows 1-8 only) or ``none``."""
+    extra_required_chars: str = ""
+    """Further characters that must get a piece of their own."""
+    character_coverage: float = 0.9995
+    """Share of the sample's characters the alphabet must cover besides the required set."""
+    byte_fallback: bool = True
+    """Spell characters without a piece as UTF-8 byte pieces <0xNN> instead of <unk>."""
+    split_digits: bool = True
+    """Every digit a piece of its own."""
+    add_dummy_prefix: bool = False
+    """Prepend a space to every text before encoding (SentencePiece's default; off keeps round trips exact)."""
+    remove_extra_whitespaces: bool = False
+    """Strip and squeeze spaces while normalizing."""
+    allow_whitespace_only_pieces: bool = True
+    """Allow pieces made of runs of spaces (indentation in code and tables)."""
+    max_piece_length: int = 16
+    """Longest piece, in characters."""
+    reserved_tokens: int = 16
+    """Number of control pieces ``<|reserved_N|>`` kept for later formats (chat, fill-in-the-middle)."""
+    unk_piece: str = "<unk>"
+    bos_piece: str = "<s>"
+    eos_piece: str = "</s>"
+    pad_piece: str = "<pad>"
+    max_input_chars: int = 50_000_000
+    """Cap on the characters of the training sample; sources are sampled by weight to fit it."""
+    max_sentence_length: int = 16384
+    """Longest training sentence in UTF-8 bytes; longer documents are cut at line boundaries."""
+    seed: int = 0
+    """Seed of the document sampler (the same seed and inputs give the same sample)."""
+    skip_bad_lines: bool = False
+    """Count and skip malformed lines (bad JSON, invalid UTF-8) instead of stopping at the first."""
+    num_threads: int = 2
+    """SentencePiece trainer threads."""
+    progress: bool = True
+    """Show a progress bar on stderr while reading."""
+
+    def __post_init__(self):
+        require(len(self.sources) > 0, "sources",
+                "no input; pass --input PATH[:WEIGHT] or list sources in the config")
+        require(self.vocab_size >= 100, "vocab_size", f"must be at least 100, got {self.vocab_size}")
+        require(0 < self.character_coverage <= 1, "character_coverage",
+                f"must be in (0, 1], got {self.character_coverage}")
+        require(self.max_input_chars > 0, "max_input_chars", f"must be positive, got {self.max_input_chars}")
+        require(self.max_sentence_length >= 64, "max_sentence_length",
+                f"must be at least 64 bytes, got {self.max_sentence_length}")
+        require(1 <= self.max_piece_length <= 64, "max_piece_length",
+                f"must be in 1..64, got {self.max_piece_length}")
+        require(self.reserved_tokens >= 0, "reserved_tokens", f"must be >= 0, got {self.reserved_tokens}")
+        require(self.num_threads >= 1, "num_threads", f"must be >= 1, got {self.num_threads}")
+        names = [self.unk_piece, self.bos_piece, self.eos_piece, self.pad_piece]
+        require(all(names) and len(set(names)) == 4, "unk_piece",
+                f"the four special pieces must be distinct and non-empty, got {names}")
+        required = len(self.required_char_set())
+        fixed = self.fixed_pieces()
+        require(self.vocab_size >= required + fixed + 100, "vocab_size",
+                f"{self.vocab_size} leaves no room to learn pieces: required_chars={self.required_chars!r} "
+                f"takes {required} character pieces and {fixed} pieces are fixed (specials, bytes, reserved); "
+                f"raise vocab_size above {required + fixed + 100} or choose a smaller required_chars "
+                "(jis_level1, kana or none)")
+
+    def required_char_set(self) -> str:
+        return charsets.required_chars(self.required_chars, self.extra_required_chars, self.normalization)
+
+    def fixed_pieces(self) -> int:
+        """Pieces that do not depend on the corpus: specials, newline, reserved, bytes."""
+        return SPECIAL_PIECES + 1 + self.reserved_tokens + (256 if self.byte_fallback else 0)
+
+    def reserved_piece_names(self) -> list[str]:
+        return [f"<|reserved_{i}|>" for i in range(self.reserved_tokens)]
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class SourceSample:
+    """What was read from one source and what went into the sample."""
+
+    name: str
+    weight: float
+    files: int = 0
+    read: ReadStats = field(default_factory=ReadStats)
+    rate: float = 0.0
+    docs_used: int = 0
+    chars_used: int = 0
+
+
+class Progress:
+    """A tqdm bar over characters on stderr, or nothing."""
+
+    def __init__(self, enabled: bool, desc: str, total: int | None = None):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="char", unit_scale=True, file=sys.stderr,
+                            mininterval=0.5, leave=False)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _source_documents(source: SourceConfig, files: list[Path], skip_bad: bool,
+                      stats: ReadStats) -> Iterator[str]:
+    for path in files:
+        yield from iter_documents(path, source, skip_bad=skip_bad, stats=stats)
+
+
+def count_sources(cfg: TokenizerTrainConfig) -> tuple[list[SourceSample], dict[str, list[Path]]]:
+    """First pass: the files and characters of every source (this also validates every line)."""
+    samples, files = [], {}
+    progress = Progress(cfg.progress, "counting")
+    for source in cfg.sources:
+        paths = expand(source)
+        sample = SourceSample(name=source.name, weight=source.weight, files=len(paths))
+        for doc in _source_documents(source, paths, cfg.skip_bad_lines, sample.read):
+            progress.update(len(doc))
+        if sample.read.chars == 0:
+            progress.close()
+            where = paths[0] if len(paths) == 1 else source.path
+            raise InputError(where, "holds no text; check the path, the format and the text_key "
+                             f"({source.text_key!r})")
+        samples.append(sample)
+        files[source.name] = paths
+    progress.close()
+    return samples, files
+
+
+def sample_documents(cfg: TokenizerTrainConfig, samples: list[SourceSample],
+                     files: dict[str, list[Path]]) -> Iterator[str]:
+    """Second pass: yield documents drawn by weight to fill ``max_input_chars`` (see module doc)."""
+    total = sum(s.read.chars for s in samples)
+    budget = min(cfg.max_input_chars, total)
+    weights = sum(s.weight for s in samples)
+    progress = Progress(cfg.progress, "sampling", total=budget)
+    for index, (source, sample) in enumerate(zip(cfg.sources, samples)):
+        sample.rate = budget * sample.weight / weights / sample.read.chars
+        whole, fraction = int(sample.rate), sample.rate - int(sample.rate)
+        rng = random.Random(f"{cfg.seed}:{index}:{source.name}")
+        for doc in _source_documents(source, files[source.name], cfg.skip_bad_lines, ReadStats()):
+            copies = whole + (1 if rng.random() < fraction else 0)
+            for _ in range(copies):
+                sample.docs_used += 1
+                sample.chars_used += len(doc)
+                progress.update(len(doc))
+                yield doc
+    progress.close()
+
+
+def split_sentences(doc: str, max_bytes: int) -> Iterator[str]:
+    """Cut a document into pieces of at most ``max_bytes`` UTF-8 bytes, at newlines where possible."""
+    if len(doc.encode("utf-8")) <= max_bytes:
+        yield doc
+        return
+    chunk: list[str] = []
+    size = 0
+    for line in doc.split(NEWLINE):
+        n = len(line.encode("utf-8")) + 1
+        if chunk and size + n > max_bytes:
+            yield NEWLINE.join(chunk)
+            chunk, size = [], 0
+        if n > max_bytes:
+            step = max_bytes // 4  # a character is at most 4 bytes
+            for start in range(0, len(line), step):
+                yield line[start:start + step]
+            continue
+        chunk.append(line)
+        size += n
+    if chunk:
+        yield NEWLINE.join(chunk)
+
+
+# ----------------------------------------------------------------------------- alphabet
+
+
+class Normalizer:
+    """The model's normalization, applied line by line so newlines survive it."""
+
+    def __init__(self, cfg: TokenizerTrainConfig):
+        self.normalizer = None
+        if cfg.normalization != "identity":
+            import sentencepiece as spm
+
+            self.normalizer = spm.SentencePieceNormalizer(
+                rule_name=cfg.normalization, add_dummy_prefix=False, escape_whitespaces=False,
+                remove_extra_whitespaces=cfg.remove_extra_whitespaces)
+
+    def __call__(self, text: str) -> str:
+        if self.normalizer is None:
+            return text
+        return NEWLINE.join(self.normalizer.normalize(line) for line in text.split(NEWLINE))
+
+
+def choose_alphabet(counts: collections.Counter, required: str, coverage: float) -> set[str]:
+    """The required characters plus the most frequent others up to ``coverage`` of all counted."""
+    alphabet = set(required)
+    total = sum(counts.values())
+    covered = sum(counts[c] for c in alphabet)
+    for char, n in counts.most_common():
+        if covered >= coverage * total:
+            break
+        if char not in alphabet:
+            alphabet.add(char)
+            covered += n
+    return alphabet
+
+
+def restrict(sentence: str, alphabet: set[str]) -> list[str]:
+    """The parts of ``sentence`` between characters outside ``alphabet``."""
+    outside = set(sentence) - alphabet
+    if not outside:
+        return [sentence]
+    parts, start = [], 0
+    for i, ch in enumerate(sentence):
+        if ch in outside:
+            if i > start:
+                parts.append(sentence[start:i])
+            start = i + 1
+    if start < len(sentence):
+        parts.append(sentence[start:])
+    return parts
+
+
+def alphabet_floor(total_chars: int) -> int:
+    """How often each alphabet character must occur for SentencePiece's coverage pass to keep it.
+
+    That pass compares a float32 ratio with 1.0; a character whose count is below about
+    ``2**-24`` of the total rounds to full coverage and is dropped.
+    """
+    return math.ceil(total_chars * 1e-7) + 1
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainingText:
+    sentences: list[str]
+    alphabet: set[str]
+    chars: int
+    topped_up: int
+
+
+def build_training_text(cfg: TokenizerTrainConfig, docs: Iterator[str]) -> TrainingText:
+    """Normalized, cut, alphabet-restricted sentences, with the alphabet made frequent enough."""
+    normalize = Normalizer(cfg)
+    sentences: list[str] = []
+    counts: collections.Counter = collections.Counter()
+    for doc in docs:
+        for sentence in split_sentences(normalize(doc), cfg.max_sentence_length):
+            if sentence.strip():
+                sentences.append(sentence)
+                counts.update(sentence)
+    # SentencePiece sees spaces as U+2581 and keeps "\n" as a user-defined piece.
+    counts[SPACE_PIECE] += counts.pop(" ", 0)
+    counts.pop(NEWLINE, None)
+    alphabet = choose_alphabet(counts, cfg.required_char_set(), cfg.character_coverage)
+    alphabet_chars = set(alphabet) | {" ", NEWLINE}
+    restricted = [part for s in sentences for part in restrict(s, alphabet_chars)]
+    floor = alphabet_floor(sum(counts.values()))
+    topped_up = 0
+    for char in sorted(alphabet):
+        missing = floor - counts.get(char, 0)
+        if missing > 0 and char != SPACE_PIECE:
+            restricted.extend([char] * missing)
+            topped_up += 1
+    return TrainingText(restricted, alphabet, sum(counts[c] for c in alphabet), topped_up)
+
+
+def trainer_arguments(cfg: TokenizerTrainConfig, alphabet: set[str]) -> dict:
+    """Keyword arguments of ``SentencePieceTrainer.train`` for this config."""
+    return dict(
+        model_type=cfg.model_type,
+        vocab_size=cfg.vocab_size,
+        normalization_rule_name=cfg.normalization,
+        add_dummy_prefix=cfg.add_dummy_prefix,
+        remove_extra_whitespaces=cfg.remove_extra_whitespaces,
+        allow_whitespace_only_pieces=cfg.allow_whitespace_only_pieces,
+        split_digits=cfg.split_digits,
+        byte_fallback=cfg.byte_fallback,
+        max_sentencepiece_length=cfg.max_piece_length,
+        max_sentence_length=cfg.max_sentence_length,
+        character_coverage=1.0,  # the alphabet is chosen in build_training_text
+        required_chars="".join(sorted(alphabet - {SPACE_PIECE})),
+        user_defined_symbols=[NEWLINE],
+        control_symbols=cfg.reserved_piece_names(),
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        unk_piece=cfg.unk_piece, bos_piece=cfg.bos_piece, eos_piece=cfg.eos_piece, pad_piece=cfg.pad_piece,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        train_extremely_large_corpus=False,
+        num_threads=cfg.num_threads,
+        minloglevel=2,
+    )
+
+
+def train_model(cfg: TokenizerTrainConfig, text: TrainingText) -> bytes:
+    """Run SentencePiece's trainer on the sentences; the serialized model."""
+    import sentencepiece as spm
+
+    writer = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(text.sentences), model_writer=writer,
+                                       **trainer_arguments(cfg, text.alphabet))
+    except RuntimeError as err:
+        raise HataoriError(f"SentencePiece could not train on this input: {err}") from None
+    return writer.getvalue()
+
+
+def check_model(cfg: TokenizerTrainConfig, proto: bytes) -> None:
+    """The trained model holds every required character and special piece as a piece of its own."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    missing = [c for c in cfg.required_char_set() if sp.piece_to_id(c) == sp.unk_id()]
+    if missing:
+        raise RuntimeError(f"{len(missing)} required characters did not get a piece, e.g. {''.join(missing[:20])}")
+    for piece in [NEWLINE, *cfg.reserved_piece_names()]:
+        if sp.piece_to_id(piece) == sp.unk_id():
+            raise RuntimeError(f"piece {piece!r} is missing from the trained model")
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def check_output(path: Path) -> None:
+    """Refuse to replace a folder that is not a tokenizer folder (an empty one is fine)."""
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(path, "output exists and is not a folder; choose another --output")
+        if any(path.iterdir()) and not (path / "tokenizer.model").exists():
+            raise InputError(path, "output folder is not empty and holds no tokenizer.model; refusing to "
+                             "replace it; choose another --output")
+
+
+def _escape(piece: str) -> str:
+    return piece.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+
+
+def write_output(cfg: TokenizerTrainConfig, proto: bytes, summary: dict) -> None:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    # One piece a line, tab, score; the newline and tab pieces are written escaped.
+    vocab = "".join(f"{_escape(sp.id_to_piece(i))}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
+    with atomic_path(cfg.output, is_dir=True) as tmp:
+        (tmp / "tokenizer.model").write_bytes(proto)
+        (tmp / "tokenizer.vocab").write_text(vocab, encoding="utf-8")
+        (tmp / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+        (tmp / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n",
+                                          encoding="utf-8")
+
+
+def train(cfg: TokenizerTrainConfig) -> dict:
+    """Train and write the tokenizer folder; the summary (also written as summary.json)."""
+    import sentencepiece as spm
+
+    from hataori import __version__
+    from hataori.tokenizer.model import fingerprint_bytes
+
+    require(bool(cfg.output), "output", "no output folder; pass --output DIR or output=DIR")
+    check_output(Path(cfg.output))
+    started = time.perf_counter()
+    samples, files = count_sources(cfg)
+    text = build_training_text(cfg, sample_documents(cfg, samples, files))
+    read_seconds = time.perf_counter() - started
+    proto = train_model(cfg, text)
+    check_model(cfg, proto)
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    summary = {
+        "fingerprint": fingerprint_bytes(proto),
+        "vocab_size": sp.get_piece_size(),
+        "model_type": cfg.model_type,
+        "normalization": cfg.normalization,
+        "special_ids": {"unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()},
+        "reserved_ids": [sp.piece_to_id(p) for p in cfg.reserved_piece_names()],
+        "newline_id": sp.piece_to_id(NEWLINE),
+        "sources": [
+            {"name": s.name, "weight": s.weight, "files": s.files, "documents": s.read.documents,
+             "chars": s.read.chars, "bytes": s.read.bytes, "skipped_lines": s.read.skipped,
+             "skipped_examples": s.read.skipped_examples, "sampling_rate": round(s.rate, 6),
+             "documents_used": s.docs_used, "chars_used": s.chars_used}
+            for s in samples
+        ],
+        "chars_read": sum(s.read.chars for s in samples),
+        "chars_used": sum(s.chars_used for s in samples),
+        "sentences": len(text.sentences),
+        "alphabet": len(text.alphabet),
+        "required_chars": len(cfg.required_char_set()),
+        "required_chars_topped_up": text.topped_up,
+        "seconds_reading": round(read_seconds, 2),
+        "seconds_total": round(time.perf_counter() - started, 2),
+        "versions": {"hataori": __version__, "sentencepiece": spm.__version__, "python": platform.python_version()},
+    }
+    write_output(cfg, proto, summary)
+    return summary
+
+
+def format_summary(summary: dict, output: str) -> str:
+    lines = [f"tokenizer written to {output}"]
+    for s in summary["sources"]:
+        share = s["chars_used"] / max(summary["chars_used"], 1)
+        skipped = f", {s['skipped_lines']} bad lines skipped" if s["skipped_lines"] else ""
+        lines.append(f"  source {s['name']}: weight {s['weight']:g}, {s['files']} files, {s['documents']:,} docs, "
+                     f"{s['chars']:,} chars read, {s['chars_used']:,} used ({share:.1%} of sample, "
+                     f"rate {s['sampling_rate']:.3g}){skipped}")
+    lines += [
+        f"  chars read {summary['chars_read']:,}, used {summary['chars_used']:,} in {summary['sentences']:,} sentences",
+        f"  alphabet {summary['alphabet']:,} chars ({summary['required_chars']:,} required)",
+        f"  {summary['model_type']}, vocab {summary['vocab_size']:,}, normalization {summary['normalization']}",
+        f"  fingerprint {summary['fingerprint']}",
+        f"  time {summary['seconds_total']:.1f} s ({summary['seconds_reading']:.1f} s reading)",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("items", nargs="*", metavar="CONFIG.yaml|key=value",
+                        help="config files (applied in order, each after its base:) and key=value overrides")
+    parser.add_argument("--input", action="append", default=[], metavar="PATH[:WEIGHT]",
+                        help="a corpus file, glob or folder (JSONL or text, .gz/.zst), with an optional "
+                             "sampling weight; repeat for several sources (replaces the config's sources)")
+    parser.add_argument("--output", metavar="DIR", help="folder to write (same as output=DIR)")
+
+
+def parse_input(spec: str) -> dict:
+    """``PATH[:WEIGHT]`` as a source mapping; a colon not followed by a number belongs to the path."""
+    path, sep, weight = spec.rpartition(":")
+    if sep:
+        try:
+            return {"path": path, "weight": float(weight)}
+        except ValueError:
+            pass
+    return {"path": spec}
+
+
+def config_from_args(args: argparse.Namespace) -> TokenizerTrainConfig:
+    files, overrides = [], []
+    for item in args.items:
+        if "=" in item:
+            overrides.append(item)
+        elif item.endswith((".yaml", ".yml")):
+            files.append(item)
+        else:
+            raise ConfigError("", f"{item!r} is neither a config file (.yaml) nor a key=value override")
+    flags = []
+    if args.input:
+        flags.append("sources=" + json.dumps([parse_input(spec) for spec in args.input]))
+    if args.output:
+        flags.append("output=" + json.dumps(args.output))
+    return load(TokenizerTrainConfig, files, flags + overrides)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    summary = train(cfg)
+    print(format_summary(summary, cfg.output))
+    return 0
+
