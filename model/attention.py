@@ -1,0 +1,160 @@
+"""Causal self-attention behind one function, with pluggable backends.
+
+Every backend has the signature of :func:`attention`::
+
+    attention(q, k, v, *, doc_ids=None, backend="sdpa") -> (B, T, n_heads, head_dim)
+
+    q:       (B, T, n_heads, head_dim)
+    k, v:    (B, T, n_kv_heads, head_dim)   n_heads % n_kv_heads == 0 (grouped-query attention;
+                                             query head h reads key/value head h // (n_heads // n_kv_heads))
+    doc_ids: (B, T) integer tensor or None. A new document starts wherever the id changes along T;
+             a token attends only to earlier tokens of its own document. None: one document per row.
+
+Attention is always causal and the softmax scale is ``1 / sqrt(head_dim)``. Document boundaries
+can also be given as flash-attn style cumulative lengths over the flattened batch; convert them
+with :func:`doc_ids_from_cu_seqlens` (and back with :func:`cu_seqlens_from_doc_ids`).
+
+Backends register themselves in :data:`BACKENDS` with a function of the signature above and an
+``unavailable()`` check that returns why the backend cannot run here (or None). Choosing a backend
+that cannot run is an error; there is no silent fallback. ``sdpa`` (torch's
+``scaled_dot_product_attention``) is the reference every other backend is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from hataori.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An attention implementation and a check of whether it can run in this environment."""
+
+    fn: Callable[..., torch.Tensor]
+    """``fn(q, k, v, *, doc_ids)``, shapes as in the module docstring."""
+    unavailable: Callable[[], str | None]
+    """Returns why the backend cannot run here (missing package, no GPU), or None if it can.
+    Called on every attention call, so it caches anything slow."""
+
+
+BACKENDS: dict[str, Backend] = {}
+"""Attention backends by the name a config chooses them with."""
+
+
+def register_backend(name: str, fn: Callable[..., torch.Tensor],
+                     unavailable: Callable[[], str | None] = lambda: None) -> None:
+    """Make ``fn`` choosable as ``attention_backend: name``."""
+    if name in BACKENDS:
+        raise ValueError(f"attention backend {name!r} is registered twice")
+    BACKENDS[name] = Backend(fn, unavailable)
+
+
+def get_backend(name: str) -> Callable[..., torch.Tensor]:
+    """The attention function called ``name``; a :class:`ConfigError` if unknown or unable to run."""
+    if name not in BACKENDS:
+        raise ConfigError("attention_backend", f"unknown attention backend {name!r}; "
+                          f"choose one of {', '.join(sorted(BACKENDS))}")
+    reason = BACKENDS[name].unavailable()
+    if reason is not None:
+        raise ConfigError("attention_backend", f"attention backend {name!r} cannot run here: {reason}; "
+                          f"choose another of {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[name].fn
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+              doc_ids: torch.Tensor | None = None, backend: str = "sdpa") -> torch.Tensor:
+    """Causal (optionally document-masked) grouped-query attention; see the module docstring."""
+    _check_shapes(q, k, v, doc_ids)
+    return get_backend(backend)(q, k, v, doc_ids=doc_ids)
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None) -> None:
+    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
+        raise ValueError(f"attention expects q (B, T, H, D) and k, v (B, T, H_kv, D) of equal shapes; "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} need the same B, T and head_dim, "
+                         f"and a number of query heads divisible by the number of key/value heads")
+    if doc_ids is not None and doc_ids.shape != q.shape[:2]:
+        raise ValueError(f"doc_ids must have shape (B, T) = {tuple(q.shape[:2])}, got {tuple(doc_ids.shape)}")
+
+
+# ----------------------------------------------------------------------------- document layout
+
+
+def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: True where a document begins (position 0 and wherever the id changes)."""
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return starts
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool, True where query t may attend key s: s <= t and both in one document."""
+    segment = document_starts(doc_ids).cumsum(dim=1)  # (B, T): contiguous runs numbered 1, 2, ...
+    same_doc = segment[:, :, None] == segment[:, None, :]  # (B, T, T)
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return (same_doc & causal).unsqueeze(1)  # (B, 1, T, T), broadcast over heads
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) long: each token's position within its own document (restarts at 0 at every start)."""
+    T = doc_ids.shape[1]
+    index = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)  # (B, T)
+    start_index = torch.where(document_starts(doc_ids), index, 0).cummax(dim=1).values  # (B, T)
+    return index - start_index
+
+
+def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """(B, T) document ids from cumulative lengths over the flattened batch.
+
+    ``cu_seqlens`` is flash-attn's varlen layout: ``[0, len_0, len_0 + len_1, ..., B * T]``. A
+    document that runs past the end of a row is cut there, as the rows are separate sequences.
+    """
+    if cu_seqlens.ndim != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != batch * seq_len:
+        raise ValueError(f"cu_seqlens must be 1-D, start at 0 and end at B * T = {batch * seq_len}")
+    flat = torch.arange(batch * seq_len, device=cu_seqlens.device)  # (B * T,)
+    doc = torch.searchsorted(cu_seqlens[1:], flat, right=True)  # (B * T,) index of each token's document
+    return doc.view(batch, seq_len)  # (B, T)
+
+
+def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """int32 cumulative document lengths over the flattened batch (flash-attn's varlen layout)."""
+    starts = document_starts(doc_ids).flatten()  # (B * T,); every row starts a document
+    start_index = starts.nonzero().flatten()  # (n_docs,)
+    end = torch.tensor([doc_ids.numel()], device=doc_ids.device)
+    return torch.cat([start_index, end]).to(torch.int32)  # (n_docs + 1,)
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                   doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """torch's ``scaled_dot_product_attention``: the reference backend, any device and dtype.
+
+    Without documents, SDPA's own causal path with ``enable_gqa`` reads each key/value head for its
+    group of query heads without copying. With documents it takes an explicit (B, 1, T, T) boolean
+    mask, which costs T^2 bytes per row; the key/value heads are then repeated to n_heads first
+    (n_heads / n_kv_heads times their memory), because CUDA's memory-efficient kernel, the one that
+    accepts a mask, does not take grouped heads and SDPA would otherwise fall back to its unfused
+    math path.
+    """
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, T, D) and (B, H_kv, T, D)
+    if doc_ids is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:
+        group = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(group, dim=1)  # (B, H, T, D)
+        v = v.repeat_interleave(group, dim=1)  # (B, H, T, D)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(doc_ids))
+    return out.transpose(1, 2)  # (B, T, H, D)
+
+
+register_backend("sdpa", sdpa_attention)

@@ -1,0 +1,309 @@
+"""A Llama-style decoder-only transformer and its config.
+
+Pre-norm blocks of grouped-query attention with rotary position embeddings and a SwiGLU MLP,
+RMSNorm everywhere, no biases. Optional: RMSNorm on queries and keys per head (qk-norm), tied
+input and output embeddings, document masking of packed sequences, activation checkpointing.
+
+Shapes: B batch, T sequence length, D d_model, H n_heads, H_kv n_kv_heads, Dh head_dim, V vocab.
+
+Packed sequences and positions. With ``doc_masking`` the model takes ``doc_ids`` (B, T) from the
+packed loader: a token attends only to earlier tokens of its own document, and its rotary position
+restarts at 0 where its document starts. A packed row then computes what the documents would
+compute one by one, so packing changes throughput but not the model (tests/test_model.py checks
+this). The mask is what makes them equal: rotary scores depend only on position differences, so
+within one document absolute positions would give the same result up to rounding. Restarting
+makes the rounding match too, as an unpacked document's positions (in training and at inference)
+also start at 0. Without ``doc_masking`` (or without ``doc_ids``)
+positions are 0..T-1 across the row and attention is plainly causal, as in Hugging Face's Llama.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from hataori.config import require
+from hataori.model.attention import BACKENDS, attention, document_positions, get_backend
+
+IGNORE_INDEX = -100
+"""Target value of tokens that do not count in the loss (padding)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """Shape and options of a :class:`Transformer`. ``None`` fields are derived in ``__post_init__``."""
+
+    vocab_size: int
+    """Tokens the tokenizer produces; ids are 0..vocab_size-1."""
+    pad_vocab_multiple: int = 128
+    """Embedding and output rows are padded to a multiple of this for fast matmuls (see padded_vocab_size)."""
+    d_model: int
+    """Width of the residual stream."""
+    n_layers: int
+    """Number of transformer blocks."""
+    n_heads: int
+    """Query heads per attention layer."""
+    n_kv_heads: int | None = None
+    """Key/value heads (grouped-query attention); must divide n_heads. None: n_heads (multi-head)."""
+    head_dim: int | None = None
+    """Width of one head; even (rotary). None: d_model // n_heads."""
+    ffn_hidden: int | None = None
+    """Hidden width of the SwiGLU MLP. None: 8/3 * d_model rounded up to a multiple of ffn_multiple_of."""
+    ffn_multiple_of: int = 256
+    """Rounding of the derived ffn_hidden (Llama's multiple_of)."""
+    rope_base: float = 10000.0
+    """Base (theta) of the rotary frequencies; larger for longer contexts."""
+    max_seq_len: int
+    """Longest sequence (and rotary table); longer inputs are an error."""
+    norm_eps: float = 1e-5
+    """Epsilon of every RMSNorm."""
+    qk_norm: bool = False
+    """RMSNorm on queries and keys per head, before the rotary embedding (not in HF Llama)."""
+    tie_embeddings: bool = False
+    """Share one matrix between the input embedding and the output projection."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of every weight matrix."""
+    scaled_init: bool = True
+    """Scale the init of the residual output projections (attention out, MLP down) by 1/sqrt(2 * n_layers)."""
+    attention_backend: str = "sdpa"
+    """Name of the attention implementation, one of hataori.model.attention.BACKENDS."""
+    doc_masking: bool = True
+    """With doc_ids, attend within documents only and restart positions at each document."""
+    activation_checkpointing: bool = False
+    """Recompute each block in the backward pass instead of storing its activations (training memory)."""
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "pad_vocab_multiple", "d_model", "n_layers", "n_heads",
+                    "ffn_multiple_of", "max_seq_len"):
+            value = getattr(self, key)
+            require(value >= 1, key, f"must be a positive integer, got {value}")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        require(self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
+                f"must divide n_heads={self.n_heads} (each key/value head serves a group of query heads); "
+                f"got {self.n_kv_heads}")
+        if self.head_dim is None:
+            require(self.d_model % self.n_heads == 0, "n_heads",
+                    f"must divide d_model={self.d_model} to derive head_dim; got {self.n_heads} "
+                    f"(or set head_dim explicitly)")
+            self.head_dim = self.d_model // self.n_heads
+        require(self.head_dim >= 2 and self.head_dim % 2 == 0, "head_dim",
+                f"must be even for the rotary embedding, got {self.head_dim}")
+        if self.ffn_hidden is None:
+            self.ffn_hidden = _round_up(int(8 * self.d_model / 3), self.ffn_multiple_of)
+        require(self.ffn_hidden >= 1, "ffn_hidden", f"must be a positive integer, got {self.ffn_hidden}")
+        for key in ("rope_base", "norm_eps", "init_std"):
+            value = getattr(self, key)
+            require(value > 0, key, f"must be positive, got {value}")
+        require(self.attention_backend in BACKENDS, "attention_backend",
+                f"unknown attention backend {self.attention_backend!r}; choose one of {', '.join(sorted(BACKENDS))}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and output matrices: vocab_size rounded up to pad_vocab_multiple."""
+        return _round_up(self.vocab_size, self.pad_vocab_multiple)
+
+    def build(self) -> Transformer:
+        """A freshly initialised model; fails if the chosen attention backend cannot run here."""
+        get_backend(self.attention_backend)
+        return Transformer(self)
+
+    def num_params(self) -> int:
+        """Parameters of the built model (padded vocabulary rows included), counted from the shape alone."""
+        d, v = self.d_model, self.padded_vocab_size
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        attn = d * q_width + 2 * d * kv_width + q_width * d + (2 * self.head_dim if self.qk_norm else 0)
+        mlp = 3 * d * self.ffn_hidden
+        block = attn + mlp + 2 * d  # + attention and MLP norms
+        embeddings = v * d if self.tie_embeddings else 2 * v * d
+        return embeddings + self.n_layers * block + d  # + final norm
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs (forward + backward) per token at ``seq_len``, for throughput and MFU.
+
+        ``6 * N + 12 * n_layers * n_heads * head_dim * seq_len``. N counts the weights that take part
+        in matmuls: the blocks' projections and the (padded) output matrix, not the embedding lookup
+        nor the norms. A matmul costs 2 FLOPs per weight per token forward and 4 backward, hence 6N.
+        Attention scores and the weighted sum cost 2 * 2 * head_dim * seq_len per head and token
+        forward, hence the second term. That is the full T x T matrix, as in the PaLM paper's MFU;
+        causal kernels skip about half of it, and document masking more.
+        """
+        d = self.d_model
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        block_matmul = d * q_width + 2 * d * kv_width + q_width * d + 3 * d * self.ffn_hidden
+        matmul_params = self.n_layers * block_matmul + self.padded_vocab_size * d
+        return 6 * matmul_params + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight`` over the last dimension, computed in fp32 and cast back."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each (max_seq_len, head_dim), of the rotary angles ``pos * base^(-2i / head_dim)``.
+
+    Frequency i applies to the channel pair (i, i + head_dim/2) (the "rotate half" layout of HF Llama),
+    so each frequency appears twice along the last dimension.
+    """
+    inv_freq = base ** -(torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (Dh/2,)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (T_max, Dh/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T_max, Dh)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, heads, Dh) by angles whose cos/sin are (B or 1, T, 1, Dh)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # (B, T, heads, Dh)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary embeddings and optional qk-norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.backend = cfg.attention_backend
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                doc_ids: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, Dh)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, Dh)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, Dh)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = attention(q, k, v, doc_ids=doc_ids, backend=self.backend)  # (B, T, H, Dh)
+        return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))  # (B, T, D)
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``w_down(silu(w_gate x) * w_up x)``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.w_up = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.w_down = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    """One pre-norm transformer block::
+
+        x ──┬──────────────────────────────────────────(+)──┬─────────────────────────(+)──> out
+            └─ attn_norm ─ Attention(GQA, RoPE[, qk-norm]) ┘  └─ mlp_norm ─ SwiGLU MLP ─┘
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                doc_ids: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, doc_ids)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Transformer(nn.Module):
+    """The decoder-only language model described by a :class:`ModelConfig`; build it with ``cfg.build()``.
+
+    The rotary tables are buffers outside the state dict. They are computed in fp32; casting the
+    model to bf16 casts them too, which rounds the (already exact) cos/sin values like any bf16 input.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, Dh)
+        self.register_buffer("rope_sin", sin, persistent=False)  # (max_seq_len, Dh)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_embeddings.weight
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights, residual output projections scaled down, norms at one."""
+        cfg = self.config
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.scaled_init else cfg.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scaled = name.endswith(("attn.wo", "mlp.w_down"))
+                nn.init.normal_(module.weight, mean=0.0, std=out_std if scaled else cfg.init_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) of the next token, or with ``targets`` the mean cross-entropy.
+
+        input_ids: (B, T) token ids. doc_ids: (B, T) document of each token (a new document starts
+        where the id changes); used only with ``config.doc_masking``. targets: (B, T) next-token ids,
+        IGNORE_INDEX where a token does not count. The padded vocabulary rows never reach the
+        logits or the loss; the loss is computed in fp32.
+        """
+        cfg = self.config
+        B, T = input_ids.shape
+        if T > cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len}")
+        if cfg.doc_masking and doc_ids is not None:
+            positions = document_positions(doc_ids)  # (B, T), restarting at each document
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, Dh)
+        else:
+            doc_ids = None
+            cos, sin = self.rope_cos[None, :T], self.rope_sin[None, :T]  # (1, T, Dh)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B or 1, T, 1, Dh), broadcast over heads
+
+        x = self.tok_embeddings(input_ids)  # (B, T, D)
+        for block in self.blocks:
+            if cfg.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, doc_ids, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, doc_ids)
+        x = self.norm(x)
+        logits = self.lm_head(x)[..., :cfg.vocab_size]  # (B, T, V): padded rows dropped
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)

@@ -1,0 +1,338 @@
+"""The Llama-style model against independent references: transformers' LlamaForCausalLM with the
+same weights, plain-PyTorch attention and RoPE, separate runs of packed documents, direct counts."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hataori.config import load
+from hataori.errors import ConfigError
+from hataori.model import IGNORE_INDEX, ModelConfig, attention
+from hataori.model.attention import (BACKENDS, Backend, cu_seqlens_from_doc_ids, doc_ids_from_cu_seqlens,
+                                     document_positions)
+from hataori.model.hf import hf_llama_config, to_hf_llama_state_dict
+
+PRESETS = Path(__file__).resolve().parent.parent / "configs" / "model"
+
+
+def tiny(**overrides) -> ModelConfig:
+    """2 layers, width 64, 4 query heads sharing 2 key/value heads, vocab 1000 padded to 1024."""
+    fields = dict(vocab_size=1000, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
+                  rope_base=500.0)
+    return ModelConfig(**{**fields, **overrides})
+
+
+def built(cfg: ModelConfig, seed: int = 0):
+    """The model of ``cfg`` with weights far from init (norm gains too), so every mapping matters."""
+    torch.manual_seed(seed)
+    model = cfg.build()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def tokens(batch: int, length: int, seed: int = 1, vocab: int = 1000) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- against transformers
+
+
+@pytest.mark.parametrize("tie, n_kv_heads, head_dim", [(False, 2, None), (True, 2, None), (False, 4, 32)],
+                         ids=["untied-gqa", "tied-gqa", "untied-mha-wide-heads"])
+def test_matches_hf_llama(tie, n_kv_heads, head_dim):
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny(tie_embeddings=tie, n_kv_heads=n_kv_heads, head_dim=head_dim, norm_eps=1e-6)
+    ours = built(cfg)
+    hf = LlamaForCausalLM(hf_llama_config(cfg, attn_implementation="eager")).eval()
+    missing, unexpected = hf.load_state_dict(to_hf_llama_state_dict(cfg, ours.state_dict()), strict=False)
+    assert unexpected == [] and missing == (["lm_head.weight"] if tie else [])
+    if tie:
+        assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+
+    x = tokens(2, 48)
+    with torch.no_grad():
+        logits = ours(x)
+        hf_out = hf(x, labels=x)
+        loss = ours(x[:, :-1], targets=x[:, 1:])  # HF shifts labels inside; we take shifted targets
+    assert logits.shape == hf_out.logits.shape == (2, 48, cfg.vocab_size)
+    torch.testing.assert_close(logits, hf_out.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, hf_out.loss, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_export_refuses_qk_norm():
+    cfg = tiny(qk_norm=True)
+    with pytest.raises(ValueError, match="qk_norm"):
+        to_hf_llama_state_dict(cfg, cfg.build().state_dict())
+
+
+# ----------------------------------------------------------------------------- attention and RoPE by hand
+
+
+def naive_attention(q, k, v, allowed):
+    """Per-head softmax(q k^T / sqrt(d)) v over an explicit (B, T, T) mask, kv heads repeated by hand."""
+    group = q.shape[2] // k.shape[2]
+    out = torch.empty_like(q)
+    for h in range(q.shape[2]):
+        qh, kh, vh = q[:, :, h], k[:, :, h // group], v[:, :, h // group]  # (B, T, Dh)
+        scores = qh @ kh.transpose(1, 2) / math.sqrt(q.shape[-1])  # (B, T, T)
+        out[:, :, h] = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ vh
+    return out
+
+
+def allowed_by_loops(layouts: list[list[int]]) -> torch.Tensor:
+    """(B, T, T): query t sees key s iff s <= t and no document starts in (s, t]."""
+    T = len(layouts[0])
+    allowed = torch.zeros(len(layouts), T, T, dtype=torch.bool)
+    for b, ids in enumerate(layouts):
+        for t in range(T):
+            s = t
+            while s >= 0 and (s == t or ids[s + 1] == ids[s]):
+                allowed[b, t, s] = True
+                s -= 1
+    return allowed
+
+
+def test_attention_backend_matches_naive_with_documents_and_gqa():
+    torch.manual_seed(0)
+    layouts = [[0, 0, 0, 1, 1, 1, 1, 0, 0, 2, 2, 2], [5] * 12]  # id 0 reused later: a new document
+    q, k, v = torch.randn(2, 12, 6, 8), torch.randn(2, 12, 3, 8), torch.randn(2, 12, 3, 8)
+    doc_ids = torch.tensor(layouts)
+    expected = naive_attention(q, k, v, allowed_by_loops(layouts))
+    torch.testing.assert_close(attention(q, k, v, doc_ids=doc_ids), expected, rtol=1e-5, atol=1e-5)
+    causal = torch.ones(12, 12, dtype=torch.bool).tril().expand(2, 12, 12)
+    torch.testing.assert_close(attention(q, k, v), naive_attention(q, k, v, causal), rtol=1e-5, atol=1e-5)
+
+
+def test_document_layout_helpers():
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 0, 0, 0], [2, 2, 2, 2, 2, 2, 3, 3]])
+    assert document_positions(doc_ids).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 0, 1]]
+    cu = cu_seqlens_from_doc_ids(doc_ids)
+    assert cu.tolist() == [0, 3, 5, 8, 14, 16]
+    assert cu_seqlens_from_doc_ids(doc_ids_from_cu_seqlens(cu, 2, 8)).tolist() == cu.tolist()
+
+
+def rope_by_complex(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """RoPE as complex rotation of channel pairs (i, i + Dh/2) by angle pos * base^(-2i/Dh)."""
+    half = x.shape[-1] // 2
+    freqs = base ** -(torch.arange(half, dtype=torch.float64) * 2 / x.shape[-1])  # (Dh/2,)
+    rotation = torch.polar(torch.ones(()), (positions[:, None].double() * freqs).float())  # (T, Dh/2)
+    z = torch.complex(x[..., :half], x[..., half:]) * rotation[None, :, None, :]  # (B, T, H, Dh/2)
+    return torch.cat([z.real, z.imag], dim=-1)
+
+
+def test_attention_layer_with_qk_norm_by_hand():
+    cfg = tiny(qk_norm=True)
+    model = built(cfg)
+    layer = model.blocks[0].attn
+    x = torch.randn(2, 16, cfg.d_model)
+    B, T, H, H_kv, Dh = 2, 16, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+    def rms_norm(t, weight):
+        return t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * weight
+
+    q = rms_norm((x @ layer.wq.weight.T).view(B, T, H, Dh), layer.q_norm.weight)
+    k = rms_norm((x @ layer.wk.weight.T).view(B, T, H_kv, Dh), layer.k_norm.weight)
+    v = (x @ layer.wv.weight.T).view(B, T, H_kv, Dh)
+    positions = torch.arange(T)
+    q, k = rope_by_complex(q, positions, cfg.rope_base), rope_by_complex(k, positions, cfg.rope_base)
+    causal = torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T)
+    expected = naive_attention(q, k, v, causal).reshape(B, T, H * Dh) @ layer.wo.weight.T
+
+    cos, sin = model.rope_cos[None, :T, None], model.rope_sin[None, :T, None]
+    with torch.no_grad():
+        got = layer(x, cos, sin, None)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- packing and batching
+
+
+def test_doc_masking_with_one_document_is_plain_causal():
+    model = built(tiny(qk_norm=True))
+    x = tokens(2, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, doc_ids=torch.full_like(x, 7)), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_documents_equal_separate_documents():
+    model = built(tiny())
+    lengths = [9, 14, 1, 8]
+    docs = [tokens(1, n, seed=10 + i) for i, n in enumerate(lengths)]
+    packed = torch.cat(docs, dim=1)  # (1, 32)
+    doc_ids = torch.cat([torch.full((1, n), i % 2) for i, n in enumerate(lengths)], dim=1)  # ids 0, 1, 0, 1
+    with torch.no_grad():
+        packed_logits = model(packed, doc_ids=doc_ids)
+        start = 0
+        for doc in docs:
+            alone = model(doc)
+            torch.testing.assert_close(packed_logits[:, start:start + doc.shape[1]], alone, rtol=1e-5, atol=1e-5)
+            start += doc.shape[1]
+        # Without doc masking the same row is one causal sequence: later documents see earlier ones.
+        unmasked = built(tiny(doc_masking=False))(packed, doc_ids=doc_ids)
+        torch.testing.assert_close(unmasked, model(packed))
+        assert not torch.allclose(unmasked[:, 9:23], packed_logits[:, 9:23], atol=1e-3)
+
+
+def test_batch_of_two_equals_two_singles():
+    model = built(tiny())
+    x = tokens(2, 24)
+    doc_ids = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
+    with torch.no_grad():
+        for ids in (None, doc_ids):
+            both = model(x, doc_ids=ids)
+            for b in range(2):
+                single = model(x[b:b + 1], doc_ids=None if ids is None else ids[b:b + 1])
+                torch.testing.assert_close(both[b:b + 1], single, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- loss and vocabulary
+
+
+def test_padded_vocabulary_does_not_affect_loss():
+    cfg = tiny()
+    assert cfg.padded_vocab_size == 1024
+    model = built(cfg).train()
+    x, y = tokens(2, 20), tokens(2, 20, seed=2)
+    y[0, :5] = IGNORE_INDEX
+    logits = model(x)
+    assert logits.shape == (2, 20, cfg.vocab_size)
+    keep = y != IGNORE_INDEX
+    expected = -logits.log_softmax(-1)[keep].gather(1, y[keep][:, None]).mean()
+    loss = model(x, targets=y)
+    torch.testing.assert_close(loss, expected)
+
+    loss.backward()
+    assert model.lm_head.weight.grad[cfg.vocab_size:].abs().max() == 0
+    with torch.no_grad():
+        model.lm_head.weight[cfg.vocab_size:] = 1e4  # padded rows that would dominate any softmax
+    torch.testing.assert_close(model(x, targets=y), loss)
+
+
+def test_loss_is_fp32_under_bf16():
+    model = built(tiny()).to(torch.bfloat16)
+    x = tokens(1, 16)
+    loss = model(x, targets=x)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_sequence_longer_than_max_seq_len_is_an_error():
+    with pytest.raises(ValueError, match="max_seq_len=64"):
+        built(tiny())(tokens(1, 65))
+
+
+# ----------------------------------------------------------------------------- checkpointing and init
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    cfg = tiny(qk_norm=True)
+    x, y = tokens(2, 24), tokens(2, 24, seed=3)
+    doc_ids = torch.tensor([[0] * 11 + [1] * 13, [0] * 24])
+    grads = []
+    for checkpointing in (False, True):
+        model = built(dataclasses.replace(cfg, activation_checkpointing=checkpointing)).train()
+        loss = model(x, doc_ids=doc_ids, targets=y)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_plain, plain), (loss_ckpt, ckpt) = grads
+    torch.testing.assert_close(loss_ckpt, loss_plain)
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        assert plain[name].abs().sum() > 0, name
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_scaled_initialisation():
+    cfg = tiny(d_model=256, n_heads=4, n_kv_heads=4, n_layers=8, tie_embeddings=True, init_std=0.02)
+    torch.manual_seed(0)
+    model = cfg.build()
+    scaled = 0.02 / math.sqrt(16)
+    assert model.lm_head.weight is model.tok_embeddings.weight
+    for name, p in model.named_parameters():
+        if p.ndim == 1:
+            assert torch.all(p == 1), name
+        else:
+            expected = scaled if name.endswith(("attn.wo.weight", "mlp.w_down.weight")) else 0.02
+            assert abs(p.std().item() / expected - 1) < 0.05, (name, p.std().item(), expected)
+
+
+# ----------------------------------------------------------------------------- counts
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": True}, {"qk_norm": True, "n_kv_heads": 1},
+                                       {"head_dim": 24, "ffn_hidden": 100}])
+def test_num_params_and_flops_match_the_module(overrides):
+    cfg = tiny(**overrides)
+    model = cfg.build()
+    assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+    matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attention_term = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * 50
+    assert cfg.flops_per_token(50) == 6 * matmul_weights + attention_term
+
+
+EXPECTED_PRESETS = {"toy": (1e6, 10e6), "125m": (0.1e9, 0.2e9), "1b": (0.9e9, 1.5e9),
+                    "7b": (6e9, 8e9), "30b": (28e9, 35e9)}
+
+
+def test_presets_load_and_have_their_size():
+    found = {p.stem: p for p in PRESETS.glob("*.yaml") if p.stem != "base"}
+    assert found.keys() == EXPECTED_PRESETS.keys()
+    for name, path in found.items():
+        cfg = load(ModelConfig, [path])  # counted from the shape; the large ones are never built
+        low, high = EXPECTED_PRESETS[name]
+        assert low <= cfg.num_params() <= high, (name, cfg.num_params())
+    llama2_7b = load(ModelConfig, [found["7b"]])
+    assert (llama2_7b.ffn_hidden, llama2_7b.head_dim, llama2_7b.n_kv_heads) == (11008, 128, 32)
+
+
+def test_toy_preset_builds_and_runs():
+    cfg = load(ModelConfig, [PRESETS / "toy.yaml"], ["n_layers=1"])
+    model = cfg.build()
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+    x = tokens(1, 32, vocab=cfg.vocab_size)
+    assert model(x).shape == (1, 32, cfg.vocab_size)
+
+
+# ----------------------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize("overrides, key, message", [
+    ({"n_kv_heads": 3}, "n_kv_heads", "must divide n_heads=4"),
+    ({"d_model": 66}, "n_heads", "must divide d_model=66"),
+    ({"head_dim": 15}, "head_dim", "must be even"),
+    ({"vocab_size": 0}, "vocab_size", "positive"),
+    ({"rope_base": -1.0}, "rope_base", "positive"),
+    ({"attention_backend": "flash"}, "attention_backend", "choose one of .*sdpa"),
+])
+def test_config_errors_name_the_key(overrides, key, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        tiny(**overrides)
+    assert err.value.key == key
+
+
+def test_config_errors_from_the_loader_name_the_key():
+    with pytest.raises(ConfigError, match="did you mean 'n_kv_heads'"):
+        load(ModelConfig, [PRESETS / "toy.yaml"], ["n_kv_head=2"])
+    with pytest.raises(ConfigError, match="n_kv_heads: must divide n_heads=4"):
+        load(ModelConfig, [PRESETS / "toy.yaml"], ["n_kv_heads=3"])
+    with pytest.raises(ConfigError, match="d_model: is required"):
+        load(ModelConfig, [PRESETS / "base.yaml"])
+
+
+def test_chosen_backend_that_cannot_run_is_an_error(monkeypatch):
+    monkeypatch.setitem(BACKENDS, "gpu-only", Backend(BACKENDS["sdpa"].fn, lambda: "it needs a CUDA device"))
+    cfg = tiny(attention_backend="gpu-only")  # known name: the config is valid
+    with pytest.raises(ConfigError, match="'gpu-only' cannot run here: it needs a CUDA device") as err:
+        cfg.build()
+    assert err.value.key == "attention_backend"
