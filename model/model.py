@@ -36,7 +36,12 @@ IGNORE_INDEX = -100
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
-    """Shape and options of a :class:`Transformer`. ``None`` fields are derived in ``__post_init__``."""
+    """Shape and options of a :class:`Transformer`.
+
+    ``None`` fields (n_kv_heads, head_dim, ffn_hidden) are derived in ``__post_init__`` and stored,
+    so a recorded config shows the shape that was built. When changing a shape field with
+    ``dataclasses.replace``, set the derived ones back to None to have them derived again.
+    """
 
     vocab_size: int
     """Tokens the tokenizer produces; ids are 0..vocab_size-1."""
@@ -101,7 +106,8 @@ class ModelConfig:
             value = getattr(self, key)
             require(value > 0, key, f"must be positive, got {value}")
         require(self.attention_backend in BACKENDS, "attention_backend",
-                f"unknown attention backend {self.attention_backend!r}; choose one of {', '.join(sorted(BACKENDS))}")
+                f"unknown attention backend {self.attention_backend!r}; "
+                f"choose one of {', '.join(sorted(BACKENDS))}")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -223,8 +229,19 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One pre-norm transformer block::
 
-        x ──┬──────────────────────────────────────────(+)──┬─────────────────────────(+)──> out
-            └─ attn_norm ─ Attention(GQA, RoPE[, qk-norm]) ┘  └─ mlp_norm ─ SwiGLU MLP ─┘
+        x
+        |--------------------.
+        |                attn_norm
+        |                attention (GQA, RoPE, optional qk-norm)
+        |                    |
+       (+) <-----------------'
+        |--------------------.
+        |                mlp_norm
+        |                SwiGLU MLP
+        |                    |
+       (+) <-----------------'
+        |
+       out
     """
 
     def __init__(self, cfg: ModelConfig):
