@@ -32,8 +32,10 @@ import heapq
 import itertools
 import json
 import multiprocessing
+import os
 import re
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -117,9 +119,17 @@ class _Encoder:
         return flat, lengths
 
 
-def _init_worker(tokenizer_path: str, dtype: str) -> None:
+def _init_worker(tokenizer_path: str, dtype: str, parent: int) -> None:
     global _ENCODER
     _ENCODER = _Encoder(tokenizer_path, dtype)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A killed main process cannot stop its workers; they notice it is gone and exit."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -284,6 +294,7 @@ def prepare(cfg: PrepareConfig) -> dict:
                            "choose another --output, or delete the folder to replace it")
     if folder.exists() and not folder.is_dir():
         raise HataoriError(f"{folder} exists and is not a folder; choose another --output")
+    val_limit = _val_limit(cfg, files)
     _start(folder, plan)
 
     writers = {}
@@ -294,7 +305,6 @@ def prepare(cfg: PrepareConfig) -> dict:
     if any(skip.values()):
         print(f"{folder}: resuming; " + ", ".join(f"{len(writers[s].shards)} {s} shards ({skip[s]} documents)"
                                                  for s in SPLITS) + " already complete", file=sys.stderr)
-    val_limit = _val_limit(cfg, files)
 
     stats = [ReadStats() for _ in cfg.sources]
     per_source = [{split: 0 for split in SPLITS} for _ in cfg.sources]
@@ -336,14 +346,19 @@ def prepare(cfg: PrepareConfig) -> dict:
                 encoded["tokens"] += _write(writers, tokens, lengths, doc_splits)
             bar.update(sum(st.bytes for st in stats) - read_bytes)
         splits_info = {split: writers[split].finish() for split in SPLITS}
+        if splits_info["train"]["documents"] == 0:
+            raise HataoriError("no documents went to the train split; check the inputs and val_fraction/val_docs")
     except BaseException:
         for writer in writers.values():
             writer.abort()
+        if not writers["train"].shards:  # nothing worth resuming: leave no trace
+            for _, _, path in _shard_files(folder):
+                path.unlink()
+            (folder / PLAN).unlink(missing_ok=True)
+            if not any(folder.iterdir()):
+                folder.rmdir()
         raise
     elapsed = time.perf_counter() - started
-
-    if splits_info["train"]["documents"] == 0:
-        raise HataoriError("no documents went to the train split; check the inputs and val_fraction/val_docs")
     manifest = _manifest(cfg, tokenizer, dtype, plan, files, splits_info, stats, per_source, encoded, elapsed)
     atomic_write_text(manifest_path, json.dumps(manifest, indent=1, ensure_ascii=False))
     (folder / PLAN).unlink(missing_ok=True)
@@ -375,7 +390,7 @@ class _Pipeline:
         else:
             context = multiprocessing.get_context("spawn")
             self.pool = cf.ProcessPoolExecutor(cfg.workers, mp_context=context, initializer=_init_worker,
-                                               initargs=(tokenizer_path, dtype.str))
+                                               initargs=(tokenizer_path, dtype.str, os.getpid()))
         self.max_pending = 2 * cfg.workers + 2
 
     def submit(self, texts: list[str], splits: list[str]) -> None:

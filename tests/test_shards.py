@@ -1,0 +1,279 @@
+"""Token shards and `hataori data prepare`, checked against the tokenizer's own encoding of the
+source text, across worker counts and id types, and across a SIGKILL mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hataori.cli import main as hataori_main
+from hataori.errors import ConfigError, HataoriError, InputError
+from hataori.tokenizer.model import Tokenizer
+from hataori.tokenizer.prepare import PrepareConfig, prepare
+from hataori.tokenizer.shards import (FORMAT_VERSION, HEADER, MAGIC, Dataset, Shard, ShardError, ShardWriter,
+                                      choose_dtype)
+from hataori.tokenizer.sources import SourceConfig
+
+SLICE_BYTES = 1_500_000
+
+
+@pytest.fixture(scope="module")
+def corpus_slice(ja_corpus: Path, tmp_path_factory) -> Path:
+    """The first ~1.5 MB of the corpus (whole lines), so that every prepare here takes about a second."""
+    out = tmp_path_factory.mktemp("slice") / "slice.jsonl"
+    kept, size = [], 0
+    with open(ja_corpus / "corpus.jsonl", encoding="utf-8") as f:
+        for line in f:
+            if size > SLICE_BYTES:
+                break
+            kept.append(line)
+            size += len(line.encode("utf-8"))
+    out.write_text("".join(kept), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(ja_tokenizer: Path) -> Tokenizer:
+    return Tokenizer(ja_tokenizer)
+
+
+def run_prepare(corpus: Path, tokenizer: Tokenizer, out: Path, **settings) -> dict:
+    cfg = PrepareConfig(sources=[SourceConfig(path=str(corpus))], tokenizer=str(tokenizer.path), output=str(out),
+                        progress=False, **settings)
+    return prepare(cfg)
+
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".bin", ".idx")}
+
+
+def documents(folder: Path, split: str) -> list[list[int]]:
+    data = Dataset(folder, split)
+    return [data.doc(i).tolist() for i in range(len(data))]
+
+
+# ----------------------------------------------------------------------------- the shard format
+
+
+def write_shard(stem: Path, docs: list[list[int]], dtype="uint16", fingerprint="0123456789abcdef") -> None:
+    with ShardWriter(stem, np.dtype(dtype), fingerprint) as writer:
+        for i in range(0, len(docs), 3):  # several appends
+            part = docs[i:i + 3]
+            writer.add(np.concatenate([np.asarray(d) for d in part]), np.array([len(d) for d in part]))
+
+
+def test_shard_round_trip_without_copies(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 65535, size=int(n)).tolist() + [2] for n in rng.integers(0, 50, size=20)]
+    write_shard(tmp_path / "s", docs)
+    shard = Shard(tmp_path / "s.bin", fingerprint="0123456789abcdef")
+    assert (len(shard), shard.num_tokens, shard.dtype) == (20, sum(map(len, docs)), np.dtype("uint16"))
+    assert [shard.doc(i).tolist() for i in range(20)] == docs
+    assert shard[-1].tolist() == docs[-1]
+    assert shard.lengths().tolist() == [len(d) for d in docs]
+    # documents and slices are views of the mapped file, not copies
+    assert isinstance(shard.tokens, np.memmap)
+    assert np.shares_memory(shard.doc(5), shard.tokens)
+    assert np.shares_memory(shard.tokens[10:30], shard.tokens)
+    assert not shard.doc(0).flags.writeable
+    # on-disk layout: header, then documents + 1 offsets; ids back to back
+    raw = (tmp_path / "s.idx").read_bytes()
+    magic, version, itemsize, fp, n_docs, n_tokens = HEADER.unpack(raw[:HEADER.size])
+    assert (magic, version, itemsize, n_docs, n_tokens) == (MAGIC, FORMAT_VERSION, 2, 20, shard.num_tokens)
+    assert fp.rstrip(b"\0") == b"0123456789abcdef"
+    assert np.frombuffer(raw[HEADER.size:], "<i8").tolist() == np.cumsum([0] + [len(d) for d in docs]).tolist()
+    assert np.frombuffer((tmp_path / "s.bin").read_bytes(), "<u2").tolist() == sum(docs, [])
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_shard_refuses_other_magic_version_fingerprint_and_damage(tmp_path):
+    write_shard(tmp_path / "s", [[5, 6, 2], [7, 2]])
+    idx = tmp_path / "s.idx"
+    good = idx.read_bytes()
+    with pytest.raises(ShardError, match=r"fingerprint 0123456789abcdef.*fingerprint ffffffffffffffff.*re-encode"):
+        Shard(idx, fingerprint="ffffffffffffffff")
+
+    idx.write_bytes(b"NOTASHRD" + good[8:])
+    with pytest.raises(ShardError, match=r"not a hataori shard index \(magic .*expected, found b'NOTASHRD'"):
+        Shard(idx)
+
+    idx.write_bytes(good[:8] + struct.pack("<I", FORMAT_VERSION + 1) + good[12:])
+    with pytest.raises(ShardError, match=rf"format version {FORMAT_VERSION + 1}, but this hataori reads version "
+                                         rf"{FORMAT_VERSION}; re-encode"):
+        Shard(idx)
+
+    idx.write_bytes(good)
+    (tmp_path / "s.bin").write_bytes((tmp_path / "s.bin").read_bytes()[:-2])
+    with pytest.raises(ShardError, match=r"index promises 5 tokens"):
+        Shard(idx)
+    with pytest.raises(InputError, match="no such shard index"):
+        Shard(tmp_path / "missing")
+
+
+def test_dtype_choice_and_overflow(tmp_path):
+    assert choose_dtype(4000) == np.dtype("uint16")
+    assert choose_dtype(65536) == np.dtype("uint16")
+    assert choose_dtype(65537) == np.dtype("uint32")
+    assert choose_dtype(4000, "uint32") == np.dtype("uint32")
+    with pytest.raises(ShardError, match=r"vocabulary of 100000 tokens does not fit in uint16.*use dtype=uint32"):
+        choose_dtype(100000, "uint16")
+    with pytest.raises(ShardError, match="token id 70000 does not fit in uint16"):
+        write_shard(tmp_path / "big", [[1, 70000, 2]])
+    assert not list(tmp_path.iterdir())  # the failed writer left nothing behind
+    write_shard(tmp_path / "wide", [[1, 70000, 2]], dtype="uint32")
+    assert Shard(tmp_path / "wide").doc(0).tolist() == [1, 70000, 2]
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus_slice, tokenizer, tmp_path_factory) -> Path:
+    """The slice prepared with one worker, small shards and a 10% validation split."""
+    out = tmp_path_factory.mktemp("prepared") / "ds"
+    run_prepare(corpus_slice, tokenizer, out, workers=1, shard_tokens=20_000, val_fraction=0.1, batch_docs=16)
+    return out
+
+
+def test_prepare_matches_the_tokenizers_own_encoding(prepared, corpus_slice, tokenizer):
+    texts = [json.loads(line)["text"] for line in corpus_slice.read_text(encoding="utf-8").splitlines()]
+    texts = [t for t in texts if t]
+    reference = [ids + [tokenizer.eos_id] for ids in tokenizer.encode(texts)]
+    train, val = documents(prepared, "train"), documents(prepared, "val")
+    # every source document is in exactly one split, in source order within each split
+    i = j = 0
+    for doc in reference:
+        if i < len(train) and train[i] == doc:
+            i += 1
+        else:
+            assert j < len(val) and val[j] == doc, "a shard document differs from the tokenizer's encoding"
+            j += 1
+    assert (i, j) == (len(train), len(val))
+    assert 0.04 * len(reference) < len(val) < 0.2 * len(reference)
+    assert tokenizer.decode(train[0][:-1]) == tokenizer.decode(reference[0][:-1])
+
+    manifest = json.loads((prepared / "dataset.json").read_text())
+    assert manifest["tokenizer"]["fingerprint"] == tokenizer.fingerprint
+    assert manifest["dtype"] == "uint16" and manifest["format_version"] == FORMAT_VERSION
+    assert manifest["splits"]["train"]["documents"] == len(train)
+    assert manifest["splits"]["train"]["tokens"] == sum(map(len, train))
+    assert manifest["sources"][0]["documents"] == {"train": len(train), "val": len(val)}
+    shards = manifest["splits"]["train"]["shards"]
+    assert len(shards) > 3
+    for entry in shards:  # full shards stay within the limit unless one document alone exceeds it
+        assert entry["tokens"] <= 20_000 or entry["documents"] == 1
+    assert not [p for p in prepared.iterdir() if p.name.startswith(".")]
+
+
+def test_two_workers_write_identical_bytes(prepared, corpus_slice, tokenizer, tmp_path):
+    run_prepare(corpus_slice, tokenizer, tmp_path / "w2", workers=2, shard_tokens=20_000, val_fraction=0.1,
+                batch_docs=16)
+    assert shard_bytes(tmp_path / "w2") == shard_bytes(prepared)
+
+
+def test_uint32_shards_hold_the_same_ids(prepared, corpus_slice, tokenizer, tmp_path):
+    run_prepare(corpus_slice, tokenizer, tmp_path / "u32", dtype="uint32", shard_tokens=20_000, val_fraction=0.1)
+    assert Dataset(tmp_path / "u32").shards[0].dtype == np.dtype("uint32")
+    for split in ("train", "val"):
+        assert documents(tmp_path / "u32", split) == documents(prepared, split)
+
+
+def test_val_docs_takes_exactly_that_many(corpus_slice, tokenizer, tmp_path):
+    manifest = run_prepare(corpus_slice, tokenizer, tmp_path / "v", val_docs=7)
+    assert manifest["splits"]["val"]["documents"] == 7
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(prepared, corpus_slice, tokenizer, tmp_path, capsys):
+    out = tmp_path / "killed"
+    args = ["data", "prepare", "--input", str(corpus_slice), "--tokenizer", str(tokenizer.path), "--output", str(out),
+            "--workers", "2", "shard_tokens=20000", "val_fraction=0.1", "batch_docs=1", "progress=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "hataori.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "train-00002.idx").exists():
+            assert proc.poll() is None, f"prepare ended before it could be killed: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "prepare wrote no shards within 60 s"
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "dataset.json").exists(), "the run finished before the kill; nothing was resumed"
+
+    assert hataori_main(args) == 0
+    assert "resuming" in capsys.readouterr().err
+    assert shard_bytes(out) == shard_bytes(prepared)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    # a third run finds the dataset complete and leaves it alone
+    assert hataori_main(args) == 0
+    assert "nothing to do" in capsys.readouterr().err
+
+
+def test_rerun_with_other_settings_is_refused(prepared, corpus_slice, tokenizer):
+    with pytest.raises(HataoriError, match="already holds a dataset prepared from other inputs or settings"):
+        run_prepare(corpus_slice, tokenizer, prepared, shard_tokens=30_000, val_fraction=0.1)
+
+
+BAD_LINES = {
+    "malformed JSON": (b'{"text": "\xe6\x97\xa5\xe6\x9c\xac"\n', "malformed JSON"),
+    "invalid UTF-8": (b'{"text": "\x93\xfa\x96\x7b"}\n', "invalid UTF-8"),
+    "missing field": (b'{"body": "x"}\n', "no 'text' field"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_LINES))
+def test_bad_input_names_file_and_line_or_is_skipped(name, corpus_slice, tokenizer, tmp_path):
+    good = corpus_slice.read_bytes().splitlines(keepends=True)[:40]
+    bad_line, message = BAD_LINES[name]
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_bytes(b"".join(good[:30]) + bad_line + b"".join(good[30:]))
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=rf"bad\.jsonl:31: .*{message}"):
+        run_prepare(corpus, tokenizer, out, batch_docs=4, shard_tokens=5_000)
+    # complete shards may stay for a resume, but nothing half-written
+    assert not (out / "dataset.json").exists()
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name] if out.exists() else True
+
+    manifest = run_prepare(corpus, tokenizer, tmp_path / "skipping", skip_bad_lines=True, val_fraction=0)
+    assert manifest["sources"][0]["skipped_lines"] == 1
+    assert manifest["splits"]["train"]["documents"] == 40
+
+
+def test_missing_and_empty_input(tokenizer, tmp_path):
+    with pytest.raises(InputError, match="nothere.jsonl: no such file or folder"):
+        run_prepare(tmp_path / "nothere.jsonl", tokenizer, tmp_path / "out")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(HataoriError, match="no documents went to the train split"):
+        run_prepare(empty, tokenizer, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_config_errors(tokenizer, corpus_slice, tmp_path, capsys):
+    base = ["data", "prepare", "--input", f"{corpus_slice}:2", "--tokenizer", str(tokenizer.path),
+            "--output", str(tmp_path / "out")]
+    assert hataori_main([*base, "val_fractoin=0.1"]) == 2
+    assert "did you mean 'val_fraction'" in capsys.readouterr().err
+    assert hataori_main([*base, "val_fraction=1.5"]) == 2
+    assert "val_fraction: must be in [0, 1)" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="no input"):
+        PrepareConfig(tokenizer="t", output="o")
+    assert hataori_main([*base, "val_fraction=0", "progress=false"]) == 0
+    report = capsys.readouterr().out
+    assert "MB/s" in report and "tokens/s" in report
+    manifest = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert manifest["sources"][0]["weight"] == 2.0
+    assert hataori_main(["data", "inspect", str(tmp_path / "out")]) == 0
+    assert f"tokenizer {tokenizer.fingerprint}" in capsys.readouterr().out
