@@ -17,6 +17,8 @@ from hataori.errors import HataoriError
 COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("corpus", "debian-ja"): ("hataori.tokenizer.debian_ja",
                               "build a Japanese corpus from Debian's Japanese documentation packages"),
+    ("corpus", "ja-news"): ("hataori.tokenizer.ja_news",
+                            "build news-style Japanese sentences (PyPI hironsancorpus) for out-of-domain evaluation"),
     ("tokenizer", "train"): ("hataori.tokenizer.trainer", "train a SentencePiece tokenizer made for Japanese"),
     ("tokenizer", "eval"): ("hataori.tokenizer.evaluate", "compare tokenizers on Japanese text"),
     ("data", "prepare"): ("hataori.tokenizer.prepare", "encode corpora into memory-mapped token shards"),

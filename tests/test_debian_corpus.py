@@ -228,3 +228,19 @@ def test_rerun_is_fast_and_leaves_corpus_unchanged(ja_corpus: Path, capsys):
     assert "up to date" in capsys.readouterr().out
     assert (corpus.stat().st_mtime_ns, _sha256(corpus), (ja_corpus / "manifest.json").read_bytes()) == before
     assert not list(ja_corpus.glob(".*.tmp-*"))
+
+
+def test_out_of_domain_sentences(ja_other_text: Path, ja_corpus: Path, capsys):
+    manifest = json.loads((ja_other_text.parent / "manifest.json").read_text(encoding="utf-8"))
+    texts = [json.loads(line)["text"] for line in ja_other_text.read_text(encoding="utf-8").splitlines()]
+    assert len(texts) == manifest["package"]["counts"]["documents"] > 400
+    assert len(set(texts)) == len(texts) and all(has_kana(t) for t in texts)
+    # Whole sentences with their morphemes joined back, ending like prose.
+    assert sum(t.endswith("。") for t in texts) > 0.9 * len(texts)
+    assert not any("\t" in t or "B-LOC" in t for t in texts)
+    assert manifest["package"]["licenses"] == ["MIT"]
+    # Another kind of text: hardly any sentence of it occurs in the documentation corpus.
+    documentation = (ja_corpus / "corpus.jsonl").read_text(encoding="utf-8")
+    assert sum(t in documentation for t in texts) == 0
+    assert hataori_main(["corpus", "ja-news", str(ja_other_text.parent)]) == 0
+    assert "up to date" in capsys.readouterr().out
