@@ -94,6 +94,8 @@ def test_positions_and_cu_seqlens_mark_document_segments(datasets):
                 pos = 0 if t == 0 or token == eos else pos + 1
                 expected.append(pos)
             assert positions.tolist() == expected
+        ids = batch.doc_ids()
+        assert np.array_equal(ids[:, 1:] != ids[:, :-1], batch.positions[:, 1:] == 0) and not ids[:, 0].any()
         cu = batch.cu_seqlens()
         assert cu[0] == 0 and cu[-1] == batch.inputs.size and np.all(np.diff(cu) > 0)
         assert set(range(0, batch.inputs.size, 96)) <= set(cu.tolist())  # every sequence starts a segment

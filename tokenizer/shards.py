@@ -311,6 +311,21 @@ class Dataset:
 
     __getitem__ = doc
 
+    def lookup(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For many documents at once: the shard holding each, its start in that shard's tokens
+        and its length (EOS included)."""
+        docs = np.asarray(docs, dtype=np.int64)
+        shard = np.searchsorted(self._first_doc, docs, side="right") - 1
+        local = docs - self._first_doc[shard]
+        start = np.empty_like(docs)
+        length = np.empty_like(docs)
+        for s in np.unique(shard):
+            mine = shard == s
+            offsets = self.shards[s].offsets
+            start[mine] = offsets[local[mine]]
+            length[mine] = offsets[local[mine] + 1] - start[mine]
+        return shard, start, length
+
     def lengths(self) -> np.ndarray:
         return np.concatenate([s.lengths() for s in self.shards]) if self.shards else np.empty(0, np.int64)
 

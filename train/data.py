@@ -21,8 +21,8 @@ Document boundaries
     to, not including, its own EOS; its targets are its tokens and its EOS. So every target is
     predicted from its own document only. ``Batch.positions`` gives each input token's position in
     its segment (0 at a segment start, and at the start of every sequence);
-    :meth:`Batch.cu_seqlens` turns that into the cumulative lengths that varlen attention kernels
-    take. Per-document masking: token ``t`` may attend to ``s <= t`` iff no segment starts in
+    :meth:`Batch.doc_ids` numbers the segments of each row (the model's ``doc_ids``) and
+    :meth:`Batch.cu_seqlens` gives the cumulative lengths that varlen attention kernels take. Per-document masking: token ``t`` may attend to ``s <= t`` iff no segment starts in
     ``(s, t]``.
 
 Data parallelism
@@ -111,6 +111,11 @@ class Batch:
         """(batch_size, seq_len) bool: where a document segment starts."""
         return self.positions == 0
 
+    def doc_ids(self) -> np.ndarray:
+        """(batch_size, seq_len) int32: segments numbered 0, 1, ... along each row, the layout the
+        model's attention takes (a new document wherever the id changes)."""
+        return np.cumsum(self.segment_starts(), axis=1, dtype=np.int32) - 1
+
     def cu_seqlens(self) -> np.ndarray:
         """Cumulative segment lengths over the flattened batch (int32), starting at 0 and ending at
         ``batch_size * seq_len``: the ``cu_seqlens`` of varlen attention kernels."""
@@ -148,14 +153,20 @@ class PackedLoader:
         share = np.asarray(weights, dtype=np.float64) / mean_lengths
         self.probabilities = share / share.sum()
 
-        self._epoch = [0] * len(datasets)
-        self._position = [0] * len(datasets)
-        self._draws = 0
-        self._cursor: tuple[int, int] | None = None  # (dataset, document) being packed
+        # The next draws continue from here (the state after the last queued draw).
+        self._gen_draws = 0
+        self._gen_epoch = [0] * len(datasets)
+        self._gen_position = [0] * len(datasets)
+        self._queue = _Queue.empty(len(datasets))
+        self._head = 0  # queue entries taken; the document being packed is entry head - 1
+        self._doc_tokens = np.empty(0, np.int64)  # the ids of the shard holding that document
+        self._doc_start = 0
+        self._doc_length = 0
         self._offset = 0  # next unread token of that document
         self._tokens = 0  # stream tokens consumed
-        self._doc: np.ndarray = np.empty(0, np.int64)
-        self._perms: dict[int, tuple[int, np.ndarray]] = {}
+        self._arrays = [shard.tokens.view(np.ndarray) for d in datasets for shard in d.shards]
+        self._first_array = np.cumsum([0] + [len(d.shards) for d in datasets])[:-1].tolist()
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
         self._block: tuple[int, np.ndarray] | None = None
 
     # ------------------------------------------------------------------------- order
@@ -172,24 +183,50 @@ class PackedLoader:
 
     def permutation(self, d: int, epoch: int) -> np.ndarray:
         """The order in which dataset ``d`` is read in ``epoch``."""
-        cached = self._perms.get(d)
-        if cached is None or cached[0] != epoch:
+        perm = self._perms.get((d, epoch))
+        if perm is None:
             rng = np.random.default_rng([self.seed, int(self.fingerprints[d], 16), epoch])
-            cached = (epoch, rng.permutation(self.datasets[d].num_docs))
-            self._perms[d] = cached
-        return cached[1]
+            perm = self._perms[(d, epoch)] = rng.permutation(self.datasets[d].num_docs)
+        return perm
+
+    def _refill(self) -> None:
+        """Queue the draws up to the end of the current draw block, all at once."""
+        n_sets = len(self.datasets)
+        block, at = divmod(self._gen_draws, DRAW_BLOCK)
+        picks = self._choices(block)[at:]
+        count = len(picks)
+        doc, array, start, length = (np.zeros(count, np.int64) for _ in range(4))
+        epoch_after = np.empty((count, n_sets), np.int64)
+        position_after = np.empty((count, n_sets), np.int64)
+        for d, data in enumerate(self.datasets):
+            mine = picks == d
+            taken = self._gen_position[d] + np.cumsum(mine)  # documents of this epoch read, after each draw
+            epoch_after[:, d] = self._gen_epoch[d] + taken // data.num_docs
+            position_after[:, d] = taken % data.num_docs
+            index = np.flatnonzero(mine)
+            if len(index):
+                drawn = taken[index] - 1  # the permutation index of each draw, counting on across epochs
+                epochs, where = self._gen_epoch[d] + drawn // data.num_docs, drawn % data.num_docs
+                docs = np.empty(len(index), np.int64)
+                for epoch in np.unique(epochs):
+                    same = epochs == epoch
+                    docs[same] = self.permutation(d, int(epoch))[where[same]]
+                shard, start[index], length[index] = data.lookup(docs)
+                doc[index], array[index] = docs, shard + self._first_array[d]
+            self._gen_epoch[d], self._gen_position[d] = int(epoch_after[-1, d]), int(position_after[-1, d])
+        self._perms = {key: perm for key, perm in self._perms.items() if key[1] >= self._gen_epoch[key[0]]}
+        draws_after = self._gen_draws + 1 + np.arange(count)
+        self._gen_draws += count
+        self._queue = _Queue(picks, doc, array, start, length, draws_after, epoch_after, position_after)
+        self._head = 0
 
     def _next_doc(self) -> None:
-        d = int(self._choices(self._draws // DRAW_BLOCK)[self._draws % DRAW_BLOCK])
-        self._draws += 1
-        doc = int(self.permutation(d, self._epoch[d])[self._position[d]])
-        self._position[d] += 1
-        if self._position[d] == self.datasets[d].num_docs:
-            self._epoch[d] += 1
-            self._position[d] = 0
-        self._cursor = (d, doc)
-        self._offset = 0
-        self._doc = self.datasets[d].doc(doc)
+        if self._head == len(self._queue):
+            self._refill()
+        q, h = self._queue, self._head
+        self._head += 1
+        self._doc_tokens = self._arrays[q.array[h]]
+        self._doc_start, self._doc_length, self._offset = q.start[h], q.length[h], 0
 
     # ------------------------------------------------------------------------- packing
 
@@ -199,17 +236,44 @@ class PackedLoader:
         ``ends`` and the dataset in ``sources``) when given."""
         filled = 0
         while filled < n:
-            if self._offset == len(self._doc):
+            left = self._doc_length - self._offset
+            if left == 0:
                 self._next_doc()
-            take = min(n - filled, len(self._doc) - self._offset)
+                continue
+            take = min(n - filled, left)
             if out is not None:
-                out[filled:filled + take] = self._doc[self._offset:self._offset + take]
-                sources[filled:filled + take] = self._cursor[0]
-                if self._offset + take == len(self._doc):
+                first = self._doc_start + self._offset
+                out[filled:filled + take] = self._doc_tokens[first:first + take]
+                sources[filled:filled + take] = self._queue.dataset[self._head - 1]
+                if take == left:
                     ends[filled + take - 1] = True
             self._offset += take
             filled += take
+            if filled < n:
+                filled = self._whole_docs(n, filled, out, ends, sources)
         self._tokens += n
+
+    def _whole_docs(self, n: int, filled: int, out, ends, sources) -> int:
+        """Take the queued documents that fit whole in the ``n - filled`` tokens still wanted."""
+        q, h = self._queue, self._head
+        if h == len(q):
+            return filled
+        before = q.cum[h - 1] if h else 0
+        fits = int(np.searchsorted(q.cum[h:], before + n - filled, side="right"))
+        if fits == 0:
+            return filled
+        total = int(q.cum[h + fits - 1] - before)
+        if out is not None:
+            at = filled
+            for i in range(h, h + fits):
+                first, size = q.start[i], q.length[i]
+                out[at:at + size] = self._arrays[q.array[i]][first:first + size]
+                at += size
+            ends[filled + q.cum[h:h + fits] - before - 1] = True
+            sources[filled:filled + total] = np.repeat(q.datasets[h:h + fits], q.lengths[h:h + fits])
+        self._head = h + fits
+        self._doc_length = self._offset = q.length[h + fits - 1]  # the last one, read to its end
+        return filled + total
 
     def __iter__(self) -> Iterator[Batch]:
         return self
@@ -221,10 +285,12 @@ class PackedLoader:
         sources = np.empty(span + 1, dtype=np.uint8)
         self._read(self.rank * span)
         self._read(span, tokens, ends, sources)
-        if self._offset == len(self._doc):  # the target of the last input opens the next document
+        if self._offset == self._doc_length:  # the target of the last input opens the next document
             self._next_doc()
-        tokens[span] = self._doc[self._offset]
+        tokens[span] = self._doc_tokens[self._doc_start + self._offset]
         self._read((self.world_size - self.rank - 1) * span)
+        if self._offset == self._doc_length:  # every rank ends a step in the same state
+            self._next_doc()
 
         shape = (self.batch_size, self.seq_len)
         starts = ends[:span].reshape(shape).copy()  # an input EOS opens the next document's segment
@@ -238,16 +304,22 @@ class PackedLoader:
 
     @property
     def epochs(self) -> list[int]:
-        """The epoch each dataset is in."""
-        return list(self._epoch)
+        """The epoch each dataset is in (as of the document being packed)."""
+        return [e["epoch"] for e in self.state_dict()["datasets"]]
 
     def state_dict(self) -> dict:
         """Where the loader stands, as a small JSON-ready dict (the same on every rank)."""
-        return {"version": STATE_VERSION, "seed": self.seed, "draws": self._draws, "tokens": self._tokens,
-                "datasets": [{"fingerprint": fp, "epoch": e, "position": p}
-                             for fp, e, p in zip(self.fingerprints, self._epoch, self._position)],
-                "cursor": None if self._cursor is None else
-                {"dataset": self._cursor[0], "document": self._cursor[1], "offset": self._offset}}
+        h = self._head - 1
+        if h < 0:  # nothing taken from the queue yet
+            draws, epochs, positions, cursor = self._gen_draws, self._gen_epoch, self._gen_position, None
+        else:
+            q = self._queue
+            draws, epochs, positions = q.draws_after[h], q.epoch_after[h], q.position_after[h]
+            cursor = {"dataset": q.dataset[h], "document": q.doc[h], "offset": self._offset}
+        return {"version": STATE_VERSION, "seed": self.seed, "draws": int(draws), "tokens": self._tokens,
+                "datasets": [{"fingerprint": fp, "epoch": int(e), "position": int(p)}
+                             for fp, e, p in zip(self.fingerprints, epochs, positions)],
+                "cursor": cursor}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where the loader that saved ``state`` stopped."""
@@ -261,17 +333,43 @@ class PackedLoader:
         if state["seed"] != self.seed:
             raise HataoriError(f"the loader state was saved with seed {state['seed']}, the config has {self.seed}; "
                                f"set data.seed={state['seed']} to resume")
-        self._epoch = [entry["epoch"] for entry in state["datasets"]]
-        self._position = [entry["position"] for entry in state["datasets"]]
-        self._draws = state["draws"]
+        self._gen_draws = state["draws"]
+        self._gen_epoch = [entry["epoch"] for entry in state["datasets"]]
+        self._gen_position = [entry["position"] for entry in state["datasets"]]
         self._tokens = state["tokens"]
+        self._queue, self._head = _Queue.empty(len(self.datasets)), 0
+        self._doc_length = self._offset = 0
         cursor = state["cursor"]
-        if cursor is None:
-            self._cursor, self._offset, self._doc = None, 0, np.empty(0, np.int64)
-        else:
-            self._cursor = (cursor["dataset"], cursor["document"])
-            self._doc = self.datasets[cursor["dataset"]].doc(cursor["document"])
+        if cursor is not None:  # queue the document being packed again, as already drawn
+            d = cursor["dataset"]
+            shard, start, length = self.datasets[d].lookup(np.array([cursor["document"]]))
+            self._queue = _Queue(np.array([d]), np.array([cursor["document"]]), shard + self._first_array[d], start,
+                                 length, np.array([self._gen_draws]), np.array([self._gen_epoch]),
+                                 np.array([self._gen_position]))
+            self._next_doc()
             self._offset = cursor["offset"]
+
+
+class _Queue:
+    """Documents drawn ahead, with the loader state after each draw. Scalars the packing loop reads
+    one at a time are Python lists; the rest stay arrays."""
+
+    def __init__(self, datasets, docs, arrays, starts, lengths, draws_after, epoch_after, position_after):
+        self.datasets = np.asarray(datasets, np.int64)
+        self.lengths = np.asarray(lengths, np.int64)
+        self.cum = np.cumsum(self.lengths)
+        self.dataset, self.doc = self.datasets.tolist(), np.asarray(docs).tolist()
+        self.array, self.start = np.asarray(arrays).tolist(), np.asarray(starts).tolist()
+        self.length = self.lengths.tolist()
+        self.draws_after, self.epoch_after, self.position_after = draws_after, epoch_after, position_after
+
+    @classmethod
+    def empty(cls, n_sets: int) -> "_Queue":
+        none = np.zeros(0, np.int64)
+        return cls(none, none, none, none, none, none, np.zeros((0, n_sets), np.int64), np.zeros((0, n_sets), np.int64))
+
+    def __len__(self) -> int:
+        return len(self.length)
 
 
 # ----------------------------------------------------------------------------- `hataori data bench`
