@@ -136,6 +136,11 @@ def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return _ENCODER(texts)
 
 
+def _worker_pid(_: int) -> int:
+    time.sleep(0.05)  # long enough that the other workers, not this one, take the other calls
+    return os.getpid()
+
+
 # ----------------------------------------------------------------------------- writing shards of one split
 
 
@@ -186,9 +191,10 @@ class _SplitWriter:
 # ----------------------------------------------------------------------------- reading and splitting
 
 
-def _split_key(data: bytes, seed: int) -> int:
-    """A 64-bit keyed hash of a document's UTF-8 text; documents below the limit go to validation."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8, key=str(seed).encode()).digest(), "little")
+def _split_key(data: bytes, key: bytes) -> int:
+    """A 64-bit hash of a document's UTF-8 text, keyed by the split seed; documents below the limit
+    go to validation."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8, key=key).digest(), "little")
 
 
 def _documents(cfg: PrepareConfig, files: list[tuple[int, Path]], stats: list[ReadStats]) -> Iterator[tuple[int, str]]:
@@ -203,8 +209,9 @@ def _val_limit(cfg: PrepareConfig, files: list[tuple[int, Path]]) -> int:
         return int(cfg.val_fraction * 2**64)
     smallest: list[int] = []  # max-heap (negated) of the val_docs smallest keys
     total = 0
+    seed = str(cfg.split_seed).encode()
     for _, text in _documents(cfg, files, [ReadStats() for _ in cfg.sources]):
-        key = _split_key(text.encode("utf-8"), cfg.split_seed)
+        key = _split_key(text.encode("utf-8"), seed)
         total += 1
         if len(smallest) < cfg.val_docs:
             heapq.heappush(smallest, -key)
@@ -309,24 +316,32 @@ def prepare(cfg: PrepareConfig) -> dict:
     stats = [ReadStats() for _ in cfg.sources]
     per_source = [{split: 0 for split in SPLITS} for _ in cfg.sources]
     encoded = {"documents": 0, "tokens": 0, "text_bytes": 0}
-    started = time.perf_counter()
     try:
+        startup = time.perf_counter()
         with _Pipeline(cfg, str(tokenizer.path), dtype) as pipeline, _progress(cfg, files) as bar:
+            started = time.perf_counter()
+            encoded["startup_seconds"] = round(started - startup, 3)
             seen = {split: 0 for split in SPLITS}
             batch: list[str] = []
             splits: list[str] = []
             read_bytes = 0
 
             def submit():
-                nonlocal batch, splits
+                nonlocal batch, splits, read_bytes
                 if batch:
                     pipeline.submit(batch, splits)
                     encoded["documents"] += len(batch)
                     batch, splits = [], []
+                for tokens, lengths, doc_splits in pipeline.ready():
+                    encoded["tokens"] += _write(writers, tokens, lengths, doc_splits)
+                total_read = sum(st.bytes for st in stats)
+                bar.update(total_read - read_bytes)
+                read_bytes = total_read
 
+            key = str(cfg.split_seed).encode()
             for s, text in _documents(cfg, files, stats):
                 data = text.encode("utf-8")
-                split = "val" if _split_key(data, cfg.split_seed) < val_limit else "train"
+                split = "val" if _split_key(data, key) < val_limit else "train"
                 per_source[s][split] += 1
                 seen[split] += 1
                 if seen[split] > skip[split]:
@@ -335,16 +350,9 @@ def prepare(cfg: PrepareConfig) -> dict:
                     splits.append(split)
                     if len(batch) >= cfg.batch_docs:
                         submit()
-                for tokens, lengths, doc_splits in pipeline.ready():
-                    encoded["tokens"] += _write(writers, tokens, lengths, doc_splits)
-                total_read = sum(st.bytes for st in stats)
-                if total_read - read_bytes > 1 << 20:
-                    bar.update(total_read - read_bytes)
-                    read_bytes = total_read
             submit()
             for tokens, lengths, doc_splits in pipeline.drain():
                 encoded["tokens"] += _write(writers, tokens, lengths, doc_splits)
-            bar.update(sum(st.bytes for st in stats) - read_bytes)
         splits_info = {split: writers[split].finish() for split in SPLITS}
         if splits_info["train"]["documents"] == 0:
             raise HataoriError("no documents went to the train split; check the inputs and val_fraction/val_docs")
@@ -391,7 +399,16 @@ class _Pipeline:
             context = multiprocessing.get_context("spawn")
             self.pool = cf.ProcessPoolExecutor(cfg.workers, mp_context=context, initializer=_init_worker,
                                                initargs=(tokenizer_path, dtype.str, os.getpid()))
+            self._wait_for_workers(cfg.workers)
         self.max_pending = 2 * cfg.workers + 2
+
+    def _wait_for_workers(self, workers: int) -> None:
+        """Start every worker (each loads the tokenizer) before the clock starts."""
+        pids: set[int] = set()
+        for _ in range(10):
+            pids.update(self.pool.map(_worker_pid, range(workers)))
+            if len(pids) == workers:
+                return
 
     def submit(self, texts: list[str], splits: list[str]) -> None:
         if self.local is not None:
@@ -438,7 +455,8 @@ def _manifest(cfg, tokenizer, dtype, plan, files, splits_info, stats, per_source
                         "files": [str(p) for i, p in files if i == s], "documents": per_source[s],
                         "skipped_lines": stats[s].skipped, "skipped_examples": stats[s].skipped_examples})
     seconds = max(elapsed, 1e-9)
-    run = {"seconds": round(elapsed, 3), "workers": cfg.workers, "encoded_documents": encoded["documents"],
+    run = {"seconds": round(elapsed, 3), "startup_seconds": encoded["startup_seconds"], "workers": cfg.workers,
+           "encoded_documents": encoded["documents"],
            "encoded_tokens": encoded["tokens"], "encoded_text_bytes": encoded["text_bytes"],
            "text_mb_per_s": round(encoded["text_bytes"] / 1e6 / seconds, 3),
            "tokens_per_s": round(encoded["tokens"] / seconds), "documents_per_s": round(encoded["documents"] / seconds)}
@@ -459,7 +477,8 @@ def report(manifest: dict) -> str:
         lines.append(f"skipped {skipped} bad lines, e.g. " + "; ".join(examples))
     run = manifest["last_run"]
     lines.append(f"encoded {run['encoded_documents']} documents ({run['encoded_text_bytes'] / 1e6:.2f} MB of text, "
-                 f"{run['encoded_tokens']} tokens) in {run['seconds']:.2f} s with {run['workers']} workers: "
+                 f"{run['encoded_tokens']} tokens) in {run['seconds']:.2f} s with {run['workers']} workers "
+                 f"(started in {run['startup_seconds']:.2f} s, not counted): "
                  f"{run['text_mb_per_s']:.2f} MB/s, {run['tokens_per_s']} tokens/s, {run['documents_per_s']} documents/s")
     return "\n".join(lines)
 
