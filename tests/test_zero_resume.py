@@ -1,0 +1,283 @@
+"""DeepSpeed ZeRO stages 0-3 on two real processes: resume exactness, kills mid-save, accumulation.
+
+Each test launches two processes of this file (``python tests/test_zero_resume.py <mode> ...``)
+with the variables torchrun would set, and compares what they write against an independent
+reference: the losses of an uninterrupted run, or the same update made in one micro-batch.
+Every launch has a hard time limit, so a hang fails instead of stalling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+SEQ_LEN = 32
+VOCAB = 1000
+LAUNCH_TIMEOUT_S = 150
+
+
+def model_config():
+    """A ~0.4M-parameter Llama-style toy model."""
+    from hataori.model import ModelConfig
+
+    return ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, ffn_hidden=192, max_seq_len=SEQ_LEN)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def launch(mode_args: list[str], log_dir: Path, nproc: int = 2, timeout: float = LAUNCH_TIMEOUT_S) -> list[int]:
+    """Run this file on ``nproc`` processes of one process group; return their exit codes."""
+    from hataori.train.zero import free_port
+
+    port = free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs, logs = [], []
+    for rank in range(nproc):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+        log = open(log_dir / f"rank{rank}.log", "w")
+        logs.append(log)
+        procs.append(subprocess.Popen([sys.executable, __file__, *mode_args], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        pytest.fail(f"launch {mode_args} did not finish in {timeout} s; logs in {log_dir}:\n{_tails(log_dir)}")
+    finally:
+        for proc in procs:
+            proc.wait()
+        for log in logs:
+            log.close()
+    return [proc.returncode for proc in procs]
+
+
+def _tails(log_dir: Path) -> str:
+    return "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text().splitlines()[-25:])
+                     for p in sorted(log_dir.glob("rank*.log")))
+
+
+def expect_success(codes: list[int], log_dir: Path) -> None:
+    assert codes == [0] * len(codes), f"exit codes {codes}; logs:\n{_tails(log_dir)}"
+
+
+def read_losses(run_dir: Path, rank: int) -> dict[int, float]:
+    lines = (run_dir / f"losses_rank{rank}.jsonl").read_text().splitlines()
+    return {rec["step"]: rec["loss"] for rec in map(json.loads, lines)}
+
+
+def read_step_seconds(run_dir: Path) -> list[float]:
+    return [json.loads(line)["seconds"] for line in (run_dir / "losses_rank0.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S + 30)
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_resume_after_kill_mid_checkpoint_matches_uninterrupted_run(stage, tmp_path):
+    """Train 6 steps with a checkpoint at step 3 and get killed while saving step 6; a fresh
+    process group then resumes from step 3 and must reproduce steps 4-6 bit for bit."""
+    run = tmp_path / "run"
+    common = ["train", "--stage", str(stage), "--run-dir", str(run), "--steps", "6"]
+
+    codes = launch([*common, "--save-every", "3", "--kill-in-save-at", "6"], tmp_path / "logs-first")
+    assert all(code == -signal.SIGKILL for code in codes), f"exit codes {codes}:\n{_tails(tmp_path / 'logs-first')}"
+    checkpoints = run / "checkpoints"
+    assert (checkpoints / "step_00000003").is_dir()
+    assert (checkpoints / "step_00000006.incomplete").is_dir(), "the kill did not land inside the save"
+    reference = [read_losses(run, rank) for rank in range(2)]
+    assert all(sorted(ref) == [1, 2, 3, 4, 5, 6] for ref in reference)
+    for rank in range(2):
+        (run / f"losses_rank{rank}.jsonl").unlink()
+
+    expect_success(launch([*common, "--save-every", "1", "--keep-last", "2"], tmp_path / "logs-resume"),
+                   tmp_path / "logs-resume")
+    for rank in range(2):
+        resumed = read_losses(run, rank)
+        assert sorted(resumed) == [4, 5, 6], "did not resume from the last complete checkpoint (step 3)"
+        assert resumed == {step: reference[rank][step] for step in (4, 5, 6)}
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_00000005", "step_00000006"]
+    for name in ("config.yaml", "environment.json", "deepspeed.json"):
+        assert (run / name).is_file()
+    assert json.loads((run / "deepspeed.json").read_text())["zero_optimization"]["stage"] == stage
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
+def test_grad_accumulation_matches_one_big_micro_batch(tmp_path):
+    """Per stage, 4 micro-batches of 2 give the same averaged gradients and update as 1 micro-batch of 8."""
+    out = tmp_path / "accum.pt"
+    expect_success(launch(["accum", "--out", str(out)], tmp_path / "logs"), tmp_path / "logs")
+    results = torch.load(out)
+    assert sorted(results) == [0, 1, 2, 3]
+    for stage, (one, four) in results.items():
+        assert one["micro_batches"] == 1 and four["micro_batches"] == 4
+        for step, (grads_one, grads_four) in enumerate(zip(one["grads"], four["grads"], strict=True)):
+            for name, grad in grads_one.items():
+                assert grad.abs().max() > 0, f"stage {stage} {name}: no gradient"
+                torch.testing.assert_close(grads_four[name], grad, rtol=1e-5, atol=1e-7,
+                                           msg=lambda m: f"stage {stage} step {step} grad of {name}: {m}")
+        for name, param in one["params"].items():
+            torch.testing.assert_close(four["params"][name], param, rtol=0, atol=1e-6,
+                                       msg=lambda m: f"stage {stage} {name}: {m}")
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+class TokenStream:
+    """Deterministic random token rows for one rank, with a resumable position."""
+
+    def __init__(self, *, seed: int, rank: int, rows: int):
+        self.seed, self.rank, self.rows, self.position = seed, rank, rows, 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 10_007 + self.position)
+        self.position += 1
+        tokens = torch.randint(0, VOCAB, (self.rows, SEQ_LEN + 1), generator=gen)
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "rank": self.rank, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        assert (state["seed"], state["rank"]) == (self.seed, self.rank)
+        self.position = state["position"]
+
+
+def build_engine(stage: int, *, micro_batch: int, global_batch_tokens: int, total_steps: int, run_dir=None):
+    from hataori.train.checkpoint import seed_all
+    from hataori.train.optim import OptimConfig, ScheduleConfig
+    from hataori.train.zero import ZeroConfig
+
+    seed_all(1234)
+    model = model_config().build()
+    optim = OptimConfig(lr=1e-3, weight_decay=0.1, grad_clip=1.0)
+    optimizer = optim.build(model)
+    scheduler = ScheduleConfig(kind="cosine", warmup_steps=1, min_lr=1e-4).build(optimizer, total_steps=total_steps)
+    zero = ZeroConfig(stage=stage, precision="fp32", micro_batch_size=micro_batch,
+                      global_batch_tokens=global_batch_tokens)
+    return zero.build(model, optimizer, scheduler, seq_len=SEQ_LEN, grad_clip=optim.grad_clip, run_dir=run_dir)
+
+
+def worker_train(args) -> None:
+    """Train with checkpoints, resuming from the latest complete one; log each step's loss."""
+    from hataori.train.checkpoint import CheckpointConfig, Checkpointer
+    from hataori.train.run import record_run
+    from hataori.train.zero import init_distributed
+
+    env = init_distributed()
+    run_dir = Path(args.run_dir)
+    if env.is_main:
+        record_run(run_dir, {"stage": args.stage, "steps": args.steps}, world_size=env.world_size)
+    engine = build_engine(args.stage, micro_batch=2, global_batch_tokens=2 * 2 * SEQ_LEN * env.world_size,
+                          total_steps=args.steps, run_dir=run_dir)
+    checkpointer = Checkpointer(CheckpointConfig(every_steps=args.save_every, keep_last=args.keep_last),
+                                run_dir / "checkpoints", engine)
+    if args.kill_in_save_at is not None:
+        _die_after_deepspeed_save(engine, run_dir / "checkpoints", args.kill_in_save_at)
+
+    data = TokenStream(seed=7, rank=env.rank, rows=engine.train_micro_batch_size_per_gpu())
+    start = 0
+    resumed = checkpointer.resume()
+    if resumed is not None:
+        data.load_state_dict(resumed.loader_state)
+        start = resumed.step
+    for step in range(start + 1, args.steps + 1):
+        began = time.perf_counter()
+        losses = []
+        for _ in range(engine.gradient_accumulation_steps()):
+            inputs, targets = data.next()
+            loss = engine(inputs, targets=targets)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        with open(run_dir / f"losses_rank{env.rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "loss": sum(losses) / len(losses),
+                                "seconds": time.perf_counter() - began}) + "\n")
+        if checkpointer.due(step, last=step == args.steps):
+            checkpointer.save(step, loader_state=data.state_dict())
+
+
+def _die_after_deepspeed_save(engine, folder: Path, step: int) -> None:
+    """SIGKILL this process once DeepSpeed has written its part of checkpoint ``step``."""
+    save = engine.save_checkpoint
+
+    def save_then_die(save_dir, tag=None, **kwargs):
+        result = save(save_dir, tag=tag, **kwargs)
+        if tag == f"step_{step:08d}.incomplete":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    engine.save_checkpoint = save_then_die
+
+
+def worker_accum(args) -> None:
+    """For each stage: two optimizer steps on the same global batches, as 1 x 8 and as 4 x 2."""
+    import deepspeed
+
+    from hataori.train.zero import init_distributed
+
+    env = init_distributed()
+    rows, steps = 8, 2
+    results = {}
+    for stage in (0, 1, 2, 3):
+        runs = []
+        for micro in (8, 2):
+            engine = build_engine(stage, micro_batch=micro, global_batch_tokens=rows * SEQ_LEN * env.world_size,
+                                  total_steps=steps)
+            data = TokenStream(seed=11, rank=env.rank, rows=rows)
+            grads = []
+            for _ in range(steps):
+                inputs, targets = data.next()
+                for k in range(0, rows, micro):
+                    engine.backward(engine(inputs[k:k + micro], targets=targets[k:k + micro]))
+                    if k + micro == rows:  # the accumulation boundary: gradients are averaged now
+                        grads.append({name: deepspeed.utils.safe_get_full_grad(param).clone()
+                                      for name, param in engine.module.named_parameters()})
+                    engine.step()
+            params = {}
+            for name, param in engine.module.named_parameters():
+                with deepspeed.zero.GatheredParameters([param], enabled=stage == 3):
+                    params[name] = param.detach().clone()
+            runs.append({"micro_batches": rows // micro, "grads": grads, "params": params})
+            engine.destroy()
+        results[stage] = runs
+    if env.is_main:
+        torch.save(results, args.out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="mode", required=True)
+    train = sub.add_parser("train")
+    train.add_argument("--stage", type=int, required=True)
+    train.add_argument("--run-dir", required=True)
+    train.add_argument("--steps", type=int, required=True)
+    train.add_argument("--save-every", type=int, required=True)
+    train.add_argument("--keep-last", type=int, default=2)
+    train.add_argument("--kill-in-save-at", type=int)
+    accum = sub.add_parser("accum")
+    accum.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.use_deterministic_algorithms(True)
+    {"train": worker_train, "accum": worker_accum}[args.mode](args)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The run folder records what produced it, before step 0.
+
+:func:`record_run` writes, on rank 0:
+
+* ``config.yaml``: the resolved config, as loaded (presets and overrides applied);
+* ``environment.json``: the git commit of the hataori code (``"unknown"`` outside a git checkout)
+  and whether the checkout had uncommitted changes, the versions of python and of the packages
+  that shape the numbers (torch, deepspeed, sentencepiece, numpy, hataori), the device description
+  (GPU name, memory and count, or CPU model and cores), the world size, the host and the command line.
+
+A restarted run rewrites both, so they describe the latest launch; ``deepspeed.json`` (written by
+:meth:`hataori.train.zero.ZeroConfig.build`) sits beside them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from hataori.config import to_yaml
+from hataori.fsutil import atomic_write_text
+
+PACKAGES = ("torch", "deepspeed", "sentencepiece", "numpy", "hataori")
+"""Packages whose versions each run records."""
+
+
+def record_run(run_dir: str | os.PathLike, config: Any, *, world_size: int = 1) -> Path:
+    """Write ``config.yaml`` and ``environment.json`` into ``run_dir`` (created if missing)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", config_yaml(config))
+    atomic_write_text(run_dir / "environment.json", json.dumps(environment(world_size), indent=2) + "\n")
+    return run_dir
+
+
+def config_yaml(config: Any) -> str:
+    """YAML of a config dataclass or a plain mapping."""
+    if dataclasses.is_dataclass(config):
+        return to_yaml(config)
+    return OmegaConf.to_yaml(OmegaConf.create(config))
+
+
+def environment(world_size: int = 1) -> dict[str, Any]:
+    """Code version, package versions and device of this process."""
+    commit, dirty = git_commit(Path(__file__).resolve().parent)
+    return {
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "python": platform.python_version(),
+        "packages": package_versions(),
+        "device": device_description(),
+        "world_size": world_size,
+        "host": socket.gethostname(),
+        "command": sys.argv,
+    }
+
+
+def git_commit(path: Path) -> tuple[str, bool | None]:
+    """The commit checked out at ``path`` and whether there are uncommitted changes; ``("unknown", None)``
+    when ``path`` is not in a git checkout (an installed wheel) or git is missing."""
+    try:
+        commit = _git(path, "rev-parse", "HEAD")
+        dirty = bool(_git(path, "status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        return "unknown", None
+    return commit, dirty
+
+
+def _git(path: Path, *args: str) -> str:
+    result = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, check=True,
+                            timeout=30)
+    return result.stdout.strip()
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of :data:`PACKAGES` (``"not installed"`` for a missing one)."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def device_description() -> dict[str, Any]:
+    """The accelerators, or the CPU when there are none."""
+    if torch.cuda.is_available():
+        props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+        return {
+            "type": "cuda",
+            "count": len(props),
+            "name": props[0].name,
+            "memory_gib": round(props[0].total_memory / 2**30, 1),
+            "cuda": torch.version.cuda,
+        }
+    return {
+        "type": "cpu",
+        "model": _cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -1,0 +1,224 @@
+"""The DeepSpeed ZeRO engine: process group, generated DeepSpeed config, ``deepspeed.initialize``.
+
+The DeepSpeed JSON is never written by hand: :func:`deepspeed_config` derives it from
+:class:`ZeroConfig`, the sequence length, the world size and the gradient clipping of the optimizer
+config, and :meth:`ZeroConfig.build` records it as ``deepspeed.json`` in the run folder.
+
+The optimizer is always the client's torch AdamW (see :mod:`hataori.train.optim`), also with
+optimizer offload (``zero_force_ds_cpu_optimizer: false``), so no DeepSpeed Adam extension is
+compiled on any machine. Activation checkpointing is the model's business
+(``ModelConfig.activation_checkpointing``), not DeepSpeed's.
+
+Process groups. :func:`init_distributed` starts one process or N processes on one or more
+machines from the variables torchrun and DeepSpeed's launcher set (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), or from Slurm's (``SLURM_PROCID``,
+``SLURM_NTASKS``, ``SLURM_LOCALID``, with ``MASTER_ADDR``/``MASTER_PORT`` exported by the job).
+With none of them set it is a single process. NCCL on GPUs, gloo on CPUs.
+
+The shared-memory op on CPU. DeepSpeed wraps every process group in its ``TorchBackend``, whose
+constructor calls ``build_shm_op()`` (deepspeed/comm/torch.py). On the CPU accelerator that
+JIT-compiles the ``deepspeed_shm_comm`` C++ extension (ops/op_builder/cpu/comm.py), about 70 s on
+two cores, the first time on each machine (the result is cached under ``TORCH_EXTENSIONS_DIR``).
+It happens whether or not torch.distributed was initialised beforehand (``init_distributed``
+builds the backend in both paths), and no environment variable or config key turns it off;
+``DS_BUILD_SHM_COMM=1`` only pre-builds it when DeepSpeed itself is installed from source.
+The op serves exactly one collective, ``inference_all_reduce`` (tensor-parallel inference), which
+falls back to ``torch.distributed.all_reduce`` when the op is absent; training never calls it.
+``build_shm_op`` returns ``None`` without compiling when DeepSpeed's probed op table
+``deepspeed.ops.__compatible_ops__`` marks the op incompatible, and that table is a module-level
+dict kept for edits. So on the CPU accelerator :func:`init_distributed` marks the op incompatible
+before DeepSpeed wraps the process group: nothing is compiled, and gloo carries all collectives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from hataori.config import require
+from hataori.errors import ConfigError
+from hataori.fsutil import atomic_write_text
+
+SHM_COMM_OP = "deepspeed_shm_comm"
+"""DeepSpeed's name of the CPU shared-memory communication extension."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass(kw_only=True, slots=True)
+class ZeroConfig:
+    """How DeepSpeed shards and runs training: ZeRO stage, precision, offload and batch shape."""
+
+    stage: Literal[0, 1, 2, 3] = 1
+    """ZeRO stage: 0 plain data parallel, 1 shards optimizer state, 2 and gradients, 3 and parameters."""
+    precision: Literal["bf16", "fp32", "fp16"] = "bf16"
+    """Training precision; fp16 uses dynamic loss scaling. fp32 master weights in every case."""
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    """Keep optimizer state (and the update) in CPU memory; needs stage >= 1."""
+    micro_batch_size: int = 1
+    """Sequences per process per forward/backward pass."""
+    global_batch_tokens: int
+    """Tokens per optimizer step over all processes; a multiple of micro_batch_size * seq_len * world size."""
+    bucket_elements: int = 500_000_000
+    """Elements per gradient-reduce and parameter-allgather bucket (DeepSpeed's default), capped at the
+    model's size: ZeRO 1/2 allocate whole buckets, and 5e8 fp32 elements cost seconds a step on a CPU."""
+
+    def __post_init__(self) -> None:
+        require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        require(self.bucket_elements >= 1, "bucket_elements", f"must be >= 1, got {self.bucket_elements}")
+        require(self.global_batch_tokens >= 1, "global_batch_tokens",
+                f"must be a positive number of tokens, got {self.global_batch_tokens}")
+        require(self.offload_optimizer == "none" or self.stage >= 1, "offload_optimizer",
+                f"optimizer offload needs ZeRO stage 1, 2 or 3; got stage {self.stage}")
+
+    def grad_accum_steps(self, *, seq_len: int, world_size: int) -> int:
+        """Micro-batches each process accumulates per optimizer step; raises if the batch does not divide."""
+        return grad_accum_steps(self.global_batch_tokens, micro_batch_size=self.micro_batch_size,
+                                seq_len=seq_len, world_size=world_size)
+
+    def build(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+              scheduler: torch.optim.lr_scheduler.LRScheduler | None, *, seq_len: int, grad_clip: float,
+              run_dir: str | os.PathLike | None = None) -> Any:
+        """The DeepSpeed engine over ``model`` with the client ``optimizer`` and ``scheduler``.
+
+        Call :func:`init_distributed` first. On rank 0 the generated DeepSpeed config is written to
+        ``run_dir/deepspeed.json``.
+        """
+        import deepspeed
+
+        world_size = torch.distributed.get_world_size()
+        num_params = sum(p.numel() for p in model.parameters())
+        config = deepspeed_config(self, world_size=world_size, seq_len=seq_len, grad_clip=grad_clip,
+                                  num_params=num_params)
+        if run_dir is not None and torch.distributed.get_rank() == 0:
+            atomic_write_text(Path(run_dir) / "deepspeed.json", json.dumps(config, indent=2) + "\n")
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=config)
+        return engine
+
+
+def grad_accum_steps(global_batch_tokens: int, *, micro_batch_size: int, seq_len: int, world_size: int) -> int:
+    """``global_batch_tokens / (micro_batch_size * seq_len * world_size)``, which must be a whole number."""
+    unit = micro_batch_size * seq_len * world_size
+    steps, remainder = divmod(global_batch_tokens, unit)
+    if remainder == 0 and steps >= 1:
+        return steps
+    options = sorted({max(1, steps), steps + 1})
+    nearest = " or ".join(f"{n * unit} ({n} accumulation step{'s' if n > 1 else ''})" for n in options)
+    raise ConfigError("zero.global_batch_tokens",
+                      f"{global_batch_tokens} tokens is not a whole number of micro-batches: one micro-batch "
+                      f"on every process is micro_batch_size * seq_len * world_size = {micro_batch_size} * "
+                      f"{seq_len} * {world_size} = {unit} tokens. Nearest valid values: {nearest}; or change "
+                      f"zero.micro_batch_size or the sequence length")
+
+
+def deepspeed_config(cfg: ZeroConfig, *, world_size: int, seq_len: int, grad_clip: float,
+                     num_params: int | None = None) -> dict:
+    """The DeepSpeed config dict for ``cfg`` on ``world_size`` processes at ``seq_len`` tokens a sequence.
+
+    With ``num_params`` (the model's size) the communication buckets are capped at the model's size.
+    """
+    accum = cfg.grad_accum_steps(seq_len=seq_len, world_size=world_size)
+    bucket = cfg.bucket_elements if num_params is None else max(1, min(cfg.bucket_elements, num_params))
+    zero: dict[str, Any] = {"stage": cfg.stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    if cfg.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config: dict[str, Any] = {
+        "train_batch_size": cfg.micro_batch_size * accum * world_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16"},
+        # The client's torch AdamW also under offload, instead of a compiled DeepSpeedCPUAdam.
+        "zero_force_ds_cpu_optimizer": False,
+        # Logging is ours; DeepSpeed's per-step prints stay off.
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.precision == "fp16":
+        config["fp16"].update({"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                               "hysteresis": 2, "min_loss_scale": 1})
+    return config
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True, slots=True)
+class DistEnv:
+    """Where this process sits: its ranks, the world size and its device."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(timeout: timedelta = timedelta(minutes=10)) -> DistEnv:
+    """Join (or start) the process group described by the environment and hand it to DeepSpeed.
+
+    A missing peer makes the collectives fail after ``timeout`` instead of waiting for ever.
+    """
+    import deepspeed
+    import deepspeed.comm
+    from deepspeed.accelerator import get_accelerator
+
+    rank, world_size, local_rank = _ranks_from_env()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if world_size > 1:
+            raise RuntimeError(f"MASTER_PORT is not set for a world of {world_size} processes; launch with "
+                               "torchrun or deepspeed, or export MASTER_ADDR and MASTER_PORT")
+        os.environ["MASTER_PORT"] = str(free_port())
+    # DeepSpeed's helpers read these back.
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        backend, device = "nccl", torch.device("cuda", local_rank)
+    else:
+        backend, device = "gloo", torch.device("cpu")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+    if get_accelerator().device_name() == "cpu":
+        skip_shm_comm_build()
+    deepspeed.comm.init_distributed(dist_backend=backend, timeout=timeout, dist_init_required=False)
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def skip_shm_comm_build() -> None:
+    """Mark DeepSpeed's CPU shared-memory op incompatible so that it is not JIT-compiled (see above)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+
+
+def _ranks_from_env() -> tuple[int, int, int]:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"]))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0"))
+    return 0, 1, 0
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on this machine (for single-machine process groups)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
