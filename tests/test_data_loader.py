@@ -16,7 +16,6 @@ import pytest
 from hataori.cli import main as hataori_main
 from hataori.config import load
 from hataori.errors import ConfigError, HataoriError
-from hataori.tokenizer.model import Tokenizer
 from hataori.tokenizer.prepare import PrepareConfig, prepare
 from hataori.tokenizer.shards import Dataset
 from hataori.tokenizer.sources import SourceConfig
@@ -183,6 +182,15 @@ def test_restore_refuses_other_datasets_or_seed(datasets):
         loader(datasets).load_state_dict(state)
     with pytest.raises(HataoriError, match=r"saved with seed 0, the config has 5; set data.seed=0"):
         loader([datasets[0]], seed=5).load_state_dict(state)
+
+
+def test_build_refuses_datasets_of_another_tokenizer(datasets):
+    found = Dataset(datasets[0]).tokenizer_fingerprint
+    cfg = DataConfig(datasets=[DatasetSpec(path=str(datasets[0]))])
+    with pytest.raises(HataoriError, match=rf"encoded with tokenizer fingerprint {found}, but 0000000000000000 was "
+                                           "expected; use the tokenizer the dataset was made with"):
+        cfg.build(2, tokenizer_fingerprint="0000000000000000")
+    assert cfg.build(2, tokenizer_fingerprint=found).fingerprints == [Dataset(datasets[0]).fingerprint]
 
 
 def test_data_config_validation(datasets, tmp_path):

@@ -1,7 +1,9 @@
 """``hataori data prepare``: encode corpora into token shards for training.
 
-    hataori data prepare [CONFIG.yaml] --input corpus.jsonl[:WEIGHT] ... --tokenizer DIR --output DIR \\
-        [--workers N] [key=value ...]
+    hataori data prepare --input corpus.jsonl[:WEIGHT] ... --tokenizer DIR --output DIR [--workers N] \\
+        [CONFIG.yaml ...] [key=value ...]
+
+(YAML presets and overrides are positional: give them together, after or before the options.)
 
 The main process reads the sources in order (through :mod:`hataori.tokenizer.sources`), decides
 each document's split, and hands batches of documents to worker processes that each load the
@@ -44,12 +46,12 @@ from typing import Iterator, Literal
 
 import numpy as np
 
-from hataori.config import ConfigError, load, require, to_dict
-from hataori.errors import HataoriError
+from hataori.config import load, require, to_dict
+from hataori.errors import ConfigError, HataoriError
 from hataori.fsutil import atomic_write_text, remove_stale_temps
 from hataori.tokenizer.model import Tokenizer
 from hataori.tokenizer.shards import (FORMAT_VERSION, MANIFEST, SPLITS, Shard, ShardError, ShardWriter,
-                                      choose_dtype, shard_name, shard_paths)
+                                      choose_dtype, shard_name)
 from hataori.tokenizer.sources import ReadStats, SourceConfig, expand, iter_documents
 
 PLAN = ".prepare-plan.json"

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Literal
 
 import numpy as np
