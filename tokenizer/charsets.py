@@ -4,7 +4,8 @@ JIS X 0208 is the character set of everyday Japanese: kana, punctuation, full-wi
 Latin letters, Greek, Cyrillic, box drawing (rows 1-8), 2,965 level-1 kanji (rows 16-47) and
 3,390 level-2 kanji (rows 48-84). The ``euc_jp`` codec maps every JIS X 0208 code point
 (row ``r``, cell ``c``) from the two bytes ``0xA0 + r, 0xA0 + c``, so no data file is needed.
-Half-width katakana (JIS X 0201) are added to every set: they are common in web text.
+Printable ASCII and half-width katakana (JIS X 0201) are added to every set: Japanese text is
+full of Latin letters, digits and ASCII punctuation, and half-width kana are common in web text.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ NON_KANJI_ROWS = range(1, 9)
 LEVEL1_ROWS = range(16, 48)
 LEVEL2_ROWS = range(48, 85)
 HALFWIDTH_KATAKANA = "".join(chr(c) for c in range(0xFF61, 0xFFA0))
+PRINTABLE_ASCII = "".join(chr(c) for c in range(0x21, 0x7F))
 
 
 def jis_rows(rows: range) -> list[str]:
@@ -45,7 +47,7 @@ def charset(name: CharsetName) -> str:
         rows += list(LEVEL1_ROWS)
     if name == "jis0208":
         rows += list(LEVEL2_ROWS)
-    chars = set(HALFWIDTH_KATAKANA)
+    chars = set(HALFWIDTH_KATAKANA) | set(PRINTABLE_ASCII)
     for row in rows:
         chars.update(jis_rows(range(row, row + 1)))
     return "".join(sorted(chars))

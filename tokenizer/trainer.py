@@ -3,17 +3,18 @@
 Reading. Each source (a file, glob or folder of JSONL or plain text, optionally .gz/.zst) is read
 twice through :mod:`hataori.tokenizer.sources`: once to count its characters (so a malformed line
 fails before any training starts), once to sample it. The sample holds ``S = min(max_input_chars,
-all characters)`` characters, of which source ``i`` contributes ``S * w_i / sum(w)``: documents are
+all characters)`` characters, of which source ``i`` contributes ``S * w_i / sum(w)``: its lines are
 drawn with that probability (deterministically from ``seed``), and a source smaller than its share
-is repeated. Documents are cut into training sentences at line boundaries, each at most
-``max_sentence_length`` bytes, the newlines kept.
+is repeated. The lines are SentencePiece's training sentences (a line longer than
+``max_sentence_length`` bytes is cut); since ``"\\n"`` is a piece of its own, which no other piece
+spans, training on lines loses nothing.
 
 Defaults, made for Japanese text fed to a decoder-only model:
 
 * unigram (``model_type=bpe`` as an option), byte fallback, digits split one per piece;
 * identity normalization, so that decode(encode(text)) == text; ``nfkc``/``nmt_nfkc`` optional;
 * no dummy prefix, whitespace kept as written, runs of spaces allowed as pieces;
-* ``"\\n"`` as a piece of its own (a user-defined symbol; sentences keep their newlines);
+* ``"\\n"`` as a piece of its own (a user-defined symbol, matched before normalization);
 * ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, ``<pad>`` 3, then ``reserved_tokens`` control pieces
   ``<|reserved_N|>`` for later chat or fill-in-the-middle formats;
 * every JIS X 0208 character a piece of its own (``required_chars``), so that a tokenizer
@@ -96,7 +97,7 @@ class TokenizerTrainConfig:
     max_input_chars: int = 50_000_000
     """Cap on the characters of the training sample; sources are sampled by weight to fit it."""
     max_sentence_length: int = 16384
-    """Longest training sentence in UTF-8 bytes; longer documents are cut at line boundaries."""
+    """Longest training sentence (a line) in UTF-8 bytes; longer lines are cut."""
     seed: int = 0
     """Seed of the document sampler (the same seed and inputs give the same sample)."""
     skip_bad_lines: bool = False
@@ -152,8 +153,10 @@ class SourceSample:
     weight: float
     files: int = 0
     read: ReadStats = field(default_factory=ReadStats)
+    line_chars: int = 0
+    """Characters of the source's lines, newlines not counted: what sampling draws from."""
     rate: float = 0.0
-    docs_used: int = 0
+    parts_used: int = 0
     chars_used: int = 0
 
 
@@ -191,8 +194,9 @@ def count_sources(cfg: TokenizerTrainConfig) -> tuple[list[SourceSample], dict[s
         paths = expand(source)
         sample = SourceSample(name=source.name, weight=source.weight, files=len(paths))
         for doc in _source_documents(source, paths, cfg.skip_bad_lines, sample.read):
+            sample.line_chars += len(doc) - doc.count(NEWLINE)
             progress.update(len(doc))
-        if sample.read.chars == 0:
+        if sample.line_chars == 0:
             progress.close()
             where = paths[0] if len(paths) == 1 else source.path
             raise InputError(where, "holds no text; check the path, the format and the text_key "
@@ -205,46 +209,45 @@ def count_sources(cfg: TokenizerTrainConfig) -> tuple[list[SourceSample], dict[s
 
 def sample_documents(cfg: TokenizerTrainConfig, samples: list[SourceSample],
                      files: dict[str, list[Path]]) -> Iterator[str]:
-    """Second pass: yield documents drawn by weight to fill ``max_input_chars`` (see module doc)."""
-    total = sum(s.read.chars for s in samples)
+    """Second pass: yield text drawn by weight to fill ``max_input_chars`` (see module doc).
+
+    The unit drawn is a training sentence (a line), so a few very long documents cannot swing a
+    source's share.
+    """
+    total = sum(s.line_chars for s in samples)
     budget = min(cfg.max_input_chars, total)
     weights = sum(s.weight for s in samples)
     progress = Progress(cfg.progress, "sampling", total=budget)
     for index, (source, sample) in enumerate(zip(cfg.sources, samples)):
-        sample.rate = budget * sample.weight / weights / sample.read.chars
+        sample.rate = budget * sample.weight / weights / sample.line_chars
         whole, fraction = int(sample.rate), sample.rate - int(sample.rate)
         rng = random.Random(f"{cfg.seed}:{index}:{source.name}")
         for doc in _source_documents(source, files[source.name], cfg.skip_bad_lines, ReadStats()):
-            copies = whole + (1 if rng.random() < fraction else 0)
-            for _ in range(copies):
-                sample.docs_used += 1
-                sample.chars_used += len(doc)
-                progress.update(len(doc))
-                yield doc
+            for part in split_sentences(doc, cfg.max_sentence_length):
+                copies = whole + (1 if rng.random() < fraction else 0)
+                for _ in range(copies):
+                    sample.parts_used += 1
+                    sample.chars_used += len(part)
+                    progress.update(len(part))
+                    yield part
     progress.close()
 
 
 def split_sentences(doc: str, max_bytes: int) -> Iterator[str]:
-    """Cut a document into pieces of at most ``max_bytes`` UTF-8 bytes, at newlines where possible."""
-    if len(doc.encode("utf-8")) <= max_bytes:
-        yield doc
-        return
-    chunk: list[str] = []
-    size = 0
+    """The non-empty lines of a document, a line longer than ``max_bytes`` UTF-8 bytes cut up.
+
+    Lines are the training sentences: ``"\\n"`` is a piece of its own, so no piece spans a line
+    break and nothing is lost by cutting there.
+    """
     for line in doc.split(NEWLINE):
-        n = len(line.encode("utf-8")) + 1
-        if chunk and size + n > max_bytes:
-            yield NEWLINE.join(chunk)
-            chunk, size = [], 0
-        if n > max_bytes:
-            step = max_bytes // 4  # a character is at most 4 bytes
-            for start in range(0, len(line), step):
-                yield line[start:start + step]
+        if not line:
             continue
-        chunk.append(line)
-        size += n
-    if chunk:
-        yield NEWLINE.join(chunk)
+        if len(line) * 4 <= max_bytes or len(line.encode("utf-8")) <= max_bytes:
+            yield line
+            continue
+        step = max_bytes // 4  # a character is at most 4 bytes
+        for start in range(0, len(line), step):
+            yield line[start:start + step]
 
 
 # ----------------------------------------------------------------------------- alphabet
@@ -268,18 +271,21 @@ class Normalizer:
         return NEWLINE.join(self.normalizer.normalize(line) for line in text.split(NEWLINE))
 
 
-def choose_alphabet(counts: collections.Counter, required: str, coverage: float) -> set[str]:
-    """The required characters plus the most frequent others up to ``coverage`` of all counted."""
+def choose_alphabet(counts: collections.Counter, required: str, coverage: float,
+                    room: int) -> tuple[set[str], float]:
+    """The required characters plus the most frequent others up to ``coverage`` of all counted,
+    at most ``room`` of them; the alphabet and the share of the counts it covers."""
     alphabet = set(required)
-    total = sum(counts.values())
+    total = max(sum(counts.values()), 1)
     covered = sum(counts[c] for c in alphabet)
     for char, n in counts.most_common():
-        if covered >= coverage * total:
+        if covered >= coverage * total or room <= 0:
             break
         if char not in alphabet:
             alphabet.add(char)
             covered += n
-    return alphabet
+            room -= 1
+    return alphabet, covered / total
 
 
 def restrict(sentence: str, alphabet: set[str]) -> list[str]:
@@ -314,7 +320,8 @@ def alphabet_floor(total_chars: int) -> int:
 class TrainingText:
     sentences: list[str]
     alphabet: set[str]
-    chars: int
+    coverage: float
+    """Share of the sample's characters (newlines aside) that are in the alphabet."""
     topped_up: int
 
 
@@ -331,7 +338,10 @@ def build_training_text(cfg: TokenizerTrainConfig, docs: Iterator[str]) -> Train
     # SentencePiece sees spaces as U+2581 and keeps "\n" as a user-defined piece.
     counts[SPACE_PIECE] += counts.pop(" ", 0)
     counts.pop(NEWLINE, None)
-    alphabet = choose_alphabet(counts, cfg.required_char_set(), cfg.character_coverage)
+    # Leave a tenth of the vocabulary (at least 100 pieces) for pieces longer than one character.
+    required = cfg.required_char_set()
+    room = cfg.vocab_size - cfg.fixed_pieces() - len(required) - max(100, cfg.vocab_size // 10)
+    alphabet, coverage = choose_alphabet(counts, required, cfg.character_coverage, room)
     alphabet_chars = set(alphabet) | {" ", NEWLINE}
     restricted = [part for s in sentences for part in restrict(s, alphabet_chars)]
     floor = alphabet_floor(sum(counts.values()))
@@ -341,7 +351,7 @@ def build_training_text(cfg: TokenizerTrainConfig, docs: Iterator[str]) -> Train
         if missing > 0 and char != SPACE_PIECE:
             restricted.extend([char] * missing)
             topped_up += 1
-    return TrainingText(restricted, alphabet, sum(counts[c] for c in alphabet), topped_up)
+    return TrainingText(restricted, alphabet, coverage, topped_up)
 
 
 def trainer_arguments(cfg: TokenizerTrainConfig, alphabet: set[str]) -> dict:
@@ -456,13 +466,14 @@ def train(cfg: TokenizerTrainConfig) -> dict:
             {"name": s.name, "weight": s.weight, "files": s.files, "documents": s.read.documents,
              "chars": s.read.chars, "bytes": s.read.bytes, "skipped_lines": s.read.skipped,
              "skipped_examples": s.read.skipped_examples, "sampling_rate": round(s.rate, 6),
-             "documents_used": s.docs_used, "chars_used": s.chars_used}
+             "sentences_used": s.parts_used, "chars_used": s.chars_used}
             for s in samples
         ],
         "chars_read": sum(s.read.chars for s in samples),
         "chars_used": sum(s.chars_used for s in samples),
         "sentences": len(text.sentences),
         "alphabet": len(text.alphabet),
+        "character_coverage": round(text.coverage, 6),
         "required_chars": len(cfg.required_char_set()),
         "required_chars_topped_up": text.topped_up,
         "seconds_reading": round(read_seconds, 2),
@@ -483,7 +494,8 @@ def format_summary(summary: dict, output: str) -> str:
                      f"rate {s['sampling_rate']:.3g}){skipped}")
     lines += [
         f"  chars read {summary['chars_read']:,}, used {summary['chars_used']:,} in {summary['sentences']:,} sentences",
-        f"  alphabet {summary['alphabet']:,} chars ({summary['required_chars']:,} required)",
+        f"  alphabet {summary['alphabet']:,} chars ({summary['required_chars']:,} required), "
+        f"covering {summary['character_coverage']:.4%} of the sample",
         f"  {summary['model_type']}, vocab {summary['vocab_size']:,}, normalization {summary['normalization']}",
         f"  fingerprint {summary['fingerprint']}",
         f"  time {summary['seconds_total']:.1f} s ({summary['seconds_reading']:.1f} s reading)",
