@@ -292,10 +292,9 @@ class PackedLoader:
             self._next_doc()
 
         shape = (self.batch_size, self.seq_len)
-        starts = ends[:span].reshape(shape).copy()  # an input EOS opens the next document's segment
-        starts[:, 0] = True
+        starts = ends[:span].reshape(shape)  # an input EOS opens the next document's segment
         index = np.arange(self.seq_len, dtype=np.int32)
-        last_start = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+        last_start = np.maximum.accumulate(np.where(starts, index, 0), axis=1)  # each row starts one too
         return Batch(inputs=tokens[:span].reshape(shape), targets=tokens[1:].reshape(shape),
                      positions=(index - last_start).astype(np.int32), sources=sources[:span].reshape(shape))
 
