@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,13 +77,10 @@ def expect_success(codes: list[int], log_dir: Path) -> None:
     assert codes == [0] * len(codes), f"exit codes {codes}; logs:\n{_tails(log_dir)}"
 
 
-def read_losses(run_dir: Path, rank: int) -> dict[int, float]:
-    lines = (run_dir / f"losses_rank{rank}.jsonl").read_text().splitlines()
-    return {rec["step"]: rec["loss"] for rec in map(json.loads, lines)}
-
-
-def read_step_seconds(run_dir: Path) -> list[float]:
-    return [json.loads(line)["seconds"] for line in (run_dir / "losses_rank0.jsonl").read_text().splitlines()]
+def read_steps(run_dir: Path) -> dict[int, dict]:
+    """Rank 0's per-step records, by step."""
+    lines = (run_dir / "steps.jsonl").read_text().splitlines()
+    return {rec.pop("step"): rec for rec in map(json.loads, lines)}
 
 
 # ----------------------------------------------------------------------------- tests
@@ -90,8 +89,9 @@ def read_step_seconds(run_dir: Path) -> list[float]:
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S + 30)
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_resume_after_kill_mid_checkpoint_matches_uninterrupted_run(stage, tmp_path):
-    """Train 6 steps with a checkpoint at step 3 and get killed while saving step 6; a fresh
-    process group then resumes from step 3 and must reproduce steps 4-6 bit for bit."""
+    """Train 6 steps (2 micro-batches each) with a checkpoint at step 3 and get killed while saving
+    step 6; a fresh process group then resumes from step 3 and must reproduce steps 4-6 exactly:
+    losses, learning rates, token counts and the random generators' draws."""
     run = tmp_path / "run"
     common = ["train", "--stage", str(stage), "--run-dir", str(run), "--steps", "6"]
 
@@ -100,21 +100,31 @@ def test_resume_after_kill_mid_checkpoint_matches_uninterrupted_run(stage, tmp_p
     checkpoints = run / "checkpoints"
     assert (checkpoints / "step_00000003").is_dir()
     assert (checkpoints / "step_00000006.incomplete").is_dir(), "the kill did not land inside the save"
-    reference = [read_losses(run, rank) for rank in range(2)]
-    assert all(sorted(ref) == [1, 2, 3, 4, 5, 6] for ref in reference)
-    for rank in range(2):
-        (run / f"losses_rank{rank}.jsonl").unlink()
+    reference = read_steps(run)
+    assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+    (run / "steps.jsonl").unlink()
 
     expect_success(launch([*common, "--save-every", "1", "--keep-last", "2"], tmp_path / "logs-resume"),
                    tmp_path / "logs-resume")
-    for rank in range(2):
-        resumed = read_losses(run, rank)
-        assert sorted(resumed) == [4, 5, 6], "did not resume from the last complete checkpoint (step 3)"
-        assert resumed == {step: reference[rank][step] for step in (4, 5, 6)}
+    resumed = read_steps(run)
+    assert sorted(resumed) == [4, 5, 6], "did not resume from the last complete checkpoint (step 3)"
+    for step in (4, 5, 6):
+        for key in ("loss", "lr", "tokens_seen", "rng"):
+            assert resumed[step][key] == reference[step][key], f"step {step} {key}"
     assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_00000005", "step_00000006"]
     for name in ("config.yaml", "environment.json", "deepspeed.json"):
         assert (run / name).is_file()
     assert json.loads((run / "deepspeed.json").read_text())["zero_optimization"]["stage"] == stage
+    print(f"stage {stage} step seconds:", [round(reference[s]["seconds"], 3) for s in sorted(reference)])
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
+def test_stop_request_on_one_rank_stops_all_with_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    expect_success(launch(["train", "--stage", "2", "--run-dir", str(run), "--steps", "6", "--save-every", "5",
+                           "--stop-at", "2"], tmp_path / "logs"), tmp_path / "logs")
+    assert sorted(read_steps(run)) == [1, 2]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["step_00000002"]
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
@@ -132,7 +142,9 @@ def test_grad_accumulation_matches_one_big_micro_batch(tmp_path):
                 torch.testing.assert_close(grads_four[name], grad, rtol=1e-5, atol=1e-7,
                                            msg=lambda m: f"stage {stage} step {step} grad of {name}: {m}")
         for name, param in one["params"].items():
-            torch.testing.assert_close(four["params"][name], param, rtol=0, atol=1e-6,
+            # Adam divides by the gradient's own scale, which magnifies rounding where a gradient is
+            # tiny: compare the updates to 1% of one step's size (lr = 1e-3).
+            torch.testing.assert_close(four["params"][name], param, rtol=0, atol=1e-5,
                                        msg=lambda m: f"stage {stage} {name}: {m}")
 
 
@@ -140,16 +152,25 @@ def test_grad_accumulation_matches_one_big_micro_batch(tmp_path):
 
 
 class TokenStream:
-    """Deterministic random token rows for one rank, with a resumable position."""
+    """Deterministic random token rows for one rank, each row two documents, with a resumable position."""
 
     def __init__(self, *, seed: int, rank: int, rows: int):
         self.seed, self.rank, self.rows, self.position = seed, rank, rows, 0
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 10_007 + self.position)
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        from hataori.train.data import Batch
+
+        rng = np.random.default_rng([self.seed, self.rank, self.position])
         self.position += 1
-        tokens = torch.randint(0, VOCAB, (self.rows, SEQ_LEN + 1), generator=gen)
-        return tokens[:, :-1], tokens[:, 1:]
+        tokens = rng.integers(0, VOCAB, (self.rows, SEQ_LEN + 1))
+        second_doc = rng.integers(1, SEQ_LEN, (self.rows, 1))  # where each row's second document starts
+        index = np.arange(SEQ_LEN)
+        positions = np.where(index < second_doc, index, index - second_doc).astype(np.int32)
+        return Batch(inputs=tokens[:, :-1], targets=tokens[:, 1:], positions=positions,
+                     sources=np.zeros((self.rows, SEQ_LEN), np.uint8))
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "rank": self.rank, "position": self.position}
@@ -175,9 +196,11 @@ def build_engine(stage: int, *, micro_batch: int, global_batch_tokens: int, tota
 
 
 def worker_train(args) -> None:
-    """Train with checkpoints, resuming from the latest complete one; log each step's loss."""
+    """Train with checkpoints through the Trainer, resuming from the latest complete checkpoint; rank 0
+    logs each step's loss and a draw from each random generator (which a resume must restore)."""
     from hataori.train.checkpoint import CheckpointConfig, Checkpointer
     from hataori.train.run import record_run
+    from hataori.train.trainer import Trainer, TrainerConfig
     from hataori.train.zero import init_distributed
 
     env = init_distributed()
@@ -189,31 +212,24 @@ def worker_train(args) -> None:
     checkpointer = Checkpointer(CheckpointConfig(every_steps=args.save_every, keep_last=args.keep_last),
                                 run_dir / "checkpoints", engine)
     if args.kill_in_save_at is not None:
-        _die_after_deepspeed_save(engine, run_dir / "checkpoints", args.kill_in_save_at)
-
+        _die_after_deepspeed_save(engine, args.kill_in_save_at)
     data = TokenStream(seed=7, rank=env.rank, rows=engine.train_micro_batch_size_per_gpu())
-    start = 0
-    resumed = checkpointer.resume()
-    if resumed is not None:
-        data.load_state_dict(resumed.loader_state)
-        start = resumed.step
-    for step in range(start + 1, args.steps + 1):
-        began = time.perf_counter()
-        losses = []
-        for _ in range(engine.gradient_accumulation_steps()):
-            inputs, targets = data.next()
-            loss = engine(inputs, targets=targets)
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-        with open(run_dir / f"losses_rank{env.rank}.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "loss": sum(losses) / len(losses),
-                                "seconds": time.perf_counter() - began}) + "\n")
-        if checkpointer.due(step, last=step == args.steps):
-            checkpointer.save(step, loader_state=data.state_dict())
+
+    def record(metrics) -> None:
+        draws = [random.random(), float(np.random.rand()), torch.rand(1).item()]
+        if env.is_main:
+            with open(run_dir / "steps.jsonl", "a") as f:
+                f.write(json.dumps({"step": metrics.step, "loss": metrics.loss, "rng": draws, "lr": metrics.lr,
+                                    "tokens_seen": metrics.tokens_seen, "seconds": metrics.seconds}) + "\n")
+        if metrics.step == args.stop_at and env.rank == env.world_size - 1:
+            trainer.request_stop()  # on the last rank only: the request must reach the others
+
+    trainer = Trainer(TrainerConfig(max_steps=args.steps), engine=engine, loader=data, checkpointer=checkpointer,
+                      hooks=[record])
+    trainer.fit()
 
 
-def _die_after_deepspeed_save(engine, folder: Path, step: int) -> None:
+def _die_after_deepspeed_save(engine, step: int) -> None:
     """SIGKILL this process once DeepSpeed has written its part of checkpoint ``step``."""
     save = engine.save_checkpoint
 
@@ -243,7 +259,8 @@ def worker_accum(args) -> None:
             data = TokenStream(seed=11, rank=env.rank, rows=rows)
             grads = []
             for _ in range(steps):
-                inputs, targets = data.next()
+                batch = next(data)
+                inputs, targets = torch.from_numpy(batch.inputs), torch.from_numpy(batch.targets)
                 for k in range(0, rows, micro):
                     engine.backward(engine(inputs[k:k + micro], targets=targets[k:k + micro]))
                     if k + micro == rows:  # the accumulation boundary: gradients are averaged now
@@ -271,6 +288,7 @@ def main() -> None:
     train.add_argument("--save-every", type=int, required=True)
     train.add_argument("--keep-last", type=int, default=2)
     train.add_argument("--kill-in-save-at", type=int)
+    train.add_argument("--stop-at", type=int)
     accum = sub.add_parser("accum")
     accum.add_argument("--out", required=True)
     args = parser.parse_args()
