@@ -23,10 +23,12 @@ Defaults, made for Japanese text fed to a decoder-only model:
 The alphabet is decided here, not by SentencePiece: it is the required set plus the most frequent
 characters of the sample up to ``character_coverage``. Characters outside it are cut out of the
 training sentences (the model meets them as bytes). SentencePiece's own coverage pass visits
-required characters first and stops once the coverage is reached, which drops rare required
-characters whenever the corpus is mostly covered by them (e.g. kana-and-kanji prose). Training
-therefore runs at coverage 1.0 on the filtered sentences, and every alphabet character is made
-frequent enough, with one-character sentences, to be counted before that pass stops.
+required characters first, most frequent first, and stops once the coverage is reached: when the
+required characters alone cover that much of the text (no dummy-prefix spaces, text written within
+JIS X 0208), every rarer required character is dropped, including all those the sample lacks.
+Training therefore runs at coverage 1.0 on the filtered sentences, and every alphabet character is
+made frequent enough, with one-character sentences, to be counted before that pass stops. The
+trained model is checked to hold every required character.
 """
 
 from __future__ import annotations
@@ -527,6 +529,7 @@ def parse_input(spec: str) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> TokenizerTrainConfig:
+    inputs, output = args.input, args.output
     files, overrides = [], []
     for item in args.items:
         if "=" in item:
@@ -536,10 +539,10 @@ def config_from_args(args: argparse.Namespace) -> TokenizerTrainConfig:
         else:
             raise ConfigError("", f"{item!r} is neither a config file (.yaml) nor a key=value override")
     flags = []
-    if args.input:
-        flags.append("sources=" + json.dumps([parse_input(spec) for spec in args.input]))
-    if args.output:
-        flags.append("output=" + json.dumps(args.output))
+    if inputs:
+        flags.append("sources=" + json.dumps([parse_input(spec) for spec in inputs]))
+    if output:
+        flags.append("output=" + json.dumps(output))
     return load(TokenizerTrainConfig, files, flags + overrides)
 
 
