@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Callable
 
 from hataori.errors import HataoriError
 
@@ -33,28 +34,38 @@ GROUP_HELP = {
 }
 
 
-def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    """The parser; the arguments of the subcommand named by ``argv`` are added from its module."""
+def overview_parser() -> argparse.ArgumentParser:
+    """The parser of ``hataori`` and ``hataori GROUP``: it lists commands and rejects unknown ones."""
     parser = argparse.ArgumentParser(prog="hataori", description="Pretraining framework for Japanese language models.")
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     commands: dict[str, argparse._SubParsersAction] = {}
-    for (group, command), (module_name, help_text) in COMMANDS.items():
+    for (group, command), (_, help_text) in COMMANDS.items():
         if group not in commands:
             group_parser = groups.add_parser(group, help=GROUP_HELP[group], description=GROUP_HELP[group])
             commands[group] = group_parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
-        sub = commands[group].add_parser(command, help=help_text, description=help_text)
-        if argv[:2] == [group, command]:
-            module = importlib.import_module(module_name)
-            module.add_arguments(sub)
-            sub.set_defaults(handler=module.main)
+        commands[group].add_parser(command, help=help_text, description=help_text, add_help=False)
     return parser
+
+
+def command_parser(group: str, command: str) -> tuple[argparse.ArgumentParser, Callable]:
+    """The parser of one subcommand, built from its module, and the function that runs it."""
+    module_name, help_text = COMMANDS[(group, command)]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"hataori {group} {command}", description=help_text)
+    module.add_arguments(parser)
+    return parser, module.main
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv).parse_args(argv)
+    if tuple(argv[:2]) not in COMMANDS:
+        overview_parser().parse_args(argv)  # prints usage or help and exits
+        return 2
+    parser, handler = command_parser(argv[0], argv[1])
+    # Intermixed parsing lets config files and key=value overrides stand before, between or after options.
+    args = parser.parse_intermixed_args(argv[2:])
     try:
-        status = args.handler(args)
+        status = handler(args)
     except HataoriError as err:
         print(f"hataori: error: {err}", file=sys.stderr)
         return 2

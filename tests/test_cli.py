@@ -1,0 +1,39 @@
+"""The ``hataori`` command: every subcommand is reachable and user errors exit cleanly."""
+
+from __future__ import annotations
+
+import pytest
+
+from hataori.cli import COMMANDS, GROUP_HELP, command_parser, main
+
+
+@pytest.mark.parametrize("group, command", sorted(COMMANDS))
+def test_every_subcommand_builds_its_parser(group, command):
+    parser, handler = command_parser(group, command)
+    assert callable(handler)
+    assert parser.format_help().startswith(f"usage: hataori {group} {command}")
+
+
+def test_every_group_has_help():
+    assert {group for group, _ in COMMANDS} == set(GROUP_HELP)
+
+
+def test_overview_and_unknown_commands(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert all(group in out for group in GROUP_HELP)
+    with pytest.raises(SystemExit) as exit_:
+        main(["tokenizer", "trian"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'trian'" in capsys.readouterr().err
+
+
+def test_options_and_overrides_intermix(tmp_path, capsys):
+    # A config key misspelt after an option: parsed (not "unrecognized arguments") and reported.
+    status = main(["data", "prepare", "--tokenizer", str(tmp_path), "shard_tokenz=5", "--output", str(tmp_path / "o")])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "shard_tokenz" in err and "did you mean 'shard_tokens'" in err
+    assert not (tmp_path / "o").exists()
