@@ -1,0 +1,56 @@
+"""Every YAML preset under configs/ loads and validates against its component's config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from hataori.config import load
+from hataori.model import ModelConfig
+from hataori.tokenizer.prepare import PrepareConfig
+from hataori.tokenizer.trainer import TokenizerTrainConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# configs/<folder>/ -> the config its presets build
+SCHEMAS = {
+    "model": ModelConfig,
+    "tokenizer": TokenizerTrainConfig,
+    "data": PrepareConfig,
+}
+# What a preset leaves to the command line (the user's own corpus), given here as a user would.
+COMMAND_LINE = {
+    "tokenizer": ["sources=[{path: corpus.jsonl}]"],
+}
+
+
+def presets() -> list[Path]:
+    return sorted(CONFIGS.rglob("*.yaml"))
+
+
+def bases() -> set[Path]:
+    """Files other presets derive from; these may be partial and are checked through their children."""
+    found = set()
+    for path in presets():
+        base = OmegaConf.load(path).get("base")
+        for name in [base] if isinstance(base, str) else list(base or []):
+            found.add((path.parent / name).resolve())
+    return found
+
+
+def test_every_folder_has_a_schema():
+    folders = {p.parent.relative_to(CONFIGS).parts[0] for p in presets()}
+    assert folders <= set(SCHEMAS), f"configs/ folders without a schema here: {folders - set(SCHEMAS)}"
+
+
+@pytest.mark.parametrize("path", presets(), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_preset_validates(path: Path):
+    folder = path.relative_to(CONFIGS).parts[0]
+    schema = SCHEMAS[folder]
+    if path.resolve() in bases() and path.name == "base.yaml":
+        children = [p for p in presets() if OmegaConf.load(p).get("base") == path.name]
+        assert children, f"{path} is a base that no preset derives from"
+        return
+    cfg = load(schema, [path], COMMAND_LINE.get(folder, []))
+    assert isinstance(cfg, schema)
