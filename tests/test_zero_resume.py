@@ -38,16 +38,22 @@ def model_config():
 
 
 def launch(mode_args: list[str], log_dir: Path, nproc: int = 2, timeout: float = LAUNCH_TIMEOUT_S) -> list[int]:
-    """Run this file on ``nproc`` processes of one process group; return their exit codes."""
+    """Run this file on ``nproc`` processes of one process group; return their exit codes.
+
+    Nothing may be JIT-compiled (DeepSpeed's shm op, its Adams): the processes get an empty
+    ``TORCH_EXTENSIONS_DIR`` that must stay absent.
+    """
     from hataori.train.zero import free_port
 
     port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
+    extensions = log_dir / "torch_extensions"
     procs, logs = [], []
     for rank in range(nproc):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
                "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+               "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+               "TORCH_EXTENSIONS_DIR": str(extensions)}
         log = open(log_dir / f"rank{rank}.log", "w")
         logs.append(log)
         procs.append(subprocess.Popen([sys.executable, __file__, *mode_args], env=env, stdout=log,
@@ -65,6 +71,7 @@ def launch(mode_args: list[str], log_dir: Path, nproc: int = 2, timeout: float =
             proc.wait()
         for log in logs:
             log.close()
+    assert not extensions.exists(), f"a C++ extension was compiled into {extensions}"
     return [proc.returncode for proc in procs]
 
 
@@ -125,6 +132,23 @@ def test_stop_request_on_one_rank_stops_all_with_a_checkpoint(tmp_path):
                            "--stop-at", "2"], tmp_path / "logs"), tmp_path / "logs")
     assert sorted(read_steps(run)) == [1, 2]
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["step_00000002"]
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
+def test_single_process_needs_no_launcher(tmp_path):
+    """Without torchrun's or Slurm's variables the trainer runs as a world of one."""
+    run = tmp_path / "run"
+    launcher_vars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env.update(OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(tmp_path / "torch_extensions"))
+    result = subprocess.run([sys.executable, __file__, "train", "--stage", "1", "--run-dir", str(run), "--steps", "2",
+                             "--save-every", "2"], env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(read_steps(run)) == [1, 2]
+    assert (run / "checkpoints" / "step_00000002").is_dir()
+    assert json.loads((run / "environment.json").read_text())["world_size"] == 1
+    assert json.loads((run / "deepspeed.json").read_text())["train_batch_size"] == 4  # 2 x 2 accumulated
+    assert not (tmp_path / "torch_extensions").exists()
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
