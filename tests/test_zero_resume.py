@@ -94,13 +94,14 @@ def read_steps(run_dir: Path) -> dict[int, dict]:
 
 
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S + 30)
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_resume_after_kill_mid_checkpoint_matches_uninterrupted_run(stage, tmp_path):
+@pytest.mark.parametrize("stage, offload", [(0, "none"), (1, "none"), (2, "none"), (3, "none"), (2, "cpu")],
+                         ids=["stage0", "stage1", "stage2", "stage3", "stage2-offload"])
+def test_resume_after_kill_mid_checkpoint_matches_uninterrupted_run(stage, offload, tmp_path):
     """Train 6 steps (2 micro-batches each) with a checkpoint at step 3 and get killed while saving
     step 6; a fresh process group then resumes from step 3 and must reproduce steps 4-6 exactly:
     losses, learning rates, token counts and the random generators' draws."""
     run = tmp_path / "run"
-    common = ["train", "--stage", str(stage), "--run-dir", str(run), "--steps", "6"]
+    common = ["train", "--stage", str(stage), "--offload", offload, "--run-dir", str(run), "--steps", "6"]
 
     codes = launch([*common, "--save-every", "3", "--kill-in-save-at", "6"], tmp_path / "logs-first")
     assert all(code == -signal.SIGKILL for code in codes), f"exit codes {codes}:\n{_tails(tmp_path / 'logs-first')}"
@@ -121,8 +122,9 @@ def test_resume_after_kill_mid_checkpoint_matches_uninterrupted_run(stage, tmp_p
     assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_00000005", "step_00000006"]
     for name in ("config.yaml", "environment.json", "deepspeed.json"):
         assert (run / name).is_file()
-    assert json.loads((run / "deepspeed.json").read_text())["zero_optimization"]["stage"] == stage
-    print(f"stage {stage} step seconds:", [round(reference[s]["seconds"], 3) for s in sorted(reference)])
+    zero = json.loads((run / "deepspeed.json").read_text())["zero_optimization"]
+    assert zero["stage"] == stage and ("offload_optimizer" in zero) == (offload == "cpu")
+    print(f"stage {stage} offload {offload} step seconds:", [round(reference[s]["seconds"], 3) for s in sorted(reference)])
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
@@ -204,7 +206,8 @@ class TokenStream:
         self.position = state["position"]
 
 
-def build_engine(stage: int, *, micro_batch: int, global_batch_tokens: int, total_steps: int, run_dir=None):
+def build_engine(stage: int, *, micro_batch: int, global_batch_tokens: int, total_steps: int, run_dir=None,
+                 precision: str = "fp32", offload: str = "none"):
     from hataori.train.checkpoint import seed_all
     from hataori.train.optim import OptimConfig, ScheduleConfig
     from hataori.train.zero import ZeroConfig
@@ -214,7 +217,7 @@ def build_engine(stage: int, *, micro_batch: int, global_batch_tokens: int, tota
     optim = OptimConfig(lr=1e-3, weight_decay=0.1, grad_clip=1.0)
     optimizer = optim.build(model)
     scheduler = ScheduleConfig(kind="cosine", warmup_steps=1, min_lr=1e-4).build(optimizer, total_steps=total_steps)
-    zero = ZeroConfig(stage=stage, precision="fp32", micro_batch_size=micro_batch,
+    zero = ZeroConfig(stage=stage, precision=precision, offload_optimizer=offload, micro_batch_size=micro_batch,
                       global_batch_tokens=global_batch_tokens)
     return zero.build(model, optimizer, scheduler, seq_len=SEQ_LEN, grad_clip=optim.grad_clip, run_dir=run_dir)
 
@@ -232,7 +235,7 @@ def worker_train(args) -> None:
     if env.is_main:
         record_run(run_dir, {"stage": args.stage, "steps": args.steps}, world_size=env.world_size)
     engine = build_engine(args.stage, micro_batch=2, global_batch_tokens=2 * 2 * SEQ_LEN * env.world_size,
-                          total_steps=args.steps, run_dir=run_dir)
+                          total_steps=args.steps, run_dir=run_dir, precision=args.precision, offload=args.offload)
     checkpointer = Checkpointer(CheckpointConfig(every_steps=args.save_every, keep_last=args.keep_last),
                                 run_dir / "checkpoints", engine)
     if args.kill_in_save_at is not None:
@@ -313,6 +316,8 @@ def main() -> None:
     train.add_argument("--keep-last", type=int, default=2)
     train.add_argument("--kill-in-save-at", type=int)
     train.add_argument("--stop-at", type=int)
+    train.add_argument("--precision", default="fp32")
+    train.add_argument("--offload", default="none")
     accum = sub.add_parser("accum")
     accum.add_argument("--out", required=True)
     args = parser.parse_args()
