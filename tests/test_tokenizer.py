@@ -415,3 +415,42 @@ def test_byte_fallback_stays_low_out_of_domain(debian_8k, ja_corpus, other_text)
                                    normalization_rule_name="identity", minloglevel=2, num_threads=2)
     theirs = byte_share(spm.SentencePieceProcessor(model_proto=plain.getvalue()))
     assert theirs > 3 * ours
+
+
+def test_held_out_documents_are_the_shards_validation_split(ja_docs, tmp_path):
+    """The trainer never sees the documents that ``data prepare`` (same fraction and seed) puts
+    into validation, and reports metrics on them. A character that occurs only in those documents
+    gets no piece, while a control run that holds nothing out learns it."""
+    from hataori.tokenizer.prepare import PrepareConfig, prepare
+    from hataori.tokenizer.shards import Dataset
+    from hataori.tokenizer.sources import in_validation
+
+    marker = "\U00020bb7" * 40  # 𠮷, outside JIS X 0208 and absent from the corpus
+    docs = []
+    for doc in ja_docs[:250]:
+        marked = doc + marker
+        if in_validation(marked, 0.1, 7):
+            docs.append(marked)
+        elif not in_validation(doc, 0.1, 7):
+            docs.append(doc)
+    held_out = [d for d in docs if marker in d]
+    assert 10 < len(held_out) < 80
+    corpus = write_lines(tmp_path / "corpus.jsonl", docs)
+
+    def train(out: Path, val_fraction: float) -> spm.SentencePieceProcessor:
+        assert run("tokenizer", "train", "--input", corpus, "--output", out, "vocab_size=3000", "required_chars=none",
+                   f"val_fraction={val_fraction}", "split_seed=7", "progress=false") == 0
+        return spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+
+    assert train(tmp_path / "control", 0.0).piece_to_id(marker[0]) != 0
+    held = train(tmp_path / "held", 0.1)
+    assert held.piece_to_id(marker[0]) == 0  # <unk>: never seen in training
+    summary = json.loads((tmp_path / "held" / "summary.json").read_text())
+    assert summary["validation"]["documents"] == len(held_out)
+    assert summary["validation"]["byte_fallback_rate"] > 0
+
+    prepare(PrepareConfig(sources=[SourceConfig(path=str(corpus))], tokenizer=str(tmp_path / "held"),
+                          output=str(tmp_path / "ds"), val_fraction=0.1, split_seed=7, progress=False))
+    val = Dataset(tmp_path / "ds", "val")
+    decoded = [held.decode(val.doc(i)[:-1].tolist()) for i in range(len(val))]
+    assert decoded == held_out

@@ -24,14 +24,17 @@ def fingerprint_bytes(model_proto: bytes) -> str:
 class Tokenizer:
     """A loaded SentencePiece model with its fingerprint and special token ids."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, proto: bytes | None = None):
+        """Load the model at ``path`` (a folder holding tokenizer.model, or the file), or, given
+        ``proto``, the serialized model itself (``path`` then only names it)."""
         self.path = Path(path)
         if self.path.is_dir():
             self.path = self.path / "tokenizer.model"
-        try:
-            proto = self.path.read_bytes()
-        except FileNotFoundError:
-            raise InputError(self.path, "no such tokenizer model; train one with `hataori tokenizer train`") from None
+        if proto is None:
+            try:
+                proto = self.path.read_bytes()
+            except FileNotFoundError:
+                raise InputError(self.path, "no such tokenizer model; train one with `hataori tokenizer train`") from None
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(proto)

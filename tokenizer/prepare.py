@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import hashlib
 import heapq
 import itertools
 import json
@@ -52,7 +51,7 @@ from hataori.fsutil import atomic_write_text, remove_stale_temps
 from hataori.tokenizer.model import Tokenizer
 from hataori.tokenizer.shards import (FORMAT_VERSION, MANIFEST, SPLITS, Shard, ShardError, ShardWriter,
                                       choose_dtype, shard_name)
-from hataori.tokenizer.sources import ReadStats, SourceConfig, expand, iter_documents
+from hataori.tokenizer.sources import ReadStats, SourceConfig, expand, iter_documents, split_key
 
 PLAN = ".prepare-plan.json"
 SHARD_FILE = re.compile(r"^(train|val)-(\d{5})\.(bin|idx)$")
@@ -193,12 +192,6 @@ class _SplitWriter:
 # ----------------------------------------------------------------------------- reading and splitting
 
 
-def _split_key(data: bytes, key: bytes) -> int:
-    """A 64-bit hash of a document's UTF-8 text, keyed by the split seed; documents below the limit
-    go to validation."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8, key=key).digest(), "little")
-
-
 def _documents(cfg: PrepareConfig, files: list[tuple[int, Path]], stats: list[ReadStats]) -> Iterator[tuple[int, str]]:
     """``(source index, text)`` of every document of every source, in order."""
     for s, path in files:
@@ -211,9 +204,8 @@ def _val_limit(cfg: PrepareConfig, files: list[tuple[int, Path]]) -> int:
         return int(cfg.val_fraction * 2**64)
     smallest: list[int] = []  # max-heap (negated) of the val_docs smallest keys
     total = 0
-    seed = str(cfg.split_seed).encode()
     for _, text in _documents(cfg, files, [ReadStats() for _ in cfg.sources]):
-        key = _split_key(text.encode("utf-8"), seed)
+        key = split_key(text, cfg.split_seed)
         total += 1
         if len(smallest) < cfg.val_docs:
             heapq.heappush(smallest, -key)
@@ -340,10 +332,9 @@ def prepare(cfg: PrepareConfig) -> dict:
                 bar.update(total_read - read_bytes)
                 read_bytes = total_read
 
-            key = str(cfg.split_seed).encode()
             for s, text in _documents(cfg, files, stats):
                 data = text.encode("utf-8")
-                split = "val" if _split_key(data, key) < val_limit else "train"
+                split = "val" if split_key(text, cfg.split_seed) < val_limit else "train"
                 per_source[s][split] += 1
                 seen[split] += 1
                 if seen[split] > skip[split]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import io
 import json
 from dataclasses import dataclass, field
@@ -74,6 +75,22 @@ class ReadStats:
         self.skipped += other.skipped
         room = 5 - len(self.skipped_examples)
         self.skipped_examples.extend(other.skipped_examples[:room])
+
+
+def split_key(text: str, seed: int) -> int:
+    """A 64-bit hash of a document's text keyed by ``seed``: the validation split takes documents
+    whose key falls below a limit, so the split depends on the text alone, not on file order."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(digest, "little")
+
+
+def in_validation(text: str, val_fraction: float, seed: int) -> bool:
+    """Whether a document belongs to the validation split of ``val_fraction`` with ``seed``.
+
+    The tokenizer trainer and ``hataori data prepare`` both split by this, so with the same
+    fraction and seed a tokenizer never sees the documents its shards validate on.
+    """
+    return split_key(text, seed) < int(val_fraction * 2**64)
 
 
 def expand(source: SourceConfig) -> list[Path]:

@@ -50,7 +50,7 @@ from hataori.config import load, require, to_yaml
 from hataori.errors import ConfigError, HataoriError, InputError
 from hataori.fsutil import atomic_path
 from hataori.tokenizer import charsets
-from hataori.tokenizer.sources import ReadStats, SourceConfig, expand, iter_documents
+from hataori.tokenizer.sources import ReadStats, SourceConfig, expand, in_validation, iter_documents
 
 NEWLINE = "\n"
 SPACE_PIECE = "\u2581"  # SentencePiece writes a space as this
@@ -102,6 +102,14 @@ class TokenizerTrainConfig:
     """Longest training sentence (a line) in UTF-8 bytes; longer lines are cut."""
     seed: int = 0
     """Seed of the document sampler (the same seed and inputs give the same sample)."""
+    val_fraction: float = 0.005
+    """Share of documents held out (by hash of their text) and evaluated on after training. The
+    split is the one ``hataori data prepare`` makes with the same ``val_fraction`` and ``split_seed``,
+    so the tokenizer never sees the documents the shards validate on."""
+    split_seed: int = 0
+    """Key of the split hash, as in ``hataori data prepare``."""
+    max_eval_chars: int = 2_000_000
+    """Characters of held-out documents to evaluate on after training."""
     skip_bad_lines: bool = False
     """Count and skip malformed lines (bad JSON, invalid UTF-8) instead of stopping at the first."""
     num_threads: int = 2
@@ -116,6 +124,7 @@ class TokenizerTrainConfig:
         require(0 < self.character_coverage <= 1, "character_coverage",
                 f"must be in (0, 1], got {self.character_coverage}")
         require(self.max_input_chars > 0, "max_input_chars", f"must be positive, got {self.max_input_chars}")
+        require(0.0 <= self.val_fraction < 1.0, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         require(self.max_sentence_length >= 64, "max_sentence_length",
                 f"must be at least 64 bytes, got {self.max_sentence_length}")
         require(1 <= self.max_piece_length <= 64, "max_piece_length",
@@ -182,10 +191,25 @@ class Progress:
             self.bar.close()
 
 
-def _source_documents(source: SourceConfig, files: list[Path], skip_bad: bool,
-                      stats: ReadStats) -> Iterator[str]:
+def _source_documents(cfg: TokenizerTrainConfig, source: SourceConfig, files: list[Path], stats: ReadStats,
+                      held_out: bool = False) -> Iterator[str]:
+    """The training documents of a source, or with ``held_out`` its validation documents."""
     for path in files:
-        yield from iter_documents(path, source, skip_bad=skip_bad, stats=stats)
+        for doc in iter_documents(path, source, skip_bad=cfg.skip_bad_lines, stats=stats):
+            if in_validation(doc, cfg.val_fraction, cfg.split_seed) == held_out:
+                yield doc
+
+
+def held_out_documents(cfg: TokenizerTrainConfig, files: dict[str, list[Path]]) -> list[str]:
+    """Validation documents of all sources, up to ``max_eval_chars`` characters."""
+    docs, chars = [], 0
+    for source in cfg.sources:
+        for doc in _source_documents(cfg, source, files[source.name], ReadStats(), held_out=True):
+            if chars >= cfg.max_eval_chars:
+                return docs
+            docs.append(doc)
+            chars += len(doc)
+    return docs
 
 
 def count_sources(cfg: TokenizerTrainConfig) -> tuple[list[SourceSample], dict[str, list[Path]]]:
@@ -195,7 +219,7 @@ def count_sources(cfg: TokenizerTrainConfig) -> tuple[list[SourceSample], dict[s
     for source in cfg.sources:
         paths = expand(source)
         sample = SourceSample(name=source.name, weight=source.weight, files=len(paths))
-        for doc in _source_documents(source, paths, cfg.skip_bad_lines, sample.read):
+        for doc in _source_documents(cfg, source, paths, sample.read):
             sample.line_chars += len(doc) - doc.count(NEWLINE)
             progress.update(len(doc))
         if sample.line_chars == 0:
@@ -224,7 +248,7 @@ def sample_documents(cfg: TokenizerTrainConfig, samples: list[SourceSample],
         sample.rate = budget * sample.weight / weights / sample.line_chars
         whole, fraction = int(sample.rate), sample.rate - int(sample.rate)
         rng = random.Random(f"{cfg.seed}:{index}:{source.name}")
-        for doc in _source_documents(source, files[source.name], cfg.skip_bad_lines, ReadStats()):
+        for doc in _source_documents(cfg, source, files[source.name], ReadStats()):
             for part in split_sentences(doc, cfg.max_sentence_length):
                 copies = whole + (1 if rng.random() < fraction else 0)
                 for _ in range(copies):
@@ -456,6 +480,7 @@ def train(cfg: TokenizerTrainConfig) -> dict:
     proto = train_model(cfg, text)
     check_model(cfg, proto)
     sp = spm.SentencePieceProcessor(model_proto=proto)
+    validation = evaluate_held_out(cfg, proto, files)
     summary = {
         "fingerprint": fingerprint_bytes(proto),
         "vocab_size": sp.get_piece_size(),
@@ -478,12 +503,24 @@ def train(cfg: TokenizerTrainConfig) -> dict:
         "character_coverage": round(text.coverage, 6),
         "required_chars": len(cfg.required_char_set()),
         "required_chars_topped_up": text.topped_up,
+        "validation": validation,
         "seconds_reading": round(read_seconds, 2),
         "seconds_total": round(time.perf_counter() - started, 2),
         "versions": {"hataori": __version__, "sentencepiece": spm.__version__, "python": platform.python_version()},
     }
     write_output(cfg, proto, summary)
     return summary
+
+
+def evaluate_held_out(cfg: TokenizerTrainConfig, proto: bytes, files: dict[str, list[Path]]) -> dict | None:
+    """Metrics of the new model on the held-out documents (see ``hataori tokenizer eval``)."""
+    from hataori.tokenizer.evaluate import TextSet, measure
+    from hataori.tokenizer.model import Tokenizer
+
+    docs = held_out_documents(cfg, files)
+    if not docs:
+        return None
+    return measure(Tokenizer(cfg.output, proto=proto), TextSet("validation", docs)).as_dict()
 
 
 def format_summary(summary: dict, output: str) -> str:
@@ -500,9 +537,18 @@ def format_summary(summary: dict, output: str) -> str:
         f"covering {summary['character_coverage']:.4%} of the sample",
         f"  {summary['model_type']}, vocab {summary['vocab_size']:,}, normalization {summary['normalization']}",
         f"  fingerprint {summary['fingerprint']}",
+        _format_validation(summary["validation"]),
         f"  time {summary['seconds_total']:.1f} s ({summary['seconds_reading']:.1f} s reading)",
     ]
     return "\n".join(lines)
+
+
+def _format_validation(metrics: dict | None) -> str:
+    if metrics is None:
+        return "  validation: no held-out documents (val_fraction=0 or too little input)"
+    return (f"  validation ({metrics['documents']:,} held-out docs, {metrics['chars']:,} chars): "
+            f"{metrics['chars_per_token']:.3f} chars/token, byte fallback {metrics['byte_fallback_rate']:.3%}, "
+            f"unk {metrics['unk_rate']:.3%}, round trip {metrics['round_trip']:.2%}")
 
 
 # ----------------------------------------------------------------------------- command line
