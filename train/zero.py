@@ -96,7 +96,7 @@ class ZeroConfig:
         import deepspeed
 
         world_size = torch.distributed.get_world_size()
-        num_params = sum(p.numel() for p in model.parameters())
+        num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: ZeRO-3 shards
         config = deepspeed_config(self, world_size=world_size, seq_len=seq_len, grad_clip=grad_clip,
                                   num_params=num_params)
         if run_dir is not None and torch.distributed.get_rank() == 0:
@@ -179,12 +179,14 @@ def init_distributed(timeout: timedelta = timedelta(minutes=10)) -> DistEnv:
     from deepspeed.accelerator import get_accelerator
 
     rank, world_size, local_rank = _ranks_from_env()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        if world_size > 1:
-            raise RuntimeError(f"MASTER_PORT is not set for a world of {world_size} processes; launch with "
-                               "torchrun or deepspeed, or export MASTER_ADDR and MASTER_PORT")
-        os.environ["MASTER_PORT"] = str(free_port())
+    if world_size == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise RuntimeError(f"{' and '.join(missing)} not set for a world of {world_size} processes; launch with "
+                           "torchrun or deepspeed, or export MASTER_ADDR (an address every node resolves, e.g. "
+                           "the first node's IP) and MASTER_PORT")
     # DeepSpeed's helpers read these back.
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
 
