@@ -180,10 +180,14 @@ def rope_tables(head_dim: int, max_seq_len: int, base: float) -> tuple[torch.Ten
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, T, heads, Dh) by angles whose cos/sin are (B or 1, T, 1, Dh)."""
+    """Rotate x (B, T, heads, Dh) by angles whose cos/sin are (B or 1, T, 1, Dh).
+
+    The rotation runs in fp32 and the result takes x's dtype, whatever dtype the tables hold
+    (DeepSpeed casts parameters to bf16 but leaves buffers in fp32)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # (B, T, heads, Dh)
-    return x * cos + rotated * sin
+    x32 = x.float()
+    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)  # (B, T, heads, Dh)
+    return (x32 * cos.float() + rotated * sin.float()).to(x.dtype)
 
 
 class Attention(nn.Module):

@@ -227,6 +227,21 @@ def test_loss_is_fp32_under_bf16():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
+def test_bf16_parameters_with_fp32_buffers_match_the_fp32_model():
+    """DeepSpeed casts parameters to bf16 and leaves buffers (the RoPE tables) in fp32."""
+    reference = built(tiny())
+    model = built(tiny())
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    assert all(b.dtype == torch.float32 for b in model.buffers())
+    x = tokens(2, 32)
+    doc_ids = torch.tensor([[0] * 10 + [1] * 22, [0] * 32])
+    logits = model(x, doc_ids=doc_ids)
+    assert logits.dtype == torch.bfloat16
+    expected = reference(x, doc_ids=doc_ids)
+    assert (logits.float() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
 def test_sequence_longer_than_max_seq_len_is_an_error():
     with pytest.raises(ValueError, match="max_seq_len=64"):
         built(tiny())(tokens(1, 65))
