@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: set up, build the Debian Japanese corpus, train a 32k Japanese
+# tokenizer, compare it on out-of-domain text, encode token shards and measure the loader.
+# Every step reuses what an earlier run left complete; outputs go under data/ and runs/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if [ "$(id -u)" = 0 ] && ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then
+  apt-get update -qq  # the corpus builder downloads Debian packages with apt-get
+fi
+export PATH="$PWD/.venv/bin:$PATH"
+
+TOKENIZER=runs/tokenizer/ja-unigram-32k
+SHARDS=data/shards/debian-ja
+
+hataori corpus debian-ja data/debian-ja
+hataori corpus ja-news data/ja-news
+if [ ! -f "$TOKENIZER/tokenizer.model" ]; then
+  hataori tokenizer train configs/tokenizer/ja-unigram-32k.yaml --input data/debian-ja/corpus.jsonl --output "$TOKENIZER"
+fi
+hataori tokenizer eval "$TOKENIZER" --text data/ja-news/corpus.jsonl
+hataori data prepare --input data/debian-ja/corpus.jsonl --tokenizer "$TOKENIZER" --output "$SHARDS" --workers 2
+hataori data bench "$SHARDS" --seq-len 2048 --batch 8 --seconds 3
