@@ -7,6 +7,15 @@ in ``__post_init__``. A command loads its config with :func:`load`::
 
 Layers are applied in order: each YAML file (after the files named by its ``base:`` key, which
 lets a preset say only what differs from the one it derives from), then the dotlist overrides.
+A ``base:`` inside a section derives that section from another file, so a training preset can
+compose a model preset::
+
+    base: base.yaml            # the training base: these keys first
+    model:
+      base: ../model/7b.yaml   # then configs/model/7b.yaml (and its bases) as the model section
+      max_seq_len: 4096        # then this file's own keys
+
+Section bases apply after the file's own top-level bases and before the file's keys.
 Each layer is checked against the schema on its own, so an unknown key is reported with the file
 (or override) it came from and the closest valid key. Values are then type-checked while the
 dataclasses are built; ``__post_init__`` checks raise :class:`ConfigError` with the field name and
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from pathlib import Path
@@ -74,13 +84,37 @@ def _file_layers(path: Path, chain: tuple[Path, ...]) -> list[tuple[str, DictCon
         raise ConfigError("", f"{path}: not valid YAML: {err}") from None
     if node is None or isinstance(node, ListConfig) or not isinstance(node, DictConfig):
         raise ConfigError("", f"{path}: a config file must hold a mapping of keys to values")
+    layers = _base_layers(node, path, (*chain, resolved))
+    layers.extend(_section_base_layers(node, path, (*chain, resolved), ()))
+    layers.append((str(path), node))
+    return layers
+
+
+def _base_layers(node: DictConfig, path: Path, chain: tuple[Path, ...]) -> list[tuple[str, DictConfig]]:
+    """Pop ``node``'s ``base:`` key and return the layers of the files it names."""
     layers: list[tuple[str, DictConfig]] = []
     bases = node.pop(BASE_KEY, None)
     if bases is not None:
         for base in [bases] if isinstance(bases, str) else list(bases):
             base_path = (path.parent / str(base)) if not Path(str(base)).is_absolute() else Path(str(base))
-            layers.extend(_file_layers(base_path, (*chain, resolved)))
-    layers.append((str(path), node))
+            layers.extend(_file_layers(base_path, chain))
+    return layers
+
+
+def _section_base_layers(node: DictConfig, path: Path, chain: tuple[Path, ...],
+                         prefix: tuple[str, ...]) -> list[tuple[str, DictConfig]]:
+    """The layers of ``base:`` keys inside sections of ``node``, each nested under its section's key."""
+    layers: list[tuple[str, DictConfig]] = []
+    for key in list(node.keys()):
+        value = node[key]
+        if not isinstance(value, DictConfig):
+            continue
+        section = (*prefix, str(key))
+        for origin, layer in _base_layers(value, path, chain):
+            for name in reversed(section):
+                layer = OmegaConf.create({name: layer})
+            layers.append((origin, layer))
+        layers.extend(_section_base_layers(value, path, chain, section))
     return layers
 
 
@@ -225,6 +259,24 @@ def to_dict(cfg: Any) -> dict:
 def to_yaml(cfg: Any) -> str:
     """The resolved config as YAML, as recorded in run folders and outputs."""
     return OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg)))
+
+
+def split_items(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    """A command's positionals as (YAML files, ``key=value`` overrides), order kept within each."""
+    files, overrides = [], []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif item.endswith((".yaml", ".yml")):
+            files.append(item)
+        else:
+            raise ConfigError("", f"{item!r} is neither a config file (.yaml) nor a key=value override")
+    return files, overrides
+
+
+def override(key: str, value: Any) -> str:
+    """A ``key=value`` override that sets ``value`` exactly (a path or list from a command-line flag)."""
+    return f"{key}={json.dumps(value)}"
 
 
 def require(condition: bool, key: str, message: str) -> None:

@@ -45,13 +45,13 @@ from typing import Iterator, Literal
 
 import numpy as np
 
-from hataori.config import load, require, to_dict
+from hataori.config import load, override, require, split_items, to_dict
 from hataori.errors import ConfigError, HataoriError
 from hataori.fsutil import atomic_write_text, remove_stale_temps
 from hataori.tokenizer.model import Tokenizer
 from hataori.tokenizer.shards import (FORMAT_VERSION, MANIFEST, SPLITS, Shard, ShardError, ShardWriter,
                                       choose_dtype, shard_name)
-from hataori.tokenizer.sources import ReadStats, SourceConfig, expand, iter_documents, split_key
+from hataori.tokenizer.sources import ReadStats, SourceConfig, expand, iter_documents, parse_source, split_key
 
 PLAN = ".prepare-plan.json"
 SHARD_FILE = re.compile(r"^(train|val)-(\d{5})\.(bin|idx)$")
@@ -479,17 +479,6 @@ def report(manifest: dict) -> str:
 # ----------------------------------------------------------------------------- command line
 
 
-def parse_input(item: str) -> dict:
-    """``PATH`` or ``PATH:WEIGHT`` as a source mapping."""
-    path, sep, weight = item.rpartition(":")
-    if sep and path:
-        try:
-            return {"path": path, "weight": float(weight)}
-        except ValueError:
-            pass
-    return {"path": item}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="*", metavar="CONFIG|key=value",
                         help="YAML presets (applied in order), then overrides such as shard_tokens=50000000")
@@ -501,15 +490,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> PrepareConfig:
-    files = [c for c in args.config if "=" not in c]
-    overrides = [c for c in args.config if "=" in c]
-    if args.input:
-        overrides.append("sources=" + json.dumps([parse_input(i) for i in args.input]))
+    files, overrides = split_items(args.config)
+    flags = [override("sources", [parse_source(i) for i in args.input])] if args.input else []
     for key in ("tokenizer", "output", "workers"):
         value = getattr(args, key)
         if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
-    return load(PrepareConfig, files, overrides)
+            flags.append(override(key, value))
+    return load(PrepareConfig, files, flags + overrides)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -46,11 +46,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
-from hataori.config import load, require, to_yaml
-from hataori.errors import ConfigError, HataoriError, InputError
+from hataori.config import load, override, require, split_items, to_yaml
+from hataori.errors import HataoriError, InputError
 from hataori.fsutil import atomic_path
 from hataori.tokenizer import charsets
-from hataori.tokenizer.sources import ReadStats, SourceConfig, expand, in_validation, iter_documents
+from hataori.tokenizer.sources import (ReadStats, SourceConfig, expand, in_validation, iter_documents,
+                                       parse_source)
 
 NEWLINE = "\n"
 SPACE_PIECE = "\u2581"  # SentencePiece writes a space as this
@@ -563,32 +564,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="DIR", help="folder to write (same as output=DIR)")
 
 
-def parse_input(spec: str) -> dict:
-    """``PATH[:WEIGHT]`` as a source mapping; a colon not followed by a number belongs to the path."""
-    path, sep, weight = spec.rpartition(":")
-    if sep:
-        try:
-            return {"path": path, "weight": float(weight)}
-        except ValueError:
-            pass
-    return {"path": spec}
-
-
 def config_from_args(args: argparse.Namespace) -> TokenizerTrainConfig:
-    inputs, output = args.input, args.output
-    files, overrides = [], []
-    for item in args.items:
-        if "=" in item:
-            overrides.append(item)
-        elif item.endswith((".yaml", ".yml")):
-            files.append(item)
-        else:
-            raise ConfigError("", f"{item!r} is neither a config file (.yaml) nor a key=value override")
+    files, overrides = split_items(args.items)
     flags = []
-    if inputs:
-        flags.append("sources=" + json.dumps([parse_input(spec) for spec in inputs]))
-    if output:
-        flags.append("output=" + json.dumps(output))
+    if args.input:
+        flags.append(override("sources", [parse_source(spec) for spec in args.input]))
+    if args.output:
+        flags.append(override("output", args.output))
     return load(TokenizerTrainConfig, files, flags + overrides)
 
 

@@ -384,9 +384,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hataori.tokenizer.prepare import parse_input
+    from hataori.tokenizer.sources import parse_source
 
-    specs = [DatasetSpec(**parse_input(item)) for item in args.datasets]
+    specs = [DatasetSpec(**parse_source(item)) for item in args.datasets]
     cfg = DataConfig(datasets=specs, seq_len=args.seq_len, seed=args.seed, split=args.split)
     loader = cfg.build(args.batch, rank=0, world_size=args.world_size)
     next(loader)  # map the first pages and draw the first permutations
