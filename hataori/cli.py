@@ -1,7 +1,8 @@
 """The ``hataori`` command: one console script with subcommands.
 
 Each subcommand lives in the module that implements it; the module provides ``add_arguments(parser)``
-and ``main(args)``. Only the chosen subcommand's module is imported, and modules keep heavy imports
+and ``main(args)``. Commands are ``hataori GROUP COMMAND``, or ``hataori GROUP`` for a group that
+is one command (its key in :data:`COMMANDS` is ``(group, None)``). Only the chosen subcommand's module is imported, and modules keep heavy imports
 (torch, deepspeed) inside their functions, so ``hataori --help`` stays fast.
 """
 
@@ -14,8 +15,8 @@ from typing import Callable
 
 from hataori.errors import HataoriError
 
-# (group, command) -> (module implementing it, one-line help)
-COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
+# (group, command) -> (module implementing it, one-line help); command None: the group is the command
+COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
     ("corpus", "debian-ja"): ("hataori.tokenizer.debian_ja",
                               "build a Japanese corpus from Debian's Japanese documentation packages"),
     ("corpus", "ja-news"): ("hataori.tokenizer.ja_news",
@@ -25,12 +26,18 @@ COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("data", "prepare"): ("hataori.tokenizer.prepare", "encode corpora into memory-mapped token shards"),
     ("data", "inspect"): ("hataori.tokenizer.shards", "describe a prepared dataset or shard"),
     ("data", "bench"): ("hataori.train.data", "measure the blending, packing loader's tokens/s"),
+    ("pretrain", None): ("hataori.train.pretrain", "pretrain a model from a preset on one or N processes"),
+    ("plan", None): ("hataori.train.plan", "estimate per-GPU memory of a training run under each ZeRO setup"),
+    ("generate", None): ("hataori.train.generate", "continue a prompt with a trained checkpoint"),
 }
 
 GROUP_HELP = {
     "corpus": "build a corpus (the Debian Japanese documentation corpus for demos and tests)",
     "tokenizer": "train and evaluate SentencePiece tokenizers for Japanese",
     "data": "encode corpora into token shards and read them back",
+    "pretrain": "pretrain a model from a preset on one or N processes",
+    "plan": "estimate per-GPU memory of a training run under each ZeRO setup",
+    "generate": "continue a prompt with a trained checkpoint",
 }
 
 
@@ -40,6 +47,9 @@ def overview_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     commands: dict[str, argparse._SubParsersAction] = {}
     for (group, command), (_, help_text) in COMMANDS.items():
+        if command is None:
+            groups.add_parser(group, help=GROUP_HELP[group], description=GROUP_HELP[group], add_help=False)
+            continue
         if group not in commands:
             group_parser = groups.add_parser(group, help=GROUP_HELP[group], description=GROUP_HELP[group])
             commands[group] = group_parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
@@ -47,23 +57,28 @@ def overview_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def command_parser(group: str, command: str) -> tuple[argparse.ArgumentParser, Callable]:
+def command_parser(group: str, command: str | None) -> tuple[argparse.ArgumentParser, Callable]:
     """The parser of one subcommand, built from its module, and the function that runs it."""
     module_name, help_text = COMMANDS[(group, command)]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"hataori {group} {command}", description=help_text)
+    prog = f"hataori {group}" if command is None else f"hataori {group} {command}"
+    parser = argparse.ArgumentParser(prog=prog, description=help_text)
     module.add_arguments(parser)
     return parser, module.main
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if tuple(argv[:2]) not in COMMANDS:
+    if argv and (argv[0], None) in COMMANDS:
+        key, rest = (argv[0], None), argv[1:]
+    elif tuple(argv[:2]) in COMMANDS:
+        key, rest = (argv[0], argv[1]), argv[2:]
+    else:
         overview_parser().parse_args(argv)  # prints usage or help and exits
         return 2
-    parser, handler = command_parser(argv[0], argv[1])
+    parser, handler = command_parser(*key)
     # Intermixed parsing lets config files and key=value overrides stand before, between or after options.
-    args = parser.parse_intermixed_args(argv[2:])
+    args = parser.parse_intermixed_args(rest)
     try:
         status = handler(args)
     except HataoriError as err:

@@ -7,11 +7,24 @@ import pytest
 from hataori.cli import COMMANDS, GROUP_HELP, command_parser, main
 
 
-@pytest.mark.parametrize("group, command", sorted(COMMANDS))
+@pytest.mark.parametrize("group, command", sorted(COMMANDS, key=lambda key: (key[0], key[1] or "")))
 def test_every_subcommand_builds_its_parser(group, command):
     parser, handler = command_parser(group, command)
     assert callable(handler)
-    assert parser.format_help().startswith(f"usage: hataori {group} {command}")
+    usage = f"usage: hataori {group}" if command is None else f"usage: hataori {group} {command}"
+    assert parser.format_help().startswith(usage)
+
+
+def test_a_group_that_is_one_command(capsys):
+    single = [group for group, command in COMMANDS if command is None]
+    assert single, "no single-command group to test"
+    with pytest.raises(SystemExit) as exit_:
+        main([single[0], "--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: hataori {single[0]} ")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert single[0] in capsys.readouterr().out
 
 
 def test_every_group_has_help():

@@ -11,6 +11,7 @@ from hataori.config import load
 from hataori.model import ModelConfig
 from hataori.tokenizer.prepare import PrepareConfig
 from hataori.tokenizer.trainer import TokenizerTrainConfig
+from hataori.train.config import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # configs/<folder>/ -> the config its presets build
@@ -18,10 +19,12 @@ SCHEMAS = {
     "model": ModelConfig,
     "tokenizer": TokenizerTrainConfig,
     "data": PrepareConfig,
+    "train": TrainConfig,
 }
 # What a preset leaves to the command line (the user's own corpus), given here as a user would.
 COMMAND_LINE = {
     "tokenizer": ["sources=[{path: corpus.jsonl}]"],
+    "train": ["data.datasets=[{path: data/shards/debian-ja}]", "run_dir=runs/preset"],
 }
 
 

@@ -15,7 +15,8 @@ One optimizer step is ``engine.gradient_accumulation_steps()`` micro-batches, ea
 ``engine.backward`` and ``engine.step`` (DeepSpeed updates, and steps the LR scheduler, on the
 last). After each optimizer step the hooks receive a :class:`StepMetrics` (logging, TensorBoard and
 validation plug in there), and a checkpoint is saved when due. ``fit`` resumes from the latest
-complete checkpoint first when the checkpoint config asks for it.
+complete checkpoint first when the checkpoint config asks for it, then calls the start hooks with
+the step it starts from (0 for a fresh run). ``launch_steps`` ends a launch early, with a checkpoint.
 
 :meth:`Trainer.request_stop` (e.g. from a signal handler) ends training after the current step
 with a checkpoint; the request is shared between ranks at each step, so it may reach any of them.
@@ -41,9 +42,13 @@ class TrainerConfig:
 
     max_steps: int
     """Optimizer steps of the whole run (the LR schedule's length)."""
+    launch_steps: int = 0
+    """Stop this launch after this many optimizer steps, with a checkpoint; the next launch resumes.
+    For jobs shorter than the run. 0: train up to max_steps."""
 
     def __post_init__(self) -> None:
         require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        require(self.launch_steps >= 0, "launch_steps", f"must be >= 0 (0: no limit), got {self.launch_steps}")
 
 
 @dataclass(slots=True)
@@ -76,18 +81,20 @@ class BatchLike(Protocol):
 
 
 Hook = Callable[[StepMetrics], None]
+StartHook = Callable[[int], None]
 
 
 class Trainer:
     """Runs optimizer steps until ``max_steps``, saving checkpoints as configured."""
 
     def __init__(self, cfg: TrainerConfig, *, engine: Any, loader: Iterator[BatchLike], checkpointer: Checkpointer,
-                 hooks: list[Hook] | tuple[Hook, ...] = ()):
+                 hooks: list[Hook] | tuple[Hook, ...] = (), start_hooks: list[StartHook] | tuple[StartHook, ...] = ()):
         self.cfg = cfg
         self.engine = engine
         self.loader = loader
         self.checkpointer = checkpointer
         self.hooks = list(hooks)
+        self.start_hooks = list(start_hooks)
         self.device = engine.device
         self.step = 0
         self.tokens_seen = 0
@@ -97,11 +104,14 @@ class Trainer:
         """Train (resuming first if configured) and return the number of completed steps."""
         if self.checkpointer.cfg.resume:
             self.resume()
+        for start_hook in self.start_hooks:
+            start_hook(self.step)
+        launched_at = self.step
         while self.step < self.cfg.max_steps:
             metrics = self.train_step()
             for hook in self.hooks:
                 hook(metrics)
-            stop = self._stop_agreed()
+            stop = self._stop_agreed() or self.step - launched_at == self.cfg.launch_steps
             if self.checkpointer.due(self.step, last=stop or self.step == self.cfg.max_steps):
                 self.save()
             if stop:

@@ -1,0 +1,109 @@
+"""The config of ``hataori pretrain``: one dataclass composing every component's config.
+
+Presets live in ``configs/train/``: ``base.yaml`` holds the choices shared by every run, and each
+size derives from it and takes its model section from ``configs/model/`` with a section base::
+
+    base: base.yaml
+    model:
+      base: ../model/7b.yaml
+
+What a preset cannot know (the dataset folders, the run folder) comes from the command line:
+``data.datasets=[{path: data/shards/debian-ja}] run_dir=runs/7b``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hataori.config import require
+from hataori.model import ModelConfig
+from hataori.train.checkpoint import CheckpointConfig
+from hataori.train.data import DataConfig
+from hataori.train.optim import OptimConfig, ScheduleConfig
+from hataori.train.trainer import TrainerConfig
+from hataori.train.zero import ZeroConfig
+
+
+@dataclass(kw_only=True, slots=True)
+class ValidationConfig:
+    """Loss and bits per character on the validation split, over whole documents."""
+
+    every_steps: int = 1000
+    """Validate after every this many optimizer steps; also before the first step and after the last.
+    0: only before the first and after the last."""
+    max_docs: int = 0
+    """Validate on at most this many documents (the first of each dataset's validation split); 0: all."""
+    max_tokens: int = 0
+    """Stop adding validation documents once they hold this many tokens; 0: no limit."""
+    batch_size: int = 4
+    """Sequences per forward pass on each process."""
+
+    def __post_init__(self) -> None:
+        for key in ("every_steps", "max_docs", "max_tokens"):
+            value = getattr(self, key)
+            require(value >= 0, key, f"must be >= 0 (0: no limit), got {value}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+    def due(self, step: int, *, last: bool) -> bool:
+        """Whether to validate after ``step`` optimizer steps (step 0: before training)."""
+        return step == 0 or last or (self.every_steps > 0 and step % self.every_steps == 0)
+
+
+@dataclass(kw_only=True, slots=True)
+class LoggingConfig:
+    """Console lines and TensorBoard scalars (written by rank 0)."""
+
+    every_steps: int = 10
+    """Log the training scalars, averaged over the steps since the last log, every this many steps."""
+    tensorboard_dir: str = "tensorboard"
+    """TensorBoard event folder, relative to run_dir (or absolute); empty: no TensorBoard."""
+
+    def __post_init__(self) -> None:
+        require(self.every_steps >= 1, "every_steps", f"must be >= 1, got {self.every_steps}")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """Everything ``hataori pretrain`` builds, and where the run lives."""
+
+    run_dir: str
+    """Folder of the run: config, environment, DeepSpeed JSON, checkpoints, logs. A run restarted with
+    the same folder resumes from its latest complete checkpoint."""
+    seed: int = 0
+    """Seeds the model's initialisation and torch's generators (the data order has data.seed)."""
+    tokenizer: str = ""
+    """The tokenizer folder or .model file; empty: the one recorded in the first dataset's manifest.
+    Its fingerprint must match the datasets'."""
+    model: ModelConfig
+    """The transformer; model.vocab_size must equal the tokenizer's vocabulary."""
+    data: DataConfig
+    """The training blend; validation reads the same datasets' validation split."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and gradient clipping."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule over trainer.max_steps."""
+    zero: ZeroConfig
+    """ZeRO stage, precision, offload and batch shape (global batch in tokens)."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint cadence and resume."""
+    trainer: TrainerConfig
+    """How long to train."""
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    """Validation cadence and size."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Console and TensorBoard logging."""
+
+    def __post_init__(self) -> None:
+        require(bool(self.run_dir), "run_dir", "no run folder; pass run_dir=runs/NAME")
+        require(self.seed >= 0, "seed", f"must be non-negative, got {self.seed}")
+        require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
+                f"{self.data.seq_len} tokens exceed model.max_seq_len={self.model.max_seq_len}; "
+                "lower data.seq_len or raise model.max_seq_len")
+        require(self.data.split == "train", "data.split",
+                f"pretraining reads the train split (validation reads val on its own); got {self.data.split!r}")
+        unit = self.zero.micro_batch_size * self.data.seq_len
+        require(self.zero.global_batch_tokens % unit == 0, "zero.global_batch_tokens",
+                f"{self.zero.global_batch_tokens} tokens is not a whole number of micro-batches of "
+                f"zero.micro_batch_size * data.seq_len = {self.zero.micro_batch_size} * {self.data.seq_len} = "
+                f"{unit} tokens; use a multiple of {unit} times the number of processes")
+        self.schedule.check(peak_lr=self.optim.lr, total_steps=self.trainer.max_steps)

@@ -1,0 +1,186 @@
+"""``hataori pretrain``: train a model from a preset on one process or N processes of one machine.
+
+    hataori pretrain CONFIG.yaml [CONFIG.yaml ...] [key=value ...] [--nproc N]
+
+    hataori pretrain configs/train/toy.yaml data.datasets=[{path:data/shards/debian-ja}] \\
+        run_dir=runs/toy --nproc 2
+
+Presets (``configs/train/``) and overrides build a :class:`~hataori.train.config.TrainConfig`.
+
+Processes. Without ``--nproc`` (or with 1) the command trains in its own process. With
+``--nproc N`` it checks the config, the datasets and the batch arithmetic for N processes, then
+replaces itself with torch's elastic launcher::
+
+    python -m torch.distributed.run --standalone --nproc-per-node N -m hataori.cli pretrain ARGS...
+
+which starts N copies of the command on this machine with ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set (and ``OMP_NUM_THREADS=1`` unless set).
+A process that finds those variables (or Slurm's) joins the group as its rank instead of
+launching: so ``torchrun ... -m hataori.cli pretrain ...`` and ``srun`` work too. Each process
+uses the GPU of its local rank with NCCL, or the CPU with gloo. If a process dies, the launcher
+stops the others and exits with an error; the next launch resumes from the latest complete
+checkpoint, losing only the steps after it.
+
+A run (``run_dir``) holds ``config.yaml``, ``environment.json`` and ``deepspeed.json`` (written
+before step 0), ``metrics.jsonl``, ``tensorboard/`` and ``checkpoints/``. Launched again with the
+same folder, it resumes from its latest complete checkpoint, loader position included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from hataori.config import load
+from hataori.errors import ConfigError, InputError
+from hataori.train.config import TrainConfig
+
+LAUNCHER_VARS = ("WORLD_SIZE", "SLURM_NTASKS")
+"""Set by a launcher: the process is one rank of a group and must not launch others."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="+", metavar="CONFIG|key=value",
+                        help="YAML presets (applied in order), then overrides such as trainer.max_steps=100")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes on this machine (one per GPU, or CPU processes); >1 relaunches "
+                             "through torch.distributed.run")
+
+
+def main(args: argparse.Namespace) -> int:
+    files = [item for item in args.config if "=" not in item]
+    overrides = [item for item in args.config if "=" in item]
+    cfg = load(TrainConfig, files, overrides)
+    if args.nproc < 1:
+        raise ConfigError("--nproc", f"must be at least 1, got {args.nproc}")
+    if any(name in os.environ for name in LAUNCHER_VARS) or args.nproc == 1:
+        return pretrain(cfg)
+    check(cfg, world_size=args.nproc)
+    relaunch(args.nproc, args.config)
+    return 0  # not reached: relaunch replaces this process
+
+
+def check(cfg: TrainConfig, *, world_size: int) -> None:
+    """Fail early, in one process, on what would otherwise fail in every rank: the batch arithmetic
+    for ``world_size`` processes, the datasets and the tokenizer."""
+    cfg.zero.grad_accum_steps(seq_len=cfg.data.seq_len, world_size=world_size)
+    open_tokenizer(cfg)
+
+
+def relaunch(nproc: int, config_args: list[str]) -> None:
+    """Replace this process with torch's elastic launcher running ``nproc`` copies of the command."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "hataori.cli", "pretrain", *config_args]
+    print(f"launching {nproc} processes: {' '.join(command[1:])}", flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)
+
+
+def open_tokenizer(cfg: TrainConfig):
+    """The run's tokenizer (the config's, or the first dataset's), checked against every dataset and
+    against model.vocab_size."""
+    from hataori.tokenizer.model import Tokenizer
+    from hataori.tokenizer.shards import Dataset
+
+    datasets = [Dataset(spec.path, "train") for spec in cfg.data.datasets]
+    path = cfg.tokenizer or datasets[0].manifest["tokenizer"]["path"]
+    if not cfg.tokenizer and not Path(path).exists():
+        raise InputError(path, f"the tokenizer recorded in {datasets[0].path}/dataset.json is missing; "
+                         "pass tokenizer=PATH (the tokenizer the dataset was prepared with)")
+    tokenizer = Tokenizer(path)
+    for data in datasets:
+        if data.tokenizer_fingerprint != tokenizer.fingerprint:
+            raise ConfigError("tokenizer", f"{path} has fingerprint {tokenizer.fingerprint}, but {data.path} was "
+                              f"encoded with {data.tokenizer_fingerprint}; use the tokenizer the dataset was "
+                              "prepared with")
+    if cfg.model.vocab_size != tokenizer.vocab_size:
+        raise ConfigError("model.vocab_size", f"is {cfg.model.vocab_size}, but the tokenizer {path} has "
+                          f"{tokenizer.vocab_size} pieces; set model.vocab_size={tokenizer.vocab_size}")
+    return tokenizer
+
+
+def pretrain(cfg: TrainConfig) -> int:
+    """Build every part from ``cfg`` and train; the same on every rank."""
+    import torch
+
+    from hataori.train.checkpoint import Checkpointer, seed_all
+    from hataori.train.metrics import MetricsLogger, peak_flops
+    from hataori.train.run import record_run
+    from hataori.train.trainer import Trainer
+    from hataori.train.validate import Validator
+    from hataori.train.zero import init_distributed
+
+    tokenizer = open_tokenizer(cfg)
+    env = init_distributed()
+    cfg.zero.grad_accum_steps(seq_len=cfg.data.seq_len, world_size=env.world_size)
+    run_dir = Path(cfg.run_dir)
+    if env.is_main:
+        record_run(run_dir, cfg, world_size=env.world_size)
+    seed_all(cfg.seed)
+
+    model = cfg.model.build()
+    optimizer = cfg.optim.build(model)
+    scheduler = cfg.schedule.build(optimizer, total_steps=cfg.trainer.max_steps)
+    engine = cfg.zero.build(model, optimizer, scheduler, seq_len=cfg.data.seq_len, grad_clip=cfg.optim.grad_clip,
+                            run_dir=run_dir)
+    loader = cfg.data.build(engine.train_micro_batch_size_per_gpu(), env.rank, env.world_size, tokenizer.fingerprint)
+    validator = Validator.build(cfg.validation, [spec.path for spec in cfg.data.datasets], tokenizer,
+                                seq_len=cfg.data.seq_len, run_dir=run_dir, rank=env.rank, world_size=env.world_size)
+    device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else None
+    peak = peak_flops(device_name, cfg.zero.precision)
+    logger = MetricsLogger(cfg.logging, run_dir, is_main=env.is_main, max_steps=cfg.trainer.max_steps,
+                           flops_per_token=cfg.model.flops_per_token(cfg.data.seq_len),
+                           peak_flops_total=None if peak is None else peak * env.world_size)
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir / "checkpoints", engine)
+
+    def validate(step: int) -> None:
+        logger.validation(step, validator.evaluate(engine, env.device))
+
+    def start(step: int) -> None:
+        logger.start(step)
+        if env.is_main:
+            print(f"{cfg.model.num_params():,} parameters, {env.world_size} process(es) on {env.device.type}, "
+                  f"{cfg.zero.precision}, ZeRO stage {cfg.zero.stage}, {cfg.zero.global_batch_tokens:,} tokens "
+                  f"per step ({engine.gradient_accumulation_steps()} accumulation steps); "
+                  f"{'starting' if step == 0 else f'resuming after step {step}'} in {run_dir}", flush=True)
+        if step == 0:
+            validate(0)
+
+    def after_step(metrics) -> None:
+        logger.step(metrics)
+        if cfg.validation.due(metrics.step, last=metrics.step == cfg.trainer.max_steps):
+            validate(metrics.step)
+
+    trainer = Trainer(cfg.trainer, engine=engine, loader=loader, checkpointer=checkpointer, hooks=[after_step],
+                      start_hooks=[start])
+    try:
+        trainer.fit()
+    finally:
+        logger.close()
+    if env.is_main:
+        summarize(run_dir)
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+def summarize(run_dir: Path) -> None:
+    """Print the first and last validation of the run and its mean throughput."""
+    import json
+
+    from hataori.train.metrics import METRICS_FILE
+
+    records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines() if line]
+    vals = [r for r in records if r["kind"] == "val"]
+    steps = [r for r in records if r["kind"] == "train"]
+    if vals:
+        first, last = vals[0], vals[-1]
+        print(f"validation bits per character: {first['bpc']:.4f} at step {first['step']} -> "
+              f"{last['bpc']:.4f} at step {last['step']} (loss {first['loss']:.4f} -> {last['loss']:.4f})")
+    if steps:
+        seconds = sum(r["seconds"] for r in steps)
+        tokens = sum(r["tokens"] for r in steps)
+        print(f"trained {steps[-1]['step']} steps, {steps[-1]['tokens_seen']:,} tokens; "
+              f"{tokens / seconds:,.0f} tokens/s over the steps' wall time")
