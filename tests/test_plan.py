@@ -1,0 +1,270 @@
+"""``hataori plan``: model states against DeepSpeed's own estimators, activations against what autograd
+keeps, and the printed table and errors through the command line."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from hataori.cli import main as hataori_main
+from hataori.config import load
+from hataori.model import ModelConfig
+from hataori.train.plan import (GIB, SETUPS, Workload, activation_bytes, activation_bytes_per_token,
+                                largest_layer_params, model_states, plan, recommend)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def preset(name: str) -> ModelConfig:
+    return load(ModelConfig, [CONFIGS / "model" / f"{name}.yaml"])
+
+
+def param_counts() -> list[tuple[str, int, int]]:
+    """(name, parameters, largest layer) of the 7b and 30b presets and two made-up sizes."""
+    counts = [(name, cfg.num_params(), largest_layer_params(cfg)) for name, cfg in
+              (("7b", preset("7b")), ("30b", preset("30b")))]
+    return counts + [("1.3e9", 1_300_000_000, 100_000_000), ("175e9", 175_000_000_000, 600_000_000)]
+
+
+LAYOUTS = [(1, 1), (4, 1), (8, 1), (8, 4), (8, 16)]  # (GPUs per node, nodes)
+
+
+# ----------------------------------------------------------------------------- model states vs DeepSpeed
+
+
+@pytest.mark.parametrize("gpus_per_node, nodes", LAYOUTS)
+@pytest.mark.parametrize("name, P, largest", param_counts(), ids=lambda x: x if isinstance(x, str) else "")
+def test_zero2_matches_deepspeed_estimator(name, P, largest, gpus_per_node, nodes):
+    """DeepSpeed's ZeRO-2 formulas: GPU 2P + 18P/N without offload (16-bit params replicated; 16-bit
+    grads, fp32 grads, fp32 params and Adam's m, v partitioned) and 2P with offload; CPU with its 1.5 buffer
+    factor: 4 bytes a parameter per process (the model as loaded), or max(4N, 16) bytes with offload."""
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    N = gpus_per_node * nodes
+    for offload in (False, True):
+        cpu, gpu = estimate_zero2_model_states_mem_needs(P, num_gpus_per_node=gpus_per_node, num_nodes=nodes,
+                                                         cpu_offload=offload)
+        ours = model_states(P, stage=2, num_gpus=N, gpus_per_node=gpus_per_node,
+                            offload="optimizer" if offload else "none")
+        assert ours.gpu == pytest.approx(gpu, abs=1), f"offload={offload}"
+        if offload and nodes > 1:
+            # DeepSpeed takes 4 bytes per parameter for every GPU of every node here (max(4 * total_gpus, 16))
+            # although each node only loads its own processes' copies; this plan counts per node.
+            assert ours.cpu * 1.5 <= cpu
+        else:
+            assert ours.cpu * 1.5 == pytest.approx(cpu, abs=1), f"offload={offload}"
+
+
+@pytest.mark.parametrize("gpus_per_node, nodes", LAYOUTS)
+@pytest.mark.parametrize("name, P, largest", param_counts(), ids=lambda x: x if isinstance(x, str) else "")
+def test_zero3_matches_deepspeed_estimator(name, P, largest, gpus_per_node, nodes):
+    """DeepSpeed's ZeRO-3 formulas: 4 x largest layer + 18P/N, + 2P/N with optimizer offload, alone with
+    parameter offload too. Without offload its 18 bytes are 2 fewer than its ZeRO-2 count of the same
+    partitioned states (2 + 2 + 4 + 4 + 8: 16-bit params and grads, fp32 grads and params, m and v); this
+    plan counts all 20, so it is 2P/N above DeepSpeed there. CPU: without zero.Init (as hataori builds models) max(4 per process, offloaded
+    states per node) x 1.5; with zero.Init only the offloaded states, 16 or 18 bytes a parameter per node."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    N = gpus_per_node * nodes
+    for offload, opt, params in (("none", False, False), ("optimizer", True, False),
+                                 ("optimizer+params", True, True)):
+        ours = model_states(P, stage=3, num_gpus=N, gpus_per_node=gpus_per_node, offload=offload,
+                            largest_layer_params=largest)
+        for zero_init in (False, True):
+            cpu, gpu, largest_memory = estimate_zero3_model_states_mem_needs(
+                P, largest, num_gpus_per_node=gpus_per_node, num_nodes=nodes, cpu_offload=opt,
+                cpu_offload_params=params, zero_init=zero_init)
+            above = 2 * P / N if offload == "none" else 0
+            assert ours.gpu - above == pytest.approx(gpu, abs=1), offload
+            assert ours.gathered == largest_memory
+            if not zero_init:
+                assert ours.cpu * 1.5 == pytest.approx(cpu, rel=1e-12), offload
+            elif opt:
+                assert ours.cpu_states * 1.5 == pytest.approx(cpu, rel=1e-12), offload
+
+
+def _printed_rows(fn, **kwargs) -> list[tuple[float, float, str]]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        fn(**kwargs)
+    rows = re.findall(r"^\s*([\d.]+)GB \|\s*([\d.]+)GB \| (.*)$", out.getvalue(), re.MULTILINE)
+    return [(float(cpu), float(gpu), options.strip()) for cpu, gpu, options in rows]
+
+
+@pytest.mark.parametrize("name", ["7b", "30b"])
+@pytest.mark.parametrize("gpus_per_node, nodes", [(1, 1), (8, 1), (8, 8)])
+def test_all_cold_printouts_agree(name, gpus_per_node, nodes):
+    """The tables the ``*_all_cold`` estimators print (GiB, 2 decimals) for the presets' parameter counts."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_cold
+
+    cfg = preset(name)
+    P, largest, N = cfg.num_params(), largest_layer_params(cfg), gpus_per_node * nodes
+    rows = _printed_rows(estimate_zero2_model_states_mem_needs_all_cold, total_params=P,
+                         num_gpus_per_node=gpus_per_node, num_nodes=nodes)
+    # (DeepSpeed formats the device as "cpu" or "OffloadDeviceEnum.cpu" depending on the Python version.)
+    assert [options.endswith("=none") for *_, options in rows] == [False, True]
+    for (_, gpu, options) in rows:
+        ours = model_states(P, stage=2, num_gpus=N, gpus_per_node=gpus_per_node,
+                            offload="none" if options.endswith("=none") else "optimizer")
+        assert round(ours.gpu / GIB, 2) == pytest.approx(gpu, abs=0.011), options
+    rows = _printed_rows(estimate_zero3_model_states_mem_needs_all_cold, total_params=P,
+                         largest_layer_params=largest, num_gpus_per_node=gpus_per_node, num_nodes=nodes)
+    assert len(rows) == 6
+    for (cpu, gpu, options) in rows:
+        offload = ("none" if "offload_optimizer=none" in options else
+                   "optimizer" if "offload_param=none" in options else "optimizer+params")
+        ours = model_states(P, stage=3, num_gpus=N, gpus_per_node=gpus_per_node, offload=offload,
+                            largest_layer_params=largest)
+        above = 2 * P / N if offload == "none" else 0  # see test_zero3_matches_deepspeed_estimator
+        assert round((ours.gpu - above) / GIB, 2) == pytest.approx(gpu, abs=0.011), options
+        if "zero_init=0" in options:
+            assert round(ours.cpu * 1.5 / GIB, 2) == pytest.approx(cpu, abs=0.011), options
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_largest_layer_matches_deepspeed_count(tie):
+    from deepspeed.runtime.zero.stage3 import model_to_params
+
+    cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, ffn_hidden=96, max_seq_len=16,
+                      tie_embeddings=tie)
+    total, largest = model_to_params(cfg.build())
+    assert (total, largest) == (cfg.num_params(), largest_layer_params(cfg))
+    wide = ModelConfig(vocab_size=100, d_model=32, n_layers=1, n_heads=4, ffn_hidden=512, max_seq_len=16)
+    assert model_to_params(wide.build())[1] == largest_layer_params(wide) == 32 * 512
+
+
+def test_stage_arithmetic_closed_forms():
+    """Stages 0 and 1 (no DeepSpeed estimator) and fp32 training, by the ZeRO paper's bytes per parameter."""
+    P, N = 1_000_000, 8
+    s0 = model_states(P, stage=0, num_gpus=N, gpus_per_node=8)
+    assert (s0.params, s0.grads, s0.optimizer) == (2 * P, 2 * P, 16 * P)
+    s1 = model_states(P, stage=1, num_gpus=N, gpus_per_node=8)
+    assert (s1.params, s1.grads, s1.optimizer) == (2 * P, 2 * P, 16 * P / N)
+    s1o = model_states(P, stage=1, num_gpus=N, gpus_per_node=8, offload="optimizer")
+    assert (s1o.gpu, s1o.cpu_states) == (4 * P, 16 * P)  # the node's 8 partitions of 16 bytes
+    f0 = model_states(P, stage=0, num_gpus=N, gpus_per_node=8, precision="fp32")
+    assert f0.gpu == 16 * P
+    f3 = model_states(P, stage=3, num_gpus=N, gpus_per_node=8, precision="fp32", largest_layer_params=10)
+    assert f3.gpu == 16 * P / N + 8 * 10
+
+
+# ----------------------------------------------------------------------------- activations vs autograd
+
+
+def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward pass of one loss computation,
+    parameters and buffers excluded. Parameters are cast as DeepSpeed casts them (buffers stay fp32)."""
+    torch.manual_seed(0)
+    model = cfg.build()
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len))
+    targets = torch.randint(0, cfg.vocab_size, (batch, seq_len))
+    doc_ids = (torch.rand(batch, seq_len) < 0.1).long().cumsum(dim=1)  # (B, T), a few documents a row
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, doc_ids=doc_ids, targets=targets)
+    return sum(saved.values()) - loss.untyped_storage().nbytes()  # the scalar loss itself is not an activation
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("doc_masking", [False, True])
+def test_activation_formula_counts_what_autograd_saves(precision, dtype, qk_norm, checkpointing, doc_masking):
+    cfg = ModelConfig(vocab_size=500, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=160,
+                      max_seq_len=64, qk_norm=qk_norm, activation_checkpointing=checkpointing,
+                      doc_masking=doc_masking)
+    B, T = 2, 40
+    t = activation_bytes_per_token(cfg, seq_len=T, precision=precision)
+    if checkpointing:  # saved through the forward: each block's input; the block itself is recomputed later
+        expected = B * T * (cfg.n_layers * t["block_input"] + t["checkpoint_inputs"] + t["head"])
+    else:
+        expected = B * T * (cfg.n_layers * t["block"] + t["head"])
+    assert saved_activation_bytes(cfg, B, T, dtype) == expected
+    peak = activation_bytes(cfg, micro_batch=B, seq_len=T, precision=precision, checkpointing=checkpointing)
+    assert peak == expected + B * T * (t["loss_backward"] + (t["block"] if checkpointing else 0))
+
+
+# ----------------------------------------------------------------------------- plans and the command
+
+
+def test_recommendation_is_the_cheapest_fitting_setup():
+    work = Workload(model=preset("7b"), micro_batch=1, seq_len=4096, precision="bf16", num_gpus=8,
+                    gpu_mem_gib=80, gpus_per_node=8)
+    estimates = plan(work)
+    assert {e.setup for e in estimates} == set(SETUPS)
+    best = recommend(estimates)
+    assert best.fits and best.gpu_total <= 80 * GIB
+    assert all(e.setup.cost >= best.setup.cost for e in estimates if e.fits and e.setup.supported)
+    # ZeRO-0 replicates 16 bytes of every parameter's states: 7b cannot fit on 80 GiB that way.
+    assert not next(e for e in estimates if e.setup.stage == 0 and not e.setup.checkpointing).fits
+
+
+def run_plan(capsys, *argv: str) -> tuple[int, str, str]:
+    status = hataori_main(["plan", *argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.mark.parametrize("name", ["7b", "30b"])
+def test_cli_prints_every_setup(capsys, name):
+    status, out, _ = run_plan(capsys, str(CONFIGS / "model" / f"{name}.yaml"), "--gpus", "8", "--gpu-mem", "80")
+    assert status == 0
+    cfg = preset(name)
+    assert f"{cfg.num_params():,} parameters" in out
+    assert f"{cfg.flops_per_token(cfg.max_seq_len):.3e}" in out
+    rows = [line.split() for line in out.splitlines() if re.match(r"^[0-3]\s{2,}", line)]
+    assert [(int(r[0]), r[1], r[2]) for r in rows] == [
+        (s.stage, {"none": "-", "optimizer": "optim", "optimizer+params": "optim+param"}[s.offload],
+         "yes" if s.checkpointing else "no") for s in SETUPS]
+    assert sum("<- recommended" in line for line in out.splitlines()) == 1
+    assert "recommended: ZeRO-" in out
+
+
+def test_cli_impossible_plan_says_what_would_fit(capsys):
+    status, out, _ = run_plan(capsys, str(CONFIGS / "model" / "30b.yaml"), "--gpus", "1", "--gpu-mem", "40")
+    assert status == 0
+    assert "DOES NOT FIT" in out and "<- recommended" not in out
+    assert re.search(r"\d+ GPUs of 40 GiB: ZeRO-3", out)
+    assert "offloading the parameters too" in out
+    status, out, _ = run_plan(capsys, str(CONFIGS / "model" / "30b.yaml"), "--gpus", "8", "--micro-batch", "8")
+    assert status == 0 and "DOES NOT FIT" in out and "micro batch 1 (with more accumulation steps)" in out
+
+
+def test_cli_overrides_and_options(capsys):
+    status, out, _ = run_plan(capsys, str(CONFIGS / "model" / "7b.yaml"), "n_layers=16", "--gpus", "64",
+                              "--seq-len", "2048", "--micro-batch", "4")
+    assert status == 0
+    cfg = load(ModelConfig, [CONFIGS / "model" / "7b.yaml"], ["n_layers=16"])
+    assert f"{cfg.num_params():,} parameters" in out and "micro batch 4 x 2048" in out and "64 GPUs" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpus", "0"], "--gpus: must be a positive number of GPUs"),
+    (["--gpus", "8", "n_layer=4"], "did you mean 'n_layers'"),
+    (["--gpus", "8", "--seq-len", "100000"], "seq-len: must be between 1"),
+    (["--gpus", "8", "--gpus-per-node", "3"], "gpus-per-node: must divide"),
+])
+def test_cli_errors(capsys, argv, message):
+    status, out, err = run_plan(capsys, str(CONFIGS / "model" / "7b.yaml"), *argv)
+    assert status == 2 and message in err and not out
+
+
+def test_cli_missing_config(capsys, tmp_path):
+    status, _, err = run_plan(capsys, str(tmp_path / "nope.yaml"), "--gpus", "8")
+    assert status == 2 and "no such config" in err

@@ -1,0 +1,499 @@
+"""``hataori plan``: will a training run fit in GPU memory, and with which ZeRO settings?
+
+For a model (a model preset, or a train preset that also fixes micro batch, sequence length and
+precision) on N GPUs of M GiB, the plan prints parameters, training FLOPs per token and, per GPU,
+the memory of weights, gradients, optimizer states, communication buffers and activations for
+ZeRO stages 0-3, with and without optimizer offload to CPU and with and without activation
+checkpointing. It marks the configurations that fit and recommends the cheapest one.
+
+Model states (bytes per parameter, P parameters, N GPUs; after the ZeRO paper and DeepSpeed's
+``estimate_zero{2,3}_model_states_mem_needs``)
+
+    precision        params p  grads g  optimizer K  fp32 grad f
+    bf16 / fp16      2         2        12           4
+    fp32             4         4        8            0
+
+K is Adam's state: for mixed precision an fp32 master copy of the weights and the moments m and
+v (4 + 4 + 4), for fp32 training only m and v (the weights are the master copy). f is the fp32
+copy of the gradient partition that DeepSpeed's mixed-precision optimizer makes for the update;
+DeepSpeed's estimators count it (their "18 = 2 grads 16-bit + 4 grads 32-bit + 4 params 32-bit +
+8 optimizer states"). ZeRO partitions over the N GPUs::
+
+    stage 0:  p + g + K + f                   (plain data parallel)
+    stage 1:  p + g + (K + f) / N             (optimizer states)
+    stage 2:  p + (g + K + f) / N             (and gradients)
+    stage 3:  (p + g + K + f) / N             (and parameters)
+              + (p + g) * largest layer       (one layer gathered at a time, DeepSpeed's 4 x largest layer)
+
+DeepSpeed's ZeRO-3 estimator counts 18 bytes per parameter partitioned where its ZeRO-2 estimator
+counts the same states as 2 + 18; this plan keeps the full p + g + K + f for ZeRO-3 as well.
+
+Optimizer offload keeps the optimizer states and fp32 gradients, K + f per parameter, on the CPU,
+partitioned as above; with stages 2 and 3 the reduced gradient partition goes straight to the CPU,
+so only stage 1 still holds gradients on the GPU. Offloading the parameters too (ZeRO-3 only) moves
+the 16-bit parameter partition there as well, leaving the gathered layer. CPU memory is reported
+per node of G GPUs: the offloaded states of its G partitions, or, if larger, the model as every
+process builds it before DeepSpeed partitions it (fp32, 4 bytes per parameter per process;
+``ModelConfig.build`` builds the whole model on every rank). DeepSpeed's estimators multiply CPU
+memory by an "additional buffer factor" of 1.5; this plan does not.
+
+Communication buffers (stages 1 and 2): DeepSpeed's reduce and all-gather buckets of
+``bucket_elements`` (500M by default, capped at P) in the working precision, 2 x bucket x p bytes.
+
+Activations per micro-batch of B sequences of T tokens (bytes per token, ``a`` bytes per
+activation: 2 for bf16/fp16, 4 for fp32; D d_model, H/H_kv heads, Wq = H * head_dim,
+Wkv = H_kv * head_dim, F ffn_hidden, V vocab). What autograd keeps for the backward pass, tensor
+by tensor, for this repository's block (tests/test_plan.py counts the tensors autograd saves on a
+small model and checks this formula to the byte)::
+
+    RMSNorm (x2 per block)  4D + 4 + 2aD     fp32 copy of the input, 1/rms, normalised input, output
+    attention               a(2Wq + 2Wkv') + 4H
+                                             q, k, v after RoPE and the output, and the fp32
+                                             log-sum-exp; RoPE keeps nothing of its own
+    document mask           aT               only with the sdpa backend and doc_masking: an
+                                             additive (B, 1, T, T) mask per layer; Wkv' = Wq as
+                                             SDPA then takes key/value heads repeated to H
+    qk-norm (if on)         (4 + a)(Wq + Wkv) + 4(H + H_kv)
+                                             fp32 input, 1/rms, normalised input (RoPE keeps
+                                             nothing, so the norm's output is not kept)
+    SwiGLU                  4aF              gate, silu(gate), up, their product
+
+    per block       = 2 RMSNorm + attention (+ mask) (+ qk-norm) + SwiGLU
+    head            = RMSNorm + 4V + 16 (+ 8 Dh)
+                                             final norm, fp32 log-probabilities of the loss,
+                                             input ids and targets (int64); with document
+                                             masking the rotary cos and sin gathered per position
+    loss backward   = 8V                     the fp32 gradients of the log-probabilities and of
+                                             the logits, beside the saved log-probabilities
+
+    without checkpointing:  B T (L * block + head + loss backward)
+    with checkpointing:     B T (L * aD + block + head + loss backward (+ 8))
+                            (each block keeps its input, and the int64 doc_ids with document
+                            masking; one block is recomputed at a time)
+
+Assumptions: the attention kernel never materialises the T x T scores (flash or memory-efficient
+SDPA; the CPU flash kernel that the test measures saves the same tensors); the rotary tables stay
+fp32 buffers (DeepSpeed casts parameters, not buffers); the gradients of activations in flight
+during the backward pass are small beside the saved ones and are left to the allowance. A fixed
+allowance (``--overhead``, 3 GiB by default) covers the CUDA context, the caching allocator's
+fragmentation and kernels' workspaces.
+
+Recommendation: the cheapest configuration that fits, ranked by what it costs in speed:
+CPU offload (slowest; parameter offload worst), then activation checkpointing (one more forward
+pass per step), then ZeRO-3 (1.5x the communication of stages 0-2), then the lower stage. Memory
+in GiB (2**30 bytes); ``--gpu-mem 80`` means 80 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+from hataori.errors import ConfigError, InputError
+
+GIB = 2**30
+DEFAULT_OVERHEAD_GIB = 3.0
+DEFAULT_BUCKET_ELEMENTS = 500_000_000
+Precision = Literal["bf16", "fp16", "fp32"]
+Offload = Literal["none", "optimizer", "optimizer+params"]
+
+
+# ----------------------------------------------------------------------------- model states
+
+
+@dataclass(frozen=True, slots=True)
+class Bytes:
+    """Bytes per parameter of each model state (see the module docstring)."""
+
+    params: int
+    grads: int
+    optimizer: int
+    fp32_grads: int
+
+
+def bytes_per_param(precision: Precision) -> Bytes:
+    """p, g, K and f for mixed-precision (bf16, fp16) or fp32 AdamW."""
+    if precision == "fp32":
+        return Bytes(params=4, grads=4, optimizer=8, fp32_grads=0)
+    if precision in ("bf16", "fp16"):
+        return Bytes(params=2, grads=2, optimizer=12, fp32_grads=4)
+    raise ConfigError("precision", f"must be 'bf16', 'fp16' or 'fp32', got {precision!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStates:
+    """Model-state memory of one configuration: per GPU, and on the CPU per node."""
+
+    params: float
+    """16-bit (or fp32) weights on each GPU."""
+    grads: float
+    """Gradients in the working precision on each GPU."""
+    optimizer: float
+    """Adam states and the fp32 gradient partition on each GPU (0 when offloaded)."""
+    gathered: float
+    """ZeRO-3: the largest layer's parameters and gradients gathered in full."""
+    cpu_states: float
+    """Offloaded states of the node's GPUs on its CPU."""
+    cpu_init: float
+    """The fp32 model as every process on the node builds it before partitioning."""
+
+    @property
+    def gpu(self) -> float:
+        return self.params + self.grads + self.optimizer + self.gathered
+
+    @property
+    def cpu(self) -> float:
+        return max(self.cpu_states, self.cpu_init)
+
+
+def model_states(num_params: int, *, stage: int, num_gpus: int, gpus_per_node: int, precision: Precision = "bf16",
+                 offload: Offload = "none", largest_layer_params: int = 0) -> ModelStates:
+    """Bytes of parameters, gradients and optimizer states per GPU under ZeRO ``stage`` over ``num_gpus``."""
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError("stage", f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
+    if offload != "none" and stage == 0:
+        raise ConfigError("offload", "offload needs ZeRO stage 1, 2 or 3")
+    if offload == "optimizer+params" and stage != 3:
+        raise ConfigError("offload", "parameter offload needs ZeRO stage 3")
+    b = bytes_per_param(precision)
+    P, N = float(num_params), num_gpus
+    params = P * b.params / (N if stage == 3 else 1)
+    grads = P * b.grads / (N if stage >= 2 else 1)
+    optimizer = P * (b.optimizer + b.fp32_grads) / (N if stage >= 1 else 1)
+    gathered = float((b.params + b.grads) * largest_layer_params) if stage == 3 else 0.0
+    cpu_states = 0.0
+    if offload != "none":
+        cpu_states += optimizer
+        optimizer = 0.0
+        if stage >= 2:  # the reduced gradient partition is copied to the CPU bucket by bucket
+            grads = 0.0
+        if offload == "optimizer+params":
+            cpu_states += params
+            params = 0.0
+    return ModelStates(params=params, grads=grads, optimizer=optimizer, gathered=gathered,
+                       cpu_states=cpu_states * gpus_per_node, cpu_init=4.0 * P * gpus_per_node)
+
+
+def largest_layer_params(cfg: Any) -> int:
+    """Parameters of the model's largest single module (DeepSpeed's "largest layer"): the embedding,
+    the output matrix or the widest projection."""
+    d = cfg.d_model
+    return max(cfg.padded_vocab_size * d, cfg.ffn_hidden * d, cfg.n_heads * cfg.head_dim * d)
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def activation_bytes_per_token(cfg: Any, *, seq_len: int, precision: Precision) -> dict[str, int]:
+    """The per-token terms of the activation formula (module docstring) for ``cfg`` at ``seq_len``."""
+    a = 4 if precision == "fp32" else 2
+    D, H, H_kv, Dh, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_hidden, cfg.vocab_size
+    Wq, Wkv = H * Dh, H_kv * Dh
+    norm = 4 * D + 4 + 2 * a * D
+    mask = cfg.attention_backend == "sdpa" and cfg.doc_masking
+    kv_saved = Wq if mask else Wkv
+    block = 2 * norm + a * (2 * Wq + 2 * kv_saved) + 4 * H + 4 * a * F
+    if mask:
+        block += a * seq_len
+    if cfg.qk_norm:
+        block += (4 + a) * (Wq + Wkv) + 4 * (H + H_kv)
+    head = norm + 4 * V + 16 + (8 * Dh if cfg.doc_masking else 0)
+    return {"block": block, "block_input": a * D, "head": head, "loss_backward": 8 * V,
+            "checkpoint_inputs": 8 if cfg.doc_masking else 0}
+
+
+def activation_bytes(cfg: Any, *, micro_batch: int, seq_len: int, precision: Precision, checkpointing: bool) -> float:
+    """Peak activation memory of one micro-batch of ``micro_batch`` x ``seq_len`` tokens (bytes)."""
+    t = activation_bytes_per_token(cfg, seq_len=seq_len, precision=precision)
+    if checkpointing:
+        layers = cfg.n_layers * t["block_input"] + t["checkpoint_inputs"] + t["block"]
+    else:
+        layers = cfg.n_layers * t["block"]
+    return float(micro_batch * seq_len * (layers + t["head"] + t["loss_backward"]))
+
+
+# ----------------------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """One row of the plan: a ZeRO stage, what is offloaded, activation checkpointing."""
+
+    stage: int
+    offload: Offload
+    checkpointing: bool
+
+    @property
+    def supported(self) -> bool:
+        """Whether ZeroConfig can express it (it offloads optimizer states, not parameters)."""
+        return self.offload != "optimizer+params"
+
+    @property
+    def cost(self) -> tuple:
+        """Sort key: lower is faster (see the module docstring)."""
+        return (("none", "optimizer", "optimizer+params").index(self.offload), self.checkpointing,
+                self.stage == 3, self.stage)
+
+    def describe(self) -> str:
+        offload = {"none": "no offload", "optimizer": "optimizer offload",
+                   "optimizer+params": "optimizer and parameter offload"}[self.offload]
+        return f"ZeRO-{self.stage}, {offload}, {'with' if self.checkpointing else 'no'} activation checkpointing"
+
+
+SETUPS = tuple(Setup(stage, offload, ckpt)
+               for stage, offload in [(0, "none"), (1, "none"), (1, "optimizer"), (2, "none"), (2, "optimizer"),
+                                      (3, "none"), (3, "optimizer"), (3, "optimizer+params")]
+               for ckpt in (False, True))
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """What is trained and on what: the model, the batch shape and the machines."""
+
+    model: Any
+    """A ModelConfig."""
+    micro_batch: int
+    seq_len: int
+    precision: Precision
+    num_gpus: int
+    gpu_mem_gib: float
+    gpus_per_node: int
+    overhead_gib: float = DEFAULT_OVERHEAD_GIB
+    bucket_elements: int = DEFAULT_BUCKET_ELEMENTS
+    cpu_mem_gib: float | None = None
+    """Host memory per node; None: not checked."""
+
+    def __post_init__(self) -> None:
+        if self.num_gpus < 1:
+            raise ConfigError("gpus", f"must be a positive number of GPUs, got {self.num_gpus}")
+        if self.gpus_per_node < 1 or self.gpus_per_node > self.num_gpus or self.num_gpus % self.gpus_per_node:
+            raise ConfigError("gpus-per-node", f"must divide the number of GPUs ({self.num_gpus}), "
+                              f"got {self.gpus_per_node}")
+        if not self.gpu_mem_gib > 0:
+            raise ConfigError("gpu-mem", f"must be a positive number of GiB, got {self.gpu_mem_gib}")
+        if self.micro_batch < 1:
+            raise ConfigError("micro-batch", f"must be >= 1, got {self.micro_batch}")
+        if not 1 <= self.seq_len <= self.model.max_seq_len:
+            raise ConfigError("seq-len", f"must be between 1 and the model's max_seq_len={self.model.max_seq_len}, "
+                              f"got {self.seq_len}")
+        if self.overhead_gib < 0:
+            raise ConfigError("overhead", f"must be >= 0 GiB, got {self.overhead_gib}")
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """The memory of one setup for one workload, in bytes."""
+
+    setup: Setup
+    states: ModelStates
+    buffers: float
+    activations: float
+    overhead: float
+    gpu_mem: float
+    cpu_mem: float | None
+
+    @property
+    def gpu_total(self) -> float:
+        return self.states.gpu + self.buffers + self.activations + self.overhead
+
+    @property
+    def fits(self) -> bool:
+        return self.gpu_total <= self.gpu_mem and (self.cpu_mem is None or self.states.cpu <= self.cpu_mem)
+
+
+def estimate(work: Workload, setup: Setup) -> Estimate:
+    cfg = work.model
+    num_params = cfg.num_params()
+    states = model_states(num_params, stage=setup.stage, num_gpus=work.num_gpus, gpus_per_node=work.gpus_per_node,
+                          precision=work.precision, offload=setup.offload,
+                          largest_layer_params=largest_layer_params(cfg))
+    bucket = min(work.bucket_elements, num_params)
+    buffers = 2.0 * bucket * bytes_per_param(work.precision).params if setup.stage in (1, 2) else 0.0
+    activations = activation_bytes(cfg, micro_batch=work.micro_batch, seq_len=work.seq_len,
+                                   precision=work.precision, checkpointing=setup.checkpointing)
+    return Estimate(setup=setup, states=states, buffers=buffers, activations=activations,
+                    overhead=work.overhead_gib * GIB, gpu_mem=work.gpu_mem_gib * GIB,
+                    cpu_mem=None if work.cpu_mem_gib is None else work.cpu_mem_gib * GIB)
+
+
+def plan(work: Workload) -> list[Estimate]:
+    """Every setup's estimate, in table order."""
+    return [estimate(work, setup) for setup in SETUPS]
+
+
+def recommend(estimates: Iterable[Estimate]) -> Estimate | None:
+    """The cheapest supported setup that fits, or None."""
+    fitting = [e for e in estimates if e.fits and e.setup.supported]
+    return min(fitting, key=lambda e: e.setup.cost) if fitting else None
+
+
+def what_would_fit(work: Workload, estimates: list[Estimate]) -> list[str]:
+    """Changes that would make a plan with no fitting setup fit, each as a sentence."""
+    hints = []
+    for gpus in (2**k for k in range(1, 17)):
+        if gpus <= work.num_gpus:
+            continue
+        bigger = dataclasses.replace(work, num_gpus=gpus, gpus_per_node=min(gpus, max(work.gpus_per_node, 8)))
+        best = recommend(plan(bigger))
+        if best is not None:
+            hints.append(f"{gpus} GPUs of {work.gpu_mem_gib:g} GiB: {best.setup.describe()} needs "
+                         f"{best.gpu_total / GIB:.1f} GiB per GPU")
+            break
+    else:
+        floor = min(e.activations + e.states.gathered + e.overhead for e in estimates)
+        hints.append(f"no number of GPUs is enough at this micro batch and sequence length: activations, the "
+                     f"gathered layer and the allowance alone need {floor / GIB:.1f} GiB per GPU")
+    if work.micro_batch > 1:
+        one = recommend(plan(dataclasses.replace(work, micro_batch=1)))
+        if one is not None:
+            hints.append(f"micro batch 1 (with more accumulation steps): {one.setup.describe()} needs "
+                         f"{one.gpu_total / GIB:.1f} GiB per GPU")
+    params = [e for e in estimates if e.fits and not e.setup.supported]
+    if params:
+        hints.append(f"offloading the parameters too (DeepSpeed's offload_param, not in ZeroConfig): "
+                     f"{params[0].setup.describe()} needs {params[0].gpu_total / GIB:.1f} GiB per GPU")
+    seq = work.seq_len // 2
+    while seq >= 128:
+        shorter = recommend(plan(dataclasses.replace(work, seq_len=seq)))
+        if shorter is not None:
+            hints.append(f"sequences of {seq} tokens: {shorter.setup.describe()} needs "
+                         f"{shorter.gpu_total / GIB:.1f} GiB per GPU")
+            break
+        seq //= 2
+    return hints
+
+
+# ----------------------------------------------------------------------------- report
+
+
+COLUMNS = ("ZeRO", "offload", "ckpt", "params", "grads", "optim", "buffers", "activ", "other", "GPU total",
+           "CPU/node", "fits")
+
+
+def format_report(work: Workload, estimates: list[Estimate], *, source: str = "") -> str:
+    cfg = work.model
+    n = cfg.num_params()
+    tokens = work.micro_batch * work.seq_len
+    lines = [
+        f"model: {source or 'model'}: {n:,} parameters ({n / 1e9:.2f} B), largest layer "
+        f"{largest_layer_params(cfg):,}",
+        f"compute: {cfg.flops_per_token(work.seq_len):.3e} training FLOPs per token at seq_len {work.seq_len} "
+        f"(6N + attention; activation checkpointing adds a forward pass, about a third more)",
+        f"run: micro batch {work.micro_batch} x {work.seq_len} = {tokens:,} tokens per GPU, {work.precision}, "
+        f"{work.num_gpus} GPU{'s' if work.num_gpus > 1 else ''} of {work.gpu_mem_gib:g} GiB "
+        f"({work.gpus_per_node} per node), allowance {work.overhead_gib:g} GiB per GPU",
+        "memory in GiB per GPU (CPU per node); * fits",
+        "",
+    ]
+    rows = [COLUMNS]
+    best = recommend(estimates)
+    for e in estimates:
+        s = e.states
+        offload = {"none": "-", "optimizer": "optim", "optimizer+params": "optim+param"}[e.setup.offload]
+        mark = ("*" if e.fits else "") + ("  <- recommended" if e is best else "")
+        if e.fits and not e.setup.supported:
+            mark += "  (offload_param: not in ZeroConfig)"
+        rows.append((str(e.setup.stage), offload, "yes" if e.setup.checkpointing else "no",
+                     *(f"{x / GIB:.1f}" for x in (s.params, s.grads, s.optimizer + s.gathered, e.buffers,
+                                                  e.activations, e.overhead, e.gpu_total, s.cpu)), mark))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS) - 1)]
+    for r in rows:
+        lines.append("  ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     + "  " + r[-1])
+    lines.append("")
+    lines.append("optim: Adam states and fp32 gradients (ZeRO-3: + the gathered largest layer); buffers: ZeRO-1/2 "
+                 "reduce and all-gather buckets; other: the fixed allowance")
+    if best is not None:
+        lines.append(f"recommended: {best.setup.describe()}: {best.gpu_total / GIB:.1f} of {work.gpu_mem_gib:g} GiB "
+                     f"per GPU" + (f", {best.states.cpu_states / GIB:.1f} GiB of offloaded states per node"
+                                   if best.states.cpu_states else ""))
+    else:
+        need = min((e for e in estimates if e.setup.supported), key=lambda e: e.gpu_total)
+        lines.append(f"DOES NOT FIT: no configuration that ZeroConfig can run fits in {work.num_gpus} x "
+                     f"{work.gpu_mem_gib:g} GiB; the smallest, {need.setup.describe()}, needs "
+                     f"{need.gpu_total / GIB:.1f} GiB per GPU. It would fit with:")
+        lines.extend(f"  - {hint}" for hint in what_would_fit(work, estimates))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- `hataori plan`
+
+
+def load_workload(config: str, overrides: list[str], args: argparse.Namespace) -> Workload:
+    """A Workload from a model preset or a train preset, with the command line's options."""
+    from hataori.config import load
+    from hataori.model import ModelConfig
+
+    path = Path(config)
+    if not path.is_file():
+        raise InputError(path, "no such config; pass a model preset (configs/model/*.yaml) or a train preset")
+    micro_batch, seq_len, precision = 1, None, "bf16"
+    bucket = DEFAULT_BUCKET_ELEMENTS
+    if _is_train_preset(path):
+        from hataori.train.config import TrainConfig
+
+        # The plan reads no data and writes no run: placeholders for what a preset leaves to the command line.
+        placeholders = ["run_dir=unused-by-plan", "data.datasets=[{path: unused-by-plan}]"]
+        cfg = load(TrainConfig, [path], [*placeholders, *overrides])
+        model, zero, seq_len = cfg.model, cfg.zero, cfg.data.seq_len
+        micro_batch, precision, bucket = zero.micro_batch_size, zero.precision, zero.bucket_elements
+    else:
+        model = load(ModelConfig, [path], overrides)
+    if args.micro_batch is not None:
+        micro_batch = args.micro_batch
+    if args.precision is not None:
+        precision = args.precision
+    seq_len = args.seq_len or seq_len or model.max_seq_len
+    gpus_per_node = args.gpus_per_node or (min(args.gpus, 8) if args.gpus >= 1 else 1)
+    return Workload(model=model, micro_batch=micro_batch, seq_len=seq_len, precision=precision,
+                    num_gpus=args.gpus, gpu_mem_gib=args.gpu_mem, gpus_per_node=gpus_per_node,
+                    overhead_gib=args.overhead, bucket_elements=bucket, cpu_mem_gib=args.cpu_mem)
+
+
+def _is_train_preset(path: Path) -> bool:
+    """A train preset has a ``model`` mapping (itself or through its ``base:`` chain)."""
+    from omegaconf import OmegaConf
+
+    seen: set[Path] = set()
+    todo = [path]
+    while todo:
+        current = todo.pop()
+        if current.resolve() in seen or not current.is_file():
+            continue
+        seen.add(current.resolve())
+        node = OmegaConf.load(current)
+        if not hasattr(node, "keys"):
+            return False
+        if "model" in node or "zero" in node:
+            return True
+        base = node.get("base")
+        todo.extend(current.parent / str(b) for b in ([base] if isinstance(base, str) else list(base or [])))
+    return False
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", metavar="CONFIG", help="a model preset (configs/model/*.yaml) or a train preset")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. n_layers=40")
+    parser.add_argument("--gpus", type=int, required=True, help="number of GPUs (data-parallel ranks)")
+    parser.add_argument("--gpu-mem", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    parser.add_argument("--gpus-per-node", type=int, help="GPUs per node, for CPU memory (default min(gpus, 8))")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the train preset's, "
+                                                    "else the model's max_seq_len)")
+    parser.add_argument("--micro-batch", type=int, help="sequences per GPU per forward pass (default: the train "
+                                                        "preset's, else 1)")
+    parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: the train preset's, else bf16")
+    parser.add_argument("--overhead", type=float, default=DEFAULT_OVERHEAD_GIB,
+                        help="fixed GiB per GPU for the CUDA context and fragmentation (default 3)")
+    parser.add_argument("--cpu-mem", type=float, help="host memory per node in GiB; checked when given")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.gpus < 1:
+        raise ConfigError("--gpus", f"must be a positive number of GPUs, got {args.gpus}")
+    work = load_workload(args.config, args.overrides, args)
+    print(format_report(work, plan(work), source=args.config))
+    return 0
+
