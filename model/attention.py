@@ -17,11 +17,14 @@ with :func:`doc_ids_from_cu_seqlens` (and back with :func:`cu_seqlens_from_doc_i
 Backends register themselves in :data:`BACKENDS` with a function of the signature above and an
 ``unavailable()`` check that returns why the backend cannot run here (or None). Choosing a backend
 that cannot run is an error; there is no silent fallback. ``sdpa`` (torch's
-``scaled_dot_product_attention``) is the reference every other backend is tested against.
+``scaled_dot_product_attention``) is the reference every other backend is tested against;
+``triton`` is hataori.kernels.attention (CUDA, or CPU under ``TRITON_INTERPRET=1`` for tests).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
@@ -158,3 +161,32 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
 
 register_backend("sdpa", sdpa_attention)
+
+
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                     doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """hataori.kernels.attention's FlashAttention-2 style kernel; documents become its varlen layout."""
+    from hataori.kernels.attention import flash_attention
+
+    if doc_ids is None:
+        return flash_attention(q, k, v)
+    B, T, H, Dh = q.shape
+    out = flash_attention(q.reshape(B * T, H, Dh), k.reshape(B * T, -1, Dh), v.reshape(B * T, -1, Dh),
+                          cu_seqlens=cu_seqlens_from_doc_ids(doc_ids), max_seqlen=T)  # (B * T, H, Dh)
+    return out.view(B, T, H, Dh)
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_unavailable() -> str | None:
+    if not _triton_installed():
+        return "triton is not installed (pip install triton)"
+    from hataori.kernels.attention import unavailable_reason
+
+    return unavailable_reason()
+
+
+register_backend("triton", triton_attention, _triton_unavailable)

@@ -1,0 +1,266 @@
+"""The Triton attention kernel against plain-PyTorch attention, forward and backward.
+
+Tolerance (flash-attention's rule): the kernel's largest error against a high-precision reference
+(fp64 for fp32 inputs, fp32 otherwise) is at most twice that of the same computation done by
+PyTorch in the kernel's dtype, plus a small absolute slack, for the output and for dQ, dK, dV.
+
+Without a GPU the kernels run on CPU through Triton's interpreter: TRITON_INTERPRET=1 is set only
+while hataori.kernels.attention is imported (Triton picks the interpreter when it decorates the
+kernels), then restored, so other tests and their subprocesses see the environment unchanged.
+Shapes are small because the interpreter is slow. On a GPU the same tests run in bf16 too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hataori.model import ModelConfig
+from hataori.model.attention import attention, cu_seqlens_from_doc_ids
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+
+@contextlib.contextmanager
+def interpreter_env():
+    """TRITON_INTERPRET=1 inside (on CPU), the environment as it was outside."""
+    if ON_GPU:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+def _import_kernels():
+    """hataori.kernels.attention built for this machine: compiled on a GPU, interpreted on CPU.
+
+    Triton decides when a function is decorated, its own library included, so on CPU triton
+    itself must first be imported with TRITON_INTERPRET=1."""
+    if not ON_GPU and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("triton was imported without TRITON_INTERPRET=1 before this test module; "
+                           "run the kernel tests with TRITON_INTERPRET=1 set")
+    with interpreter_env():
+        pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+        module = importlib.import_module("hataori.kernels.attention")
+    assert ON_GPU or module.INTERPRET, "hataori.kernels.attention was imported without TRITON_INTERPRET=1"
+    return module
+
+
+kernels = _import_kernels()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpret_while_testing():
+    """Triton reads TRITON_INTERPRET lazily on first launches too; set for this module's tests only."""
+    with interpreter_env():
+        yield
+
+BF16_ON_CPU = ("Triton's interpreter mishandles bf16 (tl.dot on bf16 operands gives garbage, "
+               "fp32->bf16 casts truncate): bf16 is tested on a GPU")
+DTYPES = [torch.float32, torch.float16,
+          pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not ON_GPU, reason=BF16_ON_CPU))]
+
+SLACK = {torch.float32: 1e-6, torch.float16: 1e-5, torch.bfloat16: 1e-4}
+"""Absolute slack on top of twice PyTorch's error, a few ulps of values near 1. It matters where
+PyTorch's error is exactly 0: a one-token document has dQ = dK = 0, which PyTorch's softmax backward
+gets exactly while the kernel's ``p * (dp - delta)`` leaves rounding."""
+
+
+def reference_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float32 else torch.float32
+
+
+def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (x.double() - ref.double()).abs().max().item()
+
+
+def random_inputs(tokens_shape: tuple[int, ...], n_heads: int, n_kv_heads: int, head_dim: int,
+                  dtype: torch.dtype, seed: int = 0, strided: bool = False):
+    """q, k, v with the heads axis second to last; ``strided``: views of (heads, tokens, Dh) tensors."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(heads):
+        if strided:  # (heads, *tokens, Dh) transposed: tokens not the outer stride
+            x = torch.randn(heads, *tokens_shape, head_dim, generator=gen).movedim(0, -2)
+        else:
+            x = torch.randn(*tokens_shape, heads, head_dim, generator=gen)
+        return x.to(DEVICE, dtype)
+
+    return make(n_heads), make(n_kv_heads), make(n_kv_heads)
+
+
+def check_against_reference(q, k, v, cu_seqlens=None, causal=True, softmax_scale=None, seed=1):
+    """Run the kernel, PyTorch in the same dtype and the high-precision reference, forward and
+    backward, and assert the rule of the module docstring for out, dq, dk, dv."""
+    dtype = q.dtype
+    gen = torch.Generator().manual_seed(seed)
+    dout = torch.randn(q.shape, generator=gen).to(DEVICE, dtype)
+    kwargs = dict(cu_seqlens=cu_seqlens, causal=causal, softmax_scale=softmax_scale)
+
+    def run(fn, inputs, **extra):
+        leaves = [x.detach().clone().requires_grad_() for x in inputs]
+        out = fn(*leaves, **kwargs, **extra)
+        out.backward(dout.to(out.dtype))
+        return [out.detach()] + [x.grad for x in leaves]
+
+    ours = run(kernels.flash_attention, (q, k, v))
+    same_dtype = run(kernels.attention_ref, (q, k, v), upcast=False)
+    ref = run(kernels.attention_ref, [x.to(reference_dtype(dtype)) for x in (q, k, v)])
+    for name, mine, torch_same, exact in zip(("out", "dq", "dk", "dv"), ours, same_dtype, ref):
+        assert mine.dtype == dtype and mine.shape == exact.shape
+        ours_err, torch_err = max_err(mine, exact), max_err(torch_same, exact)
+        assert ours_err <= 2 * torch_err + SLACK[dtype], (
+            f"{name}: kernel error {ours_err:.3g} exceeds twice PyTorch's {torch_err:.3g} in {dtype}")
+
+
+# (batch, seq_len, n_heads, n_kv_heads, head_dim): lengths off the 16/32 blocks, GQA ratios 1-8
+PADDED_CASES = {
+    "T1-gqa2": (2, 1, 2, 1, 16),
+    "T17-gqa4": (2, 17, 4, 1, 32),
+    "T63-mha-d64": (1, 63, 2, 2, 64),
+    "T100-gqa8": (1, 100, 8, 1, 16),
+    "T40-d128": (1, 40, 2, 1, 128),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", PADDED_CASES.values(), ids=PADDED_CASES.keys())
+def test_padded_batch_matches_reference(case, dtype):
+    batch, seq_len, n_heads, n_kv_heads, head_dim = case
+    q, k, v = random_inputs((batch, seq_len), n_heads, n_kv_heads, head_dim, dtype)
+    check_against_reference(q, k, v)
+
+
+# document lengths of a packed batch: documents of length 1 at the start, middle and end, an empty one
+PACKED_CASES = {
+    "docs-gqa2-d32": ([1, 37, 1, 0, 20, 33, 1], 4, 2, 32),
+    "docs-gqa8-d16": ([5, 1, 50, 1], 8, 1, 16),
+}
+
+
+def cu_seqlens_of(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *lengths], device=DEVICE).cumsum(0).to(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", PACKED_CASES.values(), ids=PACKED_CASES.keys())
+def test_packed_documents_match_reference(case, dtype):
+    lengths, n_heads, n_kv_heads, head_dim = case
+    q, k, v = random_inputs((sum(lengths),), n_heads, n_kv_heads, head_dim, dtype, strided=True)
+    assert q.stride(0) == head_dim  # tokens are not the outer stride: the kernel follows strides
+    check_against_reference(q, k, v, cu_seqlens=cu_seqlens_of(lengths))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_causal_with_scale_matches_reference(dtype):
+    q, k, v = random_inputs((45,), 4, 2, 32, dtype)
+    check_against_reference(q, k, v, cu_seqlens=cu_seqlens_of([19, 1, 25]), causal=False, softmax_scale=0.3)
+
+
+def test_packed_documents_equal_separate_runs():
+    """A packed batch gives each document what it gets alone: nothing crosses a boundary."""
+    lengths = [3, 1, 40, 1]
+    q, k, v = random_inputs((sum(lengths),), 4, 2, 16, torch.float32, seed=3)
+    packed = kernels.flash_attention(q, k, v, cu_seqlens=cu_seqlens_of(lengths))
+    for doc, piece in zip(torch.split(torch.arange(sum(lengths)), lengths), packed.split(lengths)):
+        alone = kernels.flash_attention(q[doc][None], k[doc][None], v[doc][None])[0]
+        torch.testing.assert_close(piece, alone, rtol=0, atol=0)
+
+
+def test_log_sum_exp_matches_reference():
+    lengths = [30, 1, 17]
+    q, k, v = random_inputs((sum(lengths),), 4, 1, 32, torch.float32, seed=4)
+    cu_seqlens = cu_seqlens_of(lengths)
+    _, lse = kernels.flash_attention_forward(q, k, v, cu_seqlens)  # (H, total)
+    token = torch.arange(sum(lengths), device=DEVICE)
+    doc = torch.searchsorted(cu_seqlens[1:].long(), token, right=True)
+    allowed = (doc[:, None] == doc[None, :]) & (token[None, :] <= token[:, None])  # (total, total)
+    k_full = k.double().repeat_interleave(4, dim=1)  # (total, H, Dh)
+    scores = torch.einsum("thd,shd->hts", q.double(), k_full) / 32 ** 0.5  # (H, total, total)
+    expected = scores.masked_fill(~allowed, float("-inf")).logsumexp(dim=-1)  # (H, total)
+    torch.testing.assert_close(lse.double(), expected, rtol=0, atol=2e-6)
+
+
+def test_rejects_bad_inputs():
+    q, k, v = random_inputs((2, 8), 4, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="multiple of the number of key/value heads"):
+        kernels.flash_attention(q, k[:, :, :1].expand(-1, -1, 3, -1), v[:, :, :1].expand(-1, -1, 3, -1))
+    with pytest.raises(ValueError, match="head_dim 24 is not supported"):
+        kernels.flash_attention(*random_inputs((2, 8), 4, 2, 24, torch.float32))
+    with pytest.raises(TypeError, match="share one dtype"):
+        kernels.flash_attention(q, k.half(), v)
+    with pytest.raises(TypeError, match="share one dtype"):
+        kernels.flash_attention(q.double(), k.double(), v.double())
+    with pytest.raises(ValueError, match="same B and T"):
+        kernels.flash_attention(q, k[:, :5], v[:, :5])
+    flat = [x.flatten(0, 1) for x in (q, k, v)]  # (16, heads, 16)
+    with pytest.raises(ValueError, match="int32"):
+        kernels.flash_attention(*flat, cu_seqlens=torch.tensor([0, 16], device=DEVICE))
+    with pytest.raises(ValueError, match="rise from 0 to total_tokens=16"):
+        kernels.flash_attention(*flat, cu_seqlens=cu_seqlens_of([4, 8]))
+    with pytest.raises(ValueError, match="rise from 0 to total_tokens=16"):
+        kernels.flash_attention(*flat, cu_seqlens=torch.tensor([0, 10, 6, 16], dtype=torch.int32,
+                                                               device=DEVICE))
+
+
+# ----------------------------------------------------------------------------- through the model
+
+
+def test_triton_backend_matches_sdpa_with_documents():
+    doc_ids = torch.tensor([[0] * 20 + [1] + [2] * 27, [3] * 47 + [4]], device=DEVICE)  # (2, 48)
+    q, k, v = random_inputs((2, 48), 4, 2, 16, torch.float32, seed=5)
+    torch.testing.assert_close(attention(q, k, v, doc_ids=doc_ids, backend="triton"),
+                               attention(q, k, v, doc_ids=doc_ids, backend="sdpa"), rtol=1e-5, atol=1e-6)
+
+    cfg = ModelConfig(vocab_size=1000, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    ids = torch.randint(0, 1000, (2, 49), generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    results = []
+    for backend in ("sdpa", "triton"):
+        torch.manual_seed(0)
+        model = dataclasses.replace(cfg, attention_backend=backend).build().to(DEVICE)
+        loss = model(ids[:, :-1], doc_ids=doc_ids, targets=ids[:, 1:])
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad for name, p in model.named_parameters()}))
+    (sdpa_loss, sdpa_grads), (triton_loss, triton_grads) = results
+    torch.testing.assert_close(triton_loss, sdpa_loss, rtol=1e-6, atol=1e-6)
+    assert triton_grads.keys() == sdpa_grads.keys()
+    for name, grad in triton_grads.items():
+        torch.testing.assert_close(grad, sdpa_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert cu_seqlens_from_doc_ids(doc_ids).tolist() == [0, 20, 21, 48, 95, 96]
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU-only error")
+def test_backend_without_gpu_or_interpreter_is_an_error():
+    code = ("from hataori.errors import ConfigError\n"
+            "from hataori.model import ModelConfig\n"
+            "from hataori.model.attention import BACKENDS\n"
+            "print(BACKENDS['triton'].unavailable())\n"
+            "try:\n"
+            "    ModelConfig(vocab_size=10, d_model=32, n_layers=1, n_heads=2, max_seq_len=8,\n"
+            "                attention_backend='triton').build()\n"
+            "except ConfigError as err:\n"
+            "    print('ConfigError:', err)\n")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            timeout=120, check=True)
+    reason, error = result.stdout.splitlines()
+    assert "needs a CUDA device" in reason and "TRITON_INTERPRET=1" in reason
+    assert error.startswith("ConfigError:") and "'triton' cannot run here" in error
+
+
+def test_benchmark_needs_a_gpu(capsys):
+    if ON_GPU:
+        pytest.skip("the benchmark itself runs on a GPU; this checks its CPU exit")
+    from hataori.kernels import bench_attention
+
+    assert bench_attention.main([]) == 0
+    assert "needs a CUDA GPU" in capsys.readouterr().out
