@@ -46,3 +46,19 @@ def ja_tokenizer(ja_corpus: Path, tmp_path_factory) -> Path:
                          "--output", str(out), "vocab_size=4000", "max_input_chars=1000000",
                          "required_chars=kana", "progress=false"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def ja_shards(ja_corpus: Path, ja_tokenizer: Path, tmp_path_factory) -> Path:
+    """A prepared dataset (dataset.json, train and val shards) of every 12th corpus document (about
+    480), encoded with ``ja_tokenizer``; 12 documents in the validation split."""
+    import itertools
+
+    folder = tmp_path_factory.mktemp("shards")
+    sample = folder / "sample.jsonl"
+    with open(ja_corpus / "corpus.jsonl", encoding="utf-8") as src, open(sample, "w", encoding="utf-8") as dst:
+        dst.writelines(itertools.islice(src, 0, None, 12))
+    out = folder / "debian-ja"
+    assert hataori_main(["data", "prepare", "--input", str(sample), "--tokenizer", str(ja_tokenizer),
+                         "--output", str(out), "val_docs=12", "progress=false"]) == 0
+    return out

@@ -1,11 +1,13 @@
 """``hataori pretrain``: train a model from a preset on one process or N processes of one machine.
 
-    hataori pretrain CONFIG.yaml [CONFIG.yaml ...] [key=value ...] [--nproc N]
+    hataori pretrain CONFIG.yaml [CONFIG.yaml ...] [key=value ...] [--data DATASET[:WEIGHT] ...]
+        [--run-dir DIR] [--nproc N]
 
-    hataori pretrain configs/train/toy.yaml data.datasets=[{path:data/shards/debian-ja}] \\
-        run_dir=runs/toy --nproc 2
+    hataori pretrain configs/train/toy.yaml --data data/shards/debian-ja --run-dir runs/toy --nproc 2
 
-Presets (``configs/train/``) and overrides build a :class:`~hataori.train.config.TrainConfig`.
+Presets (``configs/train/``) and overrides build a :class:`~hataori.train.config.TrainConfig`;
+``--data`` (repeatable; replaces ``data.datasets``) and ``--run-dir`` are overrides of
+``data.datasets`` and ``run_dir`` that need no YAML quoting.
 
 Processes. Without ``--nproc`` (or with 1) the command trains in its own process. With
 ``--nproc N`` it checks the config, the datasets and the batch arithmetic for N processes, then
@@ -33,7 +35,7 @@ import os
 import sys
 from pathlib import Path
 
-from hataori.config import load
+from hataori.config import load, override, split_items
 from hataori.errors import ConfigError, InputError
 from hataori.train.config import TrainConfig
 
@@ -44,21 +46,28 @@ LAUNCHER_VARS = ("WORLD_SIZE", "SLURM_NTASKS")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="+", metavar="CONFIG|key=value",
                         help="YAML presets (applied in order), then overrides such as trainer.max_steps=100")
+    parser.add_argument("--data", action="append", default=[], metavar="DATASET[:WEIGHT]",
+                        help="a dataset folder from `hataori data prepare` (repeatable); replaces data.datasets")
+    parser.add_argument("--run-dir", help="the run folder (run_dir); an existing run resumes")
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes on this machine (one per GPU, or CPU processes); >1 relaunches "
                              "through torch.distributed.run")
 
 
 def main(args: argparse.Namespace) -> int:
-    files = [item for item in args.config if "=" not in item]
-    overrides = [item for item in args.config if "=" in item]
-    cfg = load(TrainConfig, files, overrides)
+    from hataori.tokenizer.sources import parse_source
+
+    files, overrides = split_items(args.config)
+    flags = [override("data.datasets", [parse_source(item) for item in args.data])] if args.data else []
+    if args.run_dir:
+        flags.append(override("run_dir", args.run_dir))
+    cfg = load(TrainConfig, files, overrides + flags)
     if args.nproc < 1:
         raise ConfigError("--nproc", f"must be at least 1, got {args.nproc}")
     if any(name in os.environ for name in LAUNCHER_VARS) or args.nproc == 1:
         return pretrain(cfg)
     check(cfg, world_size=args.nproc)
-    relaunch(args.nproc, args.config)
+    relaunch(args.nproc, files + overrides + flags)
     return 0  # not reached: relaunch replaces this process
 
 

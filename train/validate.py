@@ -148,11 +148,14 @@ class Validator:
                              f"document ({len(datasets[0].doc(0))} tokens); raise it or set 0 for no limit")
         key = {"datasets": [d.fingerprint for d in datasets], "tokenizer": tokenizer.fingerprint,
                "documents": len(docs), "tokens": sum(len(d) for d in docs)}
+        shared = dist.is_initialized() and world_size > 1
         found = [None]
         if rank == 0:
             found[0] = cached_chars(Path(run_dir) / CACHE_FILE if run_dir else None, key,
                                     lambda: count_chars(docs, tokenizer))
-        if dist.is_initialized() and world_size > 1:
+        elif not shared:
+            found[0] = count_chars(docs, tokenizer)
+        if shared:
             dist.broadcast_object_list(found, src=0)
         return cls(cfg, docs, chars=found[0], eos_id=datasets[0].eos_id, seq_len=seq_len, rank=rank,
                    world_size=world_size)

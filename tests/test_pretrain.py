@@ -1,0 +1,307 @@
+"""``hataori pretrain`` end to end on real shards: two CPU processes through the command line.
+
+Every launch goes through ``hataori pretrain --nproc 2`` (torch's elastic launcher, gloo, fp32,
+real DeepSpeed engines) with a hard time limit, on a ~0.4M-parameter model and the Debian
+Japanese shards of the ``ja_shards`` fixture. References are independent of what they check:
+bits per character against the model run on each document alone in a plain loop; resumed and
+killed runs against an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hataori.cli import main as hataori_main
+
+REPO = Path(__file__).resolve().parents[1]
+TOY = REPO / "configs" / "train" / "toy.yaml"
+LAUNCH_TIMEOUT_S = 150
+SEQ_LEN = 64
+
+# The toy preset shrunk for tests: 2 x 2 sequences of 64 tokens a step on 2 processes (no accumulation).
+TINY = ["model.vocab_size=4000", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+        f"model.max_seq_len={SEQ_LEN}", f"data.seq_len={SEQ_LEN}", "zero.micro_batch_size=2",
+        f"zero.global_batch_tokens={2 * 2 * SEQ_LEN}", "schedule.warmup_steps=3", "schedule.min_lr=1e-4",
+        "validation.max_tokens=3000"]
+
+
+def launch(run_dir: Path, shards: Path, overrides: list[str], log: Path, *, nproc: int = 2,
+           kill_rank_after_step: tuple[int, int] | None = None) -> int:
+    """Run ``hataori pretrain`` on ``nproc`` processes and return its exit code; fail after the time limit.
+
+    ``kill_rank_after_step=(rank, step)`` SIGKILLs that rank's process once rank 0 has logged ``step``.
+    Nothing may be JIT-compiled: the processes get an empty TORCH_EXTENSIONS_DIR that must stay absent.
+    """
+    extensions = log.parent / f"{log.stem}-torch_extensions"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(extensions)}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "hataori.cli", "pretrain", str(TOY), *TINY, *overrides, "--data", str(shards),
+               "--run-dir", str(run_dir), "--nproc", str(nproc)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        try:
+            if kill_rank_after_step is not None:
+                rank, step = kill_rank_after_step
+                while logged_steps(run_dir).get("train", 0) < step:
+                    assert proc.poll() is None, f"the run ended before step {step}:\n{tail(log)}"
+                    assert time.monotonic() < deadline, f"step {step} not reached:\n{tail(log)}"
+                    time.sleep(0.01)
+                os.kill(worker_pid(proc.pid, rank), signal.SIGKILL)
+            code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"launch did not finish in {LAUNCH_TIMEOUT_S} s:\n{tail(log)}")
+    assert not extensions.exists(), f"a C++ extension was compiled into {extensions}"
+    return code
+
+
+def worker_pid(launcher_pid: int, rank: int) -> int:
+    """The pid of the launcher's child process that runs ``rank``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if ppid == launcher_pid and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    raise AssertionError(f"no worker of rank {rank} under launcher {launcher_pid}")
+
+
+def tail(log: Path, lines: int = 40) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def records(run_dir: Path, kind: str) -> dict[int, dict]:
+    """``metrics.jsonl`` records of one kind (train or val), by step."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    found = {}
+    for line in path.read_text().splitlines():
+        if line.endswith("}"):
+            record = json.loads(line)
+            if record["kind"] == kind:
+                found[record["step"]] = record
+    return found
+
+
+def logged_steps(run_dir: Path) -> dict[str, int]:
+    train = records(run_dir, "train")
+    return {"train": max(train, default=0)}
+
+
+def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Every TensorBoard scalar of the run, read back with tensorboard's EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {event.step: event.value for event in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def checkpoints(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
+
+
+# ----------------------------------------------------------------------------- independent bpc
+
+
+def bpc_one_by_one(model, docs: list[np.ndarray], eos_id: int, tokenizer, seq_len: int) -> tuple[float, float]:
+    """Loss and bits per character with each document run alone, unpacked, in windows of ``seq_len``."""
+    nll, tokens, chars = 0.0, 0, 0
+    with torch.no_grad():
+        for doc in docs:
+            ids = torch.from_numpy(np.asarray(doc, dtype=np.int64))
+            inputs = torch.cat([torch.tensor([eos_id]), ids[:-1]])
+            for start in range(0, len(ids), seq_len):
+                logits = model(inputs[None, start:start + seq_len])[0]
+                nll += F.cross_entropy(logits, ids[start:start + seq_len], reduction="sum").item()
+            tokens += len(ids)
+            chars += len(tokenizer.decode(ids[:-1].tolist()))
+    return nll / tokens, nll / math.log(2) / chars
+
+
+def val_documents(shards: Path, max_tokens: int) -> tuple[list[np.ndarray], int]:
+    from hataori.tokenizer.shards import Dataset
+
+    val = Dataset(shards, "val")
+    docs, total = [], 0
+    for i in range(len(val)):
+        if total + len(val.doc(i)) > max_tokens:
+            break
+        docs.append(np.asarray(val.doc(i)))
+        total += len(docs[-1])
+    return docs, val.eos_id
+
+
+def test_validation_matches_documents_scored_one_by_one(ja_shards, ja_tokenizer):
+    """Packed, masked, split across two ranks: the sums equal each document run alone."""
+    from hataori.model import ModelConfig
+    from hataori.tokenizer.model import Tokenizer
+    from hataori.train.config import ValidationConfig
+    from hataori.train.validate import Validator
+
+    torch.manual_seed(0)
+    model = ModelConfig(vocab_size=4000, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                        max_seq_len=SEQ_LEN).build().eval()
+    tokenizer = Tokenizer(ja_tokenizer)
+    cfg = ValidationConfig(max_tokens=3000, batch_size=3)
+    parts = [Validator.build(cfg, [str(ja_shards)], tokenizer, seq_len=SEQ_LEN, rank=rank, world_size=2)
+             for rank in (0, 1)]
+    results = [part.evaluate(model) for part in parts]  # no process group: each rank's own sum
+    docs, eos_id = val_documents(ja_shards, 3000)
+    assert results[0].documents == len(docs) >= 3
+    assert any(len(doc) > SEQ_LEN for doc in docs), "no document longer than a window"
+    assert len(parts[0].inputs) == len(parts[1].inputs) > 1  # padded to the same number of passes
+
+    loss, bpc = bpc_one_by_one(model, docs, eos_id, tokenizer, SEQ_LEN)
+    nll = sum(r.nll for r in results)
+    assert nll / results[0].tokens == pytest.approx(loss, rel=1e-5)
+    assert nll / math.log(2) / results[0].chars == pytest.approx(bpc, rel=1e-5)
+    assert results[0].tokens == sum(len(doc) for doc in docs)
+
+
+# ----------------------------------------------------------------------------- config mistakes
+
+
+@pytest.mark.parametrize("overrides, nproc, expected", [
+    (["zero.global_batch_tokens=384"], 2, "zero.global_batch_tokens: 384 tokens is not a whole number"),
+    (["zero.global_batch_tokens=100"], 1, "zero.global_batch_tokens: 100 tokens is not a whole number"),
+    (["zero.stagee=2"], 2, "did you mean 'zero.stage'"),
+    (["model.vocab_size=32000"], 2, "set model.vocab_size=4000"),
+], ids=["batch-for-world-size", "batch-for-sequence", "unknown-key", "vocab-size"])
+def test_config_mistakes_are_named(ja_shards, tmp_path, capsys, overrides, nproc, expected):
+    run_dir = tmp_path / "run"
+    status = hataori_main(["pretrain", str(TOY), *TINY, *overrides, "--data", str(ja_shards), "--run-dir",
+                           str(run_dir), "--nproc", str(nproc)])
+    assert status == 2
+    assert expected in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_missing_dataset_is_named(tmp_path, capsys):
+    missing = tmp_path / "no-such-dataset"
+    status = hataori_main(["pretrain", str(TOY), "--data", str(missing), "--run-dir", str(tmp_path / "run"),
+                           "--nproc", "2"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert str(missing / "dataset.json") in err and "hataori data prepare" in err
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
+def test_pretrain_two_processes_end_to_end(ja_shards, ja_tokenizer, tmp_path):
+    run = tmp_path / "run"
+    code = launch(run, ja_shards, ["trainer.max_steps=30", "checkpoint.every_steps=10", "validation.every_steps=10",
+                                   "logging.every_steps=5"], tmp_path / "launch.log")
+    assert code == 0, tail(tmp_path / "launch.log")
+
+    for name in ("config.yaml", "environment.json", "deepspeed.json", "validation.json"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "environment.json").read_text())["world_size"] == 2
+    assert json.loads((run / "deepspeed.json").read_text())["gradient_accumulation_steps"] == 1
+    assert checkpoints(run) == ["step_00000020", "step_00000030"]
+
+    steps, vals = records(run, "train"), records(run, "val")
+    assert sorted(steps) == list(range(1, 31)) and sorted(vals) == [0, 10, 20, 30]
+    assert all(math.isfinite(v["bpc"]) for v in vals.values())
+    assert vals[30]["bpc"] < vals[0]["bpc"] - 0.5, {s: v["bpc"] for s, v in vals.items()}
+
+    tb = scalars(run)
+    assert {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "mem/rss", "val/loss",
+            "val/bpc"} <= set(tb)
+    assert "perf/mfu" not in tb  # no known peak on a CPU
+    assert sorted(tb["train/loss"]) == [5, 10, 15, 20, 25, 30]
+    for step in tb["train/loss"]:
+        window = [steps[s] for s in range(step - 4, step + 1)]
+        assert tb["train/loss"][step] == pytest.approx(np.mean([r["loss"] for r in window]), rel=1e-6)
+        assert tb["train/lr"][step] == pytest.approx(steps[step]["lr"], rel=1e-6)
+        tokens_per_s = sum(r["tokens"] for r in window) / sum(r["seconds"] for r in window)
+        assert tb["perf/tokens_per_s"][step] == pytest.approx(tokens_per_s, rel=1e-5)
+    assert {s: pytest.approx(v["bpc"], rel=1e-6) for s, v in vals.items()} == tb["val/bpc"]
+    assert 0.01 < tb["mem/rss"][30] < 8
+
+    # The final validation against the trained weights run on each document alone.
+    from hataori.config import load
+    from hataori.tokenizer.model import Tokenizer
+    from hataori.train.config import TrainConfig
+
+    cfg = load(TrainConfig, [run / "config.yaml"])
+    model = cfg.model.build()
+    state = torch.load(run / "checkpoints" / "step_00000030" / "mp_rank_00_model_states.pt", weights_only=False)
+    model.load_state_dict(state["module"])
+    docs, eos_id = val_documents(ja_shards, cfg.validation.max_tokens)
+    loss, bpc = bpc_one_by_one(model.eval(), docs, eos_id, Tokenizer(ja_tokenizer), SEQ_LEN)
+    assert vals[30]["loss"] == pytest.approx(loss, rel=1e-5)
+    assert vals[30]["bpc"] == pytest.approx(bpc, rel=1e-5)
+    assert f"validation bits per character: {vals[0]['bpc']:.4f} at step 0 -> {vals[30]['bpc']:.4f}" in \
+        (tmp_path / "launch.log").read_text()
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.mark.timeout(4 * LAUNCH_TIMEOUT_S + 60)
+def test_resume_and_killed_rank_continue_the_uninterrupted_run(ja_shards, tmp_path):
+    """ZeRO-2, 8 steps with a checkpoint every 3. The same run in pieces: 3 steps and a clean stop;
+    a fresh launch resumes, one rank is SIGKILLed after step 4 and the launcher ends the other; a
+    third launch resumes from the last complete checkpoint. Losses, learning rates, gradient norms
+    and token counts equal the uninterrupted run's exactly (fp32), through the real packed loader."""
+    common = ["trainer.max_steps=8", "checkpoint.every_steps=3", "validation.every_steps=0", "logging.every_steps=1",
+              "zero.stage=2"]
+    reference_run = tmp_path / "reference"
+    assert launch(reference_run, ja_shards, common, tmp_path / "reference.log") == 0, tail(tmp_path / "reference.log")
+    reference = records(reference_run, "train")
+    assert sorted(reference) == list(range(1, 9))
+
+    def same_as_reference(steps: dict[int, dict]) -> None:
+        for step, record in steps.items():
+            for key in ("loss", "lr", "grad_norm", "tokens_seen"):
+                assert record[key] == reference[step][key], f"step {step} {key}"
+
+    run = tmp_path / "run"
+    assert launch(run, ja_shards, [*common, "trainer.launch_steps=3"], tmp_path / "first.log") == 0
+    assert sorted(records(run, "train")) == [1, 2, 3] and checkpoints(run) == ["step_00000003"]
+    same_as_reference(records(run, "train"))
+
+    began = time.monotonic()
+    code = launch(run, ja_shards, common, tmp_path / "killed.log", kill_rank_after_step=(1, 4))
+    assert code != 0, tail(tmp_path / "killed.log")
+    assert time.monotonic() - began < LAUNCH_TIMEOUT_S
+    killed = records(run, "train")
+    assert 4 in killed
+    same_as_reference(killed)
+    saved = [int(name.split("_")[1]) for name in checkpoints(run) if name.endswith(tuple("0123456789"))]
+    last_complete = max(saved)
+    assert last_complete in (3, 6), checkpoints(run)  # 6 only if the kill landed after that save
+
+    assert launch(run, ja_shards, common, tmp_path / "resumed.log") == 0, tail(tmp_path / "resumed.log")
+    assert f"resuming after step {last_complete}" in (tmp_path / "resumed.log").read_text()
+    resumed = records(run, "train")
+    assert sorted(resumed) == list(range(1, 9))
+    same_as_reference(resumed)
+    assert not any(name.endswith(".incomplete") for name in checkpoints(run))
+
+    tb = scalars(run)["train/loss"]  # the killed launch's steps after the checkpoint are purged
+    assert sorted(tb) == list(range(1, 9))
+    assert tb == {step: pytest.approx(reference[step]["loss"], rel=1e-6) for step in range(1, 9)}
