@@ -1,0 +1,295 @@
+"""``hataori generate``: the samplers against explicit references, greedy decoding against teacher forcing,
+and real DeepSpeed checkpoints (ZeRO-0 and ZeRO-3, two processes) against the weights they were saved from."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hataori.cli import main as hataori_main
+from hataori.model import ModelConfig
+from hataori.train.generate import (Sampling, filtered_probs, generate, load_model, next_token, resolve_checkpoint,
+                                    top_k_filter, top_p_filter)
+
+LAUNCH_TIMEOUT_S = 120
+SEQ_LEN = 32
+SENTENCES = [
+    "吾輩は猫である。名前はまだ無い。", "どこで生れたかとんと見当がつかぬ。", "何でも薄暗いじめじめした所で泣いていた事だけは記憶している。",
+    "このコマンドはファイルの一覧を表示します。", "設定ファイルを編集してから再起動してください。", "東京の天気は晴れのち曇りです。",
+    "日本語の文章を読み込んで学習します。", "モデルは次の単語を予測します。",
+]
+
+
+def tiny_config(vocab_size: int = 97, **kwargs) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64,
+                       max_seq_len=SEQ_LEN, tie_embeddings=True, **kwargs)
+
+
+# ----------------------------------------------------------------------------- samplers
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 50, generator=gen)
+    for k in (1, 3, 17, 49):
+        kept = top_k_filter(logits, k)
+        for row, out in zip(logits.tolist(), kept):
+            largest = set(sorted(range(50), key=lambda i: -row[i])[:k])
+            assert {i for i in range(50) if out[i] != float("-inf")} == largest
+            assert all(out[i] == row[i] for i in largest)
+    assert torch.equal(top_k_filter(logits, 0), logits) and torch.equal(top_k_filter(logits, 50), logits)
+    ties = torch.zeros(1, 10)
+    assert int((top_k_filter(ties, 4) > float("-inf")).sum()) == 4
+
+
+def explicit_top_p(row: list[float], p: float) -> set[int]:
+    """Indices of the smallest most-probable prefix with probability >= p, by an explicit loop."""
+    probs = np.exp(np.array(row, dtype=np.float64) - max(row))
+    probs /= probs.sum()
+    kept, mass = set(), 0.0
+    for i in sorted(range(len(row)), key=lambda i: -probs[i]):
+        kept.add(i)
+        mass += probs[i]
+        if mass >= p:
+            break
+    return kept
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.9, 0.999])
+def test_top_p_keeps_the_smallest_prefix_reaching_p(p):
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(8, 40, generator=gen, dtype=torch.float64) * 2
+    kept = top_p_filter(logits, p)
+    for row, out in zip(logits.tolist(), kept):
+        assert {i for i, x in enumerate(out.tolist()) if x != float("-inf")} == explicit_top_p(row, p)
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+def test_temperature_towards_zero_is_greedy():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(64, 30, generator=gen)
+    argmax = logits.argmax(dim=-1)
+    assert torch.equal(next_token(logits, Sampling(temperature=0.0)), argmax)
+    assert torch.equal(next_token(logits, Sampling(greedy=True, temperature=5.0)), argmax)
+    for seed in range(5):
+        draws = next_token(logits, Sampling(temperature=1e-4), torch.Generator().manual_seed(seed))
+        assert torch.equal(draws, argmax)
+
+
+@pytest.mark.parametrize("sampling", [Sampling(temperature=1.0), Sampling(temperature=0.7, top_k=5),
+                                      Sampling(temperature=1.3, top_p=0.8), Sampling(temperature=0.9, top_k=6, top_p=0.7)],
+                         ids=["plain", "top-k", "top-p", "top-k-top-p"])
+def test_sampling_frequencies_match_the_filtered_distribution(sampling):
+    """One draw per seed over 4000 seeds; the counts against an independently computed distribution."""
+    logits = torch.tensor([2.0, 1.5, 1.2, 1.0, 0.6, 0.5, 0.1, -0.3, -1.0, -2.0])
+    scaled = logits.double().numpy() / sampling.temperature
+    allowed = set(range(10))
+    if sampling.top_k:
+        allowed &= set(np.argsort(-scaled)[:sampling.top_k].tolist())
+    masked = np.where([i in allowed for i in range(10)], scaled, -np.inf)
+    allowed &= explicit_top_p(masked.tolist(), sampling.top_p) if sampling.top_p < 1 else allowed
+    expected = np.where([i in allowed for i in range(10)], np.exp(scaled - scaled.max()), 0.0)
+    expected /= expected.sum()
+    np.testing.assert_allclose(filtered_probs(logits, sampling).double().numpy(), expected, atol=1e-6)
+
+    n = 4000
+    counts = np.zeros(10)
+    for seed in range(n):
+        counts[int(next_token(logits, sampling, torch.Generator().manual_seed(seed)))] += 1
+    assert counts[expected == 0].sum() == 0, "drew a filtered-out token"
+    live = expected > 0
+    chi2 = (((counts - n * expected)[live]) ** 2 / (n * expected[live])).sum()
+    # chi-square with live - 1 <= 9 degrees of freedom: 27.9 is its 0.999 quantile.
+    assert chi2 < 27.9, f"chi2 {chi2:.1f}; counts {counts.tolist()} expected {(n * expected).round(1).tolist()}"
+
+
+def test_sampling_options_are_checked():
+    with pytest.raises(Exception, match="top-p"):
+        Sampling(top_p=0.0)
+    with pytest.raises(Exception, match="temperature"):
+        Sampling(temperature=-1.0)
+
+
+# ----------------------------------------------------------------------------- decoding with a model
+
+
+def test_greedy_generation_is_argmax_decoding():
+    """Each generated token is the argmax of one teacher-forced forward pass over the whole output, and
+    generation stops at EOS; contexts past max_seq_len keep their last max_seq_len tokens."""
+    torch.manual_seed(0)
+    model = tiny_config().build().eval()
+    prompt = [3, 14, 15, 92, 65]
+    new = generate(model, prompt, max_new_tokens=12, eos_id=None, sampling=Sampling(greedy=True))
+    assert len(new) == 12
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + new]))[0]  # (T, V)
+    assert new == logits[len(prompt) - 1:-1].argmax(dim=-1).tolist()
+
+    stop = generate(model, prompt, max_new_tokens=12, eos_id=new[2], sampling=Sampling(greedy=True))
+    assert stop == new[:new.index(new[2]) + 1]
+
+    long_prompt = list(range(1, 41))  # 40 > max_seq_len = 32
+    first = generate(model, long_prompt, max_new_tokens=1, eos_id=None, sampling=Sampling(greedy=True))
+    with torch.no_grad():
+        assert first == [int(model(torch.tensor([long_prompt[-SEQ_LEN:]]))[0, -1].argmax())]
+
+
+def test_seeded_sampling_repeats():
+    torch.manual_seed(0)
+    model = tiny_config().build().eval()
+    runs = [generate(model, [1, 2, 3], max_new_tokens=10, eos_id=None, sampling=Sampling(top_k=20, top_p=0.9),
+                     generator=torch.Generator().manual_seed(seed)) for seed in (7, 7, 8)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+# ----------------------------------------------------------------------------- real checkpoints
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A tiny SentencePiece model of the sentences above."""
+    import sentencepiece as spm
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(SENTENCES * 4), model_writer=model, vocab_size=120,
+                                   character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    return out
+
+
+def launch(args: list[str], log_dir: Path, nproc: int = 2) -> None:
+    """Run this file's worker on ``nproc`` processes of one group, within a hard time limit."""
+    from hataori.train.zero import free_port
+
+    port, procs, logs = free_port(), [], []
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for rank in range(nproc):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(log_dir / "torch_extensions")}
+        logs.append(open(log_dir / f"rank{rank}.log", "w"))
+        procs.append(subprocess.Popen([sys.executable, __file__, *args], env=env, stdout=logs[-1],
+                                      stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+    finally:
+        for proc in procs:
+            proc.wait()
+        for log in logs:
+            log.close()
+    tails = "\n".join(p.read_text()[-3000:] for p in sorted(log_dir.glob("rank*.log")))
+    assert [p.returncode for p in procs] == [0] * nproc, f"exit codes {[p.returncode for p in procs]}:\n{tails}"
+    assert not (log_dir / "torch_extensions").exists(), "a C++ extension was compiled"
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
+@pytest.mark.parametrize("stage", [0, 3])
+def test_generate_from_a_deepspeed_checkpoint(stage, tokenizer_dir, tmp_path, capsys):
+    """Train two steps with ZeRO-``stage`` on two processes, checkpoint, and keep the in-memory weights;
+    ``hataori generate`` on the run must load exactly those weights and continue the prompt as a model
+    holding them does."""
+    from hataori.tokenizer.model import Tokenizer
+
+    run = tmp_path / "run"
+    launch(["train", "--stage", str(stage), "--run-dir", str(run), "--tokenizer", str(tokenizer_dir)], tmp_path / "logs")
+    run_dir, checkpoint = resolve_checkpoint(run)
+    assert checkpoint.name == "step_00000002" and resolve_checkpoint(checkpoint) == (run, checkpoint)
+
+    weights = torch.load(run / "weights.pt")
+    loaded, _ = load_model(checkpoint)
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name
+    untrained = tiny_config(Tokenizer(tokenizer_dir).vocab_size).build().state_dict()
+    assert not torch.equal(untrained["blocks.0.mlp.w_up.weight"], weights["blocks.0.mlp.w_up.weight"])
+
+    tokenizer = Tokenizer(tokenizer_dir)
+    reference = tiny_config(tokenizer.vocab_size).build()
+    reference.load_state_dict(weights)
+    prompt_text = "吾輩は猫"
+    prompt = [tokenizer.eos_id] + tokenizer.encode([prompt_text])[0]
+    new = generate(reference.eval(), prompt, max_new_tokens=10, eos_id=tokenizer.eos_id, sampling=Sampling(greedy=True))
+    expected = prompt_text + tokenizer.decode([t for t in new if t != tokenizer.eos_id])
+
+    capsys.readouterr()
+    assert hataori_main(["generate", str(run), prompt_text, "--greedy", "--max-new-tokens", "10"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == expected
+    # A step folder, the tokenizer named on the command line, and seeded sampling that repeats.
+    argv = ["generate", str(checkpoint), prompt_text, "--tokenizer", str(tokenizer_dir), "--seed", "3", "--top-k", "20"]
+    assert hataori_main(argv) == 0 and hataori_main(argv) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    assert first == second and first.startswith(prompt_text)
+
+
+def test_generate_errors(tmp_path, capsys):
+    assert hataori_main(["generate", str(tmp_path), "こんにちは"]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    (tmp_path / "checkpoints" / "step_00000001").mkdir(parents=True)
+    assert hataori_main(["generate", str(tmp_path), "こんにちは"]) == 2
+    assert "config.yaml" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def worker_train(args) -> None:
+    """Two optimizer steps on random tokens, a checkpoint through the Checkpointer, the run's config, and
+    (rank 0) the weights as the engine holds them in memory."""
+    import deepspeed
+
+    from hataori.config import to_dict
+    from hataori.tokenizer.model import Tokenizer
+    from hataori.train.checkpoint import CheckpointConfig, Checkpointer, seed_all
+    from hataori.train.optim import OptimConfig, ScheduleConfig
+    from hataori.train.run import record_run
+    from hataori.train.zero import ZeroConfig, init_distributed
+
+    env = init_distributed()
+    run_dir = Path(args.run_dir)
+    cfg = tiny_config(Tokenizer(args.tokenizer).vocab_size)
+    if env.is_main:
+        record_run(run_dir, {"model": to_dict(cfg), "tokenizer": args.tokenizer}, world_size=env.world_size)
+    seed_all(1234)
+    model = cfg.build()
+    optim = OptimConfig(lr=1e-2, weight_decay=0.1, grad_clip=1.0)
+    optimizer = optim.build(model)
+    scheduler = ScheduleConfig(kind="cosine", warmup_steps=1, min_lr=1e-3).build(optimizer, total_steps=2)
+    zero = ZeroConfig(stage=args.stage, precision="fp32", micro_batch_size=2,
+                      global_batch_tokens=2 * SEQ_LEN * env.world_size)
+    engine = zero.build(model, optimizer, scheduler, seq_len=SEQ_LEN, grad_clip=optim.grad_clip, run_dir=run_dir)
+    rng = np.random.default_rng([5, env.rank])
+    for _ in range(2):
+        tokens = torch.from_numpy(rng.integers(0, cfg.vocab_size, (2, SEQ_LEN + 1)))
+        engine.backward(engine(tokens[:, :-1], targets=tokens[:, 1:]))
+        engine.step()
+    Checkpointer(CheckpointConfig(), run_dir / "checkpoints", engine).save(2, loader_state={})
+    params = dict(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=args.stage == 3):
+        weights = {name: tensor.detach().clone().float() for name, tensor in engine.module.state_dict().items()}
+    if env.is_main:
+        torch.save(weights, run_dir / "weights.pt")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="mode", required=True)
+    train = sub.add_parser("train")
+    train.add_argument("--stage", type=int, required=True)
+    train.add_argument("--run-dir", required=True)
+    train.add_argument("--tokenizer", required=True)
+    worker_train(parser.parse_args())

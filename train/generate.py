@@ -1,0 +1,241 @@
+"""``hataori generate``: continue a prompt with a trained checkpoint.
+
+    hataori generate RUN_DIR_OR_CHECKPOINT "プロンプト" [--max-new-tokens N] [--temperature T]
+        [--top-k K] [--top-p P] [--seed S] [--greedy] [--tokenizer DIR] [--device cpu|cuda]
+
+CHECKPOINT is a run folder (its latest complete checkpoint is used) or one ``checkpoints/step_N``
+folder of it. The model's shape comes from the run folder's ``config.yaml`` (its ``model`` section);
+the tokenizer from ``--tokenizer``, else the config's ``tokenizer``, else the one recorded in the
+first dataset's ``dataset.json``.
+
+Weights. DeepSpeed writes ``mp_rank_00_model_states.pt`` with the module's state dict in the
+training precision for stages 0-2, and for ZeRO-3 one ``zero_pp_rank_R_mp_rank_00_model_states.pt``
+per rank holding only placeholders; stages 1-3 add ``*_optim_states.pt`` files with the partitioned
+fp32 master weights. Wherever those exist, the weights are consolidated from them with DeepSpeed's
+``get_fp32_state_dict_from_zero_checkpoint`` (stages 1-2 and 3); for stage 0 (nothing partitioned)
+the module state dict is read and cast to fp32.
+
+Decoding. The prompt is encoded after one EOS, as training documents begin (the packed loader's
+documents are preceded by the previous one's EOS). Each new token takes one full forward pass over
+the context (no key/value cache; the model has none, and for the small models this runs on a full
+recompute is fast enough); contexts longer than ``max_seq_len`` keep their last ``max_seq_len``
+tokens. Generation stops at EOS or after ``--max-new-tokens``.
+
+Sampling (:func:`next_token`): logits / temperature, then top-k, then top-p (nucleus), then a draw
+from the softmax with a seeded generator. ``--greedy`` or temperature 0 take the argmax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hataori.errors import ConfigError, InputError
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Logits (..., V) with all but the ``k`` largest of each row set to -inf (exactly k kept, ties
+    broken by index as ``torch.topk`` breaks them). ``k`` <= 0 or >= V: unchanged."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(k, dim=-1).indices, True)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Logits (..., V) keeping the smallest set of most probable tokens whose probability sums to at
+    least ``p`` (always the most probable one); the rest set to -inf. ``p`` >= 1: unchanged."""
+    if p >= 1.0:
+        return logits
+    probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)  # (..., V)
+    mass_before = probs.cumsum(dim=-1) - probs  # (..., V): probability of the more probable tokens
+    keep_sorted = mass_before < p
+    keep_sorted[..., 0] = True
+    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """How the next token is chosen."""
+
+    temperature: float = 1.0
+    """Divides the logits; 0 (or greedy) takes the argmax."""
+    top_k: int = 0
+    """Keep the k most probable tokens; 0: all."""
+    top_p: float = 1.0
+    """Keep the smallest most-probable set with this much probability; 1: all."""
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError("temperature", f"must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError("top-k", f"must be >= 0 (0: no limit), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("top-p", f"must be in (0, 1], got {self.top_p}")
+
+
+def filtered_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The distribution (..., V) that :func:`next_token` draws from (temperature > 0)."""
+    logits = logits.float() / sampling.temperature
+    logits = top_p_filter(top_k_filter(logits, sampling.top_k), sampling.top_p)
+    return logits.softmax(dim=-1)
+
+
+def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Token ids (...,) chosen from logits (..., V)."""
+    if sampling.greedy or sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filtered_probs(logits, sampling)
+    flat = probs.reshape(-1, probs.shape[-1])  # (rows, V)
+    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, prompt: list[int], *, max_new_tokens: int, eos_id: int | None,
+             sampling: Sampling, generator: torch.Generator | None = None) -> list[int]:
+    """The new tokens after ``prompt`` (EOS included if reached), one full forward pass per token."""
+    device = next(model.parameters()).device
+    max_len = model.config.max_seq_len
+    tokens = list(prompt)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        context = torch.tensor([tokens[-max_len:]], device=device)  # (1, T)
+        logits = model(context)[0, -1]  # (V,)
+        token = int(next_token(logits, sampling, generator))
+        tokens.append(token)
+        new.append(token)
+        if token == eos_id:
+            break
+    return new
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(run folder, checkpoint folder) of a run folder (its latest complete checkpoint) or a step folder."""
+    path = Path(path)
+    if STEP_DIR.match(path.name) and path.is_dir():
+        return path.parent.parent, path
+    folder = path / "checkpoints"
+    steps = sorted((int(m.group(1)), p) for p in folder.glob("step_*") if (m := STEP_DIR.match(p.name)) and p.is_dir()) \
+        if folder.is_dir() else []
+    if not steps:
+        raise InputError(path, "no complete checkpoint here; pass a run folder with checkpoints/step_N "
+                               "or a checkpoints/step_N folder")
+    return path, steps[-1][1]
+
+
+def run_config(run_dir: Path) -> dict[str, Any]:
+    """The run's recorded config (``config.yaml``) as a plain dict."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise InputError(path, "missing; the run folder records its config there before step 0")
+    config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise InputError(path, "has no model section; is this a `hataori pretrain` run folder?")
+    return config
+
+
+def model_config(config: dict[str, Any]):
+    from hataori.config import build
+    from hataori.model import ModelConfig
+
+    return build(ModelConfig, config["model"], "model.")
+
+
+def tokenizer_path(config: dict[str, Any], override: str | None) -> str:
+    """``--tokenizer``, else the config's ``tokenizer``, else the first dataset's recorded tokenizer."""
+    if override:
+        return override
+    if config.get("tokenizer"):
+        return str(config["tokenizer"])
+    datasets = (config.get("data") or {}).get("datasets") or []
+    if datasets:
+        manifest = Path(datasets[0]["path"]) / "dataset.json"
+        if manifest.is_file():
+            return json.loads(manifest.read_text())["tokenizer"]["path"]
+    raise InputError("config.yaml", "names no tokenizer and no readable dataset manifest; pass --tokenizer DIR")
+
+
+def load_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The model's full fp32 state dict from a DeepSpeed checkpoint folder of any ZeRO stage."""
+    states = checkpoint / MODEL_STATES
+    if any(checkpoint.glob("*_optim_states.pt")):  # ZeRO 1-3: partitioned fp32 master weights
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    elif states.is_file():
+        state = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    else:
+        raise InputError(checkpoint, f"neither {MODEL_STATES} nor ZeRO optimizer states; not a DeepSpeed checkpoint")
+    return {name: tensor.float() for name, tensor in state.items()}
+
+
+def load_model(checkpoint_path: str | Path, device: str = "cpu"):
+    """The model of a run checkpoint, in fp32 and eval mode, and the run's config dict."""
+    run_dir, checkpoint = resolve_checkpoint(checkpoint_path)
+    config = run_config(run_dir)
+    model = model_config(config).build()
+    state = load_state_dict(checkpoint)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise InputError(checkpoint, f"weights do not match the recorded model config: missing {sorted(missing)}, "
+                                     f"unexpected {sorted(unexpected)}")
+    return model.to(device).eval(), config
+
+
+# ----------------------------------------------------------------------------- `hataori generate`
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a run folder or its checkpoints/step_N folder")
+    parser.add_argument("prompt", help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0: no limit")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1: no limit")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--greedy", action="store_true", help="always take the most probable token")
+    parser.add_argument("--tokenizer", help="tokenizer folder or .model file (default: the run's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def main(args: argparse.Namespace) -> int:
+    from hataori.tokenizer.model import Tokenizer
+
+    if args.max_new_tokens < 1:
+        raise ConfigError("max-new-tokens", f"must be >= 1, got {args.max_new_tokens}")
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress prints; stdout carries only the text
+        model, config = load_model(args.checkpoint, args.device)
+    tokenizer = Tokenizer(tokenizer_path(config, args.tokenizer))
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ConfigError("tokenizer", f"has {tokenizer.vocab_size} pieces but the model only "
+                                       f"{model.config.vocab_size}; pass the tokenizer the run was trained with")
+    prompt = [tokenizer.eos_id] + tokenizer.encode([args.prompt])[0]
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    new = generate(model, prompt, max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id, sampling=sampling,
+                   generator=generator)
+    text = tokenizer.decode([t for t in new if t != tokenizer.eos_id])
+    print(args.prompt + text)
+    return 0
