@@ -58,6 +58,22 @@ def test_base_chain_then_file_then_overrides(tmp_path: Path):
     assert again == cfg
 
 
+def test_a_section_derives_from_another_file(tmp_path: Path):
+    """``base:`` inside a section: that file (with its own bases) is the section, under the file's keys."""
+    (tmp_path / "optim").mkdir()
+    write(tmp_path / "optim" / "base.yaml", "lr: 0.5\nkind: sgd\n")
+    write(tmp_path / "optim" / "fast.yaml", "base: base.yaml\nlr: 0.9\n")
+    write(tmp_path / "job.yaml", "steps: 4\noptim:\n  lr: 0.1\n")
+    top = write(tmp_path / "top.yaml", "base: job.yaml\noptim:\n  base: optim/fast.yaml\n  betas: [0.8, 0.9]\n")
+    cfg = load(Job, [top], ["steps=7"])
+    # job.yaml, then optim/base.yaml and optim/fast.yaml as the optim section, then top.yaml, then overrides
+    assert (cfg.optim.lr, cfg.optim.kind, cfg.optim.betas, cfg.steps) == (0.9, "sgd", [0.8, 0.9], 7)
+    write(tmp_path / "optim" / "base.yaml", "lrate: 0.5\n")
+    with pytest.raises(ConfigError) as err:
+        load(Job, [top])
+    assert err.value.key == "optim.lrate" and str(tmp_path / "optim" / "base.yaml") in str(err.value)
+
+
 @pytest.mark.parametrize("override, key, needle", [
     ("optim.lrr=3", "optim.lrr", "did you mean 'optim.lr'"),
     ("stepz=3", "stepz", "did you mean 'steps'"),

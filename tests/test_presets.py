@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,13 @@ def test_preset_validates(path: Path):
         return
     cfg = load(schema, [path], COMMAND_LINE.get(folder, []))
     assert isinstance(cfg, schema)
+
+
+def test_train_presets_take_their_model_from_the_model_presets():
+    """A training preset's model section is the model preset it names, plus only what it changes."""
+    for size in ("125m", "1b", "7b", "30b"):
+        train = load(TrainConfig, [CONFIGS / "train" / f"{size}.yaml"], COMMAND_LINE["train"])
+        model = load(ModelConfig, [CONFIGS / "model" / f"{size}.yaml"])
+        if size == "7b":
+            model = dataclasses.replace(model, activation_checkpointing=True)
+        assert train.model == model, size

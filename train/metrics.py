@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from hataori.fsutil import atomic_write_text
 from hataori.train.config import LoggingConfig
 from hataori.train.trainer import StepMetrics
 from hataori.train.validate import ValResult
@@ -86,8 +87,8 @@ class MetricsLogger:
         metrics = self.run_dir / METRICS_FILE
         if metrics.is_file():  # drop what a killed launch logged after its last checkpoint
             kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
-                    if line and json.loads(line)["step"] <= step]
-            metrics.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+                    if line.endswith("}") and json.loads(line)["step"] <= step]  # a kill may cut the last line
+            atomic_write_text(metrics, "".join(line + "\n" for line in kept))
         if self.cfg.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -116,6 +117,9 @@ class MetricsLogger:
               f"{result.seconds:.1f} s)", flush=True)
 
     def close(self) -> None:
+        """Log the steps since the last log (a launch may stop between logs) and close TensorBoard."""
+        if self._window:
+            self._log_window()
         if self.writer is not None:
             self.writer.close()
             self.writer = None

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from hataori.errors import ConfigError
 from hataori.fsutil import atomic_write_text
 from hataori.model import IGNORE_INDEX
 from hataori.tokenizer.model import Tokenizer
@@ -144,8 +145,12 @@ class Validator:
         datasets = [Dataset(path, "val", tokenizer.fingerprint) for path in dataset_paths]
         docs = select_documents(datasets, max_docs=cfg.max_docs, max_tokens=cfg.max_tokens)
         if not docs:
-            raise ValueError(f"validation.max_tokens={cfg.max_tokens} is smaller than the first validation "
-                             f"document ({len(datasets[0].doc(0))} tokens); raise it or set 0 for no limit")
+            if not any(len(d) for d in datasets):
+                raise ConfigError("data.datasets", f"the validation splits of {', '.join(dataset_paths)} hold no "
+                                  "documents; prepare the data with val_docs=N or val_fraction > 0")
+            first = next(len(d.doc(0)) for d in datasets if len(d))
+            raise ConfigError("validation.max_tokens", f"{cfg.max_tokens} is smaller than the first validation "
+                              f"document ({first} tokens); raise it, or set 0 for no limit")
         key = {"datasets": [d.fingerprint for d in datasets], "tokenizer": tokenizer.fingerprint,
                "documents": len(docs), "tokens": sum(len(d) for d in docs)}
         shared = dist.is_initialized() and world_size > 1
