@@ -268,3 +268,15 @@ def test_cli_errors(capsys, argv, message):
 def test_cli_missing_config(capsys, tmp_path):
     status, _, err = run_plan(capsys, str(tmp_path / "nope.yaml"), "--gpus", "8")
     assert status == 2 and "no such config" in err
+
+
+def test_cli_reads_a_train_preset(capsys):
+    """A train preset gives the model, the micro batch, the sequence length and the precision."""
+    from hataori.train.config import TrainConfig
+
+    path = CONFIGS / "train" / "7b.yaml"
+    cfg = load(TrainConfig, [path], ["run_dir=x", "data.datasets=[{path: x}]"])
+    status, out, _ = run_plan(capsys, str(path), "--gpus", "8")
+    assert status == 0
+    assert f"{cfg.model.num_params():,} parameters" in out
+    assert f"micro batch {cfg.zero.micro_batch_size} x {cfg.data.seq_len} " in out and cfg.zero.precision in out
