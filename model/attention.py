@@ -171,8 +171,8 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if doc_ids is None:
         return flash_attention(q, k, v)
     B, T, H, Dh = q.shape
-    out = flash_attention(q.reshape(B * T, H, Dh), k.reshape(B * T, -1, Dh), v.reshape(B * T, -1, Dh),
-                          cu_seqlens=cu_seqlens_from_doc_ids(doc_ids), max_seqlen=T)  # (B * T, H, Dh)
+    q, k, v = (x.reshape(B * T, *x.shape[2:]) for x in (q, k, v))  # (B * T, heads, Dh)
+    out = flash_attention(q, k, v, cu_seqlens=cu_seqlens_from_doc_ids(doc_ids), max_seqlen=T)  # (B * T, H, Dh)
     return out.view(B, T, H, Dh)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -255,6 +256,54 @@ def test_backend_without_gpu_or_interpreter_is_an_error():
     reason, error = result.stdout.splitlines()
     assert "needs a CUDA device" in reason and "TRITON_INTERPRET=1" in reason
     assert error.startswith("ConfigError:") and "'triton' cannot run here" in error
+
+
+# The kernels compiled for a Hopper GPU by Triton's own compiler and ptxas (bundled with triton), which
+# needs no GPU: lowering that the interpreter never does (types, layouts, shared memory) is checked on CPU.
+COMPILE_FOR_SM90 = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import hataori.kernels.attention as A
+
+assert not A.INTERPRET
+head_dim, dtype = int(sys.argv[1]), sys.argv[2]
+stages = [(A._fwd_kernel, A.FWD_CONFIGS), (A._bwd_dkdv_kernel, A.DKDV_CONFIGS), (A._bwd_dq_kernel, A.DQ_CONFIGS)]
+for fn, configs in stages:
+    signature = {}
+    for param in fn.params:
+        name = param.name
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+        elif name in ("LSE", "DELTA"):
+            signature[name] = "*fp32"
+        elif name == "CU_SEQLENS":
+            signature[name] = "*i32"
+        elif name.isupper():
+            signature[name] = "*" + dtype
+        else:
+            signature[name] = "fp32" if name.startswith("scale") else "i32"
+    for block_m, block_n, warps, stages_ in configs:
+        constants = dict(GROUP=2, HEAD_DIM=head_dim, CAUSAL=True, DOT_PRECISION="tf32",
+                         BLOCK_M=block_m, BLOCK_N=block_n)
+        kernel = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=warps, num_stages=stages_))
+        print(json.dumps([fn.__name__, block_m, block_n, kernel.metadata.shared]))
+"""
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the other tests compile and run the kernels")
+@pytest.mark.parametrize("head_dim, dtype", [(64, "bf16"), (128, "fp16")])
+def test_kernels_compile_for_hopper(head_dim, dtype):
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90, str(head_dim), dtype], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    compiled = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(compiled) == len(kernels.FWD_CONFIGS) + len(kernels.DKDV_CONFIGS) + len(kernels.DQ_CONFIGS)
+    for name, block_m, block_n, shared in compiled:
+        assert shared <= 227 * 1024, f"{name} {block_m}x{block_n} needs {shared} bytes of shared memory"
 
 
 def test_benchmark_needs_a_gpu(capsys):
