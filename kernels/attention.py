@@ -22,13 +22,14 @@ one program per query block and query head, iterating over key blocks.
 Dtypes: fp16 and bf16 (fp32 accumulation), and fp32 (exact fp32 dots, meant for tests).
 Head dims: 16, 32, 64, 128. Any sequence length: loads and stores are masked at the ends.
 
-Devices: a CUDA GPU, where block sizes are autotuned per head dim, dtype and causality. On CPU the
+Devices: a CUDA GPU, where block sizes are autotuned per head dim, group size, dtype and causality. On CPU the
 kernels run under Triton's interpreter when ``TRITON_INTERPRET=1`` is set before this module is
 imported (the choice is made when the kernels are decorated), with small fixed blocks; it is slow
 and is meant for tests (its bf16 is unreliable: test bf16 on a GPU).
 
 Limits: no dropout, no attention bias, no sliding window; q, k, v must share one sequence layout
-(self-attention: the same ``cu_seqlens`` for queries and keys).
+(self-attention: the same ``cu_seqlens`` for queries and keys). At head dim 128 the backward kernels
+spill registers on sm_90 in every block config listed below (ptxas's report).
 """
 
 from __future__ import annotations
