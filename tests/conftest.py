@@ -62,3 +62,27 @@ def ja_shards(ja_corpus: Path, ja_tokenizer: Path, tmp_path_factory) -> Path:
     assert hataori_main(["data", "prepare", "--input", str(sample), "--tokenizer", str(ja_tokenizer),
                          "--output", str(out), "val_docs=12", "progress=false"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(request):
+    """A real Slurm cluster on this machine: munged, slurmctld and two fake nodes of 2 CPUs (see
+    tests/slurm_cluster.py), torn down at the end of the session. Skips where Slurm or munge is not
+    installed (scripts/test.sh installs both) or without root (munged runs as the munge user)."""
+    from slurm_cluster import SlurmCluster, missing_binaries
+
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"Slurm test cluster needs {', '.join(missing)}: apt-get install slurm-wlm munge "
+                    "(scripts/test.sh does)")
+    if os.geteuid() != 0:
+        pytest.skip("the Slurm test cluster runs slurmd as root and munged as the munge user: run as root")
+    cluster = SlurmCluster()
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+        if request.session.testsfailed:
+            print(f"\nSlurm test cluster files (configuration, logs) kept in {cluster.root}")
+        else:
+            cluster.remove()

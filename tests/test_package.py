@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ["hataori", "hataori.model", "hataori.tokenizer", "hataori.train", "hataori.kernels"]
+SUBPACKAGES = ["hataori", "hataori.model", "hataori.tokenizer", "hataori.train", "hataori.kernels", "hataori.slurm"]
 # Names other distributions own on PyPI, and our own folder names: none may be installed bare.
 FORBIDDEN_TOP_LEVEL = {"model", "tokenizer", "train", "kernels", "configs", "tests", "slurm"}
 

@@ -115,6 +115,7 @@ def pretrain(cfg: TrainConfig) -> int:
     """Build every part from ``cfg`` and train; the same on every rank."""
     import torch
 
+    from hataori.slurm.signals import stop_on_signals
     from hataori.train.checkpoint import Checkpointer, seed_all
     from hataori.train.metrics import MetricsLogger, peak_flops
     from hataori.train.run import record_run
@@ -165,6 +166,7 @@ def pretrain(cfg: TrainConfig) -> int:
 
     trainer = Trainer(cfg.trainer, engine=engine, loader=loader, checkpointer=checkpointer, hooks=[after_step],
                       start_hooks=[start])
+    stop_on_signals(trainer)  # SIGUSR1 (time limit near) or SIGTERM: checkpoint after this step and return
     try:
         trainer.fit()
     finally:
