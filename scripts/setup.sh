@@ -9,6 +9,6 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-# torch is pinned for reproducible CPU runs; on a GPU machine install the CUDA build of your
-# choice first and drop the pin.
-.venv/bin/python -m pip install -q "torch==2.13.0" -e ".[dev]"
+# torch (and the Triton release it is built against) are pinned for reproducible CPU runs; on a
+# GPU machine install the CUDA build of your choice first and drop the pins.
+.venv/bin/python -m pip install -q "torch==2.13.0" "triton==3.7.1" -e ".[dev]"
