@@ -179,6 +179,18 @@ def test_validation_matches_documents_scored_one_by_one(ja_shards, ja_tokenizer)
     assert results[0].tokens == sum(len(doc) for doc in docs)
 
 
+def test_mfu_peak_is_known_for_bf16_on_listed_gpus_only():
+    from hataori.train.metrics import peak_flops
+
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert peak_flops("NVIDIA H200", "fp16") == 989e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", "fp32") is None  # tensor-core peak does not apply
+    assert peak_flops("NVIDIA GeForce RTX 4090", "bf16") is None
+    assert peak_flops(None, "bf16") is None  # CPU
+
+
 # ----------------------------------------------------------------------------- config mistakes
 
 

@@ -74,7 +74,13 @@ def main(args: argparse.Namespace) -> int:
 def check(cfg: TrainConfig, *, world_size: int) -> None:
     """Fail early, in one process, on what would otherwise fail in every rank: the batch arithmetic
     for ``world_size`` processes, the datasets and the tokenizer."""
+    import torch
+
     cfg.zero.grad_accum_steps(seq_len=cfg.data.seq_len, world_size=world_size)
+    gpus = torch.cuda.device_count()
+    if gpus and world_size > gpus:
+        raise ConfigError("--nproc", f"{world_size} processes, but this machine has {gpus} GPU(s) and each process "
+                          f"takes one; use --nproc {gpus} or fewer")
     open_tokenizer(cfg)
 
 
