@@ -33,3 +33,6 @@ else
 fi
 time hataori pretrain configs/train/toy.yaml --data "$SHARDS" --run-dir runs/pretrain/toy --nproc "$NPROC" \
   zero.precision="$PRECISION"
+# What the model learned: a sampled continuation of a prompt (greedy decoding of a model this small
+# soon repeats the newline, the commonest token).
+hataori generate runs/pretrain/toy "Debian のパッケージは" --max-new-tokens 60 --temperature 0.8 --top-k 40 --seed 0
