@@ -20,8 +20,10 @@ What the script does, in order:
 4. When ``srun`` has returned: a finished run (``hataori slurm status --finished``) ends the job.
    A run that stopped before its last step is requeued with ``scontrol requeue`` if the shell got
    a stop signal or the processes exited cleanly (a stop request, ``trainer.launch_steps``), and the
-   job has requeues left and was not cancelled. A crash without a signal is not requeued: it would
-   crash again.
+   job has requeues left and is still RUNNING: after scancel, at the time limit and on preemption
+   Slurm is already ending the job (COMPLETING), and a requeue would revive a cancelled job. (With
+   ``PreemptMode=REQUEUE`` Slurm requeues a preempted job itself.) A crash without a signal is not
+   requeued: it would crash again.
 """
 
 from __future__ import annotations
@@ -106,8 +108,9 @@ if "$PYTHON" -m hataori.cli slurm status "$RUN_DIR" --finished; then
   exit 0
 fi
 state=$(scontrol show job "$SLURM_JOB_ID" | grep -o 'JobState=[^ ]*' | cut -d= -f2)
-if [ "$state" = CANCELLED ]; then
-  say "cancelled; not requeued (the latest complete checkpoint resumes the run)"
+if [ "$state" != RUNNING ]; then
+  # COMPLETING: scancel, the time limit or preemption is ending the job; requeueing would revive it.
+  say "the job is ending ($state); not requeued (a new job resumes from the latest complete checkpoint)"
   exit "$status"
 fi
 if [ -z "$stop_signal" ] && [ "$status" -ne 0 ]; then

@@ -247,7 +247,7 @@ def test_scancel_leaves_the_last_checkpoint_complete_and_resumable(slurm_cluster
     log = job_log(run_dir, job)
     print(log)
     assert info["JobState"] == "CANCELLED" and int(info["Restarts"]) == 0, log[-4000:]
-    assert "cancelled; not requeued" in log
+    assert "the job is ending (COMPLETING); not requeued" in log
     steps = complete_checkpoints(run_dir)
     assert steps and steps[-1] >= 100
     last = steps[-1]
