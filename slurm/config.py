@@ -28,6 +28,12 @@ def time_limit_seconds(text: str) -> int:
     return numbers[0] * 3600 + numbers[1] * 60 + numbers[2]
 
 
+# Slurm 22.05 sends a requeued job its warning signal as it starts; the batch script ignores a
+# warning that comes more than 30 s (Slurm's check period) before it is due, so a real warning must
+# be due later than that into an attempt.
+MIN_WARNING_AFTER_S = 45
+
+
 @dataclass(kw_only=True, slots=True)
 class SlurmConfig:
     """One batch job of ``hataori pretrain`` over ``nodes`` nodes with ``gpus_per_node`` processes each."""
@@ -69,9 +75,10 @@ class SlurmConfig:
         except ValueError:
             limit = 0
         require(limit > 0, "time", f"{self.time!r} is not a Slurm time limit; write MM, HH:MM:SS or D-HH:MM:SS")
-        require(0 < self.signal_seconds < limit, "signal_seconds",
-                f"must lie between 0 and the time limit ({limit} s), got {self.signal_seconds}; "
-                "the warning signal comes this long before the limit")
+        require(0 < self.signal_seconds <= limit - MIN_WARNING_AFTER_S, "signal_seconds",
+                f"must lie between 0 and {limit - MIN_WARNING_AFTER_S} s for a time limit of {limit} s, got "
+                f"{self.signal_seconds}: the warning must come at least {MIN_WARNING_AFTER_S} s into an attempt, "
+                "so the batch script can tell it from the one Slurm 22.05 sends a requeued job as it starts")
         for key in ("partition", "account", "qos", "job_name"):
             value = getattr(self, key)
             require(not re.search(r"\s", value), key, f"must not contain whitespace, got {value!r}")
