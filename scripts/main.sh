@@ -35,4 +35,4 @@ time hataori pretrain configs/train/toy.yaml --data "$SHARDS" --run-dir runs/pre
   zero.precision="$PRECISION"
 # What the model learned: a sampled continuation of a prompt (greedy decoding of a model this small
 # soon repeats the newline, the commonest token).
-hataori generate runs/pretrain/toy "Debian のパッケージは" --max-new-tokens 60 --temperature 0.8 --top-k 40 --seed 0
+hataori generate runs/pretrain/toy "Debian のパッケージは" --max-new-tokens 60 --temperature 0.8 --top-k 40 --seed 1
