@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from ranks import launch_ranks, log_tails
 
 from hataori.cli import main as hataori_main
 from hataori.model import ModelConfig
@@ -169,32 +167,8 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 def launch(args: list[str], log_dir: Path, nproc: int = 2) -> None:
     """Run this file's worker on ``nproc`` processes of one group, within a hard time limit."""
-    from hataori.train.zero import free_port
-
-    port, procs, logs = free_port(), [], []
-    log_dir.mkdir(parents=True, exist_ok=True)
-    for rank in range(nproc):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-               "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(log_dir / "torch_extensions")}
-        logs.append(open(log_dir / f"rank{rank}.log", "w"))
-        procs.append(subprocess.Popen([sys.executable, __file__, *args], env=env, stdout=logs[-1],
-                                      stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    try:
-        for proc in procs:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-    finally:
-        for proc in procs:
-            proc.wait()
-        for log in logs:
-            log.close()
-    tails = "\n".join(p.read_text()[-3000:] for p in sorted(log_dir.glob("rank*.log")))
-    assert [p.returncode for p in procs] == [0] * nproc, f"exit codes {[p.returncode for p in procs]}:\n{tails}"
-    assert not (log_dir / "torch_extensions").exists(), "a C++ extension was compiled"
+    codes = launch_ranks(__file__, args, log_dir, nproc, LAUNCH_TIMEOUT_S)
+    assert codes == [0] * nproc, f"exit codes {codes}:\n{log_tails(log_dir)}"
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)

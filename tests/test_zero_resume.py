@@ -15,12 +15,13 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from ranks import launch_ranks, log_tails
 
 SEQ_LEN = 32
 VOCAB = 1000
@@ -38,50 +39,12 @@ def model_config():
 
 
 def launch(mode_args: list[str], log_dir: Path, nproc: int = 2, timeout: float = LAUNCH_TIMEOUT_S) -> list[int]:
-    """Run this file on ``nproc`` processes of one process group; return their exit codes.
-
-    Nothing may be JIT-compiled (DeepSpeed's shm op, its Adams): the processes get an empty
-    ``TORCH_EXTENSIONS_DIR`` that must stay absent.
-    """
-    from hataori.train.zero import free_port
-
-    port = free_port()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    extensions = log_dir / "torch_extensions"
-    procs, logs = [], []
-    for rank in range(nproc):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-               "TORCH_EXTENSIONS_DIR": str(extensions)}
-        log = open(log_dir / f"rank{rank}.log", "w")
-        logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, __file__, *mode_args], env=env, stdout=log,
-                                      stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + timeout
-    try:
-        for proc in procs:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        pytest.fail(f"launch {mode_args} did not finish in {timeout} s; logs in {log_dir}:\n{_tails(log_dir)}")
-    finally:
-        for proc in procs:
-            proc.wait()
-        for log in logs:
-            log.close()
-    assert not extensions.exists(), f"a C++ extension was compiled into {extensions}"
-    return [proc.returncode for proc in procs]
-
-
-def _tails(log_dir: Path) -> str:
-    return "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text().splitlines()[-25:])
-                     for p in sorted(log_dir.glob("rank*.log")))
+    """Run this file on ``nproc`` processes of one process group; return their exit codes."""
+    return launch_ranks(__file__, mode_args, log_dir, nproc, timeout)
 
 
 def expect_success(codes: list[int], log_dir: Path) -> None:
-    assert codes == [0] * len(codes), f"exit codes {codes}; logs:\n{_tails(log_dir)}"
+    assert codes == [0] * len(codes), f"exit codes {codes}; logs:\n{log_tails(log_dir)}"
 
 
 def read_steps(run_dir: Path) -> dict[int, dict]:
@@ -104,7 +67,7 @@ def test_resume_after_kill_mid_checkpoint_matches_uninterrupted_run(stage, offlo
     common = ["train", "--stage", str(stage), "--offload", offload, "--run-dir", str(run), "--steps", "6"]
 
     codes = launch([*common, "--save-every", "3", "--kill-in-save-at", "6"], tmp_path / "logs-first")
-    assert all(code == -signal.SIGKILL for code in codes), f"exit codes {codes}:\n{_tails(tmp_path / 'logs-first')}"
+    assert all(code == -signal.SIGKILL for code in codes), f"exit codes {codes}:\n{log_tails(tmp_path / 'logs-first')}"
     checkpoints = run / "checkpoints"
     assert (checkpoints / "step_00000003").is_dir()
     assert (checkpoints / "step_00000006.incomplete").is_dir(), "the kill did not land inside the save"
