@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from hataori.config import require
+from hataori.kernels.cross_entropy import chunked_cross_entropy
 from hataori.model.attention import BACKENDS, attention, document_positions, get_backend
 
 IGNORE_INDEX = -100
@@ -81,6 +82,9 @@ class ModelConfig:
     """With doc_ids, attend within documents only and restart positions at each document."""
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass instead of storing its activations (training memory)."""
+    chunked_loss: bool = False
+    """With targets, compute the loss in row chunks with the output projection fused in
+    (hataori.kernels.cross_entropy), never holding the full logits; same loss and gradients."""
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "pad_vocab_multiple", "d_model", "n_layers", "n_heads",
@@ -324,6 +328,9 @@ class Transformer(nn.Module):
             else:
                 x = block(x, cos, sin, doc_ids)
         x = self.norm(x)
+        if targets is not None and cfg.chunked_loss:
+            return chunked_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                         vocab_size=cfg.vocab_size, ignore_index=IGNORE_INDEX)
         logits = self.lm_head(x)[..., :cfg.vocab_size]  # (B, T, V): padded rows dropped
         if targets is None:
             return logits
