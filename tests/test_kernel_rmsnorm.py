@@ -1,0 +1,208 @@
+"""The Triton RMSNorm kernels (with and without the residual add) against plain PyTorch.
+
+Tolerance (flash-attention's rule): the kernel's largest error against a high-precision reference
+(fp64 for fp32 inputs, fp32 otherwise) is at most twice that of the same computation done by
+PyTorch in the inputs' dtype, plus a small absolute slack, for y, the residual sum, dx, dweight and
+dresidual.
+
+Without a GPU the kernels run on CPU through Triton's interpreter: TRITON_INTERPRET=1 is set only
+while hataori.kernels.rmsnorm is imported and while this module's tests run, then restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+
+@contextlib.contextmanager
+def interpreter_env():
+    """TRITON_INTERPRET=1 inside (on CPU), the environment as it was outside."""
+    if ON_GPU:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+def _triton_built_for_interpreter() -> bool:
+    """Whether the imported triton decorated its own library for the interpreter (another kernel test
+    module may have imported it that way, with the variable set only meanwhile)."""
+    standard = sys.modules.get("triton.language.standard")
+    return standard is not None and type(standard.sum).__name__ == "InterpretedFunction"
+
+
+def _import_kernels():
+    """hataori.kernels.rmsnorm built for this machine: compiled on a GPU, interpreted on CPU.
+
+    Triton decides when a function is decorated, its own library included, so on CPU triton
+    itself must first be imported with TRITON_INTERPRET=1."""
+    if not ON_GPU and "triton" in sys.modules and not _triton_built_for_interpreter():
+        raise RuntimeError("triton was imported without TRITON_INTERPRET=1 before this test module; "
+                           "run the kernel tests with TRITON_INTERPRET=1 set")
+    with interpreter_env():
+        pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+        module = importlib.import_module("hataori.kernels.rmsnorm")
+    assert ON_GPU or module.INTERPRET, "hataori.kernels.rmsnorm was imported without TRITON_INTERPRET=1"
+    return module
+
+
+kernels = _import_kernels()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpret_while_testing():
+    """Triton reads TRITON_INTERPRET lazily on first launches too; set for this module's tests only."""
+    with interpreter_env():
+        yield
+
+
+BF16_ON_CPU = ("Triton's interpreter mishandles bf16 (fp32->bf16 casts truncate): bf16 is tested on a GPU")
+DTYPES = [torch.float32, torch.float16,
+          pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not ON_GPU, reason=BF16_ON_CPU))]
+
+SLACK = {torch.float32: 1e-6, torch.float16: 1e-5, torch.bfloat16: 1e-4}
+
+
+def reference_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float32 else torch.float32
+
+
+def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (x.double() - ref.double()).abs().max().item()
+
+
+def random_inputs(shape: tuple[int, ...], dtype: torch.dtype, residual: bool, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen) * 3).to(DEVICE, dtype)
+    weight = (torch.rand(shape[-1], generator=gen) + 0.5).to(DEVICE, dtype)
+    res = torch.randn(shape, generator=gen).to(DEVICE, dtype) if residual else None
+    return x, weight, res
+
+
+def run(fn, x, weight, res, dy, dres, **kwargs):
+    """Outputs and gradients (dx, dweight, dresidual) of fn, with upstream gradients dy (and dres)."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, weight, res)]
+    out = fn(leaves[0], leaves[1], eps=1e-5, residual=leaves[2], **kwargs)
+    outs = list(out) if isinstance(out, tuple) else [out]
+    grads_in = [dy.to(outs[0].dtype)] + ([dres.to(outs[1].dtype)] if res is not None else [])
+    torch.autograd.backward(outs, grads_in)
+    return [o.detach() for o in outs] + [t.grad for t in leaves if t is not None]
+
+
+def check_against_reference(x, weight, res, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    dy = torch.randn(x.shape, generator=gen).to(DEVICE, x.dtype)
+    dres = torch.randn(x.shape, generator=gen).to(DEVICE, x.dtype)
+    names = ["y", "s", "dx", "dweight", "dresidual"] if res is not None else ["y", "dx", "dweight"]
+    ours = run(kernels.rmsnorm, x, weight, res, dy, dres)
+    same_dtype = run(kernels.rmsnorm_ref, x, weight, res, dy, dres, upcast=False)
+    wide = reference_dtype(x.dtype)
+    exact = run(kernels.rmsnorm_ref, *[t.to(wide) if t is not None else None for t in (x, weight, res)],
+                dy, dres)
+    assert len(ours) == len(names)
+    for name, mine, torch_same, ref in zip(names, ours, same_dtype, exact):
+        assert mine.dtype == x.dtype and mine.shape == ref.shape, name
+        ours_err, torch_err = max_err(mine, ref), max_err(torch_same, ref)
+        assert ours_err <= 2 * torch_err + SLACK[x.dtype], (
+            f"{name}: kernel error {ours_err:.3g} exceeds twice PyTorch's {torch_err:.3g} in {x.dtype}")
+
+
+# shapes (..., N): widths that are not powers of two, a single row, one column, 3-D inputs
+SHAPES = {"7x100": (7, 100), "1x1": (1, 1), "2x5x333": (2, 5, 333), "11x1000": (11, 1000), "4x64": (4, 64)}
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_matches_reference(shape, dtype, residual):
+    check_against_reference(*random_inputs(shape, dtype, residual))
+
+
+def test_fp32_close_to_model_norm():
+    """The same values as the model's RMSNorm module on fp32 inputs."""
+    from hataori.model.model import RMSNorm
+
+    x, weight, _ = random_inputs((6, 48), torch.float32, False, seed=3)
+    norm = RMSNorm(48, eps=1e-5).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        torch.testing.assert_close(kernels.rmsnorm(x, weight), norm(x), rtol=1e-6, atol=1e-6)
+
+
+def test_strided_rows_and_empty_input():
+    x, weight, res = random_inputs((9, 70), torch.float32, True, seed=2)
+    wide = torch.randn(9, 140, device=DEVICE)[:, ::2]  # last dim strided: copied
+    rows = torch.randn(18, 70, device=DEVICE)[::2]  # rows strided: followed
+    for inp in (wide, rows):
+        torch.testing.assert_close(kernels.rmsnorm(inp, weight, residual=res)[0],
+                                   kernels.rmsnorm_ref(inp, weight, residual=res)[0], rtol=1e-5, atol=1e-6)
+    empty = torch.zeros(0, 70, device=DEVICE, requires_grad=True)
+    y = kernels.rmsnorm(empty, weight)
+    y.sum().backward()
+    assert y.shape == (0, 70) and empty.grad.shape == (0, 70)
+
+
+def test_rejects_bad_inputs():
+    x, weight, res = random_inputs((3, 8), torch.float32, True)
+    with pytest.raises(ValueError, match="x \\(..., N\\) and weight \\(N,\\)"):
+        kernels.rmsnorm(x, weight[:4])
+    with pytest.raises(ValueError, match="residual .* must have x's shape"):
+        kernels.rmsnorm(x, weight, residual=res[:2])
+    with pytest.raises(TypeError, match="fp16, bf16 or fp32"):
+        kernels.rmsnorm(x.double(), weight)
+    too_wide = kernels.MAX_WIDTH + 1
+    with pytest.raises(ValueError, match=f"row width {too_wide} is not supported"):
+        kernels.rmsnorm(torch.ones(1, too_wide, device=DEVICE), torch.ones(too_wide, device=DEVICE))
+
+
+# The kernels compiled for a Hopper GPU by Triton's compiler and ptxas (bundled with triton), which
+# needs no GPU: lowering that the interpreter never does is checked on CPU.
+COMPILE_FOR_SM90 = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import hataori.kernels.rmsnorm as K
+assert not K.INTERPRET
+dtype = sys.argv[1]
+floats = {"RSTD": "*fp32", "DW_PARTIAL": "*fp32"}
+for fn, flag in ((K._fwd_kernel, "HAS_RESIDUAL"), (K._bwd_kernel, "HAS_DRES_OUT")):
+    signature = {}
+    for param in fn.params:
+        name = param.name
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+        elif name.isupper():
+            signature[name] = floats.get(name, "*" + dtype)
+        else:
+            signature[name] = "fp32" if name == "eps" else "i32"
+    for block_n in (128, 4096, K.MAX_WIDTH):
+        kernel = triton.compile(ASTSource(fn, signature, {flag: True, "BLOCK_N": block_n}),
+                                target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=K._num_warps(block_n)))
+        print(json.dumps([fn.__name__, block_n, kernel.metadata.shared]))
+"""
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the other tests compile and run the kernels")
+def test_kernels_compile_for_hopper():
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90, "bf16"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    compiled = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(compiled) == 6
+    for name, block_n, shared in compiled:
+        assert shared <= 227 * 1024, f"{name} at {block_n} needs {shared} bytes of shared memory"
