@@ -230,7 +230,7 @@ def worker_train(args) -> None:
     from hataori.train.checkpoint import CheckpointConfig, Checkpointer, seed_all
     from hataori.train.optim import OptimConfig, ScheduleConfig
     from hataori.train.run import record_run
-    from hataori.train.zero import ZeroConfig, init_distributed
+    from hataori.train.zero import ZeroConfig, init_distributed, shutdown_distributed
 
     env = init_distributed()
     run_dir = Path(args.run_dir)
@@ -256,7 +256,7 @@ def worker_train(args) -> None:
         weights = {name: tensor.detach().clone().float() for name, tensor in engine.module.state_dict().items()}
     if env.is_main:
         torch.save(weights, run_dir / "weights.pt")
-    torch.distributed.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -269,6 +269,8 @@ def worker_accum(args) -> None:
 
 
 def main() -> None:
+    from hataori.train.zero import shutdown_distributed
+
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="mode", required=True)
     train = sub.add_parser("train")
@@ -286,7 +288,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
     {"train": worker_train, "accum": worker_accum}[args.mode](args)
-    torch.distributed.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

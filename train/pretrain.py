@@ -127,7 +127,7 @@ def pretrain(cfg: TrainConfig) -> int:
     from hataori.train.run import record_run
     from hataori.train.trainer import Trainer
     from hataori.train.validate import Validator
-    from hataori.train.zero import init_distributed
+    from hataori.train.zero import init_distributed, shutdown_distributed
 
     tokenizer = open_tokenizer(cfg)
     env = init_distributed()
@@ -179,7 +179,7 @@ def pretrain(cfg: TrainConfig) -> int:
         logger.close()
     if env.is_main:
         summarize(run_dir)
-    torch.distributed.destroy_process_group()
+    shutdown_distributed()
     return 0
 
 

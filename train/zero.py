@@ -203,6 +203,15 @@ def init_distributed(timeout: timedelta = timedelta(minutes=10)) -> DistEnv:
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
+def shutdown_distributed() -> None:
+    """End the process group once every rank is done with it. Without the barrier a rank can leave
+    while another is still tearing down its gloo connections, and that one aborts at exit
+    ("terminate called without an active exception")."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def skip_shm_comm_build() -> None:
     """Mark DeepSpeed's CPU shared-memory op incompatible so that it is not JIT-compiled (see above)."""
     import deepspeed.ops
