@@ -12,9 +12,7 @@ Shapes are small because the interpreter is slow. On a GPU the same tests run in
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import importlib
 import json
 import os
 import subprocess
@@ -23,40 +21,12 @@ import sys
 import pytest
 import torch
 
+from triton_tests import DEVICE, ON_GPU, import_kernel, interpreter_env
+
 from hataori.model import ModelConfig
 from hataori.model.attention import attention, cu_seqlens_from_doc_ids
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-
-
-@contextlib.contextmanager
-def interpreter_env():
-    """TRITON_INTERPRET=1 inside (on CPU), the environment as it was outside."""
-    if ON_GPU:
-        yield
-        return
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITON_INTERPRET", "1")
-        yield
-
-
-def _import_kernels():
-    """hataori.kernels.attention built for this machine: compiled on a GPU, interpreted on CPU.
-
-    Triton decides when a function is decorated, its own library included, so on CPU triton
-    itself must first be imported with TRITON_INTERPRET=1."""
-    if not ON_GPU and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("triton was imported without TRITON_INTERPRET=1 before this test module; "
-                           "run the kernel tests with TRITON_INTERPRET=1 set")
-    with interpreter_env():
-        pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
-        module = importlib.import_module("hataori.kernels.attention")
-    assert ON_GPU or module.INTERPRET, "hataori.kernels.attention was imported without TRITON_INTERPRET=1"
-    return module
-
-
-kernels = _import_kernels()
+kernels = import_kernel("attention")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,6 +34,7 @@ def _interpret_while_testing():
     """Triton reads TRITON_INTERPRET lazily on first launches too; set for this module's tests only."""
     with interpreter_env():
         yield
+
 
 BF16_ON_CPU = ("Triton's interpreter mishandles bf16 (tl.dot on bf16 operands gives garbage, "
                "fp32->bf16 casts truncate): bf16 is tested on a GPU")

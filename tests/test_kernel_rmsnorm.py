@@ -11,8 +11,6 @@ while hataori.kernels.rmsnorm is imported and while this module's tests run, the
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import json
 import os
 import subprocess
@@ -21,44 +19,9 @@ import sys
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+from triton_tests import DEVICE, ON_GPU, import_kernel, interpreter_env
 
-
-@contextlib.contextmanager
-def interpreter_env():
-    """TRITON_INTERPRET=1 inside (on CPU), the environment as it was outside."""
-    if ON_GPU:
-        yield
-        return
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITON_INTERPRET", "1")
-        yield
-
-
-def _triton_built_for_interpreter() -> bool:
-    """Whether the imported triton decorated its own library for the interpreter (another kernel test
-    module may have imported it that way, with the variable set only meanwhile)."""
-    standard = sys.modules.get("triton.language.standard")
-    return standard is not None and type(standard.sum).__name__ == "InterpretedFunction"
-
-
-def _import_kernels():
-    """hataori.kernels.rmsnorm built for this machine: compiled on a GPU, interpreted on CPU.
-
-    Triton decides when a function is decorated, its own library included, so on CPU triton
-    itself must first be imported with TRITON_INTERPRET=1."""
-    if not ON_GPU and "triton" in sys.modules and not _triton_built_for_interpreter():
-        raise RuntimeError("triton was imported without TRITON_INTERPRET=1 before this test module; "
-                           "run the kernel tests with TRITON_INTERPRET=1 set")
-    with interpreter_env():
-        pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
-        module = importlib.import_module("hataori.kernels.rmsnorm")
-    assert ON_GPU or module.INTERPRET, "hataori.kernels.rmsnorm was imported without TRITON_INTERPRET=1"
-    return module
-
-
-kernels = _import_kernels()
+kernels = import_kernel("rmsnorm")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,0 +1,49 @@
+"""Importing our Triton kernels for tests: compiled on a GPU, through Triton's interpreter on the CPU.
+
+Triton decides how to run a function when it is decorated, its own library included, so on the
+CPU triton itself must first be imported with ``TRITON_INTERPRET=1``. The variable is set only
+while a kernel module is imported and while its test module runs (``interpreter_env`` in a
+module-scoped fixture), so other test modules and their subprocesses see the environment unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+
+@contextlib.contextmanager
+def interpreter_env():
+    """TRITON_INTERPRET=1 inside (on CPU), the environment as it was outside."""
+    if ON_GPU:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+def _triton_built_for_interpreter() -> bool:
+    """Whether the imported triton decorated its own library for the interpreter (another kernel test
+    module may have imported it that way, with the variable set only meanwhile)."""
+    standard = sys.modules.get("triton.language.standard")
+    return standard is not None and type(standard.sum).__name__ == "InterpretedFunction"
+
+
+def import_kernel(name: str):
+    """``hataori.kernels.<name>`` built for this machine (skips the module where triton is absent)."""
+    if not ON_GPU and "triton" in sys.modules and not _triton_built_for_interpreter():
+        raise RuntimeError("triton was imported without TRITON_INTERPRET=1 before this test module; "
+                           "run the kernel tests with TRITON_INTERPRET=1 set")
+    with interpreter_env():
+        pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+        module = importlib.import_module(f"hataori.kernels.{name}")
+    assert ON_GPU or module.INTERPRET, f"hataori.kernels.{name} was imported without TRITON_INTERPRET=1"
+    return module
