@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hataori.kernels import runtime
+
 INTERPRET = bool(triton.knobs.runtime.interpret)
 """True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
 
@@ -54,10 +56,7 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) *
 
 def unavailable_reason() -> str | None:
     """Why these kernels cannot run here, or None if they can."""
-    if INTERPRET or torch.cuda.is_available():
-        return None
-    return ("needs a CUDA device, or TRITON_INTERPRET=1 set before hataori.kernels.attention is "
-            "imported to run on CPU through Triton's interpreter")
+    return runtime.unavailable_reason(__name__, INTERPRET)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -389,9 +388,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
     if not (q.device == k.device == v.device == cu_seqlens.device):
         raise ValueError(f"q, k, v and cu_seqlens must be on one device; got {q.device}, {k.device}, "
                          f"{v.device}, {cu_seqlens.device}")
-    if not INTERPRET and q.device.type != "cuda":
-        raise ValueError(f"the Triton attention kernels run on a CUDA device, got tensors on {q.device} "
-                         f"(set TRITON_INTERPRET=1 before importing hataori.kernels.attention to run on CPU)")
+    runtime.check_device(q.device, "attention", __name__, INTERPRET)
     if cu_seqlens.ndim != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [0, ..., total_tokens] of at least 2 "
                          f"entries; got shape {tuple(cu_seqlens.shape)}, dtype {cu_seqlens.dtype}")

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hataori.kernels import runtime
+
 INTERPRET = bool(triton.knobs.runtime.interpret)
 """True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
 
@@ -47,10 +49,7 @@ _INTERPRET_BWD_PROGRAMS = 3
 
 def unavailable_reason() -> str | None:
     """Why these kernels cannot run here, or None if they can."""
-    if INTERPRET or torch.cuda.is_available():
-        return None
-    return ("needs a CUDA device, or TRITON_INTERPRET=1 set before hataori.kernels.rmsnorm is "
-            "imported to run on CPU through Triton's interpreter")
+    return runtime.unavailable_reason(__name__, INTERPRET)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -130,9 +129,7 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor 
     devices = {x.device, weight.device} | ({residual.device} if residual is not None else set())
     if len(devices) != 1:
         raise ValueError(f"x, weight and residual must be on one device; got {sorted(map(str, devices))}")
-    if not INTERPRET and x.device.type != "cuda":
-        raise ValueError(f"the Triton RMSNorm kernels run on a CUDA device, got tensors on {x.device} "
-                         f"(set TRITON_INTERPRET=1 before importing hataori.kernels.rmsnorm to run on CPU)")
+    runtime.check_device(x.device, "RMSNorm", __name__, INTERPRET)
 
 
 def rmsnorm_forward(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float
