@@ -1,24 +1,36 @@
 """Causal self-attention behind one function, with pluggable backends.
 
-Every backend has the signature of :func:`attention`::
+Every backend computes what :func:`attention` does::
 
     attention(q, k, v, *, doc_ids=None, backend="sdpa") -> (B, T, n_heads, head_dim)
 
     q:       (B, T, n_heads, head_dim)
     k, v:    (B, T, n_kv_heads, head_dim)   n_heads % n_kv_heads == 0 (grouped-query attention;
                                              query head h reads key/value head h // (n_heads // n_kv_heads))
-    doc_ids: (B, T) integer tensor or None. A new document starts wherever the id changes along T;
-             a token attends only to earlier tokens of its own document. None: one document per row.
+    doc_ids: (B, T) integer tensor, a :class:`Documents` made from one, or None. A new document
+             starts wherever the id changes along T; a token attends only to earlier tokens of its
+             own document. None: one document per row.
 
 Attention is always causal and the softmax scale is ``1 / sqrt(head_dim)``. Document boundaries
 can also be given as flash-attn style cumulative lengths over the flattened batch; convert them
-with :func:`doc_ids_from_cu_seqlens` (and back with :func:`cu_seqlens_from_doc_ids`).
+with :func:`doc_ids_from_cu_seqlens` (and back with :func:`cu_seqlens_from_doc_ids`). The model
+wraps its doc_ids in one :class:`Documents` per forward pass, so every layer shares the positions
+and the cumulative lengths (whose computation waits for the GPU).
 
-Backends register themselves in :data:`BACKENDS` with a function of the signature above and an
+Backends register themselves in :data:`BACKENDS` with a function ``fn(q, k, v, *, docs)`` (docs a
+:class:`Documents` or None) and an
 ``unavailable()`` check that returns why the backend cannot run here (or None). Choosing a backend
-that cannot run is an error; there is no silent fallback. ``sdpa`` (torch's
-``scaled_dot_product_attention``) is the reference every other backend is tested against;
-``triton`` is hataori.kernels.attention (CUDA, or CPU under ``TRITON_INTERPRET=1`` for tests).
+that cannot run is an error; there is no silent fallback. The backends:
+
+- ``sdpa``: torch's ``scaled_dot_product_attention``, any device and dtype; the reference every
+  other backend is tested against.
+- ``triton``: hataori.kernels.attention (CUDA, or CPU under ``TRITON_INTERPRET=1`` for tests).
+- ``flash_attn``: the flash-attn package (``pip install 'hataori[gpu]'`` on a CUDA machine);
+  fp16/bf16 on CUDA only.
+- ``auto``: chooses per call from the tensors it gets: ``flash_attn`` when flash-attn is installed
+  and the inputs are fp16/bf16 on CUDA, else ``triton`` on CUDA when triton is installed and the
+  head dim is one the kernel has (see :func:`auto_choice`), else ``sdpa``. It always runs; CPU runs
+  (tests, the toy preset) get ``sdpa``.
 """
 
 from __future__ import annotations
@@ -39,7 +51,7 @@ class Backend:
     """An attention implementation and a check of whether it can run in this environment."""
 
     fn: Callable[..., torch.Tensor]
-    """``fn(q, k, v, *, doc_ids)``, shapes as in the module docstring."""
+    """``fn(q, k, v, *, docs)``, shapes as in the module docstring, docs a :class:`Documents` or None."""
     unavailable: Callable[[], str | None]
     """Returns why the backend cannot run here (missing package, no GPU), or None if it can.
     Called on every attention call, so it caches anything slow."""
@@ -70,10 +82,11 @@ def get_backend(name: str) -> Callable[..., torch.Tensor]:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-              doc_ids: torch.Tensor | None = None, backend: str = "sdpa") -> torch.Tensor:
+              doc_ids: torch.Tensor | Documents | None = None, backend: str = "sdpa") -> torch.Tensor:
     """Causal (optionally document-masked) grouped-query attention; see the module docstring."""
-    _check_shapes(q, k, v, doc_ids)
-    return get_backend(backend)(q, k, v, doc_ids=doc_ids)
+    docs = doc_ids if isinstance(doc_ids, Documents) or doc_ids is None else Documents(doc_ids)
+    _check_shapes(q, k, v, docs.doc_ids if docs is not None else None)
+    return get_backend(backend)(q, k, v, docs=docs)
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None) -> None:
@@ -88,6 +101,29 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: to
 
 
 # ----------------------------------------------------------------------------- document layout
+
+
+class Documents:
+    """The packed documents of one (B, T) batch, each derived form computed once when first used."""
+
+    def __init__(self, doc_ids: torch.Tensor):
+        self.doc_ids = doc_ids
+        """(B, T) document of each token; a new document starts where the id changes."""
+
+    @functools.cached_property
+    def positions(self) -> torch.Tensor:
+        """(B, T) long: each token's position within its document (:func:`document_positions`)."""
+        return document_positions(self.doc_ids)
+
+    @functools.cached_property
+    def cu_seqlens(self) -> torch.Tensor:
+        """int32 cumulative document lengths over the flattened batch (:func:`cu_seqlens_from_doc_ids`)."""
+        return cu_seqlens_from_doc_ids(self.doc_ids)
+
+    def mask(self) -> torch.Tensor:
+        """(B, 1, T, T) bool attention mask (:func:`document_mask`); built anew by each call rather
+        than kept, as it is B * T^2 bytes."""
+        return document_mask(self.doc_ids)
 
 
 def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -139,7 +175,7 @@ def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                   doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                   docs: Documents | None = None) -> torch.Tensor:
     """torch's ``scaled_dot_product_attention``: the reference backend, any device and dtype.
 
     Without documents, SDPA's own causal path with ``enable_gqa`` reads each key/value head for its
@@ -150,13 +186,13 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     math path.
     """
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, T, D) and (B, H_kv, T, D)
-    if doc_ids is None:
+    if docs is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     else:
         group = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(group, dim=1)  # (B, H, T, D)
         v = v.repeat_interleave(group, dim=1)  # (B, H, T, D)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(doc_ids))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=docs.mask())
     return out.transpose(1, 2)  # (B, T, H, D)
 
 
@@ -164,25 +200,26 @@ register_backend("sdpa", sdpa_attention)
 
 
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                     doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                     docs: Documents | None = None) -> torch.Tensor:
     """hataori.kernels.attention's FlashAttention-2 style kernel; documents become its varlen layout."""
     from hataori.kernels.attention import flash_attention
 
-    if doc_ids is None:
+    if docs is None:
         return flash_attention(q, k, v)
     B, T, H, Dh = q.shape
     q, k, v = (x.reshape(B * T, *x.shape[2:]) for x in (q, k, v))  # (B * T, heads, Dh)
-    out = flash_attention(q, k, v, cu_seqlens=cu_seqlens_from_doc_ids(doc_ids), max_seqlen=T)  # (B * T, H, Dh)
+    out = flash_attention(q, k, v, cu_seqlens=docs.cu_seqlens, max_seqlen=T)  # (B * T, H, Dh)
     return out.view(B, T, H, Dh)
 
 
 @functools.cache
-def _triton_installed() -> bool:
+def triton_installed() -> bool:
+    """Whether the triton package can be found (it is imported only where its kernels are used)."""
     return importlib.util.find_spec("triton") is not None
 
 
 def _triton_unavailable() -> str | None:
-    if not _triton_installed():
+    if not triton_installed():
         return "triton is not installed (pip install triton)"
     from hataori.kernels.attention import unavailable_reason
 
@@ -190,3 +227,86 @@ def _triton_unavailable() -> str | None:
 
 
 register_backend("triton", triton_attention, _triton_unavailable)
+
+
+# flash-attn: its own CUDA kernels (fp16/bf16), imported when first used.
+
+
+@functools.cache
+def _flash_attn_module():
+    """The flash_attn package, or None when it is not installed (or fails to import)."""
+    try:
+        import flash_attn
+    except ImportError:
+        return None
+    return flash_attn
+
+
+def _flash_attn_unavailable() -> str | None:
+    if _flash_attn_module() is None:
+        return "flash-attn is not installed (pip install 'hataori[gpu]' on a machine with CUDA)"
+    if not torch.cuda.is_available():
+        return "flash-attn needs a CUDA device and none is visible"
+    return None
+
+
+FLASH_ATTN_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def flash_attn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                         docs: Documents | None = None) -> torch.Tensor:
+    """flash-attn's kernels: ``flash_attn_func`` per row, or its varlen form over packed documents.
+
+    flash-attn reads grouped key/value heads itself and takes the (B, T, heads, Dh) layout as is.
+    Its inputs must be fp16 or bf16 on a CUDA device.
+    """
+    if q.device.type != "cuda" or q.dtype not in FLASH_ATTN_DTYPES:
+        raise ValueError(f"the flash_attn backend runs fp16/bf16 tensors on a CUDA device; got {q.dtype} on "
+                         f"{q.device} (choose attention_backend: auto to fall back where it cannot run)")
+    fa = _flash_attn_module()
+    if docs is None:
+        return fa.flash_attn_func(q, k, v, causal=True)
+    B, T, H, Dh = q.shape
+    cu_seqlens = docs.cu_seqlens  # (n_docs + 1,) int32
+    q, k, v = (x.reshape(B * T, *x.shape[2:]) for x in (q, k, v))  # (B * T, heads, Dh)
+    out = fa.flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                                    max_seqlen_q=T, max_seqlen_k=T, causal=True)  # (B * T, H, Dh)
+    return out.view(B, T, H, Dh)
+
+
+register_backend("flash_attn", flash_attn_attention, _flash_attn_unavailable)
+
+
+# auto: the fastest backend that can run the call in hand.
+
+
+def auto_choice(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """The backend ``auto`` uses for queries of ``dtype`` and ``head_dim`` on ``device``.
+
+    On CUDA, flash-attn takes fp16/bf16; the Triton kernel takes the head dims it was written for
+    (hataori.kernels.attention.HEAD_DIMS), in fp16, bf16 or fp32. Everything else goes to SDPA.
+    """
+    if device.type != "cuda":
+        return "sdpa"
+    if dtype in FLASH_ATTN_DTYPES and _flash_attn_unavailable() is None:
+        return "flash_attn"
+    if triton_installed():
+        from hataori.kernels.attention import DTYPES, HEAD_DIMS
+
+        if head_dim in HEAD_DIMS and dtype in DTYPES:
+            return "triton"
+    return "sdpa"
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """The backend that runs for ``attention_backend: name``: ``name`` itself, or auto's choice."""
+    return auto_choice(device, dtype, head_dim) if name == "auto" else name
+
+
+def auto_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                   docs: Documents | None = None) -> torch.Tensor:
+    """Whichever backend :func:`auto_choice` picks for these tensors."""
+    return BACKENDS[auto_choice(q.device, q.dtype, q.shape[-1])].fn(q, k, v, docs=docs)
+
+
+register_backend("auto", auto_attention)

@@ -4,6 +4,13 @@ Pre-norm blocks of grouped-query attention with rotary position embeddings and a
 RMSNorm everywhere, no biases. Optional: RMSNorm on queries and keys per head (qk-norm), tied
 input and output embeddings, document masking of packed sequences, activation checkpointing.
 
+Kernels. Attention runs on the backend ``attention_backend`` names (hataori.model.attention); the
+RMSNorms, the rotary embedding and the SwiGLU activation run as plain PyTorch ops or as the fused
+Triton kernels of hataori.kernels (``fused_kernels``), where the norm before each MLP also adds the
+attention output to the residual stream in the same pass. Both choices default to ``auto``: the
+fastest implementation that can run on the device the model's tensors are on, plain PyTorch and
+SDPA on a CPU. The loss can be computed in chunks with the output projection (``chunked_loss``).
+
 Shapes: B batch, T sequence length, D d_model, H n_heads, H_kv n_kv_heads, Dh head_dim, V vocab.
 
 Packed sequences and positions. With ``doc_masking`` the model takes ``doc_ids`` (B, T) from the
@@ -19,6 +26,7 @@ positions are 0..T-1 across the row and attention is plainly causal, as in Huggi
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 
@@ -28,11 +36,19 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from hataori.config import require
+from hataori.errors import ConfigError
 from hataori.kernels.cross_entropy import chunked_cross_entropy
-from hataori.model.attention import BACKENDS, attention, document_positions, get_backend
+from hataori.model.attention import (BACKENDS, Documents, attention, document_positions, get_backend, resolve_backend,
+                                     triton_installed)
 
 IGNORE_INDEX = -100
 """Target value of tokens that do not count in the loss (padding)."""
+
+FUSED_KERNELS = ("torch", "triton", "auto")
+"""Choices of ``ModelConfig.fused_kernels``."""
+
+FUSED_KERNEL_MODULES = ("rmsnorm", "rope", "swiglu")
+"""The hataori.kernels modules ``fused_kernels: triton`` uses."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -76,8 +92,13 @@ class ModelConfig:
     """Standard deviation of the normal initialisation of every weight matrix."""
     scaled_init: bool = True
     """Scale the init of the residual output projections (attention out, MLP down) by 1/sqrt(2 * n_layers)."""
-    attention_backend: str = "sdpa"
-    """Name of the attention implementation, one of hataori.model.attention.BACKENDS."""
+    attention_backend: str = "auto"
+    """Name of the attention implementation, one of hataori.model.attention.BACKENDS: sdpa, triton,
+    flash_attn, or auto (flash-attn, else the Triton kernel on CUDA; SDPA on CPU)."""
+    fused_kernels: str = "auto"
+    """RMSNorm (with the residual add before the MLP norm), RoPE and SwiGLU: ``torch`` (plain PyTorch
+    ops), ``triton`` (the fused kernels of hataori.kernels; an error where they cannot run) or
+    ``auto`` (the Triton kernels for CUDA tensors when triton is installed, torch otherwise)."""
     doc_masking: bool = True
     """With doc_ids, attend within documents only and restart positions at each document."""
     activation_checkpointing: bool = False
@@ -112,6 +133,8 @@ class ModelConfig:
         require(self.attention_backend in BACKENDS, "attention_backend",
                 f"unknown attention backend {self.attention_backend!r}; "
                 f"choose one of {', '.join(sorted(BACKENDS))}")
+        require(self.fused_kernels in FUSED_KERNELS, "fused_kernels",
+                f"must be one of {', '.join(FUSED_KERNELS)}; got {self.fused_kernels!r}")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -119,8 +142,13 @@ class ModelConfig:
         return _round_up(self.vocab_size, self.pad_vocab_multiple)
 
     def build(self) -> Transformer:
-        """A freshly initialised model; fails if the chosen attention backend cannot run here."""
+        """A freshly initialised model; fails if the chosen attention backend or kernels cannot run here."""
         get_backend(self.attention_backend)
+        if self.fused_kernels == "triton":
+            reason = fused_kernels_unavailable()
+            if reason is not None:
+                raise ConfigError("fused_kernels", f"the Triton kernels cannot run here: {reason}; "
+                                  f"choose fused_kernels: auto or torch")
         return Transformer(self)
 
     def num_params(self) -> int:
@@ -154,18 +182,49 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def fused_kernels_unavailable() -> str | None:
+    """Why the fused Triton kernels (RMSNorm, RoPE, SwiGLU) cannot run here, or None if they can."""
+    if not triton_installed():
+        return "triton is not installed (pip install triton)"
+    for name in FUSED_KERNEL_MODULES:
+        reason = importlib.import_module(f"hataori.kernels.{name}").unavailable_reason()
+        if reason is not None:
+            return reason
+    return None
+
+
+def use_triton(choice: str, x: torch.Tensor) -> bool:
+    """Whether ``fused_kernels: choice`` runs the Triton kernels on x's device."""
+    return choice == "triton" or (choice == "auto" and x.device.type == "cuda" and triton_installed())
+
+
 # ----------------------------------------------------------------------------- layers
 
 
 class RMSNorm(nn.Module):
-    """``x / rms(x) * weight`` over the last dimension, computed in fp32 and cast back."""
+    """``x / rms(x) * weight`` over the last dimension, computed in fp32 and cast back.
 
-    def __init__(self, dim: int, eps: float):
+    With ``residual``, first ``s = x + residual`` and returns ``(norm(s), s)``: the Triton kernel does
+    the add and the norm in one pass over the residual stream.
+    """
+
+    def __init__(self, dim: int, eps: float, kernels: str = "torch"):
         super().__init__()
         self.eps = eps
+        self.kernels = kernels
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if use_triton(self.kernels, x):
+            from hataori.kernels.rmsnorm import rmsnorm
+
+            return rmsnorm(x, self.weight, self.eps, residual=residual)
+        if residual is not None:
+            s = x + residual
+            return self._norm(s), s
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
@@ -181,6 +240,33 @@ def rope_tables(head_dim: int, max_seq_len: int, base: float) -> tuple[torch.Ten
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (T_max, Dh/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T_max, Dh)
     return angles.cos().float(), angles.sin().float()
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What every block needs to know about the batch, prepared once per forward pass.
+
+    Rotary: for the Triton kernel (``fused_rope``), cos and sin are the (max_seq_len, Dh) tables and
+    positions the (B, T) position of each token, or None for 0..T-1; for PyTorch, cos and sin are
+    already gathered per position, (B or 1, T, 1, Dh), and positions is None.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: torch.Tensor | None
+    fused_rope: bool
+    docs: Documents | None
+    """The packed documents (with doc_masking and doc_ids), shared by every layer's attention."""
+    attention_backend: str
+    """The backend every layer runs (``auto`` already resolved for this device and dtype)."""
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B, T, H, Dh) and k (B, T, H_kv, Dh) rotated."""
+        if self.fused_rope:
+            from hataori.kernels.rope import rope
+
+            return rope(q, k, self.cos, self.sin, self.positions)
+        return apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -200,38 +286,42 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.backend = cfg.attention_backend
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.fused_kernels) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.fused_kernels) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                doc_ids: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, Dh)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, Dh)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, Dh)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attention(q, k, v, doc_ids=doc_ids, backend=self.backend)  # (B, T, H, Dh)
+        q, k = ctx.rotate(q, k)
+        y = attention(q, k, v, doc_ids=ctx.docs, backend=ctx.attention_backend)  # (B, T, H, Dh)
         return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))  # (B, T, D)
 
 
 class MLP(nn.Module):
-    """SwiGLU: ``w_down(silu(w_gate x) * w_up x)``."""
+    """SwiGLU: ``w_down(silu(w_gate x) * w_up x)``; the activation is one Triton kernel when fused."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.kernels = cfg.fused_kernels
         self.w_gate = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.w_up = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.w_down = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        gate, up = self.w_gate(x), self.w_up(x)  # (B, T, F) each
+        if use_triton(self.kernels, x):
+            from hataori.kernels.swiglu import swiglu
+
+            return self.w_down(swiglu(gate, up))
+        return self.w_down(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -242,7 +332,7 @@ class Block(nn.Module):
         |                attn_norm
         |                attention (GQA, RoPE, optional qk-norm)
         |                    |
-       (+) <-----------------'
+       (+) <-----------------'     (the add and mlp_norm: one fused kernel)
         |--------------------.
         |                mlp_norm
         |                SwiGLU MLP
@@ -254,15 +344,15 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.fused_kernels)
         self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.fused_kernels)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                doc_ids: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, doc_ids)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), ctx)
+        normed, x = self.mlp_norm(h, residual=x)  # x + h, and its norm
+        return x + self.mlp(normed)
 
 
 # ----------------------------------------------------------------------------- model
@@ -280,7 +370,7 @@ class Transformer(nn.Module):
         self.config = cfg
         self.tok_embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.fused_kernels)
         self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, Dh)
@@ -313,20 +403,13 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         if T > cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len}")
-        if cfg.doc_masking and doc_ids is not None:
-            positions = document_positions(doc_ids)  # (B, T), restarting at each document
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, Dh)
-        else:
-            doc_ids = None
-            cos, sin = self.rope_cos[None, :T], self.rope_sin[None, :T]  # (1, T, Dh)
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B or 1, T, 1, Dh), broadcast over heads
-
         x = self.tok_embeddings(input_ids)  # (B, T, D)
+        ctx = self.context(x, doc_ids if cfg.doc_masking else None)
         for block in self.blocks:
             if cfg.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, doc_ids, use_reentrant=False)
+                x = checkpoint(block, x, ctx, use_reentrant=False)
             else:
-                x = block(x, cos, sin, doc_ids)
+                x = block(x, ctx)
         x = self.norm(x)
         if targets is not None and cfg.chunked_loss:
             return chunked_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
@@ -335,3 +418,20 @@ class Transformer(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+    def context(self, x: torch.Tensor, doc_ids: torch.Tensor | None) -> Context:
+        """The blocks' :class:`Context` for embeddings x (B, T, D): rotary positions 0..T-1, or
+        restarting at each document of ``doc_ids``, and the attention backend for x's device and dtype."""
+        cfg = self.config
+        docs = Documents(doc_ids) if doc_ids is not None else None
+        backend = resolve_backend(cfg.attention_backend, x.device, x.dtype, cfg.head_dim)
+        if use_triton(cfg.fused_kernels, x):  # the kernel reads the tables at each token's position
+            positions = docs.positions if docs is not None else None  # (B, T) or None
+            return Context(self.rope_cos, self.rope_sin, positions, True, docs, backend)
+        if docs is not None:
+            positions = document_positions(doc_ids)  # (B, T), freed once cos and sin are gathered
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, Dh)
+        else:
+            T = x.shape[1]
+            cos, sin = self.rope_cos[None, :T], self.rope_sin[None, :T]  # (1, T, Dh)
+        return Context(cos.unsqueeze(2), sin.unsqueeze(2), None, False, docs, backend)  # (B or 1, T, 1, Dh)

@@ -149,9 +149,8 @@ def test_attention_layer_with_qk_norm_by_hand():
     causal = torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T)
     expected = naive_attention(q, k, v, causal).reshape(B, T, H * Dh) @ layer.wo.weight.T
 
-    cos, sin = model.rope_cos[None, :T, None], model.rope_sin[None, :T, None]
     with torch.no_grad():
-        got = layer(x, cos, sin, None)
+        got = layer(x, model.context(x, None))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 

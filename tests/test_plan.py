@@ -173,12 +173,27 @@ def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype: to
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
+    contexts = []
+    make_context = model.context
+    model.context = lambda *args: contexts.append(make_context(*args)) or contexts[-1]
+
     ids = torch.randint(0, cfg.vocab_size, (batch, seq_len))
     targets = torch.randint(0, cfg.vocab_size, (batch, seq_len))
     doc_ids = (torch.rand(batch, seq_len) < 0.1).long().cumsum(dim=1)  # (B, T), a few documents a row
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(ids, doc_ids=doc_ids, targets=targets)
+    if cfg.activation_checkpointing:  # the blocks' context stays alive for their recomputation
+        for t in context_tensors(contexts[0]):
+            pack(t)
     return sum(saved.values()) - loss.untyped_storage().nbytes()  # the scalar loss itself is not an activation
+
+
+def context_tensors(ctx) -> list[torch.Tensor]:
+    """The tensors a model.Context holds: rotary tables or gathered values, positions, documents."""
+    tensors = [ctx.cos, ctx.sin, ctx.positions]
+    if ctx.docs is not None:
+        tensors += [value for value in vars(ctx.docs).values() if isinstance(value, torch.Tensor)]
+    return [t for t in tensors if t is not None]
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
@@ -188,7 +203,7 @@ def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype: to
 def test_activation_formula_counts_what_autograd_saves(precision, dtype, qk_norm, checkpointing, doc_masking):
     cfg = ModelConfig(vocab_size=500, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=160,
                       max_seq_len=64, qk_norm=qk_norm, activation_checkpointing=checkpointing,
-                      doc_masking=doc_masking)
+                      doc_masking=doc_masking, attention_backend="sdpa", fused_kernels="torch")
     B, T = 2, 40
     t = activation_bytes_per_token(cfg, seq_len=T, precision=precision)
     if checkpointing:  # saved through the forward: each block's input; the block itself is recomputed later
