@@ -14,8 +14,9 @@ import torch
 from hataori.cli import main as hataori_main
 from hataori.config import load
 from hataori.model import ModelConfig
+from hataori.model.attention import document_starts
 from hataori.train.plan import (GIB, SETUPS, Workload, activation_bytes, activation_bytes_per_token,
-                                largest_layer_params, model_states, plan, recommend)
+                                largest_layer_params, loss_backward_bytes, model_states, plan, recommend)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -157,9 +158,10 @@ def test_stage_arithmetic_closed_forms():
 # ----------------------------------------------------------------------------- activations vs autograd
 
 
-def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype) -> int:
+def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype) -> tuple[int, int]:
     """Bytes of the distinct tensors autograd keeps for the backward pass of one loss computation,
-    parameters and buffers excluded. Parameters are cast as DeepSpeed casts them (buffers stay fp32)."""
+    parameters and buffers excluded, and the number of documents in the batch. Parameters are cast
+    as DeepSpeed casts them (buffers stay fp32)."""
     torch.manual_seed(0)
     model = cfg.build()
     for p in model.parameters():
@@ -169,7 +171,7 @@ def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype: to
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in own:
+        if storage.data_ptr() not in own and t.dim() > 0:  # scalars (the loss's total weight) aside
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
@@ -185,7 +187,8 @@ def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype: to
     if cfg.activation_checkpointing:  # the blocks' context stays alive for their recomputation
         for t in context_tensors(contexts[0]):
             pack(t)
-    return sum(saved.values()) - loss.untyped_storage().nbytes()  # the scalar loss itself is not an activation
+    n_docs = int(document_starts(doc_ids).sum())
+    return sum(saved.values()), n_docs
 
 
 def context_tensors(ctx) -> list[torch.Tensor]:
@@ -196,23 +199,48 @@ def context_tensors(ctx) -> list[torch.Tensor]:
     return [t for t in tensors if t is not None]
 
 
+def check_activation_formula(precision: str, dtype: torch.dtype, checkpointing: bool, **overrides) -> None:
+    """The plan's per-token activation terms against what autograd keeps on a small model.
+
+    The Triton attention with documents also keeps the int32 cumulative document lengths (4 bytes
+    per document, which the plan leaves out): they are added to the expectation here."""
+    cfg = ModelConfig(vocab_size=500, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=160,
+                      max_seq_len=64, activation_checkpointing=checkpointing, **overrides)
+    B, T = 2, 40
+    t = activation_bytes_per_token(cfg, seq_len=T, precision=precision)
+    if checkpointing:  # saved through the forward: each block's input; the block itself is recomputed later
+        forward = B * T * (cfg.n_layers * t["block_input"] + t["checkpoint_inputs"] + t["head"])
+    else:
+        forward = B * T * (cfg.n_layers * t["block"] + t["head"])
+    saved, n_docs = saved_activation_bytes(cfg, B, T, dtype)
+    cu_seqlens = 4 * (n_docs + 1) if cfg.attention_backend == "triton" and cfg.doc_masking else 0
+    assert saved == forward + cu_seqlens
+    peak = activation_bytes(cfg, micro_batch=B, seq_len=T, precision=precision, checkpointing=checkpointing)
+    assert peak == (forward + B * T * (t["loss_backward"] + (t["block"] if checkpointing else 0))
+                    + loss_backward_bytes(cfg, tokens=B * T, precision=precision))
+
+
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
 @pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("doc_masking", [False, True])
 def test_activation_formula_counts_what_autograd_saves(precision, dtype, qk_norm, checkpointing, doc_masking):
-    cfg = ModelConfig(vocab_size=500, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=160,
-                      max_seq_len=64, qk_norm=qk_norm, activation_checkpointing=checkpointing,
-                      doc_masking=doc_masking, attention_backend="sdpa", fused_kernels="torch")
-    B, T = 2, 40
-    t = activation_bytes_per_token(cfg, seq_len=T, precision=precision)
-    if checkpointing:  # saved through the forward: each block's input; the block itself is recomputed later
-        expected = B * T * (cfg.n_layers * t["block_input"] + t["checkpoint_inputs"] + t["head"])
-    else:
-        expected = B * T * (cfg.n_layers * t["block"] + t["head"])
-    assert saved_activation_bytes(cfg, B, T, dtype) == expected
-    peak = activation_bytes(cfg, micro_batch=B, seq_len=T, precision=precision, checkpointing=checkpointing)
-    assert peak == expected + B * T * (t["loss_backward"] + (t["block"] if checkpointing else 0))
+    check_activation_formula(precision, dtype, checkpointing, qk_norm=qk_norm, doc_masking=doc_masking,
+                             attention_backend="sdpa", fused_kernels="torch")
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_formula_with_the_chunked_loss(precision, dtype, checkpointing):
+    check_activation_formula(precision, dtype, checkpointing, doc_masking=True, attention_backend="sdpa",
+                             fused_kernels="torch", chunked_loss=True)
+
+
+def test_loss_chunk_rows_are_the_kernels():
+    from hataori.kernels.cross_entropy import DEFAULT_CHUNK_SIZE
+    from hataori.train.plan import DEFAULT_LOSS_CHUNK_ROWS
+
+    assert DEFAULT_LOSS_CHUNK_ROWS == DEFAULT_CHUNK_SIZE
 
 
 # ----------------------------------------------------------------------------- plans and the command

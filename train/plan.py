@@ -47,6 +47,7 @@ by tensor, for this repository's block (tests/test_plan.py counts the tensors au
 small model and checks this formula to the byte)::
 
     RMSNorm (x2 per block)  4D + 4 + 2aD     fp32 copy of the input, 1/rms, normalised input, output
+                  fused:    2aD + 4          input (or the residual sum), 1/rms, output
     attention               a(2Wq + 2Wkv') + 4H
                                              q, k, v after RoPE and the output, and the fp32
                                              log-sum-exp; RoPE keeps nothing of its own
@@ -56,20 +57,39 @@ small model and checks this formula to the byte)::
     qk-norm (if on)         (4 + a)(Wq + Wkv) + 4(H + H_kv)
                                              fp32 input, 1/rms, normalised input (RoPE keeps
                                              nothing, so the norm's output is not kept)
+                  fused:    a(Wq + Wkv) + 4(H + H_kv)
+                                             input, 1/rms
     SwiGLU                  4aF              gate, silu(gate), up, their product
+                  fused:    3aF              gate, up, their product
 
     per block       = 2 RMSNorm + attention (+ mask) (+ qk-norm) + SwiGLU
     head            = RMSNorm + 4V + 16 (+ 8 Dh)
                                              final norm, fp32 log-probabilities of the loss,
                                              input ids and targets (int64); with document
                                              masking the rotary cos and sin gathered per position
+                                             (fused: + 8, the positions the RoPE kernel reads)
+          chunked loss:     RMSNorm + 4 + 16 (+ 8 Dh or 8)
+                                             the fp32 log-sum-exp per token instead of the
+                                             log-probabilities
     loss backward   = 8V                     the fp32 gradients of the log-probabilities and of
                                              the logits, beside the saved log-probabilities
+          chunked loss:     (8 + a) V C + 4 V D (a < 4)
+                                             for the whole micro-batch, not per token: one chunk
+                                             of C = min(2048, B T) rows of logits in the working
+                                             dtype, in fp32 and their fp32 gradient, and the
+                                             fp32 accumulator of the output matrix's gradient
 
     without checkpointing:  B T (L * block + head + loss backward)
     with checkpointing:     B T (L * aD + block + head + loss backward (+ 8))
                             (each block keeps its input, and the int64 doc_ids with document
                             masking; one block is recomputed at a time)
+
+The kernels are those the config runs on a CUDA GPU: ``attention_backend: auto`` there is
+flash-attn or the Triton kernel, which keep what SDPA's flash kernel keeps, and ``fused_kernels:
+auto`` the fused Triton RMSNorm, RoPE and SwiGLU ("fused" above). The Triton attention with
+document masking also keeps the int32 cumulative document lengths, 4 bytes per document per
+micro-batch, left out. The chunked loss's backward term is an estimate: the test counts what the
+forward keeps, not the backward's working memory.
 
 Assumptions: the attention kernel never materialises the T x T scores (flash or memory-efficient
 SDPA; the CPU flash kernel that the test measures saves the same tensors); the rotary tables stay
@@ -97,6 +117,8 @@ from hataori.errors import ConfigError, InputError
 GIB = 2**30
 DEFAULT_OVERHEAD_GIB = 3.0
 DEFAULT_BUCKET_ELEMENTS = 500_000_000
+DEFAULT_LOSS_CHUNK_ROWS = 2048
+"""Rows per chunk of the chunked loss (hataori.kernels.cross_entropy.DEFAULT_CHUNK_SIZE)."""
 Precision = Literal["bf16", "fp16", "fp32"]
 Offload = Literal["none", "optimizer", "optimizer+params"]
 
@@ -192,17 +214,29 @@ def activation_bytes_per_token(cfg: Any, *, seq_len: int, precision: Precision) 
     a = 4 if precision == "fp32" else 2
     D, H, H_kv, Dh, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_hidden, cfg.vocab_size
     Wq, Wkv = H * Dh, H_kv * Dh
-    norm = 4 * D + 4 + 2 * a * D
+    fused = cfg.fused_kernels != "torch"
+    norm = 2 * a * D + 4 + (0 if fused else 4 * D)
     mask = cfg.attention_backend == "sdpa" and cfg.doc_masking
     kv_saved = Wq if mask else Wkv
-    block = 2 * norm + a * (2 * Wq + 2 * kv_saved) + 4 * H + 4 * a * F
+    block = 2 * norm + a * (2 * Wq + 2 * kv_saved) + 4 * H + (3 if fused else 4) * a * F
     if mask:
         block += a * seq_len
     if cfg.qk_norm:
-        block += (4 + a) * (Wq + Wkv) + 4 * (H + H_kv)
-    head = norm + 4 * V + 16 + (8 * Dh if cfg.doc_masking else 0)
-    return {"block": block, "block_input": a * D, "head": head, "loss_backward": 8 * V,
+        block += (a if fused else 4 + a) * (Wq + Wkv) + 4 * (H + H_kv)
+    rotary = (8 if fused else 8 * Dh) if cfg.doc_masking else 0
+    chunked = cfg.chunked_loss
+    head = norm + (4 if chunked else 4 * V) + 16 + rotary
+    return {"block": block, "block_input": a * D, "head": head, "loss_backward": 0 if chunked else 8 * V,
             "checkpoint_inputs": 8 if cfg.doc_masking else 0}
+
+
+def loss_backward_bytes(cfg: Any, *, tokens: int, precision: Precision) -> int:
+    """The chunked loss's backward working memory for a micro-batch of ``tokens`` (0 without it)."""
+    if not cfg.chunked_loss:
+        return 0
+    a = 4 if precision == "fp32" else 2
+    rows = min(DEFAULT_LOSS_CHUNK_ROWS, tokens)
+    return (8 + a) * cfg.vocab_size * rows + (4 * cfg.padded_vocab_size * cfg.d_model if a < 4 else 0)
 
 
 def activation_bytes(cfg: Any, *, micro_batch: int, seq_len: int, precision: Precision, checkpointing: bool) -> float:
@@ -212,7 +246,9 @@ def activation_bytes(cfg: Any, *, micro_batch: int, seq_len: int, precision: Pre
         layers = cfg.n_layers * t["block_input"] + t["checkpoint_inputs"] + t["block"]
     else:
         layers = cfg.n_layers * t["block"]
-    return float(micro_batch * seq_len * (layers + t["head"] + t["loss_backward"]))
+    tokens = micro_batch * seq_len
+    return float(tokens * (layers + t["head"] + t["loss_backward"])
+                 + loss_backward_bytes(cfg, tokens=tokens, precision=precision))
 
 
 # ----------------------------------------------------------------------------- plans

@@ -1,0 +1,105 @@
+"""The model with every Triton kernel (attention, RMSNorm, RoPE, SwiGLU) against the plain PyTorch model.
+
+A training step of the model with ``attention_backend: triton`` and ``fused_kernels: triton`` gives
+the loss and every parameter gradient of the same model with SDPA and plain PyTorch ops, and keeps
+for the backward pass what the plan's activation formula says. On a CPU the kernels run through
+Triton's interpreter (TRITON_INTERPRET=1 is set only while they are imported and while this module's
+tests run); ``auto`` there chooses SDPA and plain ops without importing triton at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hataori.model import ModelConfig
+from test_plan import check_activation_formula
+from triton_tests import DEVICE, ON_GPU, import_kernel, interpreter_env
+
+for name in ("attention", "rmsnorm", "rope", "swiglu"):
+    import_kernel(name)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpret_while_testing():
+    with interpreter_env():
+        yield
+
+
+def small(**overrides) -> ModelConfig:
+    return ModelConfig(vocab_size=500, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=160,
+                       max_seq_len=64, **overrides)
+
+
+def training_step(cfg: ModelConfig, ids: torch.Tensor, doc_ids: torch.Tensor | None):
+    torch.manual_seed(0)
+    model = cfg.build().to(DEVICE)
+    loss = model(ids[:, :-1], doc_ids=doc_ids, targets=ids[:, 1:])
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+CASES = {
+    "documents-qk_norm": dict(qk_norm=True),
+    "checkpointing-tied-chunked_loss": dict(activation_checkpointing=True, tie_embeddings=True, chunked_loss=True),
+    "no-documents": dict(doc_masking=False),
+}
+
+
+@pytest.mark.parametrize("options", CASES.values(), ids=CASES.keys())
+def test_triton_model_step_matches_plain_pytorch(options):
+    # documents of 10, 1 and 29 tokens in one row, 39 and 1 in the other
+    doc_ids = torch.tensor([[0] * 10 + [1] + [2] * 29, [3] * 39 + [4]], device=DEVICE)  # (2, 40)
+    ids = torch.randint(0, 500, (2, 41), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    plain = small(attention_backend="sdpa", fused_kernels="torch", **options)
+    fused = dataclasses.replace(plain, attention_backend="triton", fused_kernels="triton")
+    plain_loss, plain_grads = training_step(plain, ids, doc_ids)
+    fused_loss, fused_grads = training_step(fused, ids, doc_ids)
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=1e-6)
+    assert fused_grads.keys() == plain_grads.keys()
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("fp16", torch.float16)])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_formula_with_triton_kernels(precision, dtype, checkpointing):
+    """What the fused kernels keep for the backward pass (train/plan.py's "fused" terms), counted by autograd."""
+    if ON_GPU:
+        pytest.skip("the activation count runs the model on the CPU")
+    check_activation_formula(precision, dtype, checkpointing, qk_norm=True, doc_masking=True,
+                             attention_backend="triton", fused_kernels="triton")
+
+
+# The CPU without the interpreter: run in a fresh process, as triton decides at import.
+NO_INTERPRETER = """
+import sys
+import torch
+from hataori.errors import ConfigError
+from hataori.model import ModelConfig
+cfg = dict(vocab_size=50, d_model=32, n_layers=1, n_heads=2, max_seq_len=16)
+model = ModelConfig(**cfg).build()  # auto, auto
+loss = model(torch.zeros(1, 8, dtype=torch.long), targets=torch.zeros(1, 8, dtype=torch.long))
+loss.backward()
+print("triton imported:", "triton" in sys.modules)
+try:
+    ModelConfig(**cfg, fused_kernels="triton").build()
+except ConfigError as err:
+    print("ConfigError:", err)
+"""
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU-only choices")
+def test_auto_on_cpu_runs_plain_pytorch_and_explicit_triton_is_an_error():
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", NO_INTERPRETER], env=env, capture_output=True, text=True,
+                            timeout=120, check=True)
+    imported, error = result.stdout.splitlines()
+    assert imported == "triton imported: False"
+    assert error.startswith("ConfigError: fused_kernels: the Triton kernels cannot run here: needs a CUDA device")
+    assert "choose fused_kernels: auto or torch" in error
