@@ -4,7 +4,7 @@ For a model (a model preset, or a train preset that also fixes micro batch, sequ
 precision) on N GPUs of M GiB, the plan prints parameters, training FLOPs per token and, per GPU,
 the memory of weights, gradients, optimizer states, communication buffers and activations for
 ZeRO stages 0-3, with and without optimizer offload to CPU and with and without activation
-checkpointing. It marks the configurations that fit and recommends the cheapest one.
+checkpointing. It marks the configurations that fit and recommends the cheapest one with room to spare.
 
 Model states (bytes per parameter, P parameters, N GPUs; after the ZeRO paper and DeepSpeed's
 ``estimate_zero{2,3}_model_states_mem_needs``)
@@ -98,7 +98,8 @@ during the backward pass are small beside the saved ones and are left to the all
 allowance (``--overhead``, 3 GiB by default) covers the CUDA context, the caching allocator's
 fragmentation and kernels' workspaces.
 
-Recommendation: the cheapest configuration that fits, ranked by what it costs in speed:
+Recommendation: the cheapest configuration that fits with a tenth of the GPU's memory to spare
+(or, if none does, the cheapest that fits, marked tight), ranked by what it costs in speed:
 CPU offload (slowest; parameter offload worst), then activation checkpointing (one more forward
 pass per step), then ZeRO-3 (1.5x the communication of stages 0-2), then the lower stage. Memory
 in GiB (2**30 bytes); ``--gpu-mem 80`` means 80 GiB.
@@ -117,6 +118,9 @@ from hataori.errors import ConfigError, InputError
 GIB = 2**30
 DEFAULT_OVERHEAD_GIB = 3.0
 DEFAULT_BUCKET_ELEMENTS = 500_000_000
+RECOMMEND_HEADROOM = 0.10
+"""Share of GPU memory the recommendation leaves free where some setup can, beyond the allowance:
+the estimate does not see fragmentation over a long run nor every workspace of every kernel."""
 DEFAULT_LOSS_CHUNK_ROWS = 2048
 """Rows per chunk of the chunked loss (hataori.kernels.cross_entropy.DEFAULT_CHUNK_SIZE)."""
 Precision = Literal["bf16", "fp16", "fp32"]
@@ -339,6 +343,11 @@ class Estimate:
     def fits(self) -> bool:
         return self.gpu_total <= self.gpu_mem and (self.cpu_mem is None or self.states.cpu <= self.cpu_mem)
 
+    @property
+    def roomy(self) -> bool:
+        """Fits with RECOMMEND_HEADROOM of the GPU's memory to spare."""
+        return self.fits and self.gpu_total <= (1 - RECOMMEND_HEADROOM) * self.gpu_mem
+
 
 def estimate(work: Workload, setup: Setup) -> Estimate:
     cfg = work.model
@@ -361,9 +370,11 @@ def plan(work: Workload) -> list[Estimate]:
 
 
 def recommend(estimates: Iterable[Estimate]) -> Estimate | None:
-    """The cheapest supported setup that fits, or None."""
+    """The cheapest supported setup that fits with RECOMMEND_HEADROOM to spare, else the cheapest
+    that fits at all, or None."""
     fitting = [e for e in estimates if e.fits and e.setup.supported]
-    return min(fitting, key=lambda e: e.setup.cost) if fitting else None
+    roomy = [e for e in fitting if e.roomy]
+    return min(roomy or fitting, key=lambda e: e.setup.cost) if fitting else None
 
 
 def what_would_fit(work: Workload, estimates: list[Estimate]) -> list[str]:
@@ -445,7 +456,8 @@ def format_report(work: Workload, estimates: list[Estimate], *, source: str = ""
     if best is not None:
         lines.append(f"recommended: {best.setup.describe()}: {best.gpu_total / GIB:.1f} of {work.gpu_mem_gib:g} GiB "
                      f"per GPU" + (f", {best.states.cpu_states / GIB:.1f} GiB of offloaded states per node"
-                                   if best.states.cpu_states else ""))
+                                   if best.states.cpu_states else "")
+                     + ("" if best.roomy else f" (tight: nothing that fits leaves {RECOMMEND_HEADROOM:.0%} free)"))
     else:
         need = min((e for e in estimates if e.setup.supported), key=lambda e: e.gpu_total)
         lines.append(f"DOES NOT FIT: no configuration that ZeroConfig can run fits in {work.num_gpus} x "
