@@ -151,6 +151,14 @@ class ModelConfig:
                                   f"choose fused_kernels: auto or torch")
         return Transformer(self)
 
+    def kernels_on(self, device: torch.device, dtype: torch.dtype) -> str:
+        """Which attention backend and norm/RoPE/SwiGLU kernels run for ``dtype`` tensors on ``device``,
+        ``auto`` resolved, e.g. ``"attention flash_attn (auto), RMSNorm/RoPE/SwiGLU triton (auto)"``."""
+        attention_backend = resolve_backend(self.attention_backend, device, dtype, self.head_dim)
+        fused = use_triton(self.fused_kernels, device)
+        return (f"attention {attention_backend} ({self.attention_backend}), "
+                f"RMSNorm/RoPE/SwiGLU {'triton' if fused else 'torch'} ({self.fused_kernels})")
+
     def num_params(self) -> int:
         """Parameters of the built model (padded vocabulary rows included), counted from the shape alone."""
         d, v = self.d_model, self.padded_vocab_size
@@ -193,9 +201,9 @@ def fused_kernels_unavailable() -> str | None:
     return None
 
 
-def use_triton(choice: str, x: torch.Tensor) -> bool:
-    """Whether ``fused_kernels: choice`` runs the Triton kernels on x's device."""
-    return choice == "triton" or (choice == "auto" and x.device.type == "cuda" and triton_installed())
+def use_triton(choice: str, device: torch.device) -> bool:
+    """Whether ``fused_kernels: choice`` runs the Triton kernels for tensors on ``device``."""
+    return choice == "triton" or (choice == "auto" and device.type == "cuda" and triton_installed())
 
 
 # ----------------------------------------------------------------------------- layers
@@ -215,7 +223,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if use_triton(self.kernels, x):
+        if use_triton(self.kernels, x.device):
             from hataori.kernels.rmsnorm import rmsnorm
 
             return rmsnorm(x, self.weight, self.eps, residual=residual)
@@ -317,7 +325,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w_gate(x), self.w_up(x)  # (B, T, F) each
-        if use_triton(self.kernels, x):
+        if use_triton(self.kernels, x.device):
             from hataori.kernels.swiglu import swiglu
 
             return self.w_down(swiglu(gate, up))
@@ -425,7 +433,7 @@ class Transformer(nn.Module):
         cfg = self.config
         docs = Documents(doc_ids) if doc_ids is not None else None
         backend = resolve_backend(cfg.attention_backend, x.device, x.dtype, cfg.head_dim)
-        if use_triton(cfg.fused_kernels, x):  # the kernel reads the tables at each token's position
+        if use_triton(cfg.fused_kernels, x.device):  # the kernel reads the tables at each token's position
             positions = docs.positions if docs is not None else None  # (B, T) or None
             return Context(self.rope_cos, self.rope_sin, positions, True, docs, backend)
         if docs is not None:

@@ -326,7 +326,8 @@ def test_toy_preset_builds_and_runs():
     ({"head_dim": 15}, "head_dim", "must be even"),
     ({"vocab_size": 0}, "vocab_size", "positive"),
     ({"rope_base": -1.0}, "rope_base", "positive"),
-    ({"attention_backend": "flash"}, "attention_backend", "choose one of .*sdpa"),
+    ({"attention_backend": "flash"}, "attention_backend", "choose one of auto, flash_attn, sdpa, triton"),
+    ({"fused_kernels": "cuda"}, "fused_kernels", "must be one of torch, triton, auto"),
 ])
 def test_config_errors_name_the_key(overrides, key, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -341,6 +342,13 @@ def test_config_errors_from_the_loader_name_the_key():
         load(ModelConfig, [PRESETS / "toy.yaml"], ["n_kv_heads=3"])
     with pytest.raises(ConfigError, match="d_model: is required"):
         load(ModelConfig, [PRESETS / "base.yaml"])
+
+
+def test_kernels_on_a_cpu():
+    assert tiny().kernels_on(torch.device("cpu"), torch.bfloat16) == \
+        "attention sdpa (auto), RMSNorm/RoPE/SwiGLU torch (auto)"
+    assert tiny(attention_backend="triton", fused_kernels="triton").kernels_on(torch.device("cpu"), torch.float32) \
+        == "attention triton (triton), RMSNorm/RoPE/SwiGLU triton (triton)"
 
 
 def test_chosen_backend_that_cannot_run_is_an_error(monkeypatch):
