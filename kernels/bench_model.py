@@ -189,12 +189,11 @@ def _measure(cfg: ModelConfig, shape: Shape, batch, device: torch.device, dtype:
     _sync(device)
     seconds = (time.perf_counter() - start) / shape.steps
     tokens = shape.micro_batch * shape.seq_len
-    probe = torch.empty(0, device=device, dtype=dtype)
     return Result(
         name="",
         attention=auto_choice(device, dtype, cfg.head_dim) if cfg.attention_backend == "auto"
         else cfg.attention_backend,
-        kernels="triton" if use_triton(cfg.fused_kernels, probe) else "torch",
+        kernels="triton" if use_triton(cfg.fused_kernels, device) else "torch",
         tokens_per_s=tokens / seconds,
         step_ms=seconds * 1e3,
         tflops=cfg.flops_per_token(shape.seq_len) * tokens / seconds / 1e12,
@@ -317,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         print("CPU: the Triton and flash-attn variants need CUDA and are not run; no MFU or memory figures")
     if any(v.attention_backend == "auto" for v in variants):
         print(f"auto chooses attention {auto_choice(device, dtype, base.head_dim)}, fused kernels "
-              f"{'triton' if use_triton('auto', torch.empty(0, device=device)) else 'torch'} here")
+              f"{'triton' if use_triton('auto', device) else 'torch'} here")
     print(HEADER)
     for result in run_variants(base, variants, shape, device, dtype, args.checkpointing):
         print(format_row(result, args.peak_tflops if cuda else None), flush=True)
