@@ -86,3 +86,13 @@ def slurm_cluster(request):
             print(f"\nSlurm test cluster files (configuration, logs) kept in {cluster.root}")
         else:
             cluster.remove()
+
+
+@pytest.fixture(scope="module")
+def triton_interpreter():
+    """TRITON_INTERPRET=1 on a CPU for one kernel test module's tests (Triton reads it lazily on first
+    launches too), the environment as it was outside; kernel test modules use it with ``pytestmark``."""
+    from triton_tests import interpreter_env
+
+    with interpreter_env():
+        yield

@@ -16,12 +16,9 @@ import torch
 
 from hataori.kernels import cross_entropy as ce
 from hataori.model import ModelConfig
+from triton_tests import max_err
 
 IGNORE = -100
-
-
-def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return (x.double() - ref.double()).abs().max().item()
 
 
 def random_inputs(n_rows: int, width: int, padded_vocab: int, vocab_size: int, dtype: torch.dtype,

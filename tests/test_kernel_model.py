@@ -19,16 +19,11 @@ import torch
 
 from hataori.model import ModelConfig
 from test_plan import check_activation_formula
-from triton_tests import DEVICE, ON_GPU, import_kernel, interpreter_env
+from triton_tests import DEVICE, ON_GPU, import_kernel
 
 for name in ("attention", "rmsnorm", "rope", "swiglu"):
     import_kernel(name)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpret_while_testing():
-    with interpreter_env():
-        yield
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def small(**overrides) -> ModelConfig:

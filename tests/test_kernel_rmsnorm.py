@@ -19,31 +19,10 @@ import sys
 import pytest
 import torch
 
-from triton_tests import DEVICE, ON_GPU, import_kernel, interpreter_env
+from triton_tests import DEVICE, DTYPES, ON_GPU, SLACK, import_kernel, max_err, reference_dtype
 
 kernels = import_kernel("rmsnorm")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpret_while_testing():
-    """Triton reads TRITON_INTERPRET lazily on first launches too; set for this module's tests only."""
-    with interpreter_env():
-        yield
-
-
-BF16_ON_CPU = ("Triton's interpreter mishandles bf16 (fp32->bf16 casts truncate): bf16 is tested on a GPU")
-DTYPES = [torch.float32, torch.float16,
-          pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not ON_GPU, reason=BF16_ON_CPU))]
-
-SLACK = {torch.float32: 1e-6, torch.float16: 1e-5, torch.bfloat16: 1e-4}
-
-
-def reference_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float32 else torch.float32
-
-
-def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return (x.double() - ref.double()).abs().max().item()
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def random_inputs(shape: tuple[int, ...], dtype: torch.dtype, residual: bool, seed: int = 0):

@@ -183,7 +183,7 @@ def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype: to
     targets = torch.randint(0, cfg.vocab_size, (batch, seq_len))
     doc_ids = (torch.rand(batch, seq_len) < 0.1).long().cumsum(dim=1)  # (B, T), a few documents a row
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(ids, doc_ids=doc_ids, targets=targets)
+        model(ids, doc_ids=doc_ids, targets=targets)
     if cfg.activation_checkpointing:  # the blocks' context stays alive for their recomputation
         for t in context_tensors(contexts[0]):
             pack(t)

@@ -18,6 +18,27 @@ import torch
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
+BF16_ON_CPU = ("Triton's interpreter mishandles bf16 (tl.dot on bf16 operands gives garbage, "
+               "fp32->bf16 casts truncate): bf16 is tested on a GPU")
+DTYPES = [torch.float32, torch.float16,
+          pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not ON_GPU, reason=BF16_ON_CPU))]
+"""The dtypes every kernel is tested in: bf16 only on a GPU."""
+
+SLACK = {torch.float32: 1e-6, torch.float16: 1e-5, torch.bfloat16: 1e-4}
+"""Absolute slack on top of twice PyTorch's error (flash-attention's rule), a few ulps of values near
+1. It matters where PyTorch's error is exactly 0: e.g. a one-token document has dQ = dK = 0, which
+PyTorch's softmax backward gets exactly while the attention kernel's ``p * (dp - delta)`` leaves
+rounding."""
+
+
+def reference_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision of the reference a kernel's error is measured against: fp64 for fp32 inputs."""
+    return torch.float64 if dtype == torch.float32 else torch.float32
+
+
+def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (x.double() - ref.double()).abs().max().item()
+
 
 @contextlib.contextmanager
 def interpreter_env():
