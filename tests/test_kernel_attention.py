@@ -13,15 +13,12 @@ Shapes are small because the interpreter is slow. On a GPU the same tests run in
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from triton_tests import DEVICE, DTYPES, ON_GPU, SLACK, import_kernel, max_err, reference_dtype
+from triton_tests import (DEVICE, DTYPES, ON_GPU, SLACK, compile_for_hopper, import_kernel, max_err,
+                          reference_dtype, run_without_interpreter)
 
 from hataori.model import ModelConfig
 from hataori.model.attention import attention, cu_seqlens_from_doc_ids
@@ -196,10 +193,7 @@ def test_backend_without_gpu_or_interpreter_is_an_error():
             "                attention_backend='triton').build()\n"
             "except ConfigError as err:\n"
             "    print('ConfigError:', err)\n")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                            timeout=120, check=True)
-    reason, error = result.stdout.splitlines()
+    reason, error = run_without_interpreter(code, timeout=120)
     assert "needs a CUDA device" in reason and "TRITON_INTERPRET=1" in reason
     assert error.startswith("ConfigError:") and "'triton' cannot run here" in error
 
@@ -242,11 +236,7 @@ for fn, configs in stages:
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the other tests compile and run the kernels")
 @pytest.mark.parametrize("head_dim, dtype", [(64, "bf16"), (128, "fp16")])
 def test_kernels_compile_for_hopper(head_dim, dtype):
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90, str(head_dim), dtype], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    compiled = [json.loads(line) for line in result.stdout.splitlines()]
+    compiled = compile_for_hopper(COMPILE_FOR_SM90, str(head_dim), dtype)
     assert len(compiled) == len(kernels.FWD_CONFIGS) + len(kernels.DKDV_CONFIGS) + len(kernels.DQ_CONFIGS)
     for name, block_m, block_n, shared in compiled:
         assert shared <= 227 * 1024, f"{name} {block_m}x{block_n} needs {shared} bytes of shared memory"

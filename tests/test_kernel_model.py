@@ -10,16 +10,13 @@ tests run); ``auto`` there chooses SDPA and plain ops without importing triton a
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from hataori.model import ModelConfig
 from test_plan import check_activation_formula
-from triton_tests import DEVICE, ON_GPU, import_kernel
+from triton_tests import DEVICE, ON_GPU, import_kernel, run_without_interpreter
 
 for name in ("attention", "rmsnorm", "rope", "swiglu"):
     import_kernel(name)
@@ -91,10 +88,7 @@ except ConfigError as err:
 
 @pytest.mark.skipif(ON_GPU, reason="checks the CPU-only choices")
 def test_auto_on_cpu_runs_plain_pytorch_and_explicit_triton_is_an_error():
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", NO_INTERPRETER], env=env, capture_output=True, text=True,
-                            timeout=120, check=True)
-    imported, error = result.stdout.splitlines()
+    imported, error = run_without_interpreter(NO_INTERPRETER, timeout=120)
     assert imported == "triton imported: False"
     assert error.startswith("ConfigError: fused_kernels: the Triton kernels cannot run here: needs a CUDA device")
     assert "choose fused_kernels: auto or torch" in error

@@ -11,15 +11,12 @@ while hataori.kernels.rmsnorm is imported and while this module's tests run, the
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from triton_tests import DEVICE, DTYPES, ON_GPU, SLACK, import_kernel, max_err, reference_dtype
+from triton_tests import (DEVICE, DTYPES, ON_GPU, SLACK, compile_for_hopper, import_kernel, max_err,
+                          reference_dtype)
 
 kernels = import_kernel("rmsnorm")
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
@@ -140,11 +137,7 @@ for fn, flag in ((K._fwd_kernel, "HAS_RESIDUAL"), (K._bwd_kernel, "HAS_DRES_OUT"
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the other tests compile and run the kernels")
 def test_kernels_compile_for_hopper():
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90, "bf16"], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    compiled = [json.loads(line) for line in result.stdout.splitlines()]
+    compiled = compile_for_hopper(COMPILE_FOR_SM90, "bf16")
     assert len(compiled) == 6
     for name, block_n, shared in compiled:
         assert shared <= 227 * 1024, f"{name} at {block_n} needs {shared} bytes of shared memory"

@@ -10,17 +10,14 @@ while hataori.kernels.rope is imported and while this module's tests run, then r
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from hataori.model.attention import document_positions
 from hataori.model.model import apply_rope, rope_tables
-from triton_tests import DEVICE, DTYPES, ON_GPU, SLACK, import_kernel, max_err, reference_dtype
+from triton_tests import (DEVICE, DTYPES, ON_GPU, SLACK, compile_for_hopper, import_kernel, max_err,
+                          reference_dtype)
 
 kernels = import_kernel("rope")
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
@@ -217,12 +214,8 @@ for head_dim in map(int, sys.argv[2:]):
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the other tests compile and run the kernels")
 def test_kernel_compiles_for_hopper_without_spills():
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     head_dims = [64, 128]
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90, "bf16", *map(str, head_dims)], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    compiled = [json.loads(line) for line in result.stdout.splitlines()]
+    compiled = compile_for_hopper(COMPILE_FOR_SM90, "bf16", *map(str, head_dims))
     assert [(head_dim, backward) for head_dim, backward, _ in compiled] == [
         (head_dim, backward) for head_dim in head_dims for backward in (False, True)]
     for head_dim, backward, spills in compiled:

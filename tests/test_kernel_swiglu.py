@@ -11,16 +11,13 @@ while hataori.kernels.swiglu is imported and while this module's tests run, then
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from triton_tests import DEVICE, DTYPES, ON_GPU, SLACK, import_kernel, max_err, reference_dtype
+from triton_tests import (DEVICE, DTYPES, ON_GPU, SLACK, compile_for_hopper, import_kernel, max_err,
+                          reference_dtype)
 
 kernels = import_kernel("swiglu")
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
@@ -162,11 +159,7 @@ for fn in (K._fwd_kernel, K._bwd_kernel):
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the other tests compile and run the kernels")
 def test_kernels_compile_for_hopper():
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90, "bf16"], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    compiled = [json.loads(line) for line in result.stdout.splitlines()]
+    compiled = compile_for_hopper(COMPILE_FOR_SM90, "bf16")
     assert len(compiled) == 6
     for name, block_n, shared, vectorised in compiled:
         assert shared <= 227 * 1024, f"{name} at {block_n} needs {shared} bytes of shared memory"

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -68,3 +71,18 @@ def import_kernel(name: str):
         module = importlib.import_module(f"hataori.kernels.{name}")
     assert ON_GPU or module.INTERPRET, f"hataori.kernels.{name} was imported without TRITON_INTERPRET=1"
     return module
+
+
+def run_without_interpreter(script: str, *args: str, timeout: float = 300) -> list[str]:
+    """Run ``python -c script args`` in a fresh process without TRITON_INTERPRET (so triton compiles
+    for a GPU, or refuses to run without one) and return its output lines; fails with its stderr."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.splitlines()
+
+
+def compile_for_hopper(script: str, *args: str) -> list:
+    """The JSON rows a script prints as it compiles kernels for sm_90 (see run_without_interpreter)."""
+    return [json.loads(line) for line in run_without_interpreter(script, *args)]
