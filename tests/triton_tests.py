@@ -12,12 +12,16 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
+TESTS = Path(__file__).resolve().parent
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
@@ -77,6 +81,7 @@ def run_without_interpreter(script: str, *args: str, timeout: float = 300) -> li
     """Run ``python -c script args`` in a fresh process without TRITON_INTERPRET (so triton compiles
     for a GPU, or refuses to run without one) and return its output lines; fails with its stderr."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))  # triton_tests too
     result = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
                             timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -86,3 +91,18 @@ def run_without_interpreter(script: str, *args: str, timeout: float = 300) -> li
 def compile_for_hopper(script: str, *args: str) -> list:
     """The JSON rows a script prints as it compiles kernels for sm_90 (see run_without_interpreter)."""
     return [json.loads(line) for line in run_without_interpreter(script, *args)]
+
+
+def ptxas_spills(kernel) -> int:
+    """Bytes of registers a kernel compiled for sm_90 spills (stores plus loads), from ``ptxas -v``
+    (the ptxas bundled with triton) on its PTX."""
+    import triton
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(kernel.asm["ptx"])
+        ptx.flush()
+        log = subprocess.run([triton.knobs.nvidia.ptxas.path, "-v", "--gpu-name=sm_90a", ptx.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    counts = re.findall(r"(\d+) bytes spill (?:stores|loads)", log)
+    assert len(counts) == 2, log
+    return sum(map(int, counts))
