@@ -13,8 +13,8 @@ import torch
 from hataori.config import load
 from hataori.errors import ConfigError
 from hataori.model import IGNORE_INDEX, ModelConfig, attention
-from hataori.model.attention import (BACKENDS, Backend, cu_seqlens_from_doc_ids, doc_ids_from_cu_seqlens,
-                                     document_positions)
+from hataori.model.attention import (BACKENDS, Backend, auto_choice, cu_seqlens_from_doc_ids,
+                                     doc_ids_from_cu_seqlens, document_positions)
 from hataori.model.hf import hf_llama_config, to_hf_llama_state_dict
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs" / "model"
@@ -112,6 +112,42 @@ def test_attention_backend_matches_naive_with_documents_and_gqa():
     torch.testing.assert_close(attention(q, k, v, doc_ids=doc_ids), expected, rtol=1e-5, atol=1e-5)
     causal = torch.ones(12, 12, dtype=torch.bool).tril().expand(2, 12, 12)
     torch.testing.assert_close(attention(q, k, v), naive_attention(q, k, v, causal), rtol=1e-5, atol=1e-5)
+
+
+FLASH_ATTN_MISSING = BACKENDS["flash_attn"].unavailable()
+
+
+@pytest.mark.skipif(FLASH_ATTN_MISSING is not None, reason=f"flash_attn backend: {FLASH_ATTN_MISSING}")
+@pytest.mark.parametrize("with_documents", [False, True], ids=["causal", "documents"])
+def test_flash_attn_backend_within_twice_sdpa_error(with_documents):
+    """flash-attn in bf16 against an fp32 reference: at most twice SDPA's own bf16 error (plus slack)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 300, 8, 64, device="cuda", generator=gen)
+    k, v = (torch.randn(2, 300, 2, 64, device="cuda", generator=gen) for _ in range(2))
+    doc_ids = torch.tensor([[0] * 100 + [1] + [2] * 199, [3] * 299 + [4]], device="cuda") if with_documents else None
+    exact = attention(q, k, v, doc_ids=doc_ids, backend="sdpa")
+    low = [x.bfloat16() for x in (q, k, v)]
+    flash_err = (attention(*low, doc_ids=doc_ids, backend="flash_attn").float() - exact).abs().max().item()
+    sdpa_err = (attention(*low, doc_ids=doc_ids, backend="sdpa").float() - exact).abs().max().item()
+    assert flash_err <= 2 * sdpa_err + 1e-4, (flash_err, sdpa_err)
+    assert attention(*low, doc_ids=doc_ids, backend="auto").equal(attention(*low, doc_ids=doc_ids,
+                                                                          backend="flash_attn"))
+
+
+def test_auto_chooses_sdpa_on_a_cpu():
+    for dtype in (torch.float32, torch.bfloat16):
+        assert auto_choice(torch.device("cpu"), dtype, 64) == "sdpa"
+    q, k, v = torch.randn(1, 9, 4, 8), torch.randn(1, 9, 2, 8), torch.randn(1, 9, 2, 8)
+    assert attention(q, k, v, backend="auto").equal(attention(q, k, v, backend="sdpa"))
+
+
+def test_flash_attn_refuses_what_it_cannot_run():
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="fp16/bf16 tensors on a CUDA device; got torch.float32 on cpu"):
+        BACKENDS["flash_attn"].fn(q, q, q)
+    if FLASH_ATTN_MISSING is not None:
+        with pytest.raises(ConfigError, match="'flash_attn' cannot run here: flash-"):
+            tiny(attention_backend="flash_attn").build()
 
 
 def test_document_layout_helpers():
