@@ -26,9 +26,11 @@ positions are 0..T-1 across the row and attention is plainly causal, as in Huggi
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 from dataclasses import dataclass
+from typing import Callable, ContextManager
 
 import torch
 import torch.nn as nn
@@ -141,15 +143,28 @@ class ModelConfig:
         """Rows of the embedding and output matrices: vocab_size rounded up to pad_vocab_multiple."""
         return _round_up(self.vocab_size, self.pad_vocab_multiple)
 
-    def build(self) -> Transformer:
-        """A freshly initialised model; fails if the chosen attention backend or kernels cannot run here."""
+    def build(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+        """A freshly initialised model with its parameters in ``dtype`` on ``device``, allocated there
+        once: it is constructed without storage (PyTorch's meta device), then given memory and
+        initialised in place, so a bf16 model on a GPU never passes through an fp32 or CPU copy.
+
+        The initial weights depend on the seed and the device's generator only (not on how the model
+        was constructed): :meth:`Transformer.initialize` draws them in a fixed order. Fails with a
+        ConfigError if the chosen attention backend or kernels cannot run here.
+        """
+        self.check_kernels()
+        with torch.device("meta"):
+            model = Transformer(self)
+        return model.to(dtype=dtype).to_empty(device=device).initialize()
+
+    def check_kernels(self) -> None:
+        """A ConfigError if the chosen attention backend or fused kernels cannot run here."""
         get_backend(self.attention_backend)
         if self.fused_kernels == "triton":
             reason = fused_kernels_unavailable()
             if reason is not None:
                 raise ConfigError("fused_kernels", f"the Triton kernels cannot run here: {reason}; "
                                   f"choose fused_kernels: auto or torch")
-        return Transformer(self)
 
     def kernels_on(self, device: torch.device, dtype: torch.dtype) -> str:
         """Which attention backend and norm/RoPE/SwiGLU kernels run for ``dtype`` tensors on ``device``,
@@ -371,6 +386,7 @@ class Transformer(nn.Module):
 
     The rotary tables are buffers outside the state dict. They are computed in fp32; casting the
     model to bf16 casts them too, which rounds the (already exact) cos/sin values like any bf16 input.
+    Construction allocates the modules; :meth:`initialize` sets every weight and the tables.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -380,23 +396,48 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.fused_kernels)
         self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, Dh)
-        self.register_buffer("rope_sin", sin, persistent=False)  # (max_seq_len, Dh)
-        self.reset_parameters()
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.tok_embeddings.weight
+        self.register_buffer("rope_cos", None, persistent=False)  # (max_seq_len, Dh)
+        self.register_buffer("rope_sin", None, persistent=False)  # (max_seq_len, Dh)
+        self.initialize()
 
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights, residual output projections scaled down, norms at one."""
+    def initialize(self, whole: Callable[[list[nn.Parameter]], ContextManager] | None = None) -> Transformer:
+        """Tie the embeddings (if configured), draw every weight (:meth:`reset_parameters`) and compute
+        the rotary tables; ``whole`` as in reset_parameters. Returns the model."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.tok_embeddings.weight  # again after to_empty, which may untie
+        self.reset_parameters(whole)
+        self.reset_rope_tables()
+        return self
+
+    def reset_rope_tables(self) -> None:
+        """Compute the rotary tables (fp32, on the embedding's device). Also after a construction that
+        rounded every new float tensor to 16 bits (deepspeed.zero.Init in bf16 does): positions past
+        256 are not even integers in bf16."""
+        device = self.tok_embeddings.weight.device
+        cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_base)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
+    def reset_parameters(self, whole: Callable[[list[nn.Parameter]], ContextManager] | None = None) -> None:
+        """Normal(0, init_std) weights, residual output projections scaled down, norms at one.
+
+        Module by module in a fixed order, each parameter once (a tied matrix takes the embedding's
+        draw). ``whole(params)``: a context inside which a module's own parameters are whole, for
+        parameters partitioned over processes (ZeRO-3 gathers them there); by default they are.
+        """
         cfg = self.config
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.scaled_init else cfg.init_std
+        done: set[int] = set()
         for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                scaled = name.endswith(("attn.wo", "mlp.w_down"))
-                nn.init.normal_(module.weight, mean=0.0, std=out_std if scaled else cfg.init_std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+            params = [p for p in module.parameters(recurse=False) if id(p) not in done]
+            if not params:
+                continue
+            done.update(map(id, params))
+            with (whole(params) if whole is not None else contextlib.nullcontext()):
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    scaled = name.endswith(("attn.wo", "mlp.w_down"))
+                    nn.init.normal_(module.weight, mean=0.0, std=out_std if scaled else cfg.init_std)
+                elif isinstance(module, RMSNorm):
+                    nn.init.ones_(module.weight)
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None) -> torch.Tensor:

@@ -42,8 +42,10 @@ LAYOUTS = [(1, 1), (4, 1), (8, 1), (8, 4), (8, 16)]  # (GPUs per node, nodes)
 @pytest.mark.parametrize("name, P, largest", param_counts(), ids=lambda x: x if isinstance(x, str) else "")
 def test_zero2_matches_deepspeed_estimator(name, P, largest, gpus_per_node, nodes):
     """DeepSpeed's ZeRO-2 formulas: GPU 2P + 18P/N without offload (16-bit params replicated; 16-bit
-    grads, fp32 grads, fp32 params and Adam's m, v partitioned) and 2P with offload; CPU with its 1.5 buffer
-    factor: 4 bytes a parameter per process (the model as loaded), or max(4N, 16) bytes with offload."""
+    grads, fp32 grads, fp32 params and Adam's m, v partitioned) and 2P with offload. Its CPU figure (with
+    a 1.5 buffer factor) counts the model loaded in CPU memory by every process, 4 bytes a parameter, or
+    max(4N, 16) bytes with offload; hataori builds the model on the GPU, so its CPU memory is the
+    offloaded states alone, never above DeepSpeed's."""
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     N = gpus_per_node * nodes
@@ -53,12 +55,8 @@ def test_zero2_matches_deepspeed_estimator(name, P, largest, gpus_per_node, node
         ours = model_states(P, stage=2, num_gpus=N, gpus_per_node=gpus_per_node,
                             offload="optimizer" if offload else "none")
         assert ours.gpu == pytest.approx(gpu, abs=1), f"offload={offload}"
-        if offload and nodes > 1:
-            # DeepSpeed takes 4 bytes per parameter for every GPU of every node here (max(4 * total_gpus, 16))
-            # although each node only loads its own processes' copies; this plan counts per node.
-            assert ours.cpu * 1.5 <= cpu
-        else:
-            assert ours.cpu * 1.5 == pytest.approx(cpu, abs=1), f"offload={offload}"
+        assert ours.cpu == (16 * P * gpus_per_node / N if offload else 0)  # the node's partitions of K + f
+        assert ours.cpu * 1.5 <= cpu + 1
 
 
 @pytest.mark.parametrize("gpus_per_node, nodes", LAYOUTS)
@@ -67,8 +65,8 @@ def test_zero3_matches_deepspeed_estimator(name, P, largest, gpus_per_node, node
     """DeepSpeed's ZeRO-3 formulas: 4 x largest layer + 18P/N, + 2P/N with optimizer offload, alone with
     parameter offload too. Without offload its 18 bytes are 2 fewer than its ZeRO-2 count of the same
     partitioned states (2 + 2 + 4 + 4 + 8: 16-bit params and grads, fp32 grads and params, m and v); this
-    plan counts all 20, so it is 2P/N above DeepSpeed there. CPU: without zero.Init (as hataori builds models) max(4 per process, offloaded
-    states per node) x 1.5; with zero.Init only the offloaded states, 16 or 18 bytes a parameter per node."""
+    plan counts all 20, so it is 2P/N above DeepSpeed there. CPU: with zero.Init (as hataori builds ZeRO-3
+    models) only the offloaded states, 16 or 18 bytes a parameter per node, x 1.5."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     N = gpus_per_node * nodes
@@ -83,10 +81,10 @@ def test_zero3_matches_deepspeed_estimator(name, P, largest, gpus_per_node, node
             above = 2 * P / N if offload == "none" else 0
             assert ours.gpu - above == pytest.approx(gpu, abs=1), offload
             assert ours.gathered == largest_memory
-            if not zero_init:
+            if zero_init and opt:
                 assert ours.cpu * 1.5 == pytest.approx(cpu, rel=1e-12), offload
-            elif opt:
-                assert ours.cpu_states * 1.5 == pytest.approx(cpu, rel=1e-12), offload
+            elif zero_init:
+                assert ours.cpu == 0, offload
 
 
 def _printed_rows(fn, **kwargs) -> list[tuple[float, float, str]]:
@@ -124,7 +122,7 @@ def test_all_cold_printouts_agree(name, gpus_per_node, nodes):
                             largest_layer_params=largest)
         above = 2 * P / N if offload == "none" else 0  # see test_zero3_matches_deepspeed_estimator
         assert round((ours.gpu - above) / GIB, 2) == pytest.approx(gpu, abs=0.011), options
-        if "zero_init=0" in options:
+        if "zero_init=1" in options and "offload_optimizer=none" not in options:
             assert round(ours.cpu * 1.5 / GIB, 2) == pytest.approx(cpu, abs=0.011), options
 
 

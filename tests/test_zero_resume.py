@@ -9,6 +9,7 @@ Every launch has a hard time limit, so a hang fails instead of stalling.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -169,19 +170,69 @@ class TokenStream:
         self.position = state["position"]
 
 
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_zero3_model_built_partitioned_equals_the_whole_model(precision, tmp_path):
+    """ZeroConfig.build_model against ModelConfig.build() (fp32 on the CPU, cast by DeepSpeed): under
+    ZeRO-3 each of the two processes holds half the parameters from the start; the weights equal bit
+    for bit (stage 1 builds them in the training precision, ZeRO-3 partitioned), and so does the
+    first loss. After the first update the ZeRO-3 runs differ in the last bits of fp32 (about 6e-7 of
+    the loss), so later losses are compared to 1e-5."""
+    out = tmp_path / "build.pt"
+    expect_success(launch(["build", "--out", str(out), "--precision", precision], tmp_path / "logs"),
+                   tmp_path / "logs")
+    ranks = [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(2)]
+    cfg = model_config()
+    total = cfg.num_params() - cfg.padded_vocab_size * cfg.d_model  # the output matrix is tied
+    for stage in (1, 3):
+        whole, partitioned = ranks[0][stage][False], ranks[0][stage][True]
+        assert whole["params"].keys() == partitioned["params"].keys()
+        for name, value in whole["params"].items():
+            assert torch.equal(partitioned["params"][name], value), f"stage {stage} {name}"
+        assert partitioned["losses"][0] == whole["losses"][0], stage
+        assert partitioned["losses"] == pytest.approx(whole["losses"], rel=1e-5), stage
+        held = [rank[stage][True]["held"] for rank in ranks]
+        if stage == 3:  # each process holds its half (DeepSpeed pads each parameter to the world size)
+            assert all(total / 2 <= h <= total / 2 + 2 * len(whole["params"]) for h in held), (held, total)
+        else:
+            assert held == [total, total]
+
+
+def test_stage1_model_is_built_in_the_training_precision():
+    from hataori.train.zero import ZeroConfig
+
+    cfg = dataclasses.replace(model_config(), tie_embeddings=True)
+    torch.manual_seed(5)
+    whole = cfg.build()
+    torch.manual_seed(5)
+    zero = ZeroConfig(stage=1, precision="bf16", global_batch_tokens=SEQ_LEN)
+    built = zero.build_model(cfg, torch.device("cpu"), seq_len=SEQ_LEN, grad_clip=1.0)
+    assert {p.dtype for p in built.parameters()} == {torch.bfloat16}
+    assert built.rope_cos.dtype == torch.float32 and torch.equal(built.rope_cos, whole.rope_cos)
+    assert built.lm_head.weight is built.tok_embeddings.weight
+    for (name, mine), ref in zip(built.named_parameters(), whole.parameters()):
+        assert torch.equal(mine, ref.bfloat16()), name
+
+
 def build_engine(stage: int, *, micro_batch: int, global_batch_tokens: int, total_steps: int, run_dir=None,
-                 precision: str = "fp32", offload: str = "none"):
+                 precision: str = "fp32", offload: str = "none", build_model: bool = False, model_cfg=None):
+    """The engine over the toy model, built by ``ModelConfig.build()`` or, with ``build_model``, by
+    ``ZeroConfig.build_model`` (partitioned as it is built for ZeRO-3)."""
     from hataori.train.checkpoint import seed_all
     from hataori.train.optim import OptimConfig, ScheduleConfig
     from hataori.train.zero import ZeroConfig
 
     seed_all(1234)
-    model = model_config().build()
     optim = OptimConfig(lr=1e-3, weight_decay=0.1, grad_clip=1.0)
-    optimizer = optim.build(model)
-    scheduler = ScheduleConfig(kind="cosine", warmup_steps=1, min_lr=1e-4).build(optimizer, total_steps=total_steps)
     zero = ZeroConfig(stage=stage, precision=precision, offload_optimizer=offload, micro_batch_size=micro_batch,
                       global_batch_tokens=global_batch_tokens)
+    model_cfg = model_cfg or model_config()
+    if build_model:
+        model = zero.build_model(model_cfg, torch.device("cpu"), seq_len=SEQ_LEN, grad_clip=optim.grad_clip)
+    else:
+        model = model_cfg.build()
+    optimizer = optim.build(model)
+    scheduler = ScheduleConfig(kind="cosine", warmup_steps=1, min_lr=1e-4).build(optimizer, total_steps=total_steps)
     return zero.build(model, optimizer, scheduler, seq_len=SEQ_LEN, grad_clip=optim.grad_clip, run_dir=run_dir)
 
 
@@ -268,6 +319,41 @@ def worker_accum(args) -> None:
         torch.save(results, args.out)
 
 
+def worker_build(args) -> None:
+    """For ZeRO-3 (and stage 1): the model built partitioned against the model built whole, in the
+    parameters each process holds after the build, the weights and the losses of three steps."""
+    import deepspeed
+
+    from hataori.train.zero import init_distributed
+
+    env = init_distributed()
+    cfg = dataclasses.replace(model_config(), tie_embeddings=True)
+    results = {}
+    for stage in (1, 3):
+        runs = {}
+        for build_model in (False, True):
+            engine = build_engine(stage, micro_batch=2, global_batch_tokens=2 * SEQ_LEN * env.world_size,
+                                  total_steps=3, precision=args.precision, build_model=build_model, model_cfg=cfg)
+            held = sum(p.numel() if getattr(p, "ds_tensor", None) is None else p.ds_tensor.numel()
+                       for p in engine.module.parameters())
+            params = {}
+            for name, param in engine.module.named_parameters():
+                with deepspeed.zero.GatheredParameters([param], enabled=stage == 3):
+                    params[name] = param.detach().float().clone()
+            data = TokenStream(seed=3, rank=env.rank, rows=2)
+            losses = []
+            for _ in range(3):
+                batch = next(data)
+                loss = engine(torch.from_numpy(batch.inputs), targets=torch.from_numpy(batch.targets))
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.item())
+            runs[build_model] = {"held": held, "params": params, "losses": losses}
+            engine.destroy()
+        results[stage] = runs
+    torch.save(results, f"{args.out}.rank{env.rank}")
+
+
 def main() -> None:
     from hataori.train.zero import shutdown_distributed
 
@@ -285,9 +371,12 @@ def main() -> None:
     train.add_argument("--offload", default="none")
     accum = sub.add_parser("accum")
     accum.add_argument("--out", required=True)
+    build = sub.add_parser("build")
+    build.add_argument("--out", required=True)
+    build.add_argument("--precision", default="fp32")
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
-    {"train": worker_train, "accum": worker_accum}[args.mode](args)
+    {"train": worker_train, "accum": worker_accum, "build": worker_build}[args.mode](args)
     shutdown_distributed()
 
 

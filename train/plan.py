@@ -32,10 +32,11 @@ Optimizer offload keeps the optimizer states and fp32 gradients, K + f per param
 partitioned as above; with stages 2 and 3 the reduced gradient partition goes straight to the CPU,
 so only stage 1 still holds gradients on the GPU. Offloading the parameters too (ZeRO-3 only) moves
 the 16-bit parameter partition there as well, leaving the gathered layer. CPU memory is reported
-per node of G GPUs: the offloaded states of its G partitions, or, if larger, the model as every
-process builds it before DeepSpeed partitions it (fp32, 4 bytes per parameter per process;
-``ModelConfig.build`` builds the whole model on every rank). DeepSpeed's estimators multiply CPU
-memory by an "additional buffer factor" of 1.5; this plan does not.
+per node of G GPUs: the offloaded states of its G partitions. No process builds the model in CPU
+memory (``ZeroConfig.build_model``): stages 0-2 build it on each GPU in the working precision,
+which is what they hold anyway, and ZeRO-3 builds it partitioned (``deepspeed.zero.Init``), one
+module gathered at a time for its initialisation. DeepSpeed's estimators multiply CPU memory by an
+"additional buffer factor" of 1.5 and count a model loaded in CPU memory; this plan does neither.
 
 Communication buffers (stages 1 and 2): DeepSpeed's reduce and all-gather buckets of
 ``bucket_elements`` (500M by default, capped at P) in the working precision, 2 x bucket x p bytes.
@@ -163,16 +164,13 @@ class ModelStates:
     """ZeRO-3: the largest layer's parameters and gradients gathered in full."""
     cpu_states: float
     """Offloaded states of the node's GPUs on its CPU."""
-    cpu_init: float
-    """The fp32 model as every process on the node builds it before partitioning."""
-
     @property
     def gpu(self) -> float:
         return self.params + self.grads + self.optimizer + self.gathered
 
     @property
     def cpu(self) -> float:
-        return max(self.cpu_states, self.cpu_init)
+        return self.cpu_states
 
 
 def model_states(num_params: int, *, stage: int, num_gpus: int, gpus_per_node: int, precision: Precision = "bf16",
@@ -200,7 +198,7 @@ def model_states(num_params: int, *, stage: int, num_gpus: int, gpus_per_node: i
             cpu_states += params
             params = 0.0
     return ModelStates(params=params, grads=grads, optimizer=optimizer, gathered=gathered,
-                       cpu_states=cpu_states * gpus_per_node, cpu_init=4.0 * P * gpus_per_node)
+                       cpu_states=cpu_states * gpus_per_node)
 
 
 def largest_layer_params(cfg: Any) -> int:

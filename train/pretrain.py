@@ -137,7 +137,7 @@ def pretrain(cfg: TrainConfig) -> int:
         record_run(run_dir, cfg, world_size=env.world_size)
     seed_all(cfg.seed)
 
-    model = cfg.model.build()
+    model = cfg.zero.build_model(cfg.model, env.device, seq_len=cfg.data.seq_len, grad_clip=cfg.optim.grad_clip)
     optimizer = cfg.optim.build(model)
     scheduler = cfg.schedule.build(optimizer, total_steps=cfg.trainer.max_steps)
     engine = cfg.zero.build(model, optimizer, scheduler, seq_len=cfg.data.seq_len, grad_clip=cfg.optim.grad_clip,

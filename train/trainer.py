@@ -3,7 +3,7 @@
 :class:`Trainer` only sequences what the other modules build::
 
     env = init_distributed()
-    model = cfg.model.build()
+    model = cfg.zero.build_model(cfg.model, env.device, seq_len=..., grad_clip=cfg.optim.grad_clip)
     optimizer = cfg.optim.build(model)
     scheduler = cfg.schedule.build(optimizer, total_steps=cfg.trainer.max_steps)
     engine = cfg.zero.build(model, optimizer, scheduler, seq_len=..., grad_clip=cfg.optim.grad_clip, run_dir=...)

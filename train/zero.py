@@ -9,6 +9,13 @@ optimizer offload (``zero_force_ds_cpu_optimizer: false``), so no DeepSpeed Adam
 compiled on any machine. Activation checkpointing is the model's business
 (``ModelConfig.activation_checkpointing``), not DeepSpeed's.
 
+Building the model. :meth:`ZeroConfig.build_model` builds it where it trains, so no process holds
+a whole fp32 copy in CPU memory (4 bytes a parameter per process: 200 GiB a node for 7b on 8 GPUs):
+on the process's device for stages 0-2, and for ZeRO-3 partitioned over the processes as it is
+built (``deepspeed.zero.Init``), then initialised one module at a time with that module's
+parameters gathered, so no process ever holds all of them. The weights are those
+``ModelConfig.build()`` gives on the same device with the same seed (tests/test_zero_resume.py).
+
 Process groups. :func:`init_distributed` starts one process or N processes on one or more
 machines from the variables torchrun and DeepSpeed's launcher set (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), or from Slurm's (``SLURM_PROCID``,
@@ -85,6 +92,30 @@ class ZeroConfig:
         return grad_accum_steps(self.global_batch_tokens, micro_batch_size=self.micro_batch_size,
                                 seq_len=seq_len, world_size=world_size)
 
+    def build_model(self, model: Any, device: torch.device, *, seq_len: int, grad_clip: float) -> nn.Module:
+        """``model`` (a ModelConfig) built on ``device`` in the training precision, partitioned as it
+        is built for ZeRO-3 (see the module docstring); the same weights as ``model.build(device,
+        dtype)`` with the same seed. Call :func:`init_distributed` and seed the generators first."""
+        from hataori.model.model import Transformer
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
+        if self.stage != 3:
+            return model.build(device, dtype)
+        import deepspeed
+
+        model.check_kernels()
+        config = deepspeed_config(self, world_size=torch.distributed.get_world_size(), seq_len=seq_len,
+                                  grad_clip=grad_clip)
+        generators = _rng_states(device)
+        with deepspeed.zero.Init(config_dict_or_path=config):  # parameters in the training precision
+            built = Transformer(model)  # what construction and its initialisation drew is drawn again:
+        _set_rng_states(device, generators)  # the weights come from the same state as model.build's
+
+        def whole(params):
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+        return built.initialize(whole)  # also the rotary tables, which zero.Init made in 16 bits
+
     def build(self, model: nn.Module, optimizer: torch.optim.Optimizer,
               scheduler: torch.optim.lr_scheduler.LRScheduler | None, *, seq_len: int, grad_clip: float,
               run_dir: str | os.PathLike | None = None) -> Any:
@@ -104,6 +135,20 @@ class ZeroConfig:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=config)
         return engine
+
+
+def _rng_states(device: torch.device) -> list[torch.Tensor]:
+    """The CPU generator's state, and ``device``'s if it is a GPU."""
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _set_rng_states(device: torch.device, states: list[torch.Tensor]) -> None:
+    torch.set_rng_state(states[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[1], device)
 
 
 def grad_accum_steps(global_batch_tokens: int, *, micro_batch_size: int, seq_len: int, world_size: int) -> int:
