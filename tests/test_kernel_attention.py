@@ -202,34 +202,18 @@ def test_backend_without_gpu_or_interpreter_is_an_error():
 # needs no GPU: lowering that the interpreter never does (types, layouts, shared memory) is checked on CPU.
 COMPILE_FOR_SM90 = """
 import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import hataori.kernels.attention as A
-from triton_tests import ptxas_spills
+from triton_tests import compile_for_sm90, ptxas_spills
 
 assert not A.INTERPRET
 head_dim, dtype = int(sys.argv[1]), sys.argv[2]
+types = {"LSE": "*fp32", "DELTA": "*fp32", "CU_SEQLENS": "*i32", "scale": "fp32", "scale_log2": "fp32"}
 stages = [(A._fwd_kernel, A.FWD_CONFIGS), (A._bwd_dkdv_kernel, A.DKDV_CONFIGS), (A._bwd_dq_kernel, A.DQ_CONFIGS)]
 for fn, configs in stages:
-    signature = {}
-    for param in fn.params:
-        name = param.name
-        if param.is_constexpr:
-            signature[name] = "constexpr"
-        elif name in ("LSE", "DELTA"):
-            signature[name] = "*fp32"
-        elif name == "CU_SEQLENS":
-            signature[name] = "*i32"
-        elif name.isupper():
-            signature[name] = "*" + dtype
-        else:
-            signature[name] = "fp32" if name.startswith("scale") else "i32"
     for block_m, block_n, warps, stages_ in configs:
         constants = dict(GROUP=2, HEAD_DIM=head_dim, CAUSAL=True, DOT_PRECISION="tf32",
                          BLOCK_M=block_m, BLOCK_N=block_n)
-        kernel = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
-                                options=dict(num_warps=warps, num_stages=stages_))
+        kernel = compile_for_sm90(fn, dtype, constants, types=types, num_warps=warps, num_stages=stages_)
         print(json.dumps([fn.__name__, [block_m, block_n, warps, stages_], kernel.metadata.shared,
                           ptxas_spills(kernel)]))
 """

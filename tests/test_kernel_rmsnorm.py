@@ -110,27 +110,15 @@ def test_rejects_bad_inputs():
 # needs no GPU: lowering that the interpreter never does is checked on CPU.
 COMPILE_FOR_SM90 = """
 import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import hataori.kernels.rmsnorm as K
+from triton_tests import compile_for_sm90
 assert not K.INTERPRET
 dtype = sys.argv[1]
-floats = {"RSTD": "*fp32", "DW_PARTIAL": "*fp32"}
+types = {"RSTD": "*fp32", "DW_PARTIAL": "*fp32", "eps": "fp32"}
 for fn, flag in ((K._fwd_kernel, "HAS_RESIDUAL"), (K._bwd_kernel, "HAS_DRES_OUT")):
-    signature = {}
-    for param in fn.params:
-        name = param.name
-        if param.is_constexpr:
-            signature[name] = "constexpr"
-        elif name.isupper():
-            signature[name] = floats.get(name, "*" + dtype)
-        else:
-            signature[name] = "fp32" if name == "eps" else "i32"
     for block_n in (128, 4096, K.MAX_WIDTH):
-        kernel = triton.compile(ASTSource(fn, signature, {flag: True, "BLOCK_N": block_n}),
-                                target=GPUTarget("cuda", 90, 32),
-                                options=dict(num_warps=K._num_warps(block_n)))
+        kernel = compile_for_sm90(fn, dtype, {flag: True, "BLOCK_N": block_n}, types=types,
+                                  num_warps=K._num_warps(block_n))
         print(json.dumps([fn.__name__, block_n, kernel.metadata.shared]))
 """
 

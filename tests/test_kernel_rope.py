@@ -176,33 +176,17 @@ def test_rejects_bad_inputs():
 # needs no GPU: lowering that the interpreter never does is checked on CPU, and ptxas -v reports spills.
 COMPILE_FOR_SM90 = """
 import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import hataori.kernels.rope as K
-from triton_tests import ptxas_spills
+from triton_tests import compile_for_sm90, ptxas_spills
 assert not K.INTERPRET
 dtype = sys.argv[1]
-signature = {}
-for param in K._rope_kernel.params:
-    name = param.name
-    if param.is_constexpr:
-        signature[name] = "constexpr"
-    elif name in ("COS", "SIN"):
-        signature[name] = "*fp32"
-    elif name == "POS":
-        signature[name] = "*i64"
-    elif name.isupper():
-        signature[name] = "*" + dtype
-    else:
-        signature[name] = "i32"
+types = {"COS": "*fp32", "SIN": "*fp32", "POS": "*i64"}
 for head_dim in map(int, sys.argv[2:]):
     block_hq, block_hk, block_half, num_warps = K._block_sizes(32, 8, head_dim)
     for backward in (False, True):
         constants = dict(HAS_POSITIONS=True, BACKWARD=backward, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
                          BLOCK_HALF=block_half)
-        kernel = triton.compile(ASTSource(K._rope_kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
-                                options=dict(num_warps=num_warps))
+        kernel = compile_for_sm90(K._rope_kernel, dtype, constants, types=types, num_warps=num_warps)
         print(json.dumps([head_dim, backward, ptxas_spills(kernel)]))
 """
 

@@ -106,3 +106,20 @@ def ptxas_spills(kernel) -> int:
     counts = re.findall(r"(\d+) bytes spill (?:stores|loads)", log)
     assert len(counts) == 2, log
     return sum(map(int, counts))
+
+
+def compile_for_sm90(fn, dtype: str, constants: dict, *, types: dict[str, str] | None = None,
+                     attrs: dict | None = None, **options):
+    """``fn`` (a ``@triton.jit`` function) compiled by Triton's compiler for an sm_90 GPU, which needs no
+    GPU: for scripts run by :func:`compile_for_hopper`. The signature gives constexpr parameters the
+    values in ``constants``, upper-case (tensor) parameters pointers to ``dtype`` (e.g. "bf16") and the
+    others i32, unless ``types`` names their type; ``options`` are num_warps, num_stages."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    types = types or {}
+    signature = {param.name: "constexpr" if param.is_constexpr else
+                 types.get(param.name, "*" + dtype if param.name.isupper() else "i32") for param in fn.params}
+    return triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=options)
