@@ -3,6 +3,8 @@ batch arithmetic and its errors, and the run folder records. Single process, no 
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import subprocess
@@ -149,6 +151,9 @@ def test_deepspeed_config_is_derived_from_ours(precision):
     config = deepspeed_config(zero, world_size=2, seq_len=64, grad_clip=0.5, num_params=12345)
     assert config["zero_optimization"]["stage"] == 3
     assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert "offload_param" not in config["zero_optimization"]
+    params = deepspeed_config(dataclasses.replace(zero, offload_params="cpu"), world_size=2, seq_len=64, grad_clip=0.5)
+    assert params["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert config["zero_force_ds_cpu_optimizer"] is False  # the client AdamW, no compiled Adam
     assert config["zero_optimization"]["reduce_bucket_size"] == 12345  # capped at the model's size
     assert config["gradient_clipping"] == 0.5
@@ -162,6 +167,10 @@ def test_deepspeed_config_is_derived_from_ours(precision):
 def test_zero_config_errors():
     with pytest.raises(ConfigError, match="offload_optimizer: optimizer offload needs ZeRO stage"):
         load(ZeroConfig, overrides=["stage=0", "offload_optimizer=cpu", "global_batch_tokens=1024"])
+    for overrides in (["stage=2", "offload_optimizer=cpu"], ["stage=3"]):
+        with pytest.raises(ConfigError, match="offload_params: parameter offload needs ZeRO stage 3 with "
+                                              "offload_optimizer: cpu"):
+            load(ZeroConfig, overrides=[*overrides, "offload_params=cpu", "global_batch_tokens=1024"])
     with pytest.raises(ConfigError, match="stage: must be one of 0, 1, 2, 3"):
         load(ZeroConfig, overrides=["stage=4", "global_batch_tokens=1024"])
     with pytest.raises(ConfigError, match="global_batch_tokens: is required"):

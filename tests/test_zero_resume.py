@@ -58,8 +58,9 @@ def read_steps(run_dir: Path) -> dict[int, dict]:
 
 
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S + 30)
-@pytest.mark.parametrize("stage, offload", [(0, "none"), (1, "none"), (2, "none"), (3, "none"), (2, "cpu")],
-                         ids=["stage0", "stage1", "stage2", "stage3", "stage2-offload"])
+@pytest.mark.parametrize("stage, offload", [(0, "none"), (1, "none"), (2, "none"), (3, "none"), (2, "cpu"),
+                                           (3, "cpu+params")],
+                         ids=["stage0", "stage1", "stage2", "stage3", "stage2-offload", "stage3-offload-params"])
 def test_resume_after_kill_mid_checkpoint_matches_uninterrupted_run(stage, offload, tmp_path):
     """Train 6 steps (2 micro-batches each) with a checkpoint at step 3 and get killed while saving
     step 6; a fresh process group then resumes from step 3 and must reproduce steps 4-6 exactly:
@@ -87,7 +88,8 @@ def test_resume_after_kill_mid_checkpoint_matches_uninterrupted_run(stage, offlo
     for name in ("config.yaml", "environment.json", "deepspeed.json"):
         assert (run / name).is_file()
     zero = json.loads((run / "deepspeed.json").read_text())["zero_optimization"]
-    assert zero["stage"] == stage and ("offload_optimizer" in zero) == (offload == "cpu")
+    assert zero["stage"] == stage and ("offload_optimizer" in zero) == (offload != "none")
+    assert ("offload_param" in zero) == (offload == "cpu+params")
     print(f"stage {stage} offload {offload} step seconds:", [round(reference[s]["seconds"], 3) for s in sorted(reference)])
 
 
@@ -224,7 +226,8 @@ def build_engine(stage: int, *, micro_batch: int, global_batch_tokens: int, tota
 
     seed_all(1234)
     optim = OptimConfig(lr=1e-3, weight_decay=0.1, grad_clip=1.0)
-    zero = ZeroConfig(stage=stage, precision=precision, offload_optimizer=offload, micro_batch_size=micro_batch,
+    zero = ZeroConfig(stage=stage, precision=precision, offload_optimizer="none" if offload == "none" else "cpu",
+                      offload_params="cpu" if offload == "cpu+params" else "none", micro_batch_size=micro_batch,
                       global_batch_tokens=global_batch_tokens)
     model_cfg = model_cfg or model_config()
     if build_model:
@@ -249,7 +252,8 @@ def worker_train(args) -> None:
     if env.is_main:
         record_run(run_dir, {"stage": args.stage, "steps": args.steps}, world_size=env.world_size)
     engine = build_engine(args.stage, micro_batch=2, global_batch_tokens=2 * 2 * SEQ_LEN * env.world_size,
-                          total_steps=args.steps, run_dir=run_dir, precision=args.precision, offload=args.offload)
+                          total_steps=args.steps, run_dir=run_dir, precision=args.precision, offload=args.offload,
+                          build_model=True)  # as hataori pretrain builds it
     checkpointer = Checkpointer(CheckpointConfig(every_steps=args.save_every, keep_last=args.keep_last),
                                 run_dir / "checkpoints", engine)
     if args.kill_in_save_at is not None:

@@ -265,15 +265,19 @@ class Setup:
     checkpointing: bool
 
     @property
-    def supported(self) -> bool:
-        """Whether ZeroConfig can express it (it offloads optimizer states, not parameters)."""
-        return self.offload != "optimizer+params"
-
-    @property
     def cost(self) -> tuple:
         """Sort key: lower is faster (see the module docstring)."""
         return (("none", "optimizer", "optimizer+params").index(self.offload), self.checkpointing,
                 self.stage == 3, self.stage)
+
+    def settings(self) -> str:
+        """The config overrides that choose this setup."""
+        items = [f"zero.stage={self.stage}"]
+        if self.offload != "none":
+            items.append("zero.offload_optimizer=cpu")
+        if self.offload == "optimizer+params":
+            items.append("zero.offload_params=cpu")
+        return " ".join(items + [f"model.activation_checkpointing={str(self.checkpointing).lower()}"])
 
     def describe(self) -> str:
         offload = {"none": "no offload", "optimizer": "optimizer offload",
@@ -368,9 +372,9 @@ def plan(work: Workload) -> list[Estimate]:
 
 
 def recommend(estimates: Iterable[Estimate]) -> Estimate | None:
-    """The cheapest supported setup that fits with RECOMMEND_HEADROOM to spare, else the cheapest
-    that fits at all, or None."""
-    fitting = [e for e in estimates if e.fits and e.setup.supported]
+    """The cheapest setup that fits with RECOMMEND_HEADROOM to spare, else the cheapest that fits at
+    all, or None."""
+    fitting = [e for e in estimates if e.fits]
     roomy = [e for e in fitting if e.roomy]
     return min(roomy or fitting, key=lambda e: e.setup.cost) if fitting else None
 
@@ -396,10 +400,6 @@ def what_would_fit(work: Workload, estimates: list[Estimate]) -> list[str]:
         if one is not None:
             hints.append(f"micro batch 1 (with more accumulation steps): {one.setup.describe()} needs "
                          f"{one.gpu_total / GIB:.1f} GiB per GPU")
-    params = [e for e in estimates if e.fits and not e.setup.supported]
-    if params:
-        hints.append(f"offloading the parameters too (DeepSpeed's offload_param, not in ZeroConfig): "
-                     f"{params[0].setup.describe()} needs {params[0].gpu_total / GIB:.1f} GiB per GPU")
     seq = work.seq_len // 2
     while seq >= 128:
         shorter = recommend(plan(dataclasses.replace(work, seq_len=seq)))
@@ -439,8 +439,6 @@ def format_report(work: Workload, estimates: list[Estimate], *, source: str = ""
         s = e.states
         offload = {"none": "-", "optimizer": "optim", "optimizer+params": "optim+param"}[e.setup.offload]
         mark = ("*" if e.fits else "") + ("  <- recommended" if e is best else "")
-        if e.fits and not e.setup.supported:
-            mark += "  (offload_param: not in ZeroConfig)"
         rows.append((str(e.setup.stage), offload, "yes" if e.setup.checkpointing else "no",
                      *(f"{x / GIB:.1f}" for x in (s.params, s.grads, s.optimizer + s.gathered, e.buffers,
                                                   e.activations, e.overhead, e.gpu_total, s.cpu)), mark))
@@ -456,11 +454,14 @@ def format_report(work: Workload, estimates: list[Estimate], *, source: str = ""
                      f"per GPU" + (f", {best.states.cpu_states / GIB:.1f} GiB of offloaded states per node"
                                    if best.states.cpu_states else "")
                      + ("" if best.roomy else f" (tight: nothing that fits leaves {RECOMMEND_HEADROOM:.0%} free)"))
+        lines.append(f"  set: {best.setup.settings()}")
     else:
-        need = min((e for e in estimates if e.setup.supported), key=lambda e: e.gpu_total)
-        lines.append(f"DOES NOT FIT: no configuration that ZeroConfig can run fits in {work.num_gpus} x "
+        need = min(estimates, key=lambda e: e.gpu_total)
+        cpu = (f" and {need.states.cpu / GIB:.1f} GiB of CPU memory per node (of {work.cpu_mem_gib:g})"
+               if need.cpu_mem is not None and need.states.cpu > need.cpu_mem else "")
+        lines.append(f"DOES NOT FIT: no configuration fits in {work.num_gpus} x "
                      f"{work.gpu_mem_gib:g} GiB; the smallest, {need.setup.describe()}, needs "
-                     f"{need.gpu_total / GIB:.1f} GiB per GPU. It would fit with:")
+                     f"{need.gpu_total / GIB:.1f} GiB per GPU{cpu}. It would fit with:")
         lines.extend(f"  - {hint}" for hint in what_would_fit(work, estimates))
     return "\n".join(lines)
 

@@ -71,6 +71,9 @@ class ZeroConfig:
     """Training precision; fp16 uses dynamic loss scaling. fp32 master weights in every case."""
     offload_optimizer: Literal["none", "cpu"] = "none"
     """Keep optimizer state (and the update) in CPU memory; needs stage >= 1."""
+    offload_params: Literal["none", "cpu"] = "none"
+    """Keep the ZeRO-3 parameter partitions in CPU memory too, each layer gathered to the GPU when it
+    runs (DeepSpeed's offload_param); needs stage 3 and offload_optimizer: cpu."""
     micro_batch_size: int = 1
     """Sequences per process per forward/backward pass."""
     global_batch_tokens: int
@@ -86,6 +89,9 @@ class ZeroConfig:
                 f"must be a positive number of tokens, got {self.global_batch_tokens}")
         require(self.offload_optimizer == "none" or self.stage >= 1, "offload_optimizer",
                 f"optimizer offload needs ZeRO stage 1, 2 or 3; got stage {self.stage}")
+        require(self.offload_params == "none" or (self.stage == 3 and self.offload_optimizer == "cpu"),
+                "offload_params", f"parameter offload needs ZeRO stage 3 with offload_optimizer: cpu; got stage "
+                f"{self.stage} with offload_optimizer: {self.offload_optimizer}")
 
     def grad_accum_steps(self, *, seq_len: int, world_size: int) -> int:
         """Micro-batches each process accumulates per optimizer step; raises if the batch does not divide."""
@@ -177,6 +183,8 @@ def deepspeed_config(cfg: ZeroConfig, *, world_size: int, seq_len: int, grad_cli
     zero: dict[str, Any] = {"stage": cfg.stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
     if cfg.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.offload_params == "cpu":  # zero.Init then builds the partitions in CPU memory as well
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     config: dict[str, Any] = {
         "train_batch_size": cfg.micro_batch_size * accum * world_size,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
