@@ -149,12 +149,6 @@ def unavailable(variant: Variant) -> str | None:
     return reason
 
 
-def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Parameters to ``dtype``, buffers (the rotary tables) left in fp32."""
-    for param in model.parameters():
-        param.data = param.data.to(dtype)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -163,10 +157,8 @@ def _sync(device: torch.device) -> None:
 def _measure(cfg: ModelConfig, shape: Shape, batch, device: torch.device, dtype: torch.dtype) -> Result:
     """Build the model, run warmup + timed steps, return the figures (name and note unset)."""
     torch.manual_seed(shape.seed)
-    with torch.device(device):
-        model = cfg.build()
-    cast_parameters(model, dtype)
-    if device.type == "cuda":  # the peak of training, not of the fp32 model before the cast
+    model = cfg.build(device, dtype)  # parameters in dtype, the rotary tables in fp32
+    if device.type == "cuda":  # the peak of the steps
         torch.cuda.reset_peak_memory_stats(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=device.type == "cuda")
     input_ids, doc_ids, targets = batch

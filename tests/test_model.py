@@ -380,6 +380,20 @@ def test_config_errors_from_the_loader_name_the_key():
         load(ModelConfig, [PRESETS / "base.yaml"])
 
 
+def test_build_allocates_on_the_given_device_in_the_given_dtype():
+    cfg = tiny(tie_embeddings=True)
+    torch.manual_seed(3)
+    whole = cfg.build()
+    torch.manual_seed(3)
+    half = cfg.build("cpu", torch.bfloat16)
+    assert half.lm_head.weight is half.tok_embeddings.weight
+    assert half.rope_cos.dtype == torch.float32 and torch.equal(half.rope_cos, whole.rope_cos)
+    for (name, mine), ref in zip(half.named_parameters(), whole.parameters()):
+        assert mine.dtype == torch.bfloat16 and torch.equal(mine, ref.bfloat16()), name
+    placed = cfg.build(torch.device("meta"))
+    assert {t.device.type for t in [*placed.parameters(), *placed.buffers()]} == {"meta"}
+
+
 def test_kernels_on_a_cpu():
     assert tiny().kernels_on(torch.device("cpu"), torch.bfloat16) == \
         "attention sdpa (auto), RMSNorm/RoPE/SwiGLU torch (auto)"
