@@ -146,7 +146,6 @@ def pretrain(cfg: TrainConfig) -> int:
     validator = Validator.build(cfg.validation, [spec.path for spec in cfg.data.datasets], tokenizer,
                                 seq_len=cfg.data.seq_len, run_dir=run_dir, rank=env.rank, world_size=env.world_size)
     device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else None
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.zero.precision]
     peak = peak_flops(device_name, cfg.zero.precision)
     logger = MetricsLogger(cfg.logging, run_dir, is_main=env.is_main, max_steps=cfg.trainer.max_steps,
                            flops_per_token=cfg.model.flops_per_token(cfg.data.seq_len),
@@ -163,7 +162,7 @@ def pretrain(cfg: TrainConfig) -> int:
                   f"{cfg.zero.precision}, ZeRO stage {cfg.zero.stage}, {cfg.zero.global_batch_tokens:,} tokens "
                   f"per step ({engine.gradient_accumulation_steps()} accumulation steps); "
                   f"{'starting' if step == 0 else f'resuming after step {step}'} in {run_dir}", flush=True)
-            print(f"kernels: {cfg.model.kernels_on(env.device, dtype)}", flush=True)
+            print(f"kernels: {cfg.model.kernels_on(env.device, cfg.zero.dtype)}", flush=True)
         if step == 0:
             validate(0)
 

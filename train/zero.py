@@ -93,6 +93,11 @@ class ZeroConfig:
                 "offload_params", f"parameter offload needs ZeRO stage 3 with offload_optimizer: cpu; got stage "
                 f"{self.stage} with offload_optimizer: {self.offload_optimizer}")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The working precision as a torch dtype (the parameters' dtype in training)."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
+
     def grad_accum_steps(self, *, seq_len: int, world_size: int) -> int:
         """Micro-batches each process accumulates per optimizer step; raises if the batch does not divide."""
         return grad_accum_steps(self.global_batch_tokens, micro_batch_size=self.micro_batch_size,
@@ -104,9 +109,8 @@ class ZeroConfig:
         dtype)`` with the same seed. Call :func:`init_distributed` and seed the generators first."""
         from hataori.model.model import Transformer
 
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
         if self.stage != 3:
-            return model.build(device, dtype)
+            return model.build(device, self.dtype)
         import deepspeed
 
         model.check_kernels()
