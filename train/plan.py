@@ -168,10 +168,6 @@ class ModelStates:
     def gpu(self) -> float:
         return self.params + self.grads + self.optimizer + self.gathered
 
-    @property
-    def cpu(self) -> float:
-        return self.cpu_states
-
 
 def model_states(num_params: int, *, stage: int, num_gpus: int, gpus_per_node: int, precision: Precision = "bf16",
                  offload: Offload = "none", largest_layer_params: int = 0) -> ModelStates:
@@ -343,7 +339,7 @@ class Estimate:
 
     @property
     def fits(self) -> bool:
-        return self.gpu_total <= self.gpu_mem and (self.cpu_mem is None or self.states.cpu <= self.cpu_mem)
+        return self.gpu_total <= self.gpu_mem and (self.cpu_mem is None or self.states.cpu_states <= self.cpu_mem)
 
     @property
     def roomy(self) -> bool:
@@ -441,7 +437,7 @@ def format_report(work: Workload, estimates: list[Estimate], *, source: str = ""
         mark = ("*" if e.fits else "") + ("  <- recommended" if e is best else "")
         rows.append((str(e.setup.stage), offload, "yes" if e.setup.checkpointing else "no",
                      *(f"{x / GIB:.1f}" for x in (s.params, s.grads, s.optimizer + s.gathered, e.buffers,
-                                                  e.activations, e.overhead, e.gpu_total, s.cpu)), mark))
+                                                  e.activations, e.overhead, e.gpu_total, s.cpu_states)), mark))
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS) - 1)]
     for r in rows:
         lines.append("  ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -457,8 +453,8 @@ def format_report(work: Workload, estimates: list[Estimate], *, source: str = ""
         lines.append(f"  set: {best.setup.settings()}")
     else:
         need = min(estimates, key=lambda e: e.gpu_total)
-        cpu = (f" and {need.states.cpu / GIB:.1f} GiB of CPU memory per node (of {work.cpu_mem_gib:g})"
-               if need.cpu_mem is not None and need.states.cpu > need.cpu_mem else "")
+        cpu = (f" and {need.states.cpu_states / GIB:.1f} GiB of CPU memory per node (of {work.cpu_mem_gib:g})"
+               if need.cpu_mem is not None and need.states.cpu_states > need.cpu_mem else "")
         lines.append(f"DOES NOT FIT: no configuration fits in {work.num_gpus} x "
                      f"{work.gpu_mem_gib:g} GiB; the smallest, {need.setup.describe()}, needs "
                      f"{need.gpu_total / GIB:.1f} GiB per GPU{cpu}. It would fit with:")
