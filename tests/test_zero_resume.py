@@ -131,7 +131,12 @@ def test_grad_accumulation_matches_one_big_micro_batch(tmp_path):
         for step, (grads_one, grads_four) in enumerate(zip(one["grads"], four["grads"], strict=True)):
             for name, grad in grads_one.items():
                 assert grad.abs().max() > 0, f"stage {stage} {name}: no gradient"
-                torch.testing.assert_close(grads_four[name], grad, rtol=1e-5, atol=1e-7,
+                # The first step's gradients differ only by the order of the sums. Later steps start from
+                # weights that differ too: Adam's first update divides by the gradient's own scale, which
+                # magnifies rounding where a gradient is tiny (see the weights below). There, tolerate
+                # 1e-4 of the tensor's largest gradient; a missed average is off by the gradient itself.
+                atol = 1e-7 if step == 0 else 1e-4 * float(grad.abs().max())
+                torch.testing.assert_close(grads_four[name], grad, rtol=1e-5, atol=atol,
                                            msg=lambda m: f"stage {stage} step {step} grad of {name}: {m}")
         for name, param in one["params"].items():
             # Adam divides by the gradient's own scale, which magnifies rounding where a gradient is
