@@ -28,6 +28,12 @@ setup(
         # .zst corpora: the standard library reads zstd only from Python 3.14 on.
         "zstandard>=0.22",
         "tqdm>=4.60",
+        # SentencePiece model files are protobufs; tokenizer extension and export read and edit them.
+        "protobuf>=3.20",
+        # Hugging Face export and import: sharded safetensors weights and the fast tokenizer's
+        # tokenizer.json, written with the libraries that define those formats.
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6", "triton>=3.0"],

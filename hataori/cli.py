@@ -21,6 +21,8 @@ COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
                               "build a Japanese corpus from Debian's Japanese documentation packages"),
     ("corpus", "ja-news"): ("hataori.tokenizer.ja_news",
                             "build news-style Japanese sentences (PyPI hironsancorpus) for out-of-domain evaluation"),
+    ("corpus", "python-docs"): ("hataori.tokenizer.python_docs",
+                                "English documentation text: the docstrings of Python's standard library"),
     ("tokenizer", "train"): ("hataori.tokenizer.trainer", "train a SentencePiece tokenizer made for Japanese"),
     ("tokenizer", "eval"): ("hataori.tokenizer.evaluate", "compare tokenizers on Japanese text"),
     ("data", "prepare"): ("hataori.tokenizer.prepare", "encode corpora into memory-mapped token shards"),

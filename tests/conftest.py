@@ -38,6 +38,14 @@ def ja_other_text() -> Path:
 
 
 @pytest.fixture(scope="session")
+def en_corpus() -> Path:
+    """Folder of English documentation text (the docstrings of Python's standard library)."""
+    out = cache_dir() / "python-docs"
+    assert hataori_main(["corpus", "python-docs", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def ja_tokenizer(ja_corpus: Path, tmp_path_factory) -> Path:
     """Folder of a small unigram tokenizer (tokenizer.model, config.yaml, summary.json) trained on a
     sample of the corpus: 4,000 pieces, so only kana and symbols are required characters."""

@@ -112,7 +112,7 @@ class _Encoder:
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         # One thread: parallelism comes from worker processes, so `workers` is the CPU budget.
-        ids = self.tokenizer.sp.Encode(texts, out_type=int, num_threads=1)
+        ids = self.tokenizer.encode(texts, num_threads=1)
         lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
         eos = (self.eos,)
         flat = np.fromiter(itertools.chain.from_iterable(itertools.chain(x, eos) for x in ids),

@@ -18,7 +18,9 @@ Defaults, made for Japanese text fed to a decoder-only model:
 * ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, ``<pad>`` 3, then ``reserved_tokens`` control pieces
   ``<|reserved_N|>`` for later chat or fill-in-the-middle formats;
 * every JIS X 0208 character a piece of its own (``required_chars``), so that a tokenizer
-  trained on a narrow corpus still reads other Japanese without falling back to bytes.
+  trained on a narrow corpus still reads other Japanese without falling back to bytes;
+* unigram scores rounded to multiples of 1/64, so that the exported Hugging Face fast tokenizer
+  gives SentencePiece's ids on every text (see :mod:`hataori.tokenizer.proto`).
 
 The alphabet is decided here, not by SentencePiece: it is the required set plus the most frequent
 characters of the sample up to ``character_coverage``. Characters outside it are cut out of the
@@ -50,6 +52,7 @@ from hataori.config import load, override, require, split_items, to_yaml
 from hataori.errors import HataoriError, InputError
 from hataori.fsutil import atomic_path
 from hataori.tokenizer import charsets
+from hataori.tokenizer import proto as spm_proto
 from hataori.tokenizer.sources import (ReadStats, SourceConfig, expand, in_validation, iter_documents,
                                        parse_source)
 
@@ -418,7 +421,11 @@ def train_model(cfg: TokenizerTrainConfig, text: TrainingText) -> bytes:
                                        **trainer_arguments(cfg, text.alphabet))
     except RuntimeError as err:
         raise HataoriError(f"SentencePiece could not train on this input: {err}") from None
-    return writer.getvalue()
+    model = spm_proto.parse(writer.getvalue())
+    # Unigram scores on a grid, so the Hugging Face fast tokenizer gives SentencePiece's ids
+    # (hataori.tokenizer.proto); BPE scores are already whole numbers (minus the merge rank).
+    spm_proto.round_scores(model)
+    return model.SerializeToString()
 
 
 def check_model(cfg: TokenizerTrainConfig, proto: bytes) -> None:
