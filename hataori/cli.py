@@ -31,6 +31,8 @@ COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
     ("pretrain", None): ("hataori.train.pretrain", "pretrain a model from a preset on one or N processes"),
     ("plan", None): ("hataori.train.plan", "estimate per-GPU memory of a training run under each ZeRO setup"),
     ("generate", None): ("hataori.train.generate", "continue a prompt with a trained checkpoint"),
+    ("export", "hf"): ("hataori.train.export",
+                       "write a run's checkpoint as a Hugging Face model folder (safetensors, tokenizer, model card)"),
     ("slurm", "submit"): ("hataori.slurm.submit", "write a pretraining run's batch script and submit it to Slurm"),
     ("slurm", "status"): ("hataori.slurm.status", "show a run's Slurm job, last step and last complete checkpoint"),
 }
@@ -42,6 +44,7 @@ GROUP_HELP = {
     "pretrain": "pretrain a model from a preset on one or N processes",
     "plan": "estimate per-GPU memory of a training run under each ZeRO setup",
     "generate": "continue a prompt with a trained checkpoint",
+    "export": "write trained models in other frameworks' layouts",
     "slurm": "run pretraining as Slurm jobs that checkpoint and requeue themselves at time limits",
 }
 

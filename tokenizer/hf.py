@@ -83,7 +83,6 @@ def fast_tokenizer(tokenizer: Tokenizer):
     proto = spm_proto.parse(tokenizer.proto, tokenizer.path)
     check_convertible(proto, tokenizer.path)
     spec = proto.normalizer_spec
-    byte_fallback = proto.trainer_spec.byte_fallback
     fast = FastTokenizer(_unigram(proto) if spm_proto.model_type(proto) == spm_proto.UNIGRAM else _bpe(proto))
     steps = []
     if spec.precompiled_charsmap:

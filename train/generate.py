@@ -8,12 +8,8 @@ folder of it. The model's shape comes from the run folder's ``config.yaml`` (its
 the tokenizer from ``--tokenizer``, else the config's ``tokenizer``, else the one recorded in the
 first dataset's ``dataset.json``.
 
-Weights. DeepSpeed writes ``mp_rank_00_model_states.pt`` with the module's state dict in the
-training precision for stages 0-2, and for ZeRO-3 one ``zero_pp_rank_R_mp_rank_00_model_states.pt``
-per rank holding only placeholders; stages 1-3 add ``*_optim_states.pt`` files with the partitioned
-fp32 master weights. Wherever those exist, the weights are consolidated from them with DeepSpeed's
-``get_fp32_state_dict_from_zero_checkpoint`` (stages 1-2 and 3); for stage 0 (nothing partitioned)
-the module state dict is read and cast to fp32.
+Weights are read with :class:`hataori.train.weights.CheckpointWeights`, from any ZeRO stage: the
+fp32 master weights where the checkpoint has them, else the module's own.
 
 Decoding. The prompt is encoded after one EOS, as training documents begin (the packed loader's
 documents are preceded by the previous one's EOS). Each new token takes one full forward pass over
@@ -29,19 +25,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from hataori.errors import ConfigError, InputError
-
-STEP_DIR = re.compile(r"^step_(\d+)$")
-MODEL_STATES = "mp_rank_00_model_states.pt"
+from hataori.train.run import model_config, read_config, tokenizer_path
+from hataori.train.weights import CheckpointWeights, resolve_checkpoint
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -128,74 +120,12 @@ def generate(model: torch.nn.Module, prompt: list[int], *, max_new_tokens: int, 
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """(run folder, checkpoint folder) of a run folder (its latest complete checkpoint) or a step folder."""
-    path = Path(path)
-    if STEP_DIR.match(path.name) and path.is_dir():
-        return path.parent.parent, path
-    folder = path / "checkpoints"
-    steps = sorted((int(m.group(1)), p) for p in folder.glob("step_*") if (m := STEP_DIR.match(p.name)) and p.is_dir()) \
-        if folder.is_dir() else []
-    if not steps:
-        raise InputError(path, "no complete checkpoint here; pass a run folder with checkpoints/step_N "
-                               "or a checkpoints/step_N folder")
-    return path, steps[-1][1]
-
-
-def run_config(run_dir: Path) -> dict[str, Any]:
-    """The run's recorded config (``config.yaml``) as a plain dict."""
-    from omegaconf import OmegaConf
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise InputError(path, "missing; the run folder records its config there before step 0")
-    config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise InputError(path, "has no model section; is this a `hataori pretrain` run folder?")
-    return config
-
-
-def model_config(config: dict[str, Any]):
-    from hataori.config import build
-    from hataori.model import ModelConfig
-
-    return build(ModelConfig, config["model"], "model.")
-
-
-def tokenizer_path(config: dict[str, Any], override: str | None) -> str:
-    """``--tokenizer``, else the config's ``tokenizer``, else the first dataset's recorded tokenizer."""
-    if override:
-        return override
-    if config.get("tokenizer"):
-        return str(config["tokenizer"])
-    datasets = (config.get("data") or {}).get("datasets") or []
-    if datasets:
-        manifest = Path(datasets[0]["path"]) / "dataset.json"
-        if manifest.is_file():
-            return json.loads(manifest.read_text())["tokenizer"]["path"]
-    raise InputError("config.yaml", "names no tokenizer and no readable dataset manifest; pass --tokenizer DIR")
-
-
-def load_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The model's full fp32 state dict from a DeepSpeed checkpoint folder of any ZeRO stage."""
-    states = checkpoint / MODEL_STATES
-    if any(checkpoint.glob("*_optim_states.pt")):  # ZeRO 1-3: partitioned fp32 master weights
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    elif states.is_file():
-        state = torch.load(states, map_location="cpu", weights_only=False)["module"]
-    else:
-        raise InputError(checkpoint, f"neither {MODEL_STATES} nor ZeRO optimizer states; not a DeepSpeed checkpoint")
-    return {name: tensor.float() for name, tensor in state.items()}
-
-
 def load_model(checkpoint_path: str | Path, device: str = "cpu"):
     """The model of a run checkpoint, in fp32 and eval mode, and the run's config dict."""
     run_dir, checkpoint = resolve_checkpoint(checkpoint_path)
-    config = run_config(run_dir)
+    config = read_config(run_dir)
     model = model_config(config).build()
-    state = load_state_dict(checkpoint)
+    state = CheckpointWeights(checkpoint).state_dict()
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if model.config.tie_embeddings else set()
     if set(missing) - tied or unexpected:

@@ -23,8 +23,8 @@ uses the GPU of its local rank with NCCL, or the CPU with gloo. If a process die
 stops the others and exits with an error; the next launch resumes from the latest complete
 checkpoint, losing only the steps after it.
 
-A run (``run_dir``) holds ``config.yaml``, ``environment.json`` and ``deepspeed.json`` (written
-before step 0), ``metrics.jsonl``, ``tensorboard/`` and ``checkpoints/``. Launched again with the
+A run (``run_dir``) holds ``config.yaml``, ``environment.json``, ``provenance.json`` and
+``deepspeed.json`` (written before step 0), ``metrics.jsonl``, ``tensorboard/`` and ``checkpoints/``. Launched again with the
 same folder, it resumes from its latest complete checkpoint, loader position included.
 """
 
@@ -124,7 +124,7 @@ def pretrain(cfg: TrainConfig) -> int:
     from hataori.slurm.signals import stop_on_signals
     from hataori.train.checkpoint import Checkpointer, seed_all
     from hataori.train.metrics import MetricsLogger, peak_flops
-    from hataori.train.run import record_run
+    from hataori.train.run import record_provenance, record_run
     from hataori.train.trainer import Trainer
     from hataori.train.validate import Validator
     from hataori.train.zero import init_distributed, shutdown_distributed
@@ -135,6 +135,7 @@ def pretrain(cfg: TrainConfig) -> int:
     run_dir = Path(cfg.run_dir)
     if env.is_main:
         record_run(run_dir, cfg, world_size=env.world_size)
+        record_provenance(run_dir, tokenizer=tokenizer, datasets=cfg.data.datasets)
     seed_all(cfg.seed)
 
     model = cfg.zero.build_model(cfg.model, env.device, seq_len=cfg.data.seq_len, grad_clip=cfg.optim.grad_clip)

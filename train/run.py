@@ -10,6 +10,13 @@
 
 A restarted run rewrites both, so they describe the latest launch; ``deepspeed.json`` (written by
 :meth:`hataori.train.zero.ZeroConfig.build`) sits beside them.
+
+:func:`record_provenance` writes ``provenance.json``, what an exported model card says the model
+was made from, read while the inputs are at hand: the tokenizer (path, fingerprint, type, size),
+each dataset (path, weight, the fingerprint of each split's shards, document and token counts,
+the sources it was encoded from) with the manifest of every corpus those sources came from (the
+``manifest.json`` a ``hataori corpus`` command writes beside its ``corpus.jsonl``: packages,
+versions, licenses, counts), and where the initial weights came from.
 """
 
 from __future__ import annotations
@@ -29,9 +36,11 @@ import torch
 from omegaconf import OmegaConf
 
 from hataori.config import to_yaml
+from hataori.errors import InputError
 from hataori.fsutil import atomic_write_text
 
 PACKAGES = ("torch", "deepspeed", "sentencepiece", "numpy", "hataori")
+PROVENANCE_FILE = "provenance.json"
 """Packages whose versions each run records."""
 
 
@@ -42,6 +51,48 @@ def record_run(run_dir: str | os.PathLike, config: Any, *, world_size: int = 1) 
     atomic_write_text(run_dir / "config.yaml", config_yaml(config))
     atomic_write_text(run_dir / "environment.json", json.dumps(environment(world_size), indent=2) + "\n")
     return run_dir
+
+
+def record_provenance(run_dir: str | os.PathLike, *, tokenizer: Any, datasets: list[Any],
+                      init: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``provenance.json`` into ``run_dir``: ``tokenizer`` a :class:`hataori.tokenizer.model.Tokenizer`,
+    ``datasets`` the DataConfig's dataset specs (path, weight), ``init`` where the weights came from."""
+    from hataori.tokenizer.proto import model_type_name, parse
+    from hataori.tokenizer.shards import Dataset
+
+    record = {
+        "tokenizer": {"path": str(tokenizer.path.resolve()), "fingerprint": tokenizer.fingerprint,
+                      "vocab_size": tokenizer.vocab_size,
+                      "model_type": model_type_name(parse(tokenizer.proto, tokenizer.path))},
+        "datasets": [dataset_provenance(Dataset(spec.path, "train"), spec.weight) for spec in datasets],
+        "init": init or {"from": "random"},
+    }
+    atomic_write_text(Path(run_dir) / PROVENANCE_FILE, json.dumps(record, ensure_ascii=False, indent=2) + "\n")
+    return record
+
+
+def dataset_provenance(dataset: Any, weight: float) -> dict[str, Any]:
+    """A prepared dataset's record: fingerprints and counts of its splits, its sources and their corpora."""
+    from hataori.tokenizer.shards import Dataset
+
+    manifest = dataset.manifest
+    splits = {}
+    for split, info in manifest["splits"].items():
+        splits[split] = {"fingerprint": Dataset(dataset.path, split).fingerprint, "documents": info["documents"],
+                         "tokens": info["tokens"]}
+    sources, corpora = [], {}
+    for source in manifest.get("sources", []):
+        sources.append({key: source.get(key) for key in ("name", "path", "weight", "documents")})
+        for file in source.get("files", []):
+            corpus_manifest = Path(file).parent / "manifest.json"
+            if str(corpus_manifest) not in corpora and corpus_manifest.is_file():
+                try:
+                    corpora[str(corpus_manifest)] = json.loads(corpus_manifest.read_text(encoding="utf-8"))
+                except json.JSONDecodeError:
+                    corpora[str(corpus_manifest)] = {"error": "not valid JSON"}
+    return {"path": str(Path(dataset.path).resolve()), "weight": weight,
+            "tokenizer_fingerprint": dataset.tokenizer_fingerprint, "splits": splits, "sources": sources,
+            "corpora": corpora}
 
 
 def config_yaml(config: Any) -> str:
@@ -122,3 +173,41 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# ----------------------------------------------------------------------------- reading a run folder back
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """The run's recorded config (``config.yaml``) as a plain dict."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise InputError(path, "missing; the run folder records its config there before step 0")
+    config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise InputError(path, "has no model section; is this a `hataori pretrain` run folder?")
+    return config
+
+
+def model_config(config: dict[str, Any]):
+    """The ModelConfig of a recorded config."""
+    from hataori.config import build
+    from hataori.model import ModelConfig
+
+    return build(ModelConfig, config["model"], "model.")
+
+
+def tokenizer_path(config: dict[str, Any], override: str | None) -> str:
+    """``--tokenizer``, else the config's ``tokenizer``, else the first dataset's recorded tokenizer."""
+    if override:
+        return override
+    if config.get("tokenizer"):
+        return str(config["tokenizer"])
+    datasets = (config.get("data") or {}).get("datasets") or []
+    if datasets:
+        manifest = Path(datasets[0]["path"]) / "dataset.json"
+        if manifest.is_file():
+            return json.loads(manifest.read_text())["tokenizer"]["path"]
+    raise InputError("config.yaml", "names no tokenizer and no readable dataset manifest; pass --tokenizer DIR")

@@ -1,0 +1,190 @@
+"""``hataori export hf``: DeepSpeed checkpoints of every ZeRO stage as Hugging Face model folders.
+
+Two processes save checkpoints of one model under ZeRO 0, 1, 2 and 3 (one AdamW step at learning
+rate 0, so every stage holds the weights the model was built with, stored four different ways).
+The exports must be byte-identical, hold exactly the weights of the model built the same way in
+one process (an independent reference), load offline in transformers, and give hataori's logits.
+A real ``hataori pretrain`` run checks what the run folder records for the model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ranks import launch_ranks, log_tails
+
+from hataori.cli import main as hataori_main
+from hataori.model import ModelConfig
+
+LAUNCH_TIMEOUT_S = 240
+SEQ_LEN = 32
+STAGES = (0, 1, 2, 3)
+
+
+def model_config(vocab_size: int, **kwargs) -> ModelConfig:
+    """GQA 4:2, a head width other than d_model / n_heads, vocabulary padded past the tokenizer's."""
+    return ModelConfig(vocab_size=vocab_size, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                       ffn_hidden=80, max_seq_len=SEQ_LEN, rope_base=5000.0, norm_eps=1e-6, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def stage_runs(ja_tokenizer, tmp_path_factory) -> Path:
+    """Run folders ``stage0`` .. ``stage3``, each with one checkpoint of the same weights."""
+    root = tmp_path_factory.mktemp("stages")
+    codes = launch_ranks(__file__, ["save", "--root", str(root), "--tokenizer", str(ja_tokenizer)], root / "logs", 2,
+                         LAUNCH_TIMEOUT_S)
+    assert codes == [0, 0], f"exit codes {codes}:\n{log_tails(root / 'logs')}"
+    return root
+
+
+def export(run: Path, out: Path, *extra: str) -> None:
+    assert hataori_main(["export", "hf", str(run), "--output", str(out), *extra]) == 0
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 120)
+def test_exports_of_every_stage_are_identical_and_hold_the_built_weights(stage_runs, ja_tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    from hataori.model.hf import to_hf_llama_state_dict
+    from hataori.tokenizer.model import Tokenizer
+
+    outputs = []
+    for stage in STAGES:
+        out = tmp_path / f"export{stage}"
+        export(stage_runs / f"stage{stage}", out, "--dtype", "fp32", "--max-shard-size", "40KB")
+        outputs.append(out)
+    weight_files = sorted(p.name for p in outputs[0].glob("*.safetensors"))
+    assert len(weight_files) > 1, "the 40KB limit should have made several shards"
+    for out in outputs[1:]:
+        for name in weight_files + ["model.safetensors.index.json", "config.json", "tokenizer.json"]:
+            assert (out / name).read_bytes() == (outputs[0] / name).read_bytes(), f"{out.name}/{name} differs"
+
+    torch.manual_seed(7)
+    reference = model_config(Tokenizer(ja_tokenizer).vocab_size).build()
+    expected = to_hf_llama_state_dict(reference.config, reference.state_dict())
+    loaded = {}
+    for name in weight_files:
+        loaded.update(load_file(outputs[0] / name))
+    assert sorted(loaded) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name], tensor), name
+    index = json.loads((outputs[0] / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(expected)
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in expected.values())
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 120)
+def test_transformers_loads_the_export_offline_with_our_logits(stage_runs, ja_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from hataori.tokenizer.model import Tokenizer
+    from hataori.train.generate import load_model
+
+    out = tmp_path / "export"
+    export(stage_runs / "stage3", out, "--dtype", "fp32")
+    ours, _ = load_model(stage_runs / "stage3")
+    hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, attn_implementation="eager").eval()
+    hf_tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    tok = Tokenizer(ja_tokenizer)
+    text = "Debian のパッケージは、 apt-get で 2 つ入れます。"
+    ids = hf_tok(text, return_tensors="pt")["input_ids"]
+    assert ids[0].tolist() == [tok.eos_id] + tok.encode([text])[0]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-5, atol=1e-5)
+    generation = GenerationConfig.from_pretrained(out, local_files_only=True)
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (
+        tok.bos_id, tok.eos_id, tok.pad_id)
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_theta"] == 5000.0 and config["head_dim"] == 16 and config["vocab_size"] == tok.vocab_size
+    card = (out / "README.md").read_text()
+    assert tok.fingerprint in card and "tokens seen" in card
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 120)
+def test_bf16_export_is_the_rounded_weights(stage_runs, tmp_path):
+    from safetensors.torch import load_file
+
+    export(stage_runs / "stage1", tmp_path / "fp32", "--dtype", "fp32")
+    export(stage_runs / "stage1", tmp_path / "bf16", "--dtype", "bf16")
+    full = {k: v for p in sorted((tmp_path / "fp32").glob("*.safetensors")) for k, v in load_file(p).items()}
+    half = {k: v for p in sorted((tmp_path / "bf16").glob("*.safetensors")) for k, v in load_file(p).items()}
+    assert all(half[k].dtype == torch.bfloat16 and torch.equal(half[k], v.to(torch.bfloat16)) for k, v in full.items())
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 120)
+def test_export_errors(stage_runs, ja_corpus, tmp_path, capsys):
+    run = stage_runs / "stage0"
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("keep me")
+    assert hataori_main(["export", "hf", str(run), "--output", str(occupied)]) == 2
+    assert "not empty" in capsys.readouterr().err and (occupied / "notes.txt").read_text() == "keep me"
+
+    other = tmp_path / "other-tokenizer"
+    assert hataori_main(["tokenizer", "train", "--input", str(ja_corpus / "corpus.jsonl"), "--output", str(other),
+                         "vocab_size=3000", "max_input_chars=300000", "required_chars=kana", "progress=false"]) == 0
+    capsys.readouterr()
+    assert hataori_main(["export", "hf", str(run), "--output", str(tmp_path / "x"), "--tokenizer", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "3000 pieces" in err and "model.vocab_size" in err and not (tmp_path / "x").exists()
+
+    assert hataori_main(["export", "hf", str(run), "--output", str(tmp_path / "y"), "--step", "9"]) == 2
+    assert "no complete checkpoint of step 9" in capsys.readouterr().err
+    assert hataori_main(["export", "hf", str(run), "--output", str(tmp_path / "y"), "--max-shard-size", "lots"]) == 2
+    assert "max-shard-size" in capsys.readouterr().err
+
+    # An earlier export is replaced whole.
+    export(run, tmp_path / "again", "--dtype", "fp32")
+    export(run, tmp_path / "again", "--dtype", "bf16")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def worker_save(args) -> None:
+    """For each stage: build the model as pretrain does (seed 7), take one AdamW step at learning rate
+    0 so the optimizer holds its states, and save a checkpoint with the run's config beside it."""
+    from hataori.config import to_dict
+    from hataori.tokenizer.model import Tokenizer
+    from hataori.train.checkpoint import CheckpointConfig, Checkpointer
+    from hataori.train.optim import OptimConfig
+    from hataori.train.run import record_run
+    from hataori.train.zero import ZeroConfig, init_distributed, shutdown_distributed
+
+    env = init_distributed()
+    cfg = model_config(Tokenizer(args.tokenizer).vocab_size)
+    for stage in STAGES:
+        run_dir = Path(args.root) / f"stage{stage}"
+        zero = ZeroConfig(stage=stage, precision="fp32", micro_batch_size=2, global_batch_tokens=2 * SEQ_LEN * 2)
+        if env.is_main:
+            record_run(run_dir, {"model": to_dict(cfg), "tokenizer": args.tokenizer, "zero": to_dict(zero)},
+                       world_size=env.world_size)
+        torch.manual_seed(7)
+        model = zero.build_model(cfg, env.device, seq_len=SEQ_LEN, grad_clip=1.0)
+        optimizer = OptimConfig(lr=1e-3, weight_decay=0.1, grad_clip=1.0).build(model)
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0  # the step fills the optimizer states and leaves the weights as built
+        engine = zero.build(model, optimizer, None, seq_len=SEQ_LEN, grad_clip=1.0)
+        tokens = torch.randint(0, cfg.vocab_size, (2, SEQ_LEN + 1), generator=torch.Generator().manual_seed(env.rank))
+        engine.backward(engine(tokens[:, :-1], targets=tokens[:, 1:]))
+        engine.step()
+        Checkpointer(CheckpointConfig(), run_dir / "checkpoints", engine).save(
+            1, loader_state={}, client_state={"tokens_seen": 4 * SEQ_LEN})
+        engine.destroy()
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="mode", required=True)
+    save = sub.add_parser("save")
+    save.add_argument("--root", required=True)
+    save.add_argument("--tokenizer", required=True)
+    worker_save(parser.parse_args())

@@ -1,0 +1,264 @@
+"""``hataori export hf``: a run's checkpoint as a model folder that transformers loads offline.
+
+    hataori export hf RUN --output DIR [--step N] [--dtype bf16|fp16|fp32] [--max-shard-size 2GB]
+        [--tokenizer PATH]
+
+RUN is a run folder (its latest complete checkpoint, or ``--step N``) or one of its
+``checkpoints/step_N`` folders, from any ZeRO stage. DIR receives:
+
+* ``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``: the weights in
+  transformers' Llama layout (:mod:`hataori.model.hf`), read from the checkpoint one tensor at a
+  time (:mod:`hataori.train.weights`, fp32 master weights where there are any) and written shard
+  by shard, so export holds about one shard in memory beyond the tensor it is reading;
+* ``config.json`` (``LlamaForCausalLM``) and ``generation_config.json`` with the tokenizer's
+  BOS, EOS and pad ids;
+* ``tokenizer.model``, ``tokenizer.json`` and ``tokenizer_config.json``: the run's SentencePiece
+  model and the fast tokenizer that gives the same ids (:mod:`hataori.tokenizer.hf`);
+* ``README.md``: a model card with the architecture, parameters, steps, tokens seen, the final
+  validation bits per character, and the run's data provenance (``provenance.json``: the shards'
+  fingerprints, the corpora they were built from with package versions, licenses and counts, the
+  tokenizer's fingerprint).
+
+The folder is written under a temporary name and renamed when complete. An existing DIR is
+replaced only if it holds an earlier export (config.json and the safetensors index); any other
+non-empty folder is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+from hataori.errors import ConfigError, InputError
+
+DTYPES = ("bf16", "fp16", "fp32")
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``2GB``, ``500MB`` or ``1048576``."""
+    match = SIZE.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError("max-shard-size", f"{text!r} is not a size; write e.g. 2GB, 500MB or a number of bytes")
+    return int(float(match.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[match.group(2).upper()])
+
+
+def check_output(output: Path) -> None:
+    """Refuse to replace a non-empty folder that is not an earlier export."""
+    from hataori.model.hf import CONFIG_FILE, INDEX_FILE
+
+    if output.exists():
+        if not output.is_dir():
+            raise InputError(output, "exists and is not a folder; choose another --output")
+        earlier_export = (output / CONFIG_FILE).is_file() and (output / INDEX_FILE).is_file()
+        if any(output.iterdir()) and not earlier_export:
+            raise InputError(output, "is not empty and holds no earlier export; refusing to replace it, "
+                             "choose another --output")
+
+
+def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, dtype: str = "bf16",
+              max_shard_bytes: int = 2 * 2**30, tokenizer: str | None = None) -> dict[str, Any]:
+    """Write the Hugging Face folder of a run's checkpoint (see the module docstring); a summary."""
+    import torch
+
+    from hataori.fsutil import atomic_path, atomic_write_text
+    from hataori.model import Transformer, hf
+    from hataori.tokenizer.hf import write_hf_tokenizer
+    from hataori.tokenizer.model import Tokenizer
+    from hataori.train.run import model_config, read_config, tokenizer_path
+    from hataori.train.weights import CheckpointWeights, resolve_checkpoint
+
+    started = time.perf_counter()
+    if dtype not in DTYPES:
+        raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    torch_dtype = hf.DTYPES[dtype]
+    output = Path(output)
+    check_output(output)
+    run_dir, checkpoint = resolve_checkpoint(run, step)
+    config = read_config(run_dir)
+    cfg = model_config(config)
+    if cfg.qk_norm:
+        raise InputError(run_dir / "config.yaml", "model.qk_norm: a model with qk-norm has no Llama equivalent in "
+                         "transformers and cannot be exported")
+    tok = Tokenizer(tokenizer_path(config, tokenizer))
+    if tok.vocab_size != cfg.vocab_size:
+        raise InputError(tok.path, f"has {tok.vocab_size} pieces but the run's model.vocab_size is "
+                         f"{cfg.vocab_size}; pass --tokenizer with the tokenizer the run was trained with")
+    weights = CheckpointWeights(checkpoint)
+    names = hf.hf_names(cfg)
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in Transformer(cfg).state_dict().items() if name in names}
+    found = {name: weights.shapes.get(weights.tied.get(name, name)) for name in expected}
+    wrong = {name: shape for name, shape in found.items() if shape != expected[name]}
+    if wrong:
+        name = next(iter(wrong))
+        raise InputError(checkpoint, f"weight {name} has shape {wrong[name]}, the run's config makes "
+                         f"{expected[name]}: the checkpoint and config.yaml do not belong together")
+
+    theirs = {their: ours for ours, their in names.items()}
+    itemsize = torch.tensor([], dtype=torch_dtype).element_size()
+    sizes = [(their, itemsize * _numel(hf.hf_shape(cfg, ours, expected[ours]))) for ours, their in names.items()]
+
+    def tensor(their: str):
+        ours = theirs[their]
+        return hf.to_hf_tensor(cfg, ours, weights.tensor(ours)).to(torch_dtype)
+
+    with atomic_path(output, is_dir=True) as tmp:
+        index = hf.write_safetensors(tmp, hf.plan_shards(sizes, max_shard_bytes), tensor)
+        special = {"bos_id": _id(tok.bos_id), "eos_id": _id(tok.eos_id), "pad_id": _id(tok.pad_id)}
+        config_json = hf.hf_config(cfg, dtype=torch_dtype, **special)
+        atomic_write_text(tmp / hf.CONFIG_FILE, json.dumps(config_json, indent=2) + "\n")
+        generation = {"bos_token_id": special["bos_id"], "eos_token_id": special["eos_id"],
+                      "pad_token_id": special["pad_id"]}
+        atomic_write_text(tmp / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+        write_hf_tokenizer(tok, tmp, model_max_length=cfg.max_seq_len)
+        card = model_card(run_dir, checkpoint, config, cfg, tok, weights.client_state, dtype=dtype)
+        atomic_write_text(tmp / "README.md", card)
+    return {
+        "output": str(output), "run": str(run_dir), "checkpoint": str(checkpoint), "dtype": dtype,
+        "shards": len(set(index["weight_map"].values())), "bytes": index["metadata"]["total_size"],
+        "seconds": round(time.perf_counter() - started, 2),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+    }
+
+
+def _numel(shape) -> int:
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n
+
+
+def _id(value: int) -> int | None:
+    return value if value >= 0 else None
+
+
+# ----------------------------------------------------------------------------- model card
+
+
+def final_validation(run_dir: Path, step: int | None) -> dict | None:
+    """The last validation record at or before ``step`` in the run's metrics.jsonl."""
+    from hataori.train.metrics import METRICS_FILE
+
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return None
+    found = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("kind") == "val" and (step is None or record["step"] <= step):
+            found = record
+    return found
+
+
+def model_card(run_dir: Path, checkpoint: Path, config: dict, cfg, tok, client_state: dict, *, dtype: str) -> str:
+    """The README.md of an export: what the model is, how it was trained, and from what data."""
+    from hataori import __version__
+    from hataori.train.run import PROVENANCE_FILE
+
+    step = client_state.get("step")
+    tokens = client_state.get("tokens_seen")
+    val = final_validation(run_dir, step)
+    provenance_path = run_dir / PROVENANCE_FILE
+    provenance = json.loads(provenance_path.read_text(encoding="utf-8")) if provenance_path.is_file() else None
+    zero = config.get("zero", {})
+    lines = [
+        "---", "library_name: transformers", "language: [ja]", "tags: [hataori, llama]", "---", "",
+        f"# {run_dir.name}", "",
+        f"A Llama-style decoder-only language model trained with hataori {__version__}, exported from "
+        f"`{checkpoint}` in {dtype}.", "",
+        "## Architecture", "",
+        "| | |", "|---|---|",
+        f"| parameters | {cfg.num_params() - (cfg.padded_vocab_size - cfg.vocab_size) * cfg.d_model * (1 if cfg.tie_embeddings else 2):,} |",
+        f"| layers, width, MLP width | {cfg.n_layers}, {cfg.d_model}, {cfg.ffn_hidden} |",
+        f"| attention heads (key/value heads), head width | {cfg.n_heads} ({cfg.n_kv_heads}), {cfg.head_dim} |",
+        f"| vocabulary | {cfg.vocab_size:,} |",
+        f"| context, rotary base | {cfg.max_seq_len:,}, {cfg.rope_base:g} |",
+        f"| tied embeddings | {'yes' if cfg.tie_embeddings else 'no'} |", "",
+        "## Training", "",
+        "| | |", "|---|---|",
+        f"| optimizer steps | {step if step is not None else 'unknown'} |",
+        f"| tokens seen | {f'{tokens:,}' if tokens is not None else 'unknown'} |",
+        f"| processes, precision, ZeRO stage | {client_state.get('world_size', '?')}, {zero.get('precision', '?')}, "
+        f"{zero.get('stage', '?')} |",
+        f"| sequence length | {config.get('data', {}).get('seq_len', '?')} |",
+    ]
+    if val is not None:
+        lines.append(f"| validation at step {val['step']} | {val['bpc']:.4f} bits per character, loss {val['loss']:.4f} "
+                     f"({val.get('documents', '?')} documents, {val.get('chars', 0):,} characters) |")
+    else:
+        lines.append("| validation | none recorded |")
+    lines += ["", "## Tokenizer", "",
+              f"SentencePiece {_model_type(tok)} with {tok.vocab_size:,} pieces, fingerprint `{tok.fingerprint}` "
+              f"(`tokenizer.model`); `tokenizer.json` gives the same ids. Documents were trained on as they "
+              f"follow the end-of-document token `{tok.sp.id_to_piece(tok.eos_id)}`, and the tokenizer puts it "
+              "before a text when `add_special_tokens=True`.", ""]
+    lines += _provenance_lines(provenance)
+    lines += ["## Use", "", "```python",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+              "model = AutoModelForCausalLM.from_pretrained(PATH)",
+              "inputs = tokenizer(\"日本語の文章\", return_tensors=\"pt\")",
+              "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0], skip_special_tokens=True))",
+              "```", ""]
+    return "\n".join(lines)
+
+
+def _model_type(tok) -> str:
+    from hataori.tokenizer.proto import model_type_name, parse
+
+    return model_type_name(parse(tok.proto, tok.path))
+
+
+def _provenance_lines(provenance: dict | None) -> list[str]:
+    if provenance is None:
+        return ["## Data", "", "This run recorded no provenance.json (it predates the record).", ""]
+    lines = ["## Data", ""]
+    init = provenance.get("init", {})
+    if init.get("from") != "random":
+        lines += [f"Initial weights: {init.get('from')} `{init.get('path', '')}`"
+                  + (f" (config SHA-256 `{init['config_sha256'][:16]}`)" if init.get("config_sha256") else "") + ".", ""]
+    for dataset in provenance.get("datasets", []):
+        splits = dataset.get("splits", {})
+        counts = ", ".join(f"{name}: {s['documents']:,} documents, {s['tokens']:,} tokens, fingerprint `{s['fingerprint']}`"
+                           for name, s in splits.items())
+        lines += [f"### `{dataset['path']}` (weight {dataset['weight']:g})", "", counts + ".", ""]
+        for source in dataset.get("sources", []):
+            lines.append(f"- source `{source.get('path')}`: {source.get('documents', '?')} documents")
+        for path, corpus in dataset.get("corpora", {}).items():
+            packages = corpus.get("packages") or ([corpus["package"]] if "package" in corpus else [])
+            lines += ["", f"Corpus manifest `{path}`:", "", "| package | version | licenses | documents | characters |",
+                      "|---|---|---|---|---|"]
+            for package in packages:
+                counts = package.get("counts", {})
+                lines.append(f"| {package.get('name')} | {package.get('version')} | "
+                             f"{', '.join(package.get('licenses', []))} | {counts.get('documents', '?')} | "
+                             f"{counts.get('chars', '?')} |")
+        lines.append("")
+    return lines
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN", help="a run folder or its checkpoints/step_N folder")
+    parser.add_argument("--output", required=True, metavar="DIR", help="the model folder to write")
+    parser.add_argument("--step", type=int, help="the checkpoint of this step (default: the latest complete one)")
+    parser.add_argument("--dtype", default="bf16", choices=DTYPES, help="precision of the exported weights")
+    parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    parser.add_argument("--tokenizer", help="tokenizer folder or .model file (default: the run's)")
+
+
+def main(args: argparse.Namespace) -> int:
+    summary = export_hf(args.run, args.output, step=args.step, dtype=args.dtype,
+                        max_shard_bytes=parse_size(args.max_shard_size), tokenizer=args.tokenizer)
+    print(f"exported {summary['checkpoint']} to {summary['output']}: {summary['shards']} shard(s), "
+          f"{summary['bytes'] / 2**20:,.1f} MiB of {summary['dtype']} weights, {summary['seconds']:.1f} s, "
+          f"peak resident memory {summary['peak_rss_gib']:.2f} GiB")
+    return 0
