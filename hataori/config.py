@@ -47,6 +47,11 @@ BASE_KEY = "base"
 
 def load(schema: type[T], files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> T:
     """Build ``schema`` from YAML ``files`` (each with its ``base:`` chain) and ``overrides``."""
+    return build(schema, merged(schema, files, overrides))
+
+
+def merged(schema: type, files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> dict:
+    """The plain data :func:`load` builds ``schema`` from: every layer key-checked and merged."""
     layers: list[tuple[str, DictConfig]] = []
     for file in files:
         layers.extend(_file_layers(Path(file), chain=()))
@@ -62,12 +67,11 @@ def load(schema: type[T], files: Sequence[str | Path] = (), overrides: Sequence[
     for origin, layer in layers:
         check_keys(schema, OmegaConf.to_container(layer, resolve=False), origin)
 
-    merged = OmegaConf.merge(*(layer for _, layer in layers)) if layers else OmegaConf.create({})
+    combined = OmegaConf.merge(*(layer for _, layer in layers)) if layers else OmegaConf.create({})
     try:
-        data = OmegaConf.to_container(merged, resolve=True)
+        return OmegaConf.to_container(combined, resolve=True)
     except OmegaConfBaseException as err:
         raise ConfigError("", f"cannot resolve interpolation: {err}") from None
-    return build(schema, data)
 
 
 def _file_layers(path: Path, chain: tuple[Path, ...]) -> list[tuple[str, DictConfig]]:

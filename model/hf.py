@@ -168,17 +168,28 @@ def model_fields(config: dict[str, Any], path: str | Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- names and tensors
 
 
+_TOP_KEYS = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "lm_head.weight": "lm_head.weight"}
+
+
+def hf_name(name: str) -> str:
+    """Hugging Face's name of our weight ``name`` (``blocks.3.attn.wq.weight`` ->
+    ``model.layers.3.self_attn.q_proj.weight``)."""
+    if name in _TOP_KEYS:
+        return _TOP_KEYS[name]
+    _, layer, rest = name.split(".", 2)
+    return f"model.layers.{layer}.{_BLOCK_KEYS[rest]}"
+
+
 def hf_names(cfg: ModelConfig) -> dict[str, str]:
     """Our weight names -> Hugging Face's, in the order a Hugging Face checkpoint lists them
     (``lm_head.weight`` left out when tied)."""
     _check_convertible(cfg)
-    names = {"tok_embeddings.weight": "model.embed_tokens.weight"}
+    ours = ["tok_embeddings.weight"]
     for i in range(cfg.n_layers):
-        names.update({f"blocks.{i}.{ours}": f"model.layers.{i}.{theirs}" for ours, theirs in _BLOCK_KEYS.items()})
-    names["norm.weight"] = "model.norm.weight"
-    if not cfg.tie_embeddings:
-        names["lm_head.weight"] = "lm_head.weight"
-    return names
+        ours += [f"blocks.{i}.{key}" for key in _BLOCK_KEYS]
+    ours += ["norm.weight"] + ([] if cfg.tie_embeddings else ["lm_head.weight"])
+    return {name: hf_name(name) for name in ours}
 
 
 def hf_shape(cfg: ModelConfig, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -29,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hataori.config import load, override, split_items, to_yaml
+from hataori.config import override, split_items, to_yaml
 from hataori.errors import HataoriError
 from hataori.fsutil import atomic_write_text
 from hataori.slurm.config import SlurmConfig
@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from hataori.tokenizer.sources import parse_source
-    from hataori.train.config import TrainConfig
+    from hataori.train.config import load_train_config
     from hataori.train.pretrain import check
 
     slurm = SlurmConfig(nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_only=args.cpus_only,
@@ -76,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
     flags = [override("data.datasets", [parse_source(item) for item in args.data])] if args.data else []
     if args.run_dir:
         flags.append(override("run_dir", args.run_dir))
-    cfg = load(TrainConfig, files, overrides + flags)
+    cfg = load_train_config(files, overrides + flags)
     check(cfg, world_size=slurm.world_size)
 
     run_dir = Path(cfg.run_dir).absolute()

@@ -64,6 +64,14 @@ class Resumed:
     """This rank's data-loader state dict."""
 
 
+def complete_steps(folder: str | os.PathLike) -> list[int]:
+    """Steps of the complete checkpoints in ``folder``, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := COMPLETE.match(p.name)) and p.is_dir())
+
+
 def tag(step: int) -> str:
     """The folder name of the complete checkpoint after ``step`` optimizer steps."""
     return f"step_{step:08d}"
@@ -115,9 +123,7 @@ class Checkpointer:
 
     def complete_steps(self) -> list[int]:
         """Steps of the complete checkpoints in the folder, oldest first."""
-        if not self.folder.is_dir():
-            return []
-        return sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := COMPLETE.match(p.name)) and p.is_dir())
+        return complete_steps(self.folder)
 
     def remove_incomplete(self) -> list[Path]:
         """Delete folders left by a save or a deletion that was killed part-way (rank 0 only)."""

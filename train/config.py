@@ -15,10 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hataori.config import require
+from pathlib import Path
+from typing import Sequence
+
+from hataori.config import load, merged, require
 from hataori.model import ModelConfig
 from hataori.train.checkpoint import CheckpointConfig
 from hataori.train.data import DataConfig
+from hataori.train.init import InitConfig, shape_overrides
 from hataori.train.optim import OptimConfig, ScheduleConfig
 from hataori.train.trainer import TrainerConfig
 from hataori.train.zero import ZeroConfig
@@ -75,7 +79,10 @@ class TrainConfig:
     """The tokenizer folder or .model file; empty: the one recorded in the first dataset's manifest.
     Its fingerprint must match the datasets'."""
     model: ModelConfig
-    """The transformer; model.vocab_size must equal the tokenizer's vocabulary."""
+    """The transformer; model.vocab_size must equal the tokenizer's vocabulary. With an init source
+    its shape comes from the source (see hataori.train.init)."""
+    init: InitConfig = field(default_factory=InitConfig)
+    """Initial weights: random, a transformers model folder (from_hf) or a hataori run (from_run)."""
     data: DataConfig
     """The training blend; validation reads the same datasets' validation split."""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -107,3 +114,10 @@ class TrainConfig:
                 f"zero.micro_batch_size * data.seq_len = {self.zero.micro_batch_size} * {self.data.seq_len} = "
                 f"{unit} tokens; use a multiple of {unit} times the number of processes")
         self.schedule.check(peak_lr=self.optim.lr, total_steps=self.trainer.max_steps)
+
+
+def load_train_config(files: Sequence[str | Path], overrides: Sequence[str]) -> TrainConfig:
+    """The TrainConfig of YAML ``files`` and ``key=value`` ``overrides``, with the shape of the model
+    named by ``init`` (if any) layered between them (:func:`hataori.train.init.shape_overrides`)."""
+    layer = shape_overrides(merged(TrainConfig, files, overrides))
+    return load(TrainConfig, files, [*layer, *overrides])

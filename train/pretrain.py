@@ -35,9 +35,9 @@ import os
 import sys
 from pathlib import Path
 
-from hataori.config import load, override, split_items
+from hataori.config import override, split_items
 from hataori.errors import ConfigError, InputError
-from hataori.train.config import TrainConfig
+from hataori.train.config import TrainConfig, load_train_config
 
 LAUNCHER_VARS = ("WORLD_SIZE", "SLURM_NTASKS")
 """Set by a launcher: the process is one rank of a group and must not launch others."""
@@ -61,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
     flags = [override("data.datasets", [parse_source(item) for item in args.data])] if args.data else []
     if args.run_dir:
         flags.append(override("run_dir", args.run_dir))
-    cfg = load(TrainConfig, files, overrides + flags)
+    cfg = load_train_config(files, overrides + flags)
     if args.nproc < 1:
         raise ConfigError("--nproc", f"must be at least 1, got {args.nproc}")
     if any(name in os.environ for name in LAUNCHER_VARS) or args.nproc == 1:
@@ -73,15 +73,17 @@ def main(args: argparse.Namespace) -> int:
 
 def check(cfg: TrainConfig, *, world_size: int) -> None:
     """Fail early, in one process, on what would otherwise fail in every rank: the batch arithmetic
-    for ``world_size`` processes, the datasets and the tokenizer."""
+    for ``world_size`` processes, the datasets, the tokenizer and the initial weights' source."""
     import torch
+
+    from hataori.train.init import open_source
 
     cfg.zero.grad_accum_steps(seq_len=cfg.data.seq_len, world_size=world_size)
     gpus = torch.cuda.device_count()
     if gpus and world_size > gpus:
         raise ConfigError("--nproc", f"{world_size} processes, but this machine has {gpus} GPU(s) and each process "
                           f"takes one; use --nproc {gpus} or fewer")
-    open_tokenizer(cfg)
+    open_source(cfg.init, cfg.model, open_tokenizer(cfg))
 
 
 def relaunch(nproc: int, config_args: list[str]) -> None:
@@ -122,7 +124,8 @@ def pretrain(cfg: TrainConfig) -> int:
     import torch
 
     from hataori.slurm.signals import stop_on_signals
-    from hataori.train.checkpoint import Checkpointer, seed_all
+    from hataori.train.checkpoint import Checkpointer, complete_steps, seed_all
+    from hataori.train.init import load_initial_weights, open_source
     from hataori.train.metrics import MetricsLogger, peak_flops
     from hataori.train.run import record_provenance, record_run
     from hataori.train.trainer import Trainer
@@ -130,15 +133,23 @@ def pretrain(cfg: TrainConfig) -> int:
     from hataori.train.zero import init_distributed, shutdown_distributed
 
     tokenizer = open_tokenizer(cfg)
+    init = open_source(cfg.init, cfg.model, tokenizer)
     env = init_distributed()
     cfg.zero.grad_accum_steps(seq_len=cfg.data.seq_len, world_size=env.world_size)
     run_dir = Path(cfg.run_dir)
     if env.is_main:
         record_run(run_dir, cfg, world_size=env.world_size)
-        record_provenance(run_dir, tokenizer=tokenizer, datasets=cfg.data.datasets)
+        record_provenance(run_dir, tokenizer=tokenizer, datasets=cfg.data.datasets,
+                          init=None if init is None else init.describe())
     seed_all(cfg.seed)
 
     model = cfg.zero.build_model(cfg.model, env.device, seq_len=cfg.data.seq_len, grad_clip=cfg.optim.grad_clip)
+    resuming = cfg.checkpoint.resume and bool(complete_steps(run_dir / "checkpoints"))
+    if init is not None and not resuming:  # a resumed run loads its own checkpoint instead
+        load_initial_weights(model, init)
+        if env.is_main:
+            print(f"initial weights from {init.source.key}={init.source.path}"
+                  + (f", {init.growth.added} new embedding rows" if init.growth else ""), flush=True)
     optimizer = cfg.optim.build(model)
     scheduler = cfg.schedule.build(optimizer, total_steps=cfg.trainer.max_steps)
     engine = cfg.zero.build(model, optimizer, scheduler, seq_len=cfg.data.seq_len, grad_clip=cfg.optim.grad_clip,

@@ -1,0 +1,356 @@
+"""Where a run's initial weights come from, and the vocabulary growth of an extended tokenizer.
+
+The ``init`` section of the training config::
+
+    init:
+      from_hf: models/llama          # a Llama-family model folder in transformers' layout
+      from_run: runs/ja-base         # or: a hataori run (its latest complete checkpoint) or step folder
+      base_tokenizer: ""             # the tokenizer the imported weights were trained with
+
+With neither source, the model starts from random weights (``seed``). With one, the source fixes
+the model's shape: :func:`shape_overrides` turns its ``config.json`` (or the run's recorded model
+section) into ``model.*`` overrides that come after the presets and before the command line, so a
+continued-pretraining preset names no shape. A command-line override that contradicts the source
+is an error naming the field (:func:`open_source`); ``model.vocab_size`` may grow (an extended
+tokenizer) and ``model.max_seq_len`` may change (it only sizes the rotary tables).
+
+Only weights come from the source; the optimizer, schedule and data position start afresh (to
+continue a run where it stopped, launch it again with the same ``run_dir``). A run that finds a
+complete checkpoint of its own resumes from it and does not read the source again.
+
+Vocabulary growth. When the run's tokenizer extends the source's (its first pieces are the
+base's, in order: ``hataori tokenizer extend`` makes such tokenizers), the input embedding and the
+output projection grow. Each new row starts as the mean of the rows of the pieces the base
+tokenizer splits the new piece's text into (Swallow's and Chinese-LLaMA's practice; the base's
+dummy prefix is left out, so a piece without a leading space is not given the space's row). Rows
+past the tokenizer, up to ``pad_vocab_multiple``, are zero: nothing reads them.
+
+ZeRO-3. The model is built partitioned, and each process reads from the source only the elements
+of its own partition of each weight (rows of a safetensors tensor, through its memory map), so no
+process ever holds a whole copy of the model. ZeRO 0-2 build the whole model in every process
+anyway and copy each weight whole. A ``from_run`` source is read one weight at a time in either
+case: its checkpoint was partitioned for another world.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from hataori.config import override, require
+from hataori.errors import ConfigError, InputError
+
+SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "rope_base", "norm_eps",
+                "tie_embeddings", "qk_norm")
+"""Model fields a source fixes; besides these it gives vocab_size (which may grow) and max_seq_len."""
+SOURCE_FIELDS = (*SHAPE_FIELDS, "vocab_size", "max_seq_len")
+SPACE_PIECE = "\u2581"
+
+
+@dataclass(kw_only=True, slots=True)
+class InitConfig:
+    """The initial weights: random (no source), a transformers model folder, or a hataori run."""
+
+    from_hf: str = ""
+    """A Llama-family model folder in transformers' layout (config.json and safetensors weights)."""
+    from_run: str = ""
+    """A hataori run folder (its latest complete checkpoint) or one of its checkpoints/step_N folders."""
+    base_tokenizer: str = ""
+    """The SentencePiece tokenizer the source was trained with (default: from_hf's tokenizer.model, or
+    the source run's tokenizer). Needed when the run's tokenizer extends it."""
+
+    def __post_init__(self) -> None:
+        require(not (self.from_hf and self.from_run), "from_hf",
+                "init.from_hf and init.from_run are both set; choose one source of initial weights")
+
+    @property
+    def source(self) -> str:
+        return self.from_hf or self.from_run
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+class Source:
+    """Weights to start from, addressed by hataori's names, with the fields of the model they fit."""
+
+    kind = ""
+    key = ""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self.fields: dict[str, Any] = {}
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (first dimension) of our weight ``name``, as fp32."""
+        raise NotImplementedError
+
+    def default_tokenizer(self) -> str | None:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """What provenance.json records of the source."""
+        return {"from": self.kind, "path": str(self.path.resolve())}
+
+
+class HFSource(Source):
+    """A model folder in transformers' layout (:class:`hataori.model.hf.HFCheckpoint`)."""
+
+    kind, key = "hf", "init.from_hf"
+
+    def __init__(self, path: str):
+        from hataori.model.hf import CONFIG_FILE, HFCheckpoint, model_fields
+
+        super().__init__(path)
+        self.checkpoint = HFCheckpoint(path)
+        self.fields = model_fields(self.checkpoint.config, self.path / CONFIG_FILE)
+
+    def check_weights(self, cfg, expected: dict[str, tuple[int, ...]]) -> None:
+        """Every weight the model needs is there with its shape, and nothing else is."""
+        from hataori.model.hf import hf_names
+
+        names = hf_names(cfg)
+        present = set(self.checkpoint.weight_map)
+        ignored = {n for n in present if n.endswith("rotary_emb.inv_freq")}  # buffers older exports stored
+        if cfg.tie_embeddings:
+            ignored.add("lm_head.weight")
+        missing = [theirs for theirs in names.values() if theirs not in present]
+        if missing:
+            raise InputError(self.path, f"has no weight {missing[0]} ({len(missing)} missing); it is not a "
+                             "complete Llama checkpoint")
+        extra = sorted(present - set(names.values()) - ignored)
+        if extra:
+            raise InputError(self.path, f"holds weights hataori's model cannot represent: {', '.join(extra[:4])}"
+                             f"{' ...' if len(extra) > 4 else ''}; nothing is dropped silently")
+        for ours, theirs in names.items():
+            shape = self.checkpoint.shape(theirs)
+            want = expected[ours]
+            if ours.endswith(("tok_embeddings.weight", "lm_head.weight")):
+                want = (self.fields["vocab_size"], *want[1:])
+            if shape != want:
+                raise InputError(self.path, f"weight {theirs} has shape {shape}, its config.json makes {want}")
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        from hataori.model.hf import hf_name
+
+        return self.checkpoint.rows(hf_name(name), start, stop).float()
+
+    def default_tokenizer(self) -> str | None:
+        path = self.path / "tokenizer.model"
+        return str(path) if path.is_file() else None
+
+    def describe(self) -> dict[str, Any]:
+        from hataori.model.hf import CONFIG_FILE
+
+        config_bytes = (self.path / CONFIG_FILE).read_bytes()
+        return {**super().describe(), "config_sha256": hashlib.sha256(config_bytes).hexdigest(),
+                "weight_files": sorted(set(self.checkpoint.weight_map.values()))}
+
+
+class RunSource(Source):
+    """A hataori run's checkpoint (:class:`hataori.train.weights.CheckpointWeights`)."""
+
+    kind, key = "run", "init.from_run"
+
+    def __init__(self, path: str):
+        from hataori.train.run import model_config, read_config
+        from hataori.train.weights import CheckpointWeights, resolve_checkpoint
+
+        super().__init__(path)
+        self.run_dir, self.checkpoint_dir = resolve_checkpoint(path)
+        self.config = read_config(self.run_dir)
+        cfg = model_config(self.config)
+        self.fields = {key: getattr(cfg, key) for key in SOURCE_FIELDS}
+        self.weights = CheckpointWeights(self.checkpoint_dir)
+
+    def check_weights(self, cfg, expected: dict[str, tuple[int, ...]]) -> None:
+        for name, want in expected.items():
+            stored = self.weights.tied.get(name, name)
+            shape = self.weights.shapes.get(stored)
+            vocab = name.endswith(("tok_embeddings.weight", "lm_head.weight"))
+            if shape is None or (shape[1:] if vocab else shape) != (want[1:] if vocab else want):
+                raise InputError(self.checkpoint_dir, f"weight {name} is {shape}, the model needs {want}: the "
+                                 "checkpoint does not match its run's config")
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        name = self.weights.tied.get(name, name)
+        if self._last is None or self._last[0] != name:  # one weight in memory at a time
+            self._last = (name, self.weights.tensor(name))
+        return self._last[1][start:stop]
+
+    def default_tokenizer(self) -> str | None:
+        from hataori.train.run import tokenizer_path
+
+        try:
+            return tokenizer_path(self.config, None)
+        except InputError:
+            return None
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "checkpoint": str(self.checkpoint_dir.resolve()),
+                "step": self.weights.client_state.get("step"),
+                "tokens_seen": self.weights.client_state.get("tokens_seen")}
+
+
+def source_of(init: InitConfig) -> Source | None:
+    """The source ``init`` names, opened (its config read, its weights indexed), or None."""
+    if init.from_hf:
+        return HFSource(init.from_hf)
+    if init.from_run:
+        return RunSource(init.from_run)
+    return None
+
+
+def shape_overrides(data: dict[str, Any]) -> list[str]:
+    """``model.*`` overrides with the shape of the source that the merged config ``data`` names in
+    its ``init`` section (none without a source); see the module docstring."""
+    from hataori.config import build
+
+    init = build(InitConfig, data.get("init") or {}, "init.")
+    source = source_of(init)
+    if source is None:
+        return []
+    return [override(f"model.{key}", source.fields[key]) for key in SOURCE_FIELDS]
+
+
+# ----------------------------------------------------------------------------- vocabulary growth
+
+
+class VocabGrowth:
+    """The pieces ``extended`` adds after ``base``'s, each with the base ids its text splits into."""
+
+    def __init__(self, base, extended):
+        from hataori.tokenizer import proto as spm_proto
+
+        base_proto = spm_proto.parse(base.proto, base.path)
+        extended_proto = spm_proto.parse(extended.proto, extended.path)
+        for i, (old, new) in enumerate(zip(base_proto.pieces, extended_proto.pieces)):
+            if (old.piece, old.type) != (new.piece, new.type):
+                raise ConfigError("tokenizer", f"{extended.path} does not extend {base.path}: piece {i} is "
+                                  f"{new.piece!r} where the base has {old.piece!r}; use a tokenizer made with "
+                                  "`hataori tokenizer extend` from the model's own tokenizer")
+        self.base_size = len(base_proto.pieces)
+        self.size = len(extended_proto.pieces)
+        # Split each new piece's text with the base, without the base's dummy prefix.
+        base_proto.normalizer_spec.add_dummy_prefix = False
+        import sentencepiece as spm
+
+        splitter = spm.SentencePieceProcessor(model_proto=base_proto.SerializeToString())
+        texts = [extended_proto.pieces[i].piece.replace(SPACE_PIECE, " ") for i in range(self.base_size, self.size)]
+        self.splits = [ids if ids else [base.sp.unk_id()] for ids in splitter.encode(texts, out_type=int)]
+
+    @property
+    def added(self) -> int:
+        return self.size - self.base_size
+
+    def new_rows(self, source: Source, name: str, start: int, stop: int) -> torch.Tensor:
+        """The starting rows of new ids ``start:stop`` of weight ``name``: means of their base rows."""
+        wanted = self.splits[start - self.base_size:stop - self.base_size]
+        ids = sorted({i for split in wanted for i in split})
+        rows = {i: source.rows(name, i, i + 1)[0] for i in ids}
+        return torch.stack([torch.stack([rows[i] for i in split]).mean(dim=0) for split in wanted])
+
+
+# ----------------------------------------------------------------------------- checking and loading
+
+
+@dataclass(slots=True)
+class Plan:
+    """A checked source and how its weights become the model's."""
+
+    source: Source
+    growth: VocabGrowth | None
+    vocab_size: int
+
+    def describe(self) -> dict[str, Any]:
+        record = self.source.describe()
+        if self.growth is not None:
+            record["vocabulary"] = {"base": self.growth.base_size, "extended": self.growth.size,
+                                    "new_rows": "mean of the base pieces' rows"}
+        return record
+
+
+def open_source(init: InitConfig, model, tokenizer) -> Plan | None:
+    """The checked plan of starting ``model`` (a ModelConfig) with ``tokenizer`` (the run's) from the
+    source ``init`` names; None without a source. Errors name the field that does not fit."""
+    from hataori.model import Transformer
+    from hataori.tokenizer.model import Tokenizer
+
+    source = source_of(init)
+    if source is None:
+        return None
+    for key in SHAPE_FIELDS:
+        if getattr(model, key) != source.fields[key]:
+            raise ConfigError(f"model.{key}", f"is {getattr(model, key)!r}, but {source.key}={source.path} has "
+                              f"{source.fields[key]!r}; the source fixes the model's shape, drop the override")
+    base_size = source.fields["vocab_size"]
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in Transformer(model).state_dict().items()}
+    source.check_weights(model, expected)
+    growth = None
+    base_path = init.base_tokenizer or source.default_tokenizer()
+    base = Tokenizer(base_path) if base_path else None
+    if base is not None and base.vocab_size != base_size:
+        raise ConfigError("init.base_tokenizer", f"{base.path} has {base.vocab_size} pieces, but the model of "
+                          f"{source.key} has {base_size} embedding rows: the tokenizer does not belong to it")
+    if model.vocab_size < base_size:
+        raise ConfigError("model.vocab_size", f"is {model.vocab_size} (the run's tokenizer {tokenizer.path}), "
+                          f"smaller than the {base_size} rows of {source.key}: the tokenizer does not belong to it")
+    if base is not None:
+        growth = VocabGrowth(base, tokenizer)  # also checks the run's tokenizer extends the base
+        growth = growth if growth.added else None
+    elif model.vocab_size > base_size:
+        raise ConfigError("init.base_tokenizer", f"the run's tokenizer has {model.vocab_size} pieces and "
+                          f"{source.key} {base_size}: name the tokenizer the source was trained with, whose pieces "
+                          "the run's tokenizer extends (new rows start from its pieces' rows)")
+    return Plan(source=source, growth=growth, vocab_size=model.vocab_size)
+
+
+def target_rows(plan: Plan, name: str, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Rows ``start:stop`` of the weight ``name`` the model starts from (fp32)."""
+    if not name.endswith(("tok_embeddings.weight", "lm_head.weight")):
+        return plan.source.rows(name, start, stop)
+    base, vocab = plan.source.fields["vocab_size"], plan.vocab_size
+    parts = []
+    if start < min(stop, base):  # the source's own rows
+        parts.append(plan.source.rows(name, start, min(stop, base)))
+    if max(start, base) < min(stop, vocab):  # the pieces the run's tokenizer adds
+        parts.append(plan.growth.new_rows(plan.source, name, max(start, base), min(stop, vocab)))
+    if max(start, vocab) < stop:  # padding rows
+        parts.append(torch.zeros(stop - max(start, vocab), *shape[1:]))
+    return torch.cat(parts)
+
+
+def target_flat(plan: Plan, name: str, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Elements ``start:stop`` of the flattened weight ``name`` the model starts from."""
+    row = 1
+    for dim in shape[1:]:
+        row *= dim
+    first, last = start // row, -(-stop // row)
+    return target_rows(plan, name, first, last, shape).reshape(-1)[start - first * row:stop - first * row]
+
+
+@torch.no_grad()
+def load_initial_weights(model: nn.Module, plan: Plan) -> None:
+    """Copy the source's weights (grown, padded) into ``model``; under ZeRO-3 into this process's
+    partition of each parameter only."""
+    import torch.distributed as dist
+
+    for name, param in model.named_parameters():
+        if hasattr(param, "ds_tensor"):  # ZeRO-3: this rank holds elements [rank * n, rank * n + n)
+            shape = tuple(param.ds_shape)
+            part = param.ds_tensor
+            start = dist.get_rank() * part.numel()
+            stop = min(start + part.numel(), param.ds_numel)
+            part.zero_()
+            if stop > start:
+                part[:stop - start].copy_(target_flat(plan, name, start, stop, shape))
+        else:
+            shape = tuple(param.shape)
+            param.copy_(target_rows(plan, name, 0, shape[0], shape).view(shape))
