@@ -24,6 +24,8 @@ COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
     ("corpus", "python-docs"): ("hataori.tokenizer.python_docs",
                                 "English documentation text: the docstrings of Python's standard library"),
     ("tokenizer", "train"): ("hataori.tokenizer.trainer", "train a SentencePiece tokenizer made for Japanese"),
+    ("tokenizer", "extend"): ("hataori.tokenizer.extend",
+                              "add a Japanese tokenizer's pieces to a base tokenizer (vocabulary expansion)"),
     ("tokenizer", "eval"): ("hataori.tokenizer.evaluate", "compare tokenizers on Japanese text"),
     ("data", "prepare"): ("hataori.tokenizer.prepare", "encode corpora into memory-mapped token shards"),
     ("data", "inspect"): ("hataori.tokenizer.shards", "describe a prepared dataset or shard"),

@@ -14,6 +14,8 @@ import pytest
 
 from hataori.cli import main as hataori_main
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def cache_dir() -> Path:
     path = Path(os.environ.get("HATAORI_TEST_CACHE", Path.home() / ".cache" / "hataori-tests"))
@@ -54,6 +56,35 @@ def ja_tokenizer(ja_corpus: Path, tmp_path_factory) -> Path:
                          "--output", str(out), "vocab_size=4000", "max_input_chars=1000000",
                          "required_chars=kana", "progress=false"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def ja_bpe_tokenizer(ja_corpus, tmp_path_factory) -> Path:
+    """A 4,000-piece Japanese BPE tokenizer from `hataori tokenizer train` (the kind that extends a BPE base)."""
+    out = tmp_path_factory.mktemp("bpe") / "tok"
+    assert hataori_main(["tokenizer", "train", str(REPO / "configs/tokenizer/ja-bpe-32k.yaml"), "--input",
+                         str(ja_corpus / "corpus.jsonl"), "--output", str(out), "vocab_size=4000",
+                         "max_input_chars=1000000", "required_chars=kana", "progress=false"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama_style_tokenizer(en_corpus, tmp_path_factory) -> Path:
+    """A SentencePiece BPE with Llama's settings (dummy prefix, byte fallback, digits split, identity
+    normalization, no user-defined pieces), trained on English by SentencePiece itself."""
+    import json
+
+    import sentencepiece as spm
+
+    prefix = tmp_path_factory.mktemp("llama") / "tokenizer"
+    with open(en_corpus / "corpus.jsonl", encoding="utf-8") as f:
+        lines = [line for doc in f for line in json.loads(doc)["text"].split("\n") if line.strip()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=3000,
+                                   model_type="bpe", byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+                                   remove_extra_whitespaces=False, normalization_rule_name="identity",
+                                   allow_whitespace_only_pieces=True, character_coverage=0.9999, pad_id=-1,
+                                   minloglevel=2)
+    return prefix.with_suffix(".model")
 
 
 @pytest.fixture(scope="session")

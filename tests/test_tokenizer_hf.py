@@ -15,8 +15,6 @@ import json
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
-
 from hataori.cli import main as hataori_main
 from hataori.tokenizer import proto as spm_proto
 from hataori.tokenizer.hf import fast_tokenizer, write_hf_tokenizer
@@ -51,15 +49,6 @@ def texts(ja_corpus, en_corpus) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def ja_bpe(ja_corpus, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bpe") / "tok"
-    assert run("tokenizer", "train", "configs/tokenizer/ja-bpe-32k.yaml", "--input", ja_corpus / "corpus.jsonl",
-               "--output", out, "vocab_size=4000", "max_input_chars=1000000", "required_chars=kana",
-               "progress=false") == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def ja_nfkc(ja_corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("nfkc") / "tok"
     assert run("tokenizer", "train", "configs/tokenizer/ja-unigram-32k-nfkc.yaml", "--input",
@@ -68,21 +57,7 @@ def ja_nfkc(ja_corpus, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def llama_style(en_corpus, tmp_path_factory) -> Path:
-    """A SentencePiece BPE with Llama's settings (dummy prefix, byte fallback, digits split, identity
-    normalization, no user-defined pieces), trained on English by SentencePiece itself."""
-    prefix = tmp_path_factory.mktemp("llama") / "tokenizer"
-    lines = [line for text in docs(en_corpus) for line in text.split("\n") if line.strip()]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=3000,
-                                   model_type="bpe", byte_fallback=True, split_digits=True, add_dummy_prefix=True,
-                                   remove_extra_whitespaces=False, normalization_rule_name="identity",
-                                   allow_whitespace_only_pieces=True, character_coverage=0.9999, pad_id=-1,
-                                   minloglevel=2)
-    return prefix.with_suffix(".model")
-
-
-@pytest.mark.parametrize("model", ["ja_tokenizer", "ja_bpe", "ja_nfkc", "llama_style"])
+@pytest.mark.parametrize("model", ["ja_tokenizer", "ja_bpe_tokenizer", "ja_nfkc", "llama_style_tokenizer"])
 def test_fast_tokenizer_gives_sentencepiece_ids(model, texts, tmp_path, request):
     from transformers import AutoTokenizer
 
@@ -106,17 +81,17 @@ def test_fast_tokenizer_gives_sentencepiece_ids(model, texts, tmp_path, request)
     assert hf(HARD_TEXTS[0])["input_ids"] == [tok.eos_id] + tok.encode([HARD_TEXTS[0]])[0]
 
 
-def test_identity_tokenizers_decode_to_the_text(ja_tokenizer, llama_style, texts):
-    for path in (ja_tokenizer, llama_style):
+def test_identity_tokenizers_decode_to_the_text(ja_tokenizer, llama_style_tokenizer, texts):
+    for path in (ja_tokenizer, llama_style_tokenizer):
         fast = fast_tokenizer(Tokenizer(path))
         fast.encode_special_tokens = True
         for text in texts["hard"]:
             assert fast.decode(fast.encode(text, add_special_tokens=False).ids) == text
 
 
-def test_trained_unigram_scores_lie_on_the_grid(ja_tokenizer, ja_bpe):
+def test_trained_unigram_scores_lie_on_the_grid(ja_tokenizer, ja_bpe_tokenizer):
     """What makes float32 and float64 segmentations agree (hataori.tokenizer.proto)."""
-    for path in (ja_tokenizer, ja_bpe):
+    for path in (ja_tokenizer, ja_bpe_tokenizer):
         proto = spm_proto.read(path)
         assert spm_proto.scores_on_grid(proto)
         assert spm_proto.newline_splits(proto)

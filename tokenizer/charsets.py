@@ -65,3 +65,23 @@ def required_chars(name: CharsetName, extra: str, normalization: str) -> str:
     if normalization != "identity":
         chars = {c for c in chars if unicodedata.normalize("NFKC", c) == c}
     return "".join(sorted(chars))
+
+
+JAPANESE_RANGES = (
+    (0x3000, 0x303F),    # CJK symbols and punctuation: 、。「」〜 and the iteration marks
+    (0x3040, 0x30FF),    # hiragana and katakana (with the prolonged sound mark)
+    (0x31F0, 0x31FF),    # katakana phonetic extensions
+    (0x3400, 0x4DBF),    # CJK unified ideographs extension A
+    (0x4E00, 0x9FFF),    # CJK unified ideographs
+    (0xF900, 0xFAFF),    # CJK compatibility ideographs
+    (0xFF01, 0xFF9F),    # full-width forms and half-width katakana
+    (0xFFE0, 0xFFEE),    # full-width signs
+    (0x20000, 0x3134F),  # CJK unified ideographs extensions B-G
+)
+
+
+def is_japanese(char: str) -> bool:
+    """Whether ``char`` is a character of Japanese writing: kana, kanji, Japanese punctuation or a
+    full-width form (Chinese text shares the kanji; English text holds none of them)."""
+    code = ord(char)
+    return any(low <= code <= high for low, high in JAPANESE_RANGES)

@@ -458,7 +458,9 @@ def _escape(piece: str) -> str:
     return piece.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
 
 
-def write_output(cfg: TokenizerTrainConfig, proto: bytes, summary: dict) -> None:
+def write_output(cfg, proto: bytes, summary: dict) -> None:
+    """The tokenizer folder ``cfg.output``, written whole or not at all: tokenizer.model, tokenizer.vocab
+    (a piece and its score a line), config.yaml (``cfg``) and summary.json."""
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_proto=proto)

@@ -68,7 +68,7 @@ def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, d
 
     from hataori.fsutil import atomic_path, atomic_write_text
     from hataori.model import Transformer, hf
-    from hataori.tokenizer.hf import write_hf_tokenizer
+    from hataori.tokenizer.hf import exact, write_hf_tokenizer
     from hataori.tokenizer.model import Tokenizer
     from hataori.train.run import model_config, read_config, tokenizer_path
     from hataori.train.weights import CheckpointWeights, resolve_checkpoint
@@ -124,6 +124,7 @@ def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, d
         "shards": len(set(index["weight_map"].values())), "bytes": index["metadata"]["total_size"],
         "seconds": round(time.perf_counter() - started, 2),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "tokenizer_exact": exact(tok),
     }
 
 
@@ -261,4 +262,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"exported {summary['checkpoint']} to {summary['output']}: {summary['shards']} shard(s), "
           f"{summary['bytes'] / 2**20:,.1f} MiB of {summary['dtype']} weights, {summary['seconds']:.1f} s, "
           f"peak resident memory {summary['peak_rss_gib']:.2f} GiB")
+    if not summary["tokenizer_exact"]:
+        print("note: the tokenizer is a unigram model with scores off the 1/64 grid: tokenizer.json may give "
+              "other ids than SentencePiece where two segmentations tie (see hataori.tokenizer.proto)")
     return 0
