@@ -69,6 +69,17 @@ def ja_bpe_tokenizer(ja_corpus, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def en_bpe_tokenizer(en_corpus, tmp_path_factory) -> Path:
+    """A 2,000-piece English BPE from `hataori tokenizer train` with Llama's settings (dummy prefix,
+    byte fallback; configs/tokenizer/en-bpe-llama-style.yaml), the recipe's base tokenizer."""
+    out = tmp_path_factory.mktemp("en-bpe") / "tok"
+    assert hataori_main(["tokenizer", "train", str(REPO / "configs/tokenizer/en-bpe-llama-style.yaml"), "--input",
+                         str(en_corpus / "corpus.jsonl"), "--output", str(out), "vocab_size=2000",
+                         "max_input_chars=600000", "progress=false"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def llama_style_tokenizer(en_corpus, tmp_path_factory) -> Path:
     """A SentencePiece BPE with Llama's settings (dummy prefix, byte fallback, digits split, identity
     normalization, no user-defined pieces), trained on English by SentencePiece itself."""

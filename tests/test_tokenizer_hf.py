@@ -6,7 +6,8 @@ corpus, English documentation, and texts made to break converters (emoji, half-w
 no vocabulary holds, mixed scripts, runs of spaces and newlines, written special tokens). One id
 or one character of a decode that differs fails the test. The models: hataori's unigram and BPE
 tokenizers (identity and NFKC normalization) and a Llama-style SentencePiece BPE (dummy prefix,
-byte fallback, no user-defined pieces) trained with SentencePiece directly.
+byte fallback, no user-defined pieces) trained with SentencePiece directly, and hataori's English
+BPE with the same settings plus its newline piece (a dummy prefix before a user-defined piece).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def ja_nfkc(ja_corpus, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("model", ["ja_tokenizer", "ja_bpe_tokenizer", "ja_nfkc", "llama_style_tokenizer"])
+@pytest.mark.parametrize("model", ["ja_tokenizer", "ja_bpe_tokenizer", "ja_nfkc", "llama_style_tokenizer",
+                                   "en_bpe_tokenizer"])
 def test_fast_tokenizer_gives_sentencepiece_ids(model, texts, tmp_path, request):
     from transformers import AutoTokenizer
 
@@ -118,3 +120,14 @@ def test_normalizer_matches_sentencepiece_on_every_character(ja_nfkc):
     texts += [k + mark for k in kana for mark in "\uff9e\uff9f\u3099\u309a\u309b\u309c"]
     differ = [t for t in texts if normalizer.normalize_str(t) != tok.sp.normalize(t)]
     assert differ == []
+
+
+def test_dummy_prefix_with_user_defined_pieces_is_refused(en_corpus, tmp_path):
+    from hataori.errors import InputError
+
+    out = tmp_path / "tok"
+    assert hataori_main(["tokenizer", "train", "configs/tokenizer/en-bpe-llama-style.yaml", "--input",
+                         str(en_corpus / "corpus.jsonl"), "--output", str(out), "vocab_size=1000",
+                         "max_input_chars=200000", "newline_piece=true", "progress=false"]) == 0
+    with pytest.raises(InputError, match="newline_piece=false"):
+        fast_tokenizer(Tokenizer(out))

@@ -155,7 +155,7 @@ ROWS = [
 def format_table(result: dict) -> str:
     """The side-by-side table: one column per model, one block of rows per text set."""
     names = [Path(m["name"]).name or m["name"] for m in result["models"]]
-    width = max(12, *(len(n) for n in names))
+    width = max(16, *(len(n) for n in names))  # a fingerprint is 16 characters
     label = 26
 
     def row(title: str, cells: list[str]) -> str:

@@ -8,7 +8,8 @@ SentencePiece gives (and that the model was trained on), and decodes them to the
   (``Precompiled``) followed by NFC, so NFKC and the other rules give SentencePiece's text (every
   code point below U+30000 and every kana with a voiced mark is checked in the tests);
 * spaces become ``▁``, and a model with a dummy prefix gets one ``▁`` before the whole text, as
-  SentencePiece adds it (also before a text that starts with a space or a user-defined piece);
+  SentencePiece adds it (also before a text that starts with a space); such a model must have no
+  user-defined pieces, which the fast tokenizer would split off before the prefix;
 * unigram: the pieces and scores, the Viterbi search of ``tokenizers.models.Unigram``; pieces
   SentencePiece never produces from text (control, byte, unknown, unused) get a score so low
   that no segmentation takes them. Ids equal SentencePiece's on every text when the scores lie
@@ -63,15 +64,12 @@ def check_convertible(proto, path: str | Path) -> None:
     if not spec.escape_whitespaces and spec.add_dummy_prefix:
         raise InputError(path, "adds a dummy prefix without escaping whitespace, which the fast tokenizer cannot "
                          "reproduce")
-    if spec.add_dummy_prefix and spec.precompiled_charsmap:
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-        changed = [p.piece for p in proto.pieces if p.type == spm_proto.USER_DEFINED
-                   and sp.normalize(p.piece).lstrip(SPACE_PIECE) != p.piece.replace(" ", SPACE_PIECE)]
-        if changed:
-            raise InputError(path, f"user-defined pieces {changed[:3]} change under the model's normalization, "
-                             "which the fast tokenizer cannot match before a dummy prefix")
+    user_defined = [p.piece for p in proto.pieces if p.type == spm_proto.USER_DEFINED]
+    if spec.add_dummy_prefix and user_defined:
+        raise InputError(path, f"adds a dummy prefix and has user-defined pieces ({user_defined[:3]!r}): the fast "
+                         "tokenizer splits those off before it can prepend the prefix once to the whole text, as "
+                         "SentencePiece does; train with newline_piece=false (configs/tokenizer/"
+                         "en-bpe-llama-style.yaml does) or without the dummy prefix")
 
 
 def fast_tokenizer(tokenizer: Tokenizer):
@@ -90,7 +88,7 @@ def fast_tokenizer(tokenizer: Tokenizer):
         # match: half-width kana with a (semi-)voiced mark (ﾃﾞ) stay two characters (テ and a
         # combining mark). NFC composes them; on SentencePiece's output (already NFC) it is a no-op.
         steps += [normalizers.Precompiled(spec.precompiled_charsmap), normalizers.NFC()]
-    if spec.add_dummy_prefix:  # once, before the whole text: the newline must not split it off
+    if spec.add_dummy_prefix:  # once, before the whole text (no user-defined piece splits it off)
         steps.append(normalizers.Prepend(SPACE_PIECE))
     if spec.escape_whitespaces:
         steps.append(normalizers.Replace(" ", SPACE_PIECE))
@@ -105,9 +103,8 @@ def fast_tokenizer(tokenizer: Tokenizer):
     fast.decoder = decoders.Sequence(decode)
     special = [AddedToken(p.piece, special=True, normalized=False) for p in proto.pieces
                if p.type in (spm_proto.CONTROL, spm_proto.UNKNOWN)]
-    # SentencePiece matches user-defined pieces in the text as written. Split off before
-    # normalizing, unless a dummy prefix is prepended, which must then come first.
-    user = [AddedToken(p.piece, special=False, normalized=bool(spec.add_dummy_prefix)) for p in proto.pieces
+    # SentencePiece matches user-defined pieces in the text as written: split off before normalizing.
+    user = [AddedToken(p.piece, special=False, normalized=False) for p in proto.pieces
             if p.type == spm_proto.USER_DEFINED]
     fast.add_special_tokens(special)
     fast.add_tokens(user)

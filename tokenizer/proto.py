@@ -108,7 +108,11 @@ def exact_chars(proto) -> int:
 
 
 def newline_splits(proto) -> bool:
-    """Whether ``"\\n"`` is a user-defined piece and no other piece holds one, so that encoding a
-    text line by line gives the ids of encoding it whole (hataori's tokenizers are made so)."""
+    """Whether encoding a text line by line gives the ids of encoding it whole: ``"\\n"`` is a
+    user-defined piece, no other piece holds one, and nothing is added at the start of a text (a
+    dummy prefix) or done across lines (squeezing spaces). hataori's tokenizers are made so."""
+    spec = proto.normalizer_spec
+    if spec.add_dummy_prefix or spec.remove_extra_whitespaces:
+        return False
     user_defined = any(p.piece == "\n" and p.type == USER_DEFINED for p in proto.pieces)
     return user_defined and not any("\n" in p.piece for p in proto.pieces if p.type != USER_DEFINED)

@@ -88,6 +88,10 @@ class TokenizerTrainConfig:
     """Every digit a piece of its own."""
     add_dummy_prefix: bool = False
     """Prepend a space to every text before encoding (SentencePiece's default; off keeps round trips exact)."""
+    newline_piece: bool = True
+    """Make ``"\\n"`` a piece of its own (user-defined: matched before anything else). Off: a newline is
+    spelled with its byte piece ``<0x0A>``, as in Llama's tokenizer (and the fast tokenizer cannot
+    reproduce a user-defined piece together with a dummy prefix)."""
     remove_extra_whitespaces: bool = False
     """Strip and squeeze spaces while normalizing."""
     allow_whitespace_only_pieces: bool = True
@@ -151,7 +155,7 @@ class TokenizerTrainConfig:
 
     def fixed_pieces(self) -> int:
         """Pieces that do not depend on the corpus: specials, newline, reserved, bytes."""
-        return SPECIAL_PIECES + 1 + self.reserved_tokens + (256 if self.byte_fallback else 0)
+        return SPECIAL_PIECES + int(self.newline_piece) + self.reserved_tokens + (256 if self.byte_fallback else 0)
 
     def reserved_piece_names(self) -> list[str]:
         return [f"<|reserved_{i}|>" for i in range(self.reserved_tokens)]
@@ -399,7 +403,7 @@ def trainer_arguments(cfg: TokenizerTrainConfig, alphabet: set[str]) -> dict:
         max_sentence_length=cfg.max_sentence_length,
         character_coverage=1.0,  # the alphabet is chosen in build_training_text
         required_chars="".join(sorted(alphabet - {SPACE_PIECE})),
-        user_defined_symbols=[NEWLINE],
+        user_defined_symbols=[NEWLINE] if cfg.newline_piece else [],
         control_symbols=cfg.reserved_piece_names(),
         unk_id=0, bos_id=1, eos_id=2, pad_id=3,
         unk_piece=cfg.unk_piece, bos_piece=cfg.bos_piece, eos_piece=cfg.eos_piece, pad_piece=cfg.pad_piece,
@@ -436,7 +440,7 @@ def check_model(cfg: TokenizerTrainConfig, proto: bytes) -> None:
     missing = [c for c in cfg.required_char_set() if sp.piece_to_id(c) == sp.unk_id()]
     if missing:
         raise RuntimeError(f"{len(missing)} required characters did not get a piece, e.g. {''.join(missing[:20])}")
-    for piece in [NEWLINE, *cfg.reserved_piece_names()]:
+    for piece in [NEWLINE] * cfg.newline_piece + cfg.reserved_piece_names():
         if sp.piece_to_id(piece) == sp.unk_id():
             raise RuntimeError(f"piece {piece!r} is missing from the trained model")
 
@@ -498,7 +502,7 @@ def train(cfg: TokenizerTrainConfig) -> dict:
         "normalization": cfg.normalization,
         "special_ids": {"unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()},
         "reserved_ids": [sp.piece_to_id(p) for p in cfg.reserved_piece_names()],
-        "newline_id": sp.piece_to_id(NEWLINE),
+        "newline_id": sp.piece_to_id(NEWLINE) if cfg.newline_piece else None,
         "sources": [
             {"name": s.name, "weight": s.weight, "files": s.files, "documents": s.read.documents,
              "chars": s.read.chars, "bytes": s.read.bytes, "skipped_lines": s.read.skipped,

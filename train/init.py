@@ -11,8 +11,9 @@ With neither source, the model starts from random weights (``seed``). With one, 
 the model's shape: :func:`shape_overrides` turns its ``config.json`` (or the run's recorded model
 section) into ``model.*`` overrides that come after the presets and before the command line, so a
 continued-pretraining preset names no shape. A command-line override that contradicts the source
-is an error naming the field (:func:`open_source`); ``model.vocab_size`` may grow (an extended
-tokenizer) and ``model.max_seq_len`` may change (it only sizes the rotary tables).
+is an error naming the field (:func:`open_source`). ``model.vocab_size`` follows the run's tokenizer
+(which may extend the source's) and ``model.max_seq_len`` may be changed (it only sizes the rotary
+tables).
 
 Only weights come from the source; the optimizer, schedule and data position start afresh (to
 continue a run where it stopped, launch it again with the same ``run_dir``). A run that finds a
@@ -35,6 +36,7 @@ case: its checkpoint was partitioned for another world.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,7 +218,23 @@ def shape_overrides(data: dict[str, Any]) -> list[str]:
     source = source_of(init)
     if source is None:
         return []
-    return [override(f"model.{key}", source.fields[key]) for key in SOURCE_FIELDS]
+    fields = {**source.fields, "vocab_size": run_vocab_size(data) or source.fields["vocab_size"]}
+    return [override(f"model.{key}", fields[key]) for key in SOURCE_FIELDS]
+
+
+def run_vocab_size(data: dict[str, Any]) -> int | None:
+    """The size of the run's tokenizer (``tokenizer``, else the first dataset's), which may extend
+    the source's; None when it cannot be read here (the tokenizer check names it later)."""
+    from hataori.tokenizer.model import Tokenizer
+
+    try:
+        if data.get("tokenizer"):
+            return Tokenizer(data["tokenizer"]).vocab_size
+        datasets = (data.get("data") or {}).get("datasets") or []
+        manifest = Path(datasets[0]["path"]) / "dataset.json"
+        return int(json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]["vocab_size"])
+    except (InputError, OSError, LookupError, TypeError, ValueError):
+        return None
 
 
 # ----------------------------------------------------------------------------- vocabulary growth

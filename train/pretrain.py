@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from hataori.config import override, split_items
@@ -132,6 +133,9 @@ def pretrain(cfg: TrainConfig) -> int:
     from hataori.train.validate import Validator
     from hataori.train.zero import init_distributed, shutdown_distributed
 
+    # DeepSpeed's ZeRO-3 calls torch.distributed's *_tensor collectives, which torch 2.13 deprecates
+    # in a warning per call: hundreds of lines per run that say nothing about it.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     tokenizer = open_tokenizer(cfg)
     init = open_source(cfg.init, cfg.model, tokenizer)
     env = init_distributed()
