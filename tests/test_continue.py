@@ -87,5 +87,16 @@ def test_import_extend_continue_export_generate(ja_corpus, en_bpe_tokenizer, ja_
         generated = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     assert generated.shape[1] > inputs["input_ids"].shape[1]
     assert tokenizer.decode(generated[0], skip_special_tokens=True).startswith(prompt)
+    # init.from_run: another run starting from this one gets exactly its weights.
+    from hataori.train.init import InitConfig, load_initial_weights, open_source
+    from hataori.train.run import model_config, read_config
+
+    cfg = model_config(read_config(run))
+    plan = open_source(InitConfig(from_run=str(run)), cfg, Tokenizer(extended))
+    assert plan.growth is None and plan.describe()["step"] == 30
+    restarted = cfg.build()
+    load_initial_weights(restarted, plan)
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(restarted.state_dict()[name], tensor), name
     card = (out / "README.md").read_text()
     assert "Initial weights: hf" in card and provenance["datasets"][0]["splits"]["train"]["fingerprint"] in card

@@ -144,6 +144,24 @@ def test_missing_and_extra_weights_are_errors(tmp_path):
         imported(folder)
 
 
+def test_a_tokenizer_that_does_not_belong_to_the_model_is_refused(ja_tokenizer, tmp_path):
+    from hataori.errors import ConfigError
+    from hataori.model import ModelConfig
+    from hataori.model.hf import HFCheckpoint, model_fields
+    from hataori.tokenizer.model import Tokenizer
+    from hataori.train.init import InitConfig, open_source
+
+    folder = hf_llama(tmp_path / "hf")  # 300 rows
+    (folder / "tokenizer.model").write_bytes(Tokenizer(ja_tokenizer).proto)  # 4,000 pieces
+    cfg = ModelConfig(**model_fields(HFCheckpoint(folder).config, folder / "config.json"))
+    with pytest.raises(ConfigError, match="has 4000 pieces, but the model of init.from_hf has 300 embedding rows"):
+        open_source(InitConfig(from_hf=str(folder)), cfg, None)
+    (folder / "tokenizer.model").unlink()
+    grown = ModelConfig(**{**model_fields(HFCheckpoint(folder).config, folder / "config.json"), "vocab_size": 4000})
+    with pytest.raises(ConfigError, match="init.base_tokenizer: the run's tokenizer has 4000 pieces"):
+        open_source(InitConfig(from_hf=str(folder)), grown, Tokenizer(ja_tokenizer))
+
+
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
 @pytest.mark.parametrize("stage", [1, 3])
 def test_zero_loads_each_partition_from_the_file(stage, tmp_path):

@@ -15,13 +15,14 @@ sum is exact in both as long as it stays below 2**18 in magnitude (24 bits of fl
 less the grid's 6), and then both pick the same segmentation, ties included (both keep the path
 whose last piece starts first). hataori's trainer rounds unigram scores to the grid (a change of
 at most 1/128 in a log probability), and :meth:`hataori.tokenizer.model.Tokenizer.encode` encodes
-a document whose sums could pass the bound line by line, which gives the same ids in exact
-arithmetic because the newline is a piece of its own that no other piece spans.
+a text line by line, so every sum starts afresh at each line: the same ids as encoding it whole in
+exact arithmetic, because the newline is a piece of its own that no other piece spans. A single
+line long enough for its sums to pass 2**18 (some 8,000 characters at the lowest scores) could
+still round; the tests found none in the Debian corpus.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from hataori.errors import InputError
@@ -34,12 +35,6 @@ UNIGRAM, BPE = 1, 2
 
 SCORE_GRID = 64
 """Unigram scores written by hataori are multiples of ``1 / SCORE_GRID`` (see the module docstring)."""
-
-EXACT_SUM = 2.0 ** 18
-"""float32 adds multiples of 1/64 exactly while the magnitudes stay below this."""
-
-UNK_PENALTY = 10.0
-"""What SentencePiece and tokenizers both subtract from the lowest score to score an unknown character."""
 
 
 def model_proto():
@@ -97,14 +92,6 @@ def round_scores(proto) -> None:
 def scores_on_grid(proto) -> bool:
     """Whether every normal piece's score is a multiple of ``1 / SCORE_GRID``."""
     return all(float(s * SCORE_GRID).is_integer() for s in normal_scores(proto))
-
-
-def exact_chars(proto) -> int:
-    """Characters of text whose unigram segmentation SentencePiece sums exactly: each character
-    costs at most the unknown-character score, so sums stay below :data:`EXACT_SUM`."""
-    scores = normal_scores(proto)
-    worst = abs(min(scores, default=0.0) - UNK_PENALTY)
-    return math.floor(EXACT_SUM / max(worst, 1.0)) - 1
 
 
 def newline_splits(proto) -> bool:
