@@ -476,11 +476,12 @@ def load_workload(config: str, overrides: list[str], args: argparse.Namespace) -
     micro_batch, seq_len, precision = 1, None, "bf16"
     bucket = DEFAULT_BUCKET_ELEMENTS
     if _is_train_preset(path):
-        from hataori.train.config import TrainConfig
+        from hataori.train.config import load_train_config
 
-        # The plan reads no data and writes no run: placeholders for what a preset leaves to the command line.
+        # The plan reads no data and writes no run: placeholders for what a preset leaves to the command
+        # line. An init source (init.from_hf=DIR) gives the model's shape, as in pretrain.
         placeholders = ["run_dir=unused-by-plan", "data.datasets=[{path: unused-by-plan}]"]
-        cfg = load(TrainConfig, [path], [*placeholders, *overrides])
+        cfg = load_train_config([path], [*placeholders, *overrides])
         model, zero, seq_len = cfg.model, cfg.zero, cfg.data.seq_len
         micro_batch, precision, bucket = zero.micro_batch_size, zero.precision, zero.bucket_elements
     else:
