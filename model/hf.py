@@ -23,7 +23,6 @@ by shard, holding one shard in memory at a time.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -317,10 +316,3 @@ class HFCheckpoint:
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of weight ``name`` (its first dimension), reading only those."""
         return self._open(name).get_slice(name)[start:stop]
-
-    def flat_range(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Elements ``start:stop`` of weight ``name`` flattened, reading only the rows that hold them."""
-        shape = self.shape(name)
-        row = math.prod(shape[1:]) if len(shape) > 1 else 1
-        first, last = start // row, -(-stop // row)
-        return self.rows(name, first, last).reshape(-1)[start - first * row:stop - first * row]

@@ -174,6 +174,12 @@ class ModelConfig:
         return (f"attention {attention_backend} ({self.attention_backend}), "
                 f"RMSNorm/RoPE/SwiGLU {'triton' if fused else 'torch'} ({self.fused_kernels})")
 
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name and shape of every entry of the built model's state dict, found without allocating
+        (the model constructed on PyTorch's meta device)."""
+        with torch.device("meta"):
+            return {name: tuple(t.shape) for name, t in Transformer(self).state_dict().items()}
+
     def num_params(self) -> int:
         """Parameters of the built model (padded vocabulary rows included), counted from the shape alone."""
         d, v = self.d_model, self.padded_vocab_size

@@ -8,9 +8,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-if [ "$(id -u)" = 0 ] && ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then
-  apt-get update -qq  # the corpus builder downloads Debian packages with apt-get
-fi
 export PATH="$PWD/.venv/bin:$PATH"
 
 BASE_TOKENIZER=runs/tokenizer/en-bpe-8k

@@ -6,9 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-if [ "$(id -u)" = 0 ] && ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then
-  apt-get update -qq  # the corpus builder downloads Debian packages with apt-get
-fi
 export PATH="$PWD/.venv/bin:$PATH"
 
 TOKENIZER=runs/tokenizer/ja-unigram-32k

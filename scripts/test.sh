@@ -4,12 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# The corpus builder downloads Debian packages with apt-get: it needs the package lists.
-if [ "$(id -u)" = 0 ] && ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then
-  apt-get update -qq
-fi
 # The Slurm tests start a real cluster (munged, slurmctld, two slurmd) from Debian's packages
-# (the package lists were fetched above).
+# (setup.sh fetched the package lists).
 if [ "$(id -u)" = 0 ] && ! { command -v sbatch && command -v munged; } >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
 fi

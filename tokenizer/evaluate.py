@@ -103,8 +103,8 @@ def _normalized(tok: Tokenizer, text: str) -> str:
     return normalized
 
 
-def measure(tok: Tokenizer, texts: TextSet) -> Metrics:
-    """Encode every document of ``texts`` and count."""
+def measure(tok: Tokenizer, texts: TextSet, encoded: list[list[int]] | None = None) -> Metrics:
+    """Encode every document of ``texts`` (or take their ids, ``encoded``) and count."""
     sp = tok.sp
     byte_ids = {i for i in range(sp.get_piece_size()) if sp.is_byte(i)}
     unk = sp.unk_id()
@@ -113,7 +113,8 @@ def measure(tok: Tokenizer, texts: TextSet) -> Metrics:
     batch = 256
     for start in range(0, len(texts.docs), batch):
         docs = texts.docs[start:start + batch]
-        for doc, ids in zip(docs, tok.encode(docs)):
+        ids_of_docs = tok.encode(docs) if encoded is None else encoded[start:start + batch]
+        for doc, ids in zip(docs, ids_of_docs):
             m.chars += len(doc)
             m.bytes += len(doc.encode("utf-8"))
             m.tokens += len(ids)

@@ -212,14 +212,15 @@ def report(base_tok: Tokenizer, merged_tok: Tokenizer, corpora: list[tuple[str, 
 
     result = {}
     for kind, spec, texts in corpora:
-        before, after = measure(base_tok, texts).as_dict(), measure(merged_tok, texts).as_dict()
+        base_ids, merged_ids = base_tok.encode(texts.docs), merged_tok.encode(texts.docs)
+        before = measure(base_tok, texts, base_ids).as_dict()
+        after = measure(merged_tok, texts, merged_ids).as_dict()
         entry = {"kind": kind, "documents": len(texts.docs), "chars": texts.chars, "before": before,
                  "after": after}
-        encoded = merged_tok.encode(texts.docs)
-        new_tokens = sum(1 for ids in encoded for i in ids if i >= base_tok.vocab_size)
+        new_tokens = sum(1 for ids in merged_ids for i in ids if i >= base_tok.vocab_size)
         entry["new_piece_share"] = new_tokens / max(after["tokens"], 1)
         if kind == "other":
-            entry["ids_unchanged"] = sum(a == b for a, b in zip(base_tok.encode(texts.docs), encoded))
+            entry["ids_unchanged"] = sum(a == b for a, b in zip(base_ids, merged_ids))
         result[spec] = entry
     return result
 

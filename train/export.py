@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import resource
 import time
@@ -67,7 +68,7 @@ def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, d
     import torch
 
     from hataori.fsutil import atomic_path, atomic_write_text
-    from hataori.model import Transformer, hf
+    from hataori.model import hf
     from hataori.tokenizer.hf import exact, write_hf_tokenizer
     from hataori.tokenizer.model import Tokenizer
     from hataori.train.run import model_config, read_config, tokenizer_path
@@ -91,8 +92,7 @@ def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, d
                          f"{cfg.vocab_size}; pass --tokenizer with the tokenizer the run was trained with")
     weights = CheckpointWeights(checkpoint)
     names = hf.hf_names(cfg)
-    with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in Transformer(cfg).state_dict().items() if name in names}
+    expected = {name: shape for name, shape in cfg.weight_shapes().items() if name in names}
     found = {name: weights.shapes.get(weights.tied.get(name, name)) for name in expected}
     wrong = {name: shape for name, shape in found.items() if shape != expected[name]}
     if wrong:
@@ -102,7 +102,7 @@ def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, d
 
     theirs = {their: ours for ours, their in names.items()}
     itemsize = torch.tensor([], dtype=torch_dtype).element_size()
-    sizes = [(their, itemsize * _numel(hf.hf_shape(cfg, ours, expected[ours]))) for ours, their in names.items()]
+    sizes = [(their, itemsize * math.prod(hf.hf_shape(cfg, ours, expected[ours]))) for ours, their in names.items()]
 
     def tensor(their: str):
         ours = theirs[their]
@@ -126,13 +126,6 @@ def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, d
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "tokenizer_exact": exact(tok),
     }
-
-
-def _numel(shape) -> int:
-    n = 1
-    for dim in shape:
-        n *= dim
-    return n
 
 
 def _id(value: int) -> int | None:

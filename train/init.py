@@ -297,7 +297,6 @@ class Plan:
 def open_source(init: InitConfig, model, tokenizer) -> Plan | None:
     """The checked plan of starting ``model`` (a ModelConfig) with ``tokenizer`` (the run's) from the
     source ``init`` names; None without a source. Errors name the field that does not fit."""
-    from hataori.model import Transformer
     from hataori.tokenizer.model import Tokenizer
 
     source = source_of(init)
@@ -308,9 +307,7 @@ def open_source(init: InitConfig, model, tokenizer) -> Plan | None:
             raise ConfigError(f"model.{key}", f"is {getattr(model, key)!r}, but {source.key}={source.path} has "
                               f"{source.fields[key]!r}; the source fixes the model's shape, drop the override")
     base_size = source.fields["vocab_size"]
-    with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in Transformer(model).state_dict().items()}
-    source.check_weights(model, expected)
+    source.check_weights(model, model.weight_shapes())
     growth = None
     base_path = init.base_tokenizer or source.default_tokenizer()
     base = Tokenizer(base_path) if base_path else None

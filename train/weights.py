@@ -28,32 +28,29 @@ from pathlib import Path
 import torch
 
 from hataori.errors import InputError
+from hataori.train.checkpoint import COMPLETE, complete_steps, tag
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 ZERO3_MODEL_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
 OPTIM_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
-STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def resolve_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, Path]:
     """(run folder, checkpoint folder) of a run folder (its latest complete checkpoint, or ``step``)
     or of one ``checkpoints/step_N`` folder."""
     path = Path(path)
-    if STEP_DIR.match(path.name) and path.is_dir():
+    if COMPLETE.match(path.name) and path.is_dir():
         return path.parent.parent, path
-    folder = path / "checkpoints"
-    steps = sorted((int(m.group(1)), p) for p in folder.glob("step_*") if (m := STEP_DIR.match(p.name)) and p.is_dir()) \
-        if folder.is_dir() else []
+    steps = complete_steps(path / "checkpoints")
     if not steps:
         raise InputError(path, "no complete checkpoint here; pass a run folder with checkpoints/step_N "
                                "or a checkpoints/step_N folder")
     if step is None:
-        return path, steps[-1][1]
-    found = [p for s, p in steps if s == step]
-    if not found:
-        raise InputError(folder, f"no complete checkpoint of step {step}; it has steps "
-                                 f"{', '.join(str(s) for s, _ in steps)}")
-    return path, found[0]
+        return path, path / "checkpoints" / tag(steps[-1])
+    if step not in steps:
+        raise InputError(path / "checkpoints", f"no complete checkpoint of step {step}; it has steps "
+                                               f"{', '.join(map(str, steps))}")
+    return path, path / "checkpoints" / tag(step)
 
 
 def _load(path: Path) -> dict:
