@@ -35,6 +35,8 @@ COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
     ("generate", None): ("hataori.train.generate", "continue a prompt with a trained checkpoint"),
     ("export", "hf"): ("hataori.train.export",
                        "write a run's checkpoint as a Hugging Face model folder (safetensors, tokenizer, model card)"),
+    ("checkpoint", "verify"): ("hataori.train.checkpoint",
+                               "check a run's checkpoints against their manifests (sizes and checksums)"),
     ("slurm", "submit"): ("hataori.slurm.submit", "write a pretraining run's batch script and submit it to Slurm"),
     ("slurm", "status"): ("hataori.slurm.status", "show a run's Slurm job, last step and last complete checkpoint"),
 }
@@ -47,6 +49,7 @@ GROUP_HELP = {
     "plan": "estimate per-GPU memory of a training run under each ZeRO setup",
     "generate": "continue a prompt with a trained checkpoint",
     "export": "write trained models in other frameworks' layouts",
+    "checkpoint": "check training checkpoints",
     "slurm": "run pretraining as Slurm jobs that checkpoint and requeue themselves at time limits",
 }
 

@@ -37,37 +37,50 @@ TINY = ["model.vocab_size=4000", "model.d_model=64", "model.n_layers=2", "model.
         "validation.max_tokens=3000"]
 
 
+def start(run_dir: Path, shards: Path, overrides: list[str], out, *, nproc: int = 2) -> subprocess.Popen:
+    """Start ``hataori pretrain`` on ``nproc`` processes, its output to the open file ``out``.
+
+    Nothing may be JIT-compiled: the processes get an empty TORCH_EXTENSIONS_DIR (beside ``out``)
+    that must stay absent.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+           "TORCH_EXTENSIONS_DIR": str(Path(out.name).with_suffix(".torch_extensions"))}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID",
+                 "SLURM_JOB_ID"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "hataori.cli", "pretrain", str(TOY), *TINY, *overrides, "--data", str(shards),
+               "--run-dir", str(run_dir), "--nproc", str(nproc)]
+    return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+
+
 def launch(run_dir: Path, shards: Path, overrides: list[str], log: Path, *, nproc: int = 2,
            kill_rank_after_step: tuple[int, int] | None = None) -> int:
     """Run ``hataori pretrain`` on ``nproc`` processes and return its exit code; fail after the time limit.
 
     ``kill_rank_after_step=(rank, step)`` SIGKILLs that rank's process once rank 0 has logged ``step``.
-    Nothing may be JIT-compiled: the processes get an empty TORCH_EXTENSIONS_DIR that must stay absent.
     """
-    extensions = log.parent / f"{log.stem}-torch_extensions"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(extensions)}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID"):
-        env.pop(name, None)
-    command = [sys.executable, "-m", "hataori.cli", "pretrain", str(TOY), *TINY, *overrides, "--data", str(shards),
-               "--run-dir", str(run_dir), "--nproc", str(nproc)]
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        proc = start(run_dir, shards, overrides, out, nproc=nproc)
         deadline = time.monotonic() + LAUNCH_TIMEOUT_S
         try:
             if kill_rank_after_step is not None:
                 rank, step = kill_rank_after_step
-                while logged_steps(run_dir).get("train", 0) < step:
-                    assert proc.poll() is None, f"the run ended before step {step}:\n{tail(log)}"
-                    assert time.monotonic() < deadline, f"step {step} not reached:\n{tail(log)}"
-                    time.sleep(0.01)
+                wait_for_step(proc, run_dir, step, log, deadline)
                 os.kill(worker_pid(proc.pid, rank), signal.SIGKILL)
             code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
             pytest.fail(f"launch did not finish in {LAUNCH_TIMEOUT_S} s:\n{tail(log)}")
-    assert not extensions.exists(), f"a C++ extension was compiled into {extensions}"
+    assert not log.with_suffix(".torch_extensions").exists(), "a C++ extension was compiled"
     return code
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, log: Path, deadline: float) -> None:
+    while logged_steps(run_dir).get("train", 0) < step:
+        assert proc.poll() is None, f"the run ended before step {step}:\n{tail(log)}"
+        assert time.monotonic() < deadline, f"step {step} not reached:\n{tail(log)}"
+        time.sleep(0.01)
 
 
 def worker_pid(launcher_pid: int, rank: int) -> int:
@@ -318,3 +331,91 @@ def test_resume_and_killed_rank_continue_the_uninterrupted_run(ja_shards, tmp_pa
     tb = scalars(run)["train/loss"]  # the killed launch's steps after the checkpoint are purged
     assert sorted(tb) == list(range(1, 9))
     assert tb == {step: pytest.approx(reference[step]["loss"], rel=1e-6) for step in range(1, 9)}
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(3 * LAUNCH_TIMEOUT_S)
+def test_one_owner_per_run_folder_and_ranks_die_with_the_launcher(ja_shards, tmp_path):
+    """A second launch into a running run's folder is refused, naming the holder; kill -9 of the
+    launcher takes both ranks with it; the next launch takes the dead launcher's lock over and resumes."""
+    import socket
+
+    run = tmp_path / "run"
+    common = ["trainer.max_steps=300", "checkpoint.every_steps=2", "validation.every_steps=0", "logging.every_steps=1"]
+    first_log = tmp_path / "first.log"
+    with open(first_log, "w") as out:
+        first = start(run, ja_shards, common, out)
+        try:
+            wait_for_step(first, run, 3, first_log, time.monotonic() + LAUNCH_TIMEOUT_S)
+            ranks = [worker_pid(first.pid, rank) for rank in (0, 1)]
+            assert launch(run, ja_shards, common, tmp_path / "second.log") == 2
+            refused = (tmp_path / "second.log").read_text()
+            assert f"hataori: error: {run} is in use by PID {first.pid} on {socket.gethostname()}" in refused
+            assert f"remove {run / 'run.lock'}" in refused
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait()
+            deadline = time.monotonic() + 15
+            while any(map(running, ranks)):
+                assert time.monotonic() < deadline, f"a rank outlived its launcher:\n{tail(first_log)}"
+                time.sleep(0.05)
+        finally:
+            first.kill()
+    last = max(int(name.split("_")[1]) for name in checkpoints(run) if name.endswith(tuple("0123456789")))
+    assert launch(run, ja_shards, [*common, "trainer.launch_steps=2"], tmp_path / "third.log") == 0
+    third = (tmp_path / "third.log").read_text()
+    assert f"{run / 'run.lock'}: held by PID {first.pid} on this host, which is no longer running; taking" in third
+    assert f"resuming after step {last}" in third
+    assert not (run / "run.lock").exists()  # released when the launch ended
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.timeout(5 * LAUNCH_TIMEOUT_S)
+def test_disk_full_during_a_checkpoint_save_loses_nothing(ja_shards, tmp_path):
+    """The run folder on a tmpfs with room for one checkpoint: the second save fails with a message
+    naming the checkpoint and the free space, the first stays verified; a relaunch with the disk still
+    full clears the incomplete save before writing anything and fails the same way; with room again
+    the run resumes and steps 3-4 equal an uninterrupted run's."""
+    import subprocess as sp
+
+    from hataori.train.checkpoint import verify
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    common = ["trainer.max_steps=4", "checkpoint.every_steps=2", "validation.every_steps=0", "logging.every_steps=1"]
+    reference = tmp_path / "reference"
+    assert launch(reference, ja_shards, common, tmp_path / "reference.log", nproc=1) == 0
+    one = checkpoint_bytes(reference / "checkpoints" / "step_00000002")
+    rest = checkpoint_bytes(reference) - checkpoint_bytes(reference / "checkpoints")
+    run = tmp_path / "run"
+    run.mkdir()
+    if sp.run(["mount", "-t", "tmpfs", "-o", f"size={rest + one * 3 // 2}", "tmpfs", str(run)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        for attempt in ("full", "still-full"):
+            log = tmp_path / f"{attempt}.log"
+            assert launch(run, ja_shards, common, log, nproc=1) == 2, tail(log)
+            text = log.read_text()
+            assert f"hataori: error: {run}/checkpoints/step_00000004.incomplete: writing the checkpoint failed" in text
+            assert "bytes free on that filesystem" in text
+            assert checkpoints(run) == ["step_00000002", "step_00000004.incomplete"]
+            assert verify(run / "checkpoints" / "step_00000002") == []
+        sp.run(["mount", "-o", f"remount,size={rest + one * 4}", str(run)], check=True)
+        assert launch(run, ja_shards, common, tmp_path / "room.log", nproc=1) == 0, tail(tmp_path / "room.log")
+        assert "resuming after step 2" in (tmp_path / "room.log").read_text()
+        resumed, expected = records(run, "train"), records(reference, "train")
+        assert [resumed[step]["loss"] for step in (3, 4)] == [expected[step]["loss"] for step in (3, 4)]
+    finally:
+        sp.run(["umount", "-l", str(run)])

@@ -6,19 +6,32 @@ client state: step, tokens seen, world size) and one ``rank_<5 digits>.pt`` per 
 rank's data-loader state and random number generator states (python, numpy, torch, CUDA).
 
 Writing is atomic at the folder level. Every rank writes into ``step_<N>.incomplete``; after a
-barrier, rank 0 renames it to ``step_<N>``. A folder with the final name is therefore complete, and
-one killed part-way keeps the ``.incomplete`` name, is never loaded, and is deleted on the next
-start. Older checkpoints beyond ``keep_last`` are deleted only after a newer one is complete, by
-first renaming them out of the ``step_<N>`` namespace, so a kill during deletion leaves nothing
-that looks complete. All ranks must see the same folder (one machine, or a shared filesystem).
+barrier, the ranks read back what was written and checksum it (each rank a share of the files),
+rank 0 writes ``manifest.json`` (every file's size and CRC-32, the world size and the run's
+identity) and renames the folder to ``step_<N>``. A folder with the final name is therefore
+complete, and one killed part-way keeps the ``.incomplete`` name, is never loaded, and is deleted
+on the next start. Older checkpoints beyond ``keep_last`` are deleted only after a newer one is
+complete and checksummed, by first renaming them out of the ``step_<N>`` namespace, so a kill
+during deletion leaves nothing that looks complete. All ranks must see the same folder (one
+machine, or a shared filesystem).
+
+Resuming verifies before it loads. The latest checkpoint's files are checked against its manifest
+(sizes, then checksums, the ranks sharing the reading); a damaged one (a file truncated, emptied,
+deleted or changed, or no manifest) is reported by path and file, set aside as
+``step_<N>.damaged`` (never deleted) and the previous checkpoint is tried. A run whose every
+checkpoint is damaged stops rather than start again from step 0. ``hataori checkpoint verify RUN``
+checks a run's checkpoints without loading them.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import random
 import re
 import shutil
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +41,16 @@ import torch
 import torch.distributed as dist
 
 from hataori.config import require
-from hataori.fsutil import atomic_path
+from hataori.errors import HataoriError, InputError
+from hataori.fsutil import atomic_path, atomic_write_text
 
 COMPLETE = re.compile(r"^step_(\d{8})$")
 INCOMPLETE_SUFFIX = ".incomplete"
+DAMAGED_SUFFIX = ".damaged"
 DELETING_PREFIX = ".deleting-"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+CHUNK_BYTES = 16 << 20
 
 
 @dataclass(kw_only=True, slots=True)
@@ -77,13 +95,23 @@ def tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
-class Checkpointer:
-    """Saves and restores a DeepSpeed engine, the loader state and RNG states under ``folder``."""
+class CheckpointDamaged(HataoriError):
+    """A checkpoint whose files do not match its manifest."""
 
-    def __init__(self, cfg: CheckpointConfig, folder: str | os.PathLike, engine: Any):
+
+class Checkpointer:
+    """Saves and restores a DeepSpeed engine, the loader state and RNG states under ``folder``.
+
+    ``identity`` (JSON-ready, e.g. the model's shape and the tokenizer's fingerprint) is recorded in
+    every manifest; resuming with a different one is refused with what differs.
+    """
+
+    def __init__(self, cfg: CheckpointConfig, folder: str | os.PathLike, engine: Any,
+                 identity: dict[str, Any] | None = None):
         self.cfg = cfg
         self.folder = Path(folder)
         self.engine = engine
+        self.identity = identity or {}
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
 
@@ -94,7 +122,7 @@ class Checkpointer:
         return last or step % self.cfg.every_steps == 0
 
     def save(self, step: int, *, loader_state: Any, client_state: dict[str, Any] | None = None) -> Path:
-        """Save a complete checkpoint of ``step``; all ranks must call it. Returns its folder."""
+        """Save a complete, checksummed checkpoint of ``step``; all ranks must call it. Returns its folder."""
         final = self.folder / tag(step)
         partial = self.folder / (tag(step) + INCOMPLETE_SUFFIX)
         if self.rank == 0:
@@ -103,10 +131,26 @@ class Checkpointer:
                 shutil.rmtree(partial)
         dist.barrier()
         state = {"step": step, "world_size": self.world_size, **(client_state or {})}
-        self.engine.save_checkpoint(str(self.folder), tag=partial.name, client_state=state, save_latest=False)
-        _save_file({"loader": loader_state, "rng": rng_state()}, partial / _rank_file(self.rank))
+        try:
+            self.engine.save_checkpoint(str(self.folder), tag=partial.name, client_state=state, save_latest=False)
+            _save_file({"loader": loader_state, "rng": rng_state()}, partial / _rank_file(self.rank))
+        except (OSError, RuntimeError) as err:
+            raise _write_error(partial, err) from err
         dist.barrier()
+        names = self._broadcast(sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file())
+                                if self.rank == 0 else None)
+        sums = {name: checksum(partial / name) for name in self._share(names)}
+        gathered = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(sums, gathered, dst=0)
         if self.rank == 0:
+            files = {name: found[name] for found in gathered for name in found}
+            manifest = {"format": MANIFEST_FORMAT, "step": step, "world_size": self.world_size,
+                        "identity": self.identity, "files": dict(sorted(files.items()))}
+            manifest["crc32"] = _crc_of(manifest)
+            try:
+                atomic_write_text(partial / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+            except OSError as err:
+                raise _write_error(partial, err) from err
             if final.exists():
                 _delete(final)
             os.replace(partial, final)
@@ -116,6 +160,8 @@ class Checkpointer:
         return final
 
     def _prune(self) -> None:
+        # The newest checkpoint was checksummed as it was completed, so keep_last >= 1 always keeps one
+        # verified checkpoint; set-aside (.damaged) folders are never touched.
         for step in self.complete_steps()[:-self.cfg.keep_last]:
             _delete(self.folder / tag(step))
 
@@ -126,51 +172,181 @@ class Checkpointer:
         return complete_steps(self.folder)
 
     def remove_incomplete(self) -> list[Path]:
-        """Delete folders left by a save or a deletion that was killed part-way (rank 0 only)."""
-        removed = []
-        if self.rank == 0 and self.folder.is_dir():
-            for path in self.folder.iterdir():
-                # .incomplete saves, .deleting- folders and temporary files all end up here.
-                if not (path.name.endswith(INCOMPLETE_SUFFIX) or path.name.startswith(".")):
-                    continue
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-                removed.append(path)
-        return removed
+        """Delete what a save or a deletion killed part-way left (rank 0 only)."""
+        return remove_incomplete(self.folder) if self.rank == 0 else []
 
     def latest(self) -> int | None:
         """The step of the latest complete checkpoint, as rank 0 sees it, on every rank."""
         steps = self.complete_steps() if self.rank == 0 else []
-        found = [steps[-1] if steps else None]
-        dist.broadcast_object_list(found, src=0)
-        return found[0]
+        return self._broadcast(steps[-1] if steps else None)
 
     def resume(self) -> Resumed | None:
-        """Clean up interrupted saves and load the latest complete checkpoint, if any (all ranks)."""
+        """Clean up interrupted saves, then load the latest checkpoint that verifies, setting damaged
+        ones aside (all ranks). None if the folder holds no checkpoint."""
         self.remove_incomplete()
         dist.barrier()
-        step = self.latest()
-        if step is None:
-            return None
-        return self.load(step)
+        while (step := self.latest()) is not None:
+            path = self.folder / tag(step)
+            problems = self._verify(path)
+            if not problems:
+                return self.load(step)
+            if self.rank == 0:
+                aside = set_aside(path)
+                print(f"checkpoint {path} is damaged and was set aside as {aside.name}:\n  "
+                      + "\n  ".join(problems) + "\ntrying the previous checkpoint", flush=True)
+            dist.barrier()
+        damaged = self._broadcast(sorted(p.name for p in self.folder.glob(f"step_*{DAMAGED_SUFFIX}*"))
+                                  if self.rank == 0 and self.folder.is_dir() else [])
+        if damaged:
+            raise CheckpointDamaged(f"{self.folder}: no checkpoint verifies; set aside as damaged: {', '.join(damaged)}. "
+                                    "Run `hataori checkpoint verify` on the run for details; to train again from "
+                                    "step 0 in this folder set checkpoint.resume=false")
+        return None
 
     def load(self, step: int) -> Resumed:
         """Restore engine, scheduler, RNG and this rank's loader state from checkpoint ``step``."""
         path = self.folder / tag(step)
+        manifest = read_manifest(path)
+        self._check_compatible(path, manifest)
         load_path, client_state = self.engine.load_checkpoint(str(self.folder), tag=path.name,
                                                               load_optimizer_states=True,
                                                               load_lr_scheduler_states=True)
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
-        saved_world = client_state.get("world_size")
-        if saved_world != self.world_size:
-            raise RuntimeError(f"{path} was saved by {saved_world} processes, this run has {self.world_size}; "
-                               "resuming on a different number of processes is not supported")
+            raise CheckpointDamaged(f"{path}: DeepSpeed found no checkpoint to load here")
         rank_state = torch.load(path / _rank_file(self.rank), weights_only=False)
         set_rng_state(rank_state["rng"])
         return Resumed(step=step, path=path, client_state=client_state, loader_state=rank_state["loader"])
+
+    def _check_compatible(self, path: Path, manifest: dict) -> None:
+        saved = manifest.get("identity", {})
+        differences = [f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}"
+                       for key, value in self.identity.items() if saved.get(key, value) != value]
+        if differences:
+            raise HataoriError(f"{path} was saved by a run that differs from this one:\n  " + "\n  ".join(differences)
+                               + "\nresume with the run's own config, or start a new run in another run_dir")
+        if manifest["world_size"] != self.world_size:
+            raise HataoriError(f"{path} was saved by {manifest['world_size']} processes and this launch has "
+                               f"{self.world_size}; relaunch with --nproc {manifest['world_size']} (or as many "
+                               "Slurm tasks)")
+
+    def _verify(self, path: Path) -> list[str]:
+        """Problems of checkpoint ``path`` against its manifest, the ranks sharing the reading (all ranks)."""
+        try:
+            manifest = read_manifest(path)
+        except CheckpointDamaged as err:
+            return [str(err)]  # every rank reads the same manifest and comes to the same answer
+        names = sorted(manifest["files"])
+        problems = verify_files(path, manifest, self._share(names))
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, problems)
+        return [problem for found in gathered for problem in found]
+
+    def _share(self, names: list[str]) -> list[str]:
+        return names[self.rank::self.world_size]
+
+    def _broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+# ----------------------------------------------------------------------------- manifests
+
+
+def remove_incomplete(folder: Path) -> list[Path]:
+    """Delete the folders and files that saves or deletions killed part-way left in ``folder``."""
+    removed = []
+    if folder.is_dir():
+        for path in folder.iterdir():
+            # .incomplete saves, .deleting- folders and temporary files all end up here.
+            if not (path.name.endswith(INCOMPLETE_SUFFIX) or path.name.startswith(".")):
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def checksum(path: Path) -> dict[str, Any]:
+    """Size and CRC-32 of a file as it is on disk, flushed to stable storage first."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+        while chunk := f.read(CHUNK_BYTES):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return {"bytes": size, "crc32": f"{crc:08x}"}
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of checkpoint folder ``path``; :class:`CheckpointDamaged` if missing or unreadable."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointDamaged(f"{path / MANIFEST}: missing (a checkpoint is complete only with its manifest)") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointDamaged(f"{path / MANIFEST}: damaged, unreadable ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise CheckpointDamaged(f"{path / MANIFEST}: damaged, or not a checkpoint manifest of format {MANIFEST_FORMAT}")
+    if manifest.get("crc32") != _crc_of(manifest):
+        raise CheckpointDamaged(f"{path / MANIFEST}: damaged, its own checksum does not match")
+    return manifest
+
+
+def _crc_of(manifest: dict[str, Any]) -> str:
+    """The checksum a manifest carries of itself: of its canonical JSON without that field."""
+    body = json.dumps({k: v for k, v in manifest.items() if k != "crc32"}, sort_keys=True)
+    return f"{zlib.crc32(body.encode()):08x}"
+
+
+def verify_files(path: Path, manifest: dict[str, Any], names: list[str]) -> list[str]:
+    """Problems of the files ``names`` of checkpoint ``path`` against ``manifest`` (sizes first, then checksums)."""
+    problems = []
+    for name in names:
+        expected, file = manifest["files"][name], path / name
+        try:
+            size = file.stat().st_size
+            if size != expected["bytes"]:
+                problems.append(f"{file}: {size:,} bytes, the manifest says {expected['bytes']:,}")
+            elif (found := checksum(file))["crc32"] != expected["crc32"]:
+                problems.append(f"{file}: checksum {found['crc32']}, the manifest says {expected['crc32']} "
+                                "(the file was changed after it was written)")
+        except FileNotFoundError:
+            problems.append(f"{file}: missing")
+        except OSError as err:
+            problems.append(f"{file}: unreadable ({err})")
+    return problems
+
+
+def verify(path: str | os.PathLike) -> list[str]:
+    """Problems of one checkpoint folder (an empty list: every file matches its manifest). One process."""
+    path = Path(path)
+    try:
+        manifest = read_manifest(path)
+    except CheckpointDamaged as err:
+        return [str(err)]
+    return verify_files(path, manifest, sorted(manifest["files"]))
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint out of the complete namespace, keeping every byte; the new path."""
+    aside = path.with_name(path.name + DAMAGED_SUFFIX)
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}{DAMAGED_SUFFIX}-{n}")
+    os.replace(path, aside)
+    return aside
+
+
+def _write_error(partial: Path, err: Exception) -> HataoriError:
+    free = shutil.disk_usage(partial.parent).free if partial.parent.exists() else 0
+    return HataoriError(f"{partial}: writing the checkpoint failed ({err}); {free:,} bytes free on that filesystem. "
+                        "The incomplete folder is removed on the next start and earlier checkpoints are intact; "
+                        "free space (or set checkpoint.keep_last lower) and launch again to resume")
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -228,3 +404,44 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ----------------------------------------------------------------------------- hataori checkpoint verify
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN", help="a run folder (its checkpoints/ are checked) or one step_N folder")
+
+
+def main(args: argparse.Namespace) -> int:
+    import time
+
+    run = Path(args.run)
+    if run.name.startswith("step_"):
+        paths = [run]
+    else:
+        folder = run / "checkpoints"
+        if not folder.is_dir():
+            raise InputError(run, "no checkpoints/ folder here; pass a run folder or a checkpoints/step_N folder")
+        paths = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_"))
+        if not paths:
+            raise InputError(folder, "holds no checkpoint")
+    bad = aside = 0
+    for path in paths:
+        began = time.perf_counter()
+        problems = verify(path)
+        seconds = time.perf_counter() - began
+        complete = bool(COMPLETE.match(path.name))
+        if problems:
+            bad += complete
+            aside += not complete
+            print(f"{path}: DAMAGED" + ("" if complete else " (set aside)")
+                  + "".join(f"\n  {problem}" for problem in problems))
+            continue
+        files = read_manifest(path)["files"]
+        size = sum(entry["bytes"] for entry in files.values())
+        note = "" if complete else " (set aside; rename it to step_N to use it again)"
+        print(f"{path}: verified, {len(files)} files, {size / 1e6:,.1f} MB in {seconds:.2f} s{note}")
+    checked = sum(bool(COMPLETE.match(p.name)) for p in paths)
+    print(f"{checked - bad} of {checked} checkpoints verified" + (f"; {aside} set aside as damaged" if aside else ""))
+    return 1 if bad else 0

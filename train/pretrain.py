@@ -67,7 +67,14 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--nproc", f"must be at least 1, got {args.nproc}")
     if any(name in os.environ for name in LAUNCHER_VARS) or args.nproc == 1:
         return pretrain(cfg)
-    check(cfg, world_size=args.nproc)
+    from hataori.train.lock import claim
+
+    lock = claim(cfg.run_dir)  # held on by the launcher this process becomes, and inherited by its ranks
+    try:
+        check(cfg, world_size=args.nproc)
+    except BaseException:
+        lock.release()
+        raise
     relaunch(args.nproc, files + overrides + flags)
     return 0  # not reached: relaunch replaces this process
 
@@ -91,9 +98,12 @@ def relaunch(nproc: int, config_args: list[str]) -> None:
     """Replace this process with torch's elastic launcher running ``nproc`` copies of the command."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "hataori.cli", "pretrain", *config_args]
+    from hataori.train.lock import LAUNCHER_PID_VAR
+
     print(f"launching {nproc} processes: {' '.join(command[1:])}", flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
+    os.environ[LAUNCHER_PID_VAR] = str(os.getpid())  # the ranks die with this process (train/lock.py)
     os.execv(sys.executable, command)
 
 
@@ -121,6 +131,25 @@ def open_tokenizer(cfg: TrainConfig):
 
 
 def pretrain(cfg: TrainConfig) -> int:
+    """Take the run folder (rank 0) and train; the same on every rank."""
+    from hataori.train.checkpoint import remove_incomplete
+    from hataori.train.lock import claim, die_with_launcher
+    from hataori.train.zero import ranks_from_env
+
+    die_with_launcher()
+    if ranks_from_env()[0] != 0:
+        return train(cfg)
+    lock = claim(cfg.run_dir)
+    try:
+        # Before anything is written: an interrupted save may hold the space that writing needs.
+        remove_incomplete(Path(cfg.run_dir) / "checkpoints")
+        lock.record()
+        return train(cfg)
+    finally:
+        lock.release()
+
+
+def train(cfg: TrainConfig) -> int:
     """Build every part from ``cfg`` and train; the same on every rank."""
     import torch
 
@@ -166,7 +195,7 @@ def pretrain(cfg: TrainConfig) -> int:
     logger = MetricsLogger(cfg.logging, run_dir, is_main=env.is_main, max_steps=cfg.trainer.max_steps,
                            flops_per_token=cfg.model.flops_per_token(cfg.data.seq_len),
                            peak_flops_total=None if peak is None else peak * env.world_size)
-    checkpointer = Checkpointer(cfg.checkpoint, run_dir / "checkpoints", engine)
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir / "checkpoints", engine, identity=run_identity(cfg, tokenizer))
 
     def validate(step: int) -> None:
         logger.validation(step, validator.evaluate(engine, env.device))
@@ -198,6 +227,15 @@ def pretrain(cfg: TrainConfig) -> int:
         summarize(run_dir)
     shutdown_distributed()
     return 0
+
+
+def run_identity(cfg: TrainConfig, tokenizer) -> dict:
+    """What a checkpoint must share with the run that resumes it: the model's shape, the tokenizer and
+    how ZeRO laid out the optimizer state."""
+    from hataori.train.init import SHAPE_FIELDS
+
+    return {**{f"model.{key}": getattr(cfg.model, key) for key in ("vocab_size", *SHAPE_FIELDS)},
+            "tokenizer": tokenizer.fingerprint, "zero.stage": cfg.zero.stage, "zero.precision": cfg.zero.precision}
 
 
 def summarize(run_dir: Path) -> None:

@@ -14,9 +14,18 @@
 One optimizer step is ``engine.gradient_accumulation_steps()`` micro-batches, each followed by
 ``engine.backward`` and ``engine.step`` (DeepSpeed updates, and steps the LR scheduler, on the
 last). After each optimizer step the hooks receive a :class:`StepMetrics` (logging, TensorBoard and
-validation plug in there), and a checkpoint is saved when due. ``fit`` resumes from the latest
+validation plug in there), the step's health is checked, and a checkpoint is saved when due. ``fit`` resumes from the latest
 complete checkpoint first when the checkpoint config asks for it, then calls the start hooks with
 the step it starts from (0 for a fresh run). ``launch_steps`` ends a launch early, with a checkpoint.
+
+Health. A step whose loss or gradient norm is not finite and whose update was applied has
+damaged the weights: training stops at once with :class:`TrainingFailed` (the command exits with an
+error) and nothing is saved, so the last checkpoint holds the last good weights. A step the
+optimizer skipped (an overflow, which ZeRO stages 1-3 and fp16 loss scaling detect) leaves the
+weights as they were; ``max_skipped_steps`` such steps in a row stop the run the same way, and no
+checkpoint is written while skipped steps are running (a checkpoint falls due again after the next
+applied step), so weights that only overflow are never saved. ``spike_factor`` warns when a loss
+jumps above that multiple of the recent mean.
 
 :meth:`Trainer.request_stop` (e.g. from a signal handler) ends training after the current step
 with a checkpoint; the request is shared between ranks at each step, so it may reach any of them.
@@ -24,6 +33,7 @@ with a checkpoint; the request is shared between ranks at each step, so it may r
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
@@ -33,7 +43,15 @@ import torch
 import torch.distributed as dist
 
 from hataori.config import require
+from hataori.errors import HataoriError
 from hataori.train.checkpoint import Checkpointer
+
+SPIKE_WINDOW = 100
+"""Steps whose mean loss a spike is measured against."""
+
+
+class TrainingFailed(HataoriError):
+    """Training cannot go on: the weights were damaged, or every step is being skipped."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -45,10 +63,18 @@ class TrainerConfig:
     launch_steps: int = 0
     """Stop this launch after this many optimizer steps, with a checkpoint; the next launch resumes.
     For jobs shorter than the run. 0: train up to max_steps."""
+    max_skipped_steps: int = 10
+    """Stop the run after this many optimizer steps in a row skipped for overflow (non-finite
+    gradients). fp16's loss scaling skips a few steps while it finds its scale."""
+    spike_factor: float = 0.0
+    """Warn when a step's loss exceeds this multiple of the mean of the previous steps'; 0: never."""
 
     def __post_init__(self) -> None:
         require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         require(self.launch_steps >= 0, "launch_steps", f"must be >= 0 (0: no limit), got {self.launch_steps}")
+        require(self.max_skipped_steps >= 1, "max_skipped_steps", f"must be >= 1, got {self.max_skipped_steps}")
+        require(self.spike_factor == 0 or self.spike_factor > 1, "spike_factor",
+                f"must be above 1 (or 0: no warnings), got {self.spike_factor}")
 
 
 @dataclass(slots=True)
@@ -69,6 +95,12 @@ class StepMetrics:
     """Tokens consumed since step 0 (resumed runs included)."""
     seconds: float
     """Wall time of the step."""
+    applied: bool = True
+    """Whether the optimizer applied the update (False: skipped for overflow)."""
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and (self.grad_norm is None or math.isfinite(self.grad_norm))
 
 
 class BatchLike(Protocol):
@@ -98,6 +130,8 @@ class Trainer:
         self.device = engine.device
         self.step = 0
         self.tokens_seen = 0
+        self.skipped_in_a_row = 0
+        self._recent_losses: list[float] = []
         self._stop_requested = False
 
     def fit(self) -> int:
@@ -106,17 +140,47 @@ class Trainer:
             self.resume()
         for start_hook in self.start_hooks:
             start_hook(self.step)
-        launched_at = self.step
+        launched_at, save_pending = self.step, False
         while self.step < self.cfg.max_steps:
             metrics = self.train_step()
             for hook in self.hooks:
                 hook(metrics)
+            self.check_health(metrics)
             stop = self._stop_agreed() or self.step - launched_at == self.cfg.launch_steps
-            if self.checkpointer.due(self.step, last=stop or self.step == self.cfg.max_steps):
+            save_pending |= self.checkpointer.due(self.step, last=stop or self.step == self.cfg.max_steps)
+            if save_pending and not self.skipped_in_a_row:
                 self.save()
+                save_pending = False
             if stop:
                 break
         return self.step
+
+    def check_health(self, metrics: StepMetrics) -> None:
+        """Raise :class:`TrainingFailed` if the step damaged the weights or ends a run of skipped steps
+        too long; warn on a loss spike. The metrics are the same on every rank, and so is the verdict."""
+        where = f"step {metrics.step}: loss {metrics.loss}, gradient norm {metrics.grad_norm}"
+        if metrics.applied and not metrics.finite:
+            raise TrainingFailed(f"{where}, applied to the weights: training stopped without saving; "
+                                 f"{self._last_good()}. Lower optim.lr, raise schedule.warmup_steps or check the "
+                                 "data, then launch again")
+        self.skipped_in_a_row = 0 if metrics.applied else self.skipped_in_a_row + 1
+        if self.skipped_in_a_row >= self.cfg.max_skipped_steps:
+            raise TrainingFailed(f"{where}: {self.skipped_in_a_row} steps in a row skipped for non-finite gradients "
+                                 f"(trainer.max_skipped_steps={self.cfg.max_skipped_steps}); training stopped "
+                                 f"without saving; {self._last_good()}. Lower optim.lr or check the data, then "
+                                 "launch again")
+        if metrics.applied and self.cfg.spike_factor:
+            recent = self._recent_losses
+            if len(recent) >= 10 and metrics.loss > self.cfg.spike_factor * (mean := sum(recent) / len(recent)):
+                if dist.get_rank() == 0:
+                    print(f"warning: loss spike at step {metrics.step}: {metrics.loss:.4f}, "
+                          f"{metrics.loss / mean:.1f} x the mean of the previous {len(recent)} steps", flush=True)
+            recent.append(metrics.loss)
+            del recent[:-SPIKE_WINDOW]
+
+    def _last_good(self) -> str:
+        last = self.checkpointer.latest()
+        return "no checkpoint was written" if last is None else f"checkpoint step {last} holds the last good weights"
 
     def resume(self) -> bool:
         """Load the latest complete checkpoint, if any; True if one was loaded."""
@@ -143,7 +207,7 @@ class Trainer:
                                targets=self._tensor(batch.targets))
             self.engine.backward(loss)
             self.engine.step()
-            losses.append(loss.detach())
+            losses.append(loss.detach().float())
             tokens += batch.inputs.size
         loss = torch.stack(losses).mean()
         dist.all_reduce(loss)
@@ -153,7 +217,8 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         return StepMetrics(step=self.step, loss=loss.item() / dist.get_world_size(), lr=lr,
                            grad_norm=None if grad_norm is None else float(grad_norm), tokens=step_tokens,
-                           tokens_seen=self.tokens_seen, seconds=time.perf_counter() - began)
+                           tokens_seen=self.tokens_seen, seconds=time.perf_counter() - began,
+                           applied=self.engine.was_step_applied())
 
     def request_stop(self) -> None:
         """Stop after the current step, with a checkpoint (safe to call from a signal handler)."""

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from hataori.errors import InputError
-from hataori.train.checkpoint import COMPLETE, complete_steps, tag
+from hataori.train.checkpoint import COMPLETE, complete_steps, tag, verify
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 ZERO3_MODEL_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
@@ -37,20 +37,23 @@ OPTIM_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_state
 
 def resolve_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, Path]:
     """(run folder, checkpoint folder) of a run folder (its latest complete checkpoint, or ``step``)
-    or of one ``checkpoints/step_N`` folder."""
+    or of one ``checkpoints/step_N`` folder; the checkpoint is verified against its manifest."""
     path = Path(path)
     if COMPLETE.match(path.name) and path.is_dir():
-        return path.parent.parent, path
-    steps = complete_steps(path / "checkpoints")
-    if not steps:
-        raise InputError(path, "no complete checkpoint here; pass a run folder with checkpoints/step_N "
-                               "or a checkpoints/step_N folder")
-    if step is None:
-        return path, path / "checkpoints" / tag(steps[-1])
-    if step not in steps:
-        raise InputError(path / "checkpoints", f"no complete checkpoint of step {step}; it has steps "
-                                               f"{', '.join(map(str, steps))}")
-    return path, path / "checkpoints" / tag(step)
+        found = path.parent.parent, path
+    else:
+        steps = complete_steps(path / "checkpoints")
+        if not steps:
+            raise InputError(path, "no complete checkpoint here; pass a run folder with checkpoints/step_N "
+                                   "or a checkpoints/step_N folder")
+        if step is not None and step not in steps:
+            raise InputError(path / "checkpoints", f"no complete checkpoint of step {step}; it has steps "
+                                                   f"{', '.join(map(str, steps))}")
+        found = path, path / "checkpoints" / tag(steps[-1] if step is None else step)
+    if problems := verify(found[1]):
+        raise InputError(found[1], "is damaged:\n  " + "\n  ".join(problems) + "\nuse an earlier checkpoint "
+                         "(see `hataori checkpoint verify`)")
+    return found
 
 
 def _load(path: Path) -> dict:

@@ -235,7 +235,7 @@ def init_distributed(timeout: timedelta = timedelta(minutes=10)) -> DistEnv:
     import deepspeed.comm
     from deepspeed.accelerator import get_accelerator
 
-    rank, world_size, local_rank = _ranks_from_env()
+    rank, world_size, local_rank = ranks_from_env()
     if world_size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -276,7 +276,7 @@ def skip_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
 
 
-def _ranks_from_env() -> tuple[int, int, int]:
+def ranks_from_env() -> tuple[int, int, int]:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"]))

@@ -1,0 +1,249 @@
+"""Verified checkpoints and guarded training, on two real processes with real DeepSpeed engines.
+
+Faults are injected into real checkpoints: for each kind of file (module states, a rank's optimizer
+partition, a rank's loader and RNG state, the manifest) each damage (truncated, a flipped bit,
+emptied, deleted). Resuming must name the file, set the checkpoint aside without deleting a byte,
+fall back to the previous one, and finish with the losses of an uninterrupted run from there.
+NaN injected into the loss (ZeRO-0: the update is applied) or into a gradient (ZeRO-1: the step
+is skipped) must stop the run with an error and leave the last good checkpoint intact.
+
+The worker is this file: ``python tests/test_checkpoint.py <mode> ...`` on two processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ranks import launch_ranks, log_tails
+from test_zero_resume import TokenStream, build_engine, SEQ_LEN
+
+LAUNCH_TIMEOUT_S = 240
+FILES = {"model": "mp_rank_00_model_states.pt", "optimizer": "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+         "loader": "rank_00000.pt", "manifest": "manifest.json"}
+DAMAGES = ("truncate", "bitflip", "empty", "delete")
+SCENARIOS = [f"{kind}-{damage}" for kind in FILES for damage in DAMAGES]
+
+
+def damage(path: Path, how: str) -> None:
+    """Damage one file in place."""
+    if how == "delete":
+        path.unlink()
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncate":
+        os.truncate(path, path.stat().st_size // 2)
+    elif how == "bitflip":
+        data = bytearray(path.read_bytes())
+        data[len(data) * 2 // 3] ^= 0x10
+        path.write_bytes(bytes(data))
+    else:
+        raise ValueError(how)
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
+def test_damaged_checkpoints_fall_back_to_the_previous_one(tmp_path):
+    out = tmp_path / "faults.json"
+    codes = launch_ranks(__file__, ["faults", "--dir", str(tmp_path / "runs"), "--out", str(out)], tmp_path / "logs",
+                         2, LAUNCH_TIMEOUT_S)
+    assert codes == [0, 0], log_tails(tmp_path / "logs")
+    results = json.loads(out.read_text())
+    reference = results.pop("reference")
+    assert sorted(results) == sorted(SCENARIOS)
+    for scenario, found in results.items():
+        kind, how = scenario.split("-")
+        assert found["resumed"] == 2, scenario
+        # Steps 3-6 after falling back equal the uninterrupted run's, exactly (fp32).
+        assert found["losses"] == {step: reference[step] for step in ("3", "4", "5", "6")}, scenario
+        # The damaged checkpoint is set aside, whole: every other file byte-identical to what was saved.
+        assert found["aside"] == ["step_00000004.damaged"], scenario
+        assert found["aside_intact"], scenario
+        assert f"step_00000004/{FILES[kind]}" in found["printed"] and "set aside" in found["printed"], scenario
+        reason = {"delete": "missing", "empty": "0 bytes", "truncate": "bytes, the manifest says",
+                  "bitflip": "checksum"}[how] if kind != "manifest" else {"delete": "missing"}.get(how, "damaged")
+        assert reason in found["printed"], (scenario, found["printed"])
+        assert found["verified_after"] == ["step_00000002", "step_00000004", "step_00000006"], scenario
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
+@pytest.mark.parametrize("stage, inject", [(0, "loss"), (1, "grad")])
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(stage, inject, tmp_path):
+    """From step 5 on, NaN in the loss (ZeRO-0 applies the update: stop at once) or in one gradient
+    (ZeRO-1 skips the step: stop after trainer.max_skipped_steps=3, and write no checkpoint meanwhile)."""
+    out = tmp_path / "nan.json"
+    codes = launch_ranks(__file__, ["nan", "--dir", str(tmp_path / "run"), "--out", str(out), "--stage", str(stage),
+                                    "--inject", inject], tmp_path / "logs", 2, LAUNCH_TIMEOUT_S)
+    assert codes == [0, 0], log_tails(tmp_path / "logs")
+    found = json.loads(out.read_text())
+    stopped_at = 5 if inject == "loss" else 7
+    assert found["error"].startswith(f"step {stopped_at}: loss"), found["error"]
+    assert "training stopped without saving; checkpoint step 4 holds the last good weights" in found["error"]
+    assert found["steps"] == list(range(1, stopped_at + 1))
+    assert found["checkpoints"] == ["step_00000002", "step_00000004"]
+    assert found["problems"] == []
+    assert found["weights_at_4_equal_reference"]
+
+
+def test_verify_command_reports_each_checkpoint(tmp_path, capsys):
+    """`hataori checkpoint verify` on a folder of plain files with manifests written as a save writes them."""
+    import binascii
+
+    from hataori.cli import main
+    from hataori.train.checkpoint import MANIFEST, MANIFEST_FORMAT, checksum
+
+    folder = tmp_path / "run" / "checkpoints"
+    for step in (2, 4):
+        ckpt = folder / f"step_{step:08d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "a.pt").write_bytes(os.urandom(1000 + step))
+        files = {"a.pt": checksum(ckpt / "a.pt")}
+        body = {"format": MANIFEST_FORMAT, "step": step, "world_size": 1, "identity": {}, "files": files}
+        crc = binascii.crc32(json.dumps(body, sort_keys=True).encode())  # the manifest's checksum of itself
+        (ckpt / MANIFEST).write_text(json.dumps({**body, "crc32": f"{crc:08x}"}))
+    assert main(["checkpoint", "verify", str(tmp_path / "run")]) == 0
+    assert "2 of 2 checkpoints verified" in capsys.readouterr().out
+    damage(folder / "step_00000004" / "a.pt", "bitflip")
+    assert main(["checkpoint", "verify", str(tmp_path / "run")]) == 1
+    out = capsys.readouterr().out
+    assert f"{folder}/step_00000004: DAMAGED\n  {folder}/step_00000004/a.pt: checksum" in out
+    assert "1 of 2 checkpoints verified" in out
+    assert main(["checkpoint", "verify", str(folder / "step_00000002")]) == 0
+
+
+def test_checksum_matches_an_independent_crc(tmp_path):
+    import binascii
+
+    from hataori.train.checkpoint import CHUNK_BYTES, checksum
+
+    data = np.random.default_rng(0).bytes(CHUNK_BYTES + 12345)  # more than one chunk
+    (tmp_path / "f").write_bytes(data)
+    assert checksum(tmp_path / "f") == {"bytes": len(data), "crc32": f"{binascii.crc32(data):08x}"}
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def train(run_dir: Path, *, stage: int, max_steps: int, max_skipped: int = 10, before=None,
+          losses: dict[int, float] | None = None) -> dict[int, float]:
+    """Train with checkpoints every 2 steps in ``run_dir``; the losses by step (into ``losses``)."""
+    import torch.distributed as dist
+
+    from hataori.train.checkpoint import CheckpointConfig, Checkpointer
+    from hataori.train.trainer import Trainer, TrainerConfig
+
+    engine = build_engine(stage, micro_batch=2, global_batch_tokens=2 * 2 * SEQ_LEN * dist.get_world_size(),
+                          total_steps=6, build_model=True)
+    checkpointer = Checkpointer(CheckpointConfig(every_steps=2, keep_last=3), run_dir / "checkpoints", engine,
+                                identity={"test": "faults"})
+    losses = {} if losses is None else losses
+    trainer = Trainer(TrainerConfig(max_steps=max_steps, max_skipped_steps=max_skipped),
+                      engine=engine, loader=TokenStream(seed=7, rank=dist.get_rank(), rows=2),
+                      checkpointer=checkpointer, hooks=[lambda m: losses.__setitem__(m.step, m.loss)])
+    if before is not None:
+        before(trainer)
+    try:
+        trainer.fit()
+    finally:
+        engine.destroy()
+    return losses
+
+
+def worker_faults(args) -> None:
+    import torch.distributed as dist
+
+    from hataori.train.checkpoint import verify
+
+    rank = dist.get_rank()
+    root = Path(args.dir)
+    reference = train(root / "reference", stage=1, max_steps=6)
+    saved = root / "reference" / "checkpoints"
+    results = {"reference": reference}
+    for scenario in SCENARIOS:
+        kind, how = scenario.split("-")
+        run = root / scenario
+        if rank == 0:
+            for step in (2, 4):
+                shutil.copytree(saved / f"step_{step:08d}", run / "checkpoints" / f"step_{step:08d}")
+            damage(run / "checkpoints" / "step_00000004" / FILES[kind], how)
+        dist.barrier()
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            losses = train(run, stage=1, max_steps=6)
+        folder = run / "checkpoints"
+        aside = folder / "step_00000004.damaged"
+        intact = all((aside / p.name).read_bytes() == p.read_bytes()
+                     for p in (saved / "step_00000004").iterdir() if p.name != FILES[kind])
+        results[scenario] = {
+            "resumed": min(losses) - 1, "losses": losses, "printed": printed.getvalue(),
+            "aside": sorted(p.name for p in folder.iterdir() if p.name.endswith(".damaged")), "aside_intact": intact,
+            "verified_after": sorted(p.name for p in folder.iterdir() if p.name.startswith("step_") and not verify(p))}
+        dist.barrier()
+    if rank == 0:
+        Path(args.out).write_text(json.dumps(results))
+
+
+def worker_nan(args) -> None:
+    import torch.distributed as dist
+
+    from hataori.train.checkpoint import verify
+    from hataori.train.trainer import TrainingFailed
+    from hataori.train.weights import CheckpointWeights
+
+    run = Path(args.dir)
+    train(run.with_name("reference"), stage=args.stage, max_steps=4)
+
+    def inject(trainer) -> None:
+        engine = trainer.engine
+        if args.inject == "loss":
+            forward = engine.forward
+            engine.forward = lambda *a, **k: forward(*a, **k) * (float("nan") if trainer.step >= 4 else 1.0)
+        else:
+            weight = next(p for name, p in engine.module.named_parameters() if name.endswith("mlp.w_gate.weight"))
+            weight.register_hook(lambda grad: grad * float("nan") if trainer.step >= 4 else grad)
+
+    steps: dict[int, float] = {}
+    with pytest.raises(TrainingFailed) as failed:
+        train(run, stage=args.stage, max_steps=8, max_skipped=3, before=inject, losses=steps)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        folder = run / "checkpoints"
+        names = sorted(p.name for p in folder.iterdir() if p.name.startswith("step_"))
+        theirs = CheckpointWeights(folder / "step_00000004").state_dict()
+        ours = CheckpointWeights(run.with_name("reference") / "checkpoints" / "step_00000004").state_dict()
+        equal = theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+        Path(args.out).write_text(json.dumps({
+            "error": str(failed.value), "checkpoints": names, "steps": sorted(steps),
+            "problems": [problem for name in names for problem in verify(folder / name)],
+            "weights_at_4_equal_reference": equal}))
+
+
+def main() -> None:
+    from hataori.train.zero import init_distributed, shutdown_distributed
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["faults", "nan"])
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--stage", type=int, default=1)
+    parser.add_argument("--inject", default="loss")
+    args = parser.parse_args()
+    torch.use_deterministic_algorithms(True)
+    init_distributed()
+    {"faults": worker_faults, "nan": worker_nan}[args.mode](args)
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
