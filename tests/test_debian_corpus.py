@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -244,3 +245,46 @@ def test_out_of_domain_sentences(ja_other_text: Path, ja_corpus: Path, capsys):
     assert sum(t in documentation for t in texts) == 0
     assert hataori_main(["corpus", "ja-news", str(ja_other_text.parent)]) == 0
     assert "up to date" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["debian-ja", "ja-news", "python-docs"])
+def test_corpus_commands_refuse_another_corpus_unless_replace(command, request, tmp_path, capsys):
+    """Another package list, or a corpus edited by hand, is replaced only with --replace. The .debs, or
+    the whole corpus (built by the same command), are copied from the cached corpora: nothing is fetched."""
+    out = tmp_path / "out"
+    first = other = []
+    if command == "debian-ja":
+        (out / "debs").mkdir(parents=True)
+        for name in ("debian-faq-ja", "tokyocabinet-doc"):
+            for deb in (request.getfixturevalue("ja_corpus") / "debs").glob(f"{name}_*.deb"):
+                shutil.copy(deb, out / "debs")
+        first, other = ["--packages", "debian-faq-ja", "--quiet"], ["--packages", "tokyocabinet-doc", "--quiet"]
+    else:
+        built = request.getfixturevalue("ja_other_text").parent if command == "ja-news" else \
+            request.getfixturevalue("en_corpus")
+        shutil.copytree(built, out)
+
+    def build(*extra: str) -> int:
+        return hataori_main(["corpus", command, str(out), *extra])
+
+    def files() -> dict:
+        return {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    assert build(*first) == 0
+    original = (out / "corpus.jsonl").read_bytes()
+    if not other:
+        with open(out / "corpus.jsonl", "a", encoding="utf-8") as f:
+            f.write('{"text": "手で足した行です"}\n')
+    before = files()
+    assert build(*other) == 2
+    assert f"{out}: output folder exists and is not empty; pass --replace" in capsys.readouterr().err
+    assert files() == before
+    assert build(*other, "--replace") == 0
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    corpus = (out / "corpus.jsonl").read_bytes()
+    assert manifest["corpus"]["sha256"] == hashlib.sha256(corpus).hexdigest()
+    if other:
+        assert [p["name"] for p in manifest["packages"]] == ["tokyocabinet-doc"] and corpus != original
+    else:
+        assert corpus == original
+    assert not list(out.glob(".*.tmp-*"))

@@ -128,6 +128,21 @@ def test_extend_errors(ja_tokenizer, english_unigram, en_corpus, tmp_path, capsy
     assert "missing.jsonl" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+def test_existing_output_is_refused_unless_replace(ja_tokenizer, english_unigram, tmp_path, capsys):
+    out = tmp_path / "out"
+    extend = ["tokenizer", "extend", str(english_unigram), "--add", str(ja_tokenizer), "--output", str(out)]
+    assert hataori_main([*extend, "max_pieces=100"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert hataori_main([*extend, "max_pieces=200"]) == 2
+    assert f"{out}: output folder exists and is not empty; pass --replace" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert hataori_main([*extend, "max_pieces=200", "--replace"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert 100 < summary["added"] <= 200
+    assert Tokenizer(out).vocab_size == Tokenizer(english_unigram).vocab_size + summary["added"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 def test_new_embedding_rows_are_the_mean_of_their_base_pieces_rows(en_corpus, ja_tokenizer, tmp_path):
     """An HF model with a base tokenizer (no dummy prefix, so the base's own encoding of a piece's
     text is the reference split) imported with the extended tokenizer: base rows as in the file,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -276,3 +278,127 @@ def test_command_line_config_errors(tokenizer, corpus_slice, tmp_path, capsys):
     assert manifest["sources"][0]["weight"] == 2.0
     assert hataori_main(["data", "inspect", str(tmp_path / "out")]) == 0
     assert f"tokenizer {tokenizer.fingerprint}" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- checks when shards are opened
+
+
+def copy_of(prepared: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "ds"
+    shutil.copytree(prepared, copy)
+    return copy
+
+
+def test_shuffled_offsets_are_refused_naming_shard_and_document(prepared, tmp_path, capsys):
+    copy = copy_of(prepared, tmp_path)
+    idx = copy / "train-00002.idx"
+    raw = idx.read_bytes()
+    offsets = np.frombuffer(raw[HEADER.size:], "<i8").copy()
+    offsets[1:-1] = np.random.default_rng(0).permutation(offsets[1:-1])  # first and last stay intact
+    idx.write_bytes(raw[:HEADER.size] + offsets.tobytes())
+    first_bad = next(i for i in range(len(offsets) - 1) if offsets[i + 1] <= offsets[i])
+    with pytest.raises(ShardError, match=rf"{re.escape(str(idx))}: document {first_bad} has offsets"):
+        Dataset(copy)
+    assert hataori_main(["data", "inspect", str(copy)]) == 2
+    assert f"hataori: error: {idx}: document {first_bad} has offsets" in capsys.readouterr().err
+
+
+def test_ids_outside_the_vocabulary_are_refused_naming_shard_and_document(prepared, tokenizer, tmp_path, capsys):
+    copy = copy_of(prepared, tmp_path)
+    manifest = json.loads((copy / "dataset.json").read_text())
+    entries = manifest["splits"]["train"]["shards"] + manifest["splits"]["val"]["shards"]
+    for entry in entries:  # the recorded largest ids are the files' own
+        assert entry["max_id"] == max(np.fromfile(copy / f"{entry['name']}.bin", "<u2").tolist())
+
+    # A damaged .bin of the right size: `data inspect` reads every id.
+    bin_path = copy / "train-00002.bin"
+    ids = np.fromfile(bin_path, "<u2")
+    offsets = np.fromfile(copy / "train-00002.idx", "<i8", offset=HEADER.size)
+    ids[offsets[3] + 2] = tokenizer.vocab_size + 5
+    ids.tofile(bin_path)
+    message = f"{bin_path}: document 3 holds token id {tokenizer.vocab_size + 5}, but the tokenizer has " \
+              f"{tokenizer.vocab_size} pieces"
+    with pytest.raises(ShardError, match=re.escape(message)):
+        Dataset(copy, verify=True)
+    assert hataori_main(["data", "inspect", str(copy)]) == 2
+    assert message in capsys.readouterr().err
+    shutil.copy(prepared / bin_path.name, bin_path)
+
+    # A manifest whose vocabulary is smaller than the ids, with the largest ids recorded or (an older
+    # manifest) not: opening the dataset, as the loader does, names the first such document.
+    small = 1000
+    expected = next((entry["name"], i) for entry in manifest["splits"]["train"]["shards"]
+                    for i, doc in enumerate(Shard(prepared / entry["name"])) if max(doc.tolist()) >= small)
+    manifest["tokenizer"]["vocab_size"] = small
+    for recorded in (True, False):
+        if not recorded:
+            for entry in entries:
+                del entry["max_id"]
+        (copy / "dataset.json").write_text(json.dumps(manifest))
+        with pytest.raises(ShardError, match=rf"{expected[0]}\.bin: document {expected[1]} holds token id \d+, but "
+                                             rf"the tokenizer has {small} pieces"):
+            Dataset(copy)
+
+
+def test_inspect_refuses_another_tokenizer(prepared, tokenizer, tmp_path, capsys):
+    from hataori.tokenizer import proto as spm_proto
+
+    model = spm_proto.read(tokenizer.path)
+    model.pieces[-1].score -= 1.0  # another model of the same size
+    (tmp_path / "other.model").write_bytes(model.SerializeToString())
+    other = Tokenizer(tmp_path / "other.model")
+    for target in (prepared, prepared / "train-00000.bin"):
+        assert hataori_main(["data", "inspect", str(target), "--tokenizer", str(other.path)]) == 2
+        err = capsys.readouterr().err
+        assert tokenizer.fingerprint in err and other.fingerprint in err and "re-encode" in err
+    assert hataori_main(["data", "inspect", str(prepared), "--tokenizer", str(tokenizer.path), "--show", "1"]) == 0
+    assert tokenizer.decode(documents(prepared, "train")[0][:-1]) in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- existing outputs, full disks
+
+
+def test_prepare_refuses_another_dataset_or_other_files_unless_replace(prepared, corpus_slice, tokenizer, tmp_path,
+                                                                       capsys):
+    out = tmp_path / "ds"
+    args = ["data", "prepare", "--input", str(corpus_slice), "--tokenizer", str(tokenizer.path), "--output", str(out),
+            "val_fraction=0.1", "progress=false"]
+    assert hataori_main([*args, "shard_tokens=30000"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert hataori_main([*args, "shard_tokens=20000"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} already holds a dataset prepared from other inputs" in err and "pass --replace" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert hataori_main([*args, "shard_tokens=20000", "--replace"]) == 0
+    assert shard_bytes(out) == shard_bytes(prepared)
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # the old dataset and the staging folder are gone
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("mine")
+    assert hataori_main([*args[:-3], str(notes), "progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert f"{notes}: output folder exists and is not empty; pass --replace" in err
+    assert [p.name for p in notes.iterdir()] == ["keep.txt"]
+
+
+def test_disk_full_is_an_error_naming_the_output_and_leaves_nothing(prepared, corpus_slice, tokenizer, tmp_path,
+                                                                   capsys):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    manifest = json.loads((prepared / "dataset.json").read_text())
+    needed = 2 * sum(manifest["splits"][split]["tokens"] for split in ("train", "val"))
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={needed // 2 // 4096 * 4096}", "tmpfs", str(disk)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mount.stderr.strip()}")
+    try:
+        out = disk / "ds"
+        assert hataori_main(["data", "prepare", "--input", str(corpus_slice), "--tokenizer", str(tokenizer.path),
+                             "--output", str(out), "shard_tokens=20000", "val_fraction=0.1", "progress=false"]) == 2
+        assert f"hataori: error: {out}: the disk is full" in capsys.readouterr().err
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -95,11 +95,26 @@ def test_bad_line_named_in_compressed_file_or_skipped(docs, tmp_path, line, need
     assert stats.skipped == 1 and stats.skipped_examples[0].startswith(f"{path}:6:")
 
 
-def test_truncated_compressed_file(docs, tmp_path):
-    path = tmp_path / "cut.jsonl.gz"
-    path.write_bytes(gzip.compress(jsonl_bytes(docs))[:-20])
-    with pytest.raises(InputError, match="cannot read"):
-        read(path)
+@pytest.mark.parametrize("suffix, compress", [(".zst", zstandard.ZstdCompressor().compress), (".gz", gzip.compress)])
+def test_truncated_compressed_file_is_named_whatever_skip_bad_lines(docs, tmp_path, suffix, compress):
+    whole = compress(jsonl_bytes(docs))
+    path = tmp_path / f"cut.jsonl{suffix}"
+    for end in (len(whole) // 2, len(whole) - 1):
+        path.write_bytes(whole[:end])
+        for skip in (False, True):
+            stats = ReadStats()
+            with pytest.raises(InputError) as err:
+                list(iter_documents(path, SourceConfig(path=str(path)), skip_bad=skip, stats=stats))
+            assert str(err.value).startswith(f"{path}: truncated or corrupt compressed file"), str(err.value)
+            assert stats.skipped == 0
+
+
+def test_zst_file_of_several_frames_reads_whole(docs, tmp_path):
+    raw = jsonl_bytes(docs)
+    half = raw.index(b"\n", len(raw) // 2) + 1
+    path = tmp_path / "frames.jsonl.zst"
+    path.write_bytes(b"".join(zstandard.ZstdCompressor().compress(part) for part in (raw[:half], raw[half:])))
+    assert read(path) == docs
 
 
 def test_parse_source():

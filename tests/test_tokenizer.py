@@ -282,15 +282,32 @@ def test_failed_training_leaves_previous_output_intact(ja_docs, tmp_path, capsys
     # Too few distinct pieces for the vocabulary: SentencePiece itself refuses.
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("あいう\n", encoding="utf-8")
-    err = train_fails(capsys, "--input", tiny, "--output", out)
+    err = train_fails(capsys, "--input", tiny, "--output", out, "--replace")
     assert "SentencePiece could not train" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
-    # A non-empty folder that is not a tokenizer is never replaced.
+    # A non-empty folder is not replaced unless asked.
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("x")
     err = train_fails(capsys, "--input", good, "--output", tmp_path / "notes")
-    assert "refusing" in err and (tmp_path / "notes" / "keep.txt").exists()
+    assert "not empty; pass --replace" in err and (tmp_path / "notes" / "keep.txt").exists()
+
+
+def test_existing_output_is_refused_unless_replace(ja_docs, tmp_path, capsys):
+    common = ["--input", write_lines(tmp_path / "good.jsonl", ja_docs[:3000]), "max_input_chars=300000",
+              "required_chars=none", "progress=false"]
+    out = tmp_path / "tok"
+    assert run("tokenizer", "train", *common, "--output", out, "vocab_size=2000") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for output in (["--output", out], [f"output={out}"]):
+        assert run("tokenizer", "train", *common, *output, "vocab_size=2100") == 2
+        err = capsys.readouterr().err
+        assert f"{out}: output folder exists and is not empty; pass --replace" in err and "config key output" in err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert run("tokenizer", "train", *common, "--output", out, "vocab_size=2100", "--replace") == 0
+    assert spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model")).get_piece_size() == 2100
+    assert json.loads((out / "summary.json").read_text())["vocab_size"] == 2100
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
 
 
 # ----------------------------------------------------------------------------- fingerprint

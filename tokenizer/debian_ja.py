@@ -20,7 +20,8 @@ Outputs, both written under a temporary name and renamed when complete:
   counts, the totals, the corpus file's size and SHA-256, and the build time.
 
 A rerun whose packages, versions and extractor version match the manifest, and whose corpus
-file is intact, does nothing and says "up to date".
+file is intact, does nothing and says "up to date"; an ``OUT`` holding anything else besides
+``debs`` is refused unless ``--replace``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from hataori.errors import HataoriError
-from hataori.fsutil import atomic_path, atomic_write_text, remove_stale_temps
+from hataori.fsutil import atomic_path, atomic_write_text, check_output, remove_stale_temps
 from hataori.tokenizer.extract import dedup_key, has_kana, markup_paragraphs, plain_paragraphs, troff_paragraphs
 
 MANIFEST_FORMAT = 1
@@ -412,18 +413,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build(out: Path, names: list[str], jobs: int = 1, progress: bool = True) -> tuple[dict, bool]:
-    """Build (or find up to date) the corpus in ``out``; returns (manifest, whether it was built)."""
+def build(out: Path, names: list[str], jobs: int = 1, progress: bool = True,
+          replace: bool = False) -> tuple[dict, bool]:
+    """Build (or find up to date) the corpus in ``out``; returns (manifest, whether it was built). An
+    ``out`` holding anything but an up-to-date corpus and the .debs is refused unless ``replace``."""
     start = time.monotonic()
-    out.mkdir(parents=True, exist_ok=True)
     debs = out / "debs"
-    debs.mkdir(exist_ok=True)
     remove_stale_temps(out)
     remove_stale_temps(debs)
     versions = resolve(names, debs)
     manifest = up_to_date(out, versions)
     if manifest is not None:
         return manifest, False
+    check_output(out, replace, "OUT", cache=debs.name)
+    debs.mkdir(parents=True, exist_ok=True)
 
     from tqdm import tqdm
 
@@ -495,6 +498,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="packages read in parallel (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--replace", action="store_true",
+                        help="replace the corpus of an OUT that holds another one or other files")
 
 
 def package_list(spec: str) -> list[str]:
@@ -518,7 +523,7 @@ def main(args: argparse.Namespace) -> int:
         raise HataoriError("dpkg-deb is not installed; this command reads Debian packages and needs dpkg")
     names = package_list(args.packages)
     start = time.monotonic()
-    manifest, built = build(args.out, names, jobs=args.jobs, progress=not args.quiet)
+    manifest, built = build(args.out, names, jobs=args.jobs, progress=not args.quiet, replace=args.replace)
     totals = manifest["totals"]
     state = "built" if built else "up to date"
     print(f"{args.out / 'corpus.jsonl'}: {state}, {manifest['corpus']['bytes'] / 1e6:.1f} MB, "

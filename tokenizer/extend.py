@@ -36,7 +36,7 @@ The report (printed, and in ``summary.json``) compares BASE and the merged token
 after on Japanese text (``--ja-text``) and other text (``--other-text``): characters per token,
 byte-fallback rate, lossless round trips, and on the other text whether every id is unchanged.
 The output folder is written whole or not at all: tokenizer.model, tokenizer.vocab,
-config.yaml and summary.json.
+config.yaml and summary.json. An existing non-empty one is refused unless ``--replace``.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from pathlib import Path
 
 from hataori.config import load, override, require, split_items
 from hataori.errors import InputError
+from hataori.fsutil import check_output
 from hataori.tokenizer import proto as spm_proto
 from hataori.tokenizer.charsets import is_japanese
 from hataori.tokenizer.model import Tokenizer
@@ -225,12 +226,13 @@ def report(base_tok: Tokenizer, merged_tok: Tokenizer, corpora: list[tuple[str, 
     return result
 
 
-def extend(cfg: ExtendConfig) -> dict:
-    """Merge, check, measure and write; the summary (also summary.json)."""
-    from hataori.tokenizer.trainer import check_output, write_output
+def extend(cfg: ExtendConfig, replace: bool = False) -> dict:
+    """Merge, check, measure and write; the summary (also summary.json). An existing non-empty output
+    folder is refused unless ``replace``, and then replaced once the new one is complete."""
+    from hataori.tokenizer.trainer import write_output
 
     started = time.perf_counter()
-    check_output(Path(cfg.output))
+    check_output(cfg.output, replace)
     corpora = report_texts(cfg)
     base_tok, new_tok = Tokenizer(cfg.base), Tokenizer(cfg.add)
     base = spm_proto.parse(base_tok.proto, base_tok.path)
@@ -300,6 +302,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("items", nargs="*", metavar="CONFIG.yaml|key=value", help="config files and overrides")
     parser.add_argument("--add", required=True, metavar="NEW", help="the Japanese tokenizer whose pieces are added")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder to write")
+    parser.add_argument("--replace", action="store_true",
+                        help="replace an existing output folder (once the new tokenizer is complete)")
     parser.add_argument("--ja-text", nargs="+", default=[], metavar="FILES",
                         help="Japanese corpora to report on (JSONL or text)")
     parser.add_argument("--other-text", nargs="+", default=[], metavar="FILES",
@@ -314,6 +318,6 @@ def main(args: argparse.Namespace) -> int:
     if args.other_text:
         flags.append(override("other_text", args.other_text))
     cfg = load(ExtendConfig, files, flags + overrides)
-    summary = extend(cfg)
+    summary = extend(cfg, replace=args.replace)
     print(format_summary(summary, cfg.output))
     return 0

@@ -10,7 +10,8 @@ back into text, keeps sentences with kana, drops exact duplicates, and writes
 - ``OUT/corpus.jsonl``: one ``{"text", "source", "path"}`` object a sentence, in corpus order;
 - ``OUT/manifest.json``: package, version, license (from its PKG-INFO), counts, SHA-256.
 
-Both are written atomically; a rerun that finds them matching returns at once ("up to date").
+Both are written atomically; a rerun that finds them matching returns at once ("up to date"); an
+``OUT`` holding anything else besides ``downloads`` is refused unless ``--replace``.
 The text is small (about 26,000 characters, 75 KB): enough to compare tokenizers' characters
 per token and unknown rates, not to train on.
 """
@@ -31,7 +32,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from hataori.errors import HataoriError, InputError
-from hataori.fsutil import atomic_path, atomic_write_text, remove_stale_temps
+from hataori.fsutil import atomic_path, atomic_write_text, check_output, remove_stale_temps
 from hataori.tokenizer.debian_ja import Counts, Deduplicator, sha256_file
 
 PACKAGE = "hironsancorpus"
@@ -88,9 +89,10 @@ def sentences(archive: Path) -> tuple[list[str], str]:
     return result, found.group(1).strip() if found else "unknown"
 
 
-def build(out: Path) -> tuple[dict, bool]:
+def build(out: Path, replace: bool = False) -> tuple[dict, bool]:
+    """Build (or find up to date) the corpus in ``out``; returns (manifest, whether it was built). An
+    ``out`` holding anything but an up-to-date corpus and the download is refused unless ``replace``."""
     start = time.monotonic()
-    out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
     corpus_path, manifest_path = out / "corpus.jsonl", out / "manifest.json"
     if corpus_path.is_file() and manifest_path.is_file():
@@ -101,6 +103,7 @@ def build(out: Path) -> tuple[dict, bool]:
                 return manifest, False
         except (ValueError, KeyError, TypeError):
             pass
+    check_output(out, replace, "OUT", cache="downloads")
     archive = fetch(out / "downloads")
     texts, license_name = sentences(archive)
     counts = Counts(files=1)
@@ -126,11 +129,13 @@ def build(out: Path) -> tuple[dict, bool]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, metavar="OUT",
                         help="folder for corpus.jsonl, manifest.json and the downloaded archive (OUT/downloads)")
+    parser.add_argument("--replace", action="store_true",
+                        help="replace the corpus of an OUT that holds another one or other files")
 
 
 def main(args: argparse.Namespace) -> int:
     start = time.monotonic()
-    manifest, built = build(args.out)
+    manifest, built = build(args.out, replace=args.replace)
     counts = manifest["package"]["counts"]
     print(f"{args.out / 'corpus.jsonl'}: {'built' if built else 'up to date'}, {counts['bytes'] / 1e3:.0f} KB, "
           f"{counts['documents']:,} sentences, {counts['chars']:,} chars "

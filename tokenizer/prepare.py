@@ -19,7 +19,10 @@ Output: ``train-NNNNN`` and ``val-NNNNN`` shards (see :mod:`hataori.tokenizer.sh
 ``shard_tokens`` tokens each (a longer document gets a shard of its own), each written under a
 temporary name and renamed when complete, and ``dataset.json`` last. A rerun after a crash or a
 kill keeps the complete shards, re-reads the inputs without encoding the documents they hold, and
-writes the rest; if the inputs or settings changed in between, it starts over.
+writes the rest; if the inputs or settings changed in between, it starts over. A complete dataset
+from the same inputs and settings is left alone; a folder holding anything else is refused unless
+``--replace``, which swaps the new dataset in only once it is complete. A full disk is reported as
+such and leaves no shards behind.
 
 Source weights given with ``--input PATH:WEIGHT`` are recorded in the manifest; a dataset stores
 each document once, and blending happens when training reads datasets (:mod:`hataori.train.data`).
@@ -47,7 +50,8 @@ import numpy as np
 
 from hataori.config import load, override, require, split_items, to_dict
 from hataori.errors import ConfigError, HataoriError
-from hataori.fsutil import atomic_write_text, remove_stale_temps
+from hataori.fsutil import (DISK_FULL, atomic_path, atomic_write_text, check_output, disk_full_error,
+                            remove_stale_temps)
 from hataori.tokenizer.model import Tokenizer
 from hataori.tokenizer.shards import (FORMAT_VERSION, MANIFEST, SPLITS, Shard, ShardError, ShardWriter,
                                       choose_dtype, shard_name)
@@ -174,7 +178,7 @@ class _SplitWriter:
     def _close(self) -> None:
         self.writer.close()
         self.shards.append({"name": shard_name(self.split, self.index), "documents": self.writer.documents,
-                            "tokens": self.writer.tokens})
+                            "tokens": self.writer.tokens, "max_id": self.writer.max_id})
         self.writer, self.index = None, self.index + 1
 
     def finish(self) -> dict:
@@ -251,7 +255,8 @@ def _complete_shards(folder: Path, split: str, dtype: np.dtype, fingerprint: str
             break
         if shard.dtype != dtype:
             break
-        done.append({"name": stem.name, "documents": shard.num_docs, "tokens": shard.num_tokens})
+        done.append({"name": stem.name, "documents": shard.num_docs, "tokens": shard.num_tokens,
+                     "max_id": shard.largest_id()})
     for file_split, index, path in _shard_files(folder):
         if file_split == split and index >= len(done):
             path.unlink()
@@ -277,8 +282,13 @@ def _start(folder: Path, plan: dict) -> None:
 # ----------------------------------------------------------------------------- the run
 
 
-def prepare(cfg: PrepareConfig) -> dict:
-    """Encode ``cfg.sources`` into a dataset folder; return its manifest."""
+def prepare(cfg: PrepareConfig, replace: bool = False) -> dict:
+    """Encode ``cfg.sources`` into a dataset folder; return its manifest.
+
+    A folder already holding a dataset from the same inputs and settings is left as it is; one
+    holding anything else (another dataset, other files) is refused unless ``replace``, and then
+    replaced only once the new dataset is complete. A full disk leaves nothing behind.
+    """
     tokenizer = Tokenizer(cfg.tokenizer)
     dtype = choose_dtype(tokenizer.vocab_size, cfg.dtype)
     files = [(s, path) for s, source in enumerate(cfg.sources) for path in expand(source)]
@@ -286,31 +296,42 @@ def prepare(cfg: PrepareConfig) -> dict:
     plan = _plan(cfg, tokenizer, dtype, files)
 
     manifest_path = folder / MANIFEST
+    interrupted = (folder / PLAN).is_file() and not manifest_path.is_file()
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         if manifest.get("plan") == plan:
             print(f"{folder}: already prepared from these inputs and settings; nothing to do", file=sys.stderr)
             return manifest
-        raise HataoriError(f"{folder} already holds a dataset prepared from other inputs or settings; "
-                           "choose another --output, or delete the folder to replace it")
-    if folder.exists() and not folder.is_dir():
-        raise HataoriError(f"{folder} exists and is not a folder; choose another --output")
+        if not replace:
+            raise HataoriError(f"{folder} already holds a dataset prepared from other inputs or settings; pass "
+                               "--replace to replace it once the new one is complete, or choose another --output")
+    elif not interrupted:  # an interrupted prepare is resumed in place; anything else is not ours
+        check_output(folder, replace)
     val_limit = _val_limit(cfg, files)
-    _start(folder, plan)
+    with disk_full_error(folder):
+        if replace and folder.exists() and not interrupted:
+            with atomic_path(folder, is_dir=True) as staging:
+                return _encode(cfg, tokenizer, dtype, files, plan, val_limit, staging)
+        return _encode(cfg, tokenizer, dtype, files, plan, val_limit, folder)
 
+
+def _encode(cfg: PrepareConfig, tokenizer: Tokenizer, dtype: np.dtype, files: list[tuple[int, Path]], plan: dict,
+            val_limit: int, folder: Path) -> dict:
+    """Write the shards and, last, the manifest into ``folder``, resuming what an interrupted run left."""
     writers = {}
-    for split in SPLITS:
-        done = _complete_shards(folder, split, dtype, tokenizer.fingerprint)
-        writers[split] = _SplitWriter(folder, split, len(done), dtype, tokenizer.fingerprint, cfg.shard_tokens, done)
-    skip = {split: sum(s["documents"] for s in writers[split].shards) for split in SPLITS}
-    if any(skip.values()):
-        print(f"{folder}: resuming; " + ", ".join(f"{len(writers[s].shards)} {s} shards ({skip[s]} documents)"
-                                                 for s in SPLITS) + " already complete", file=sys.stderr)
-
     stats = [ReadStats() for _ in cfg.sources]
     per_source = [{split: 0 for split in SPLITS} for _ in cfg.sources]
     encoded = {"documents": 0, "tokens": 0, "text_bytes": 0}
     try:
+        _start(folder, plan)
+        for split in SPLITS:
+            done = _complete_shards(folder, split, dtype, tokenizer.fingerprint)
+            writers[split] = _SplitWriter(folder, split, len(done), dtype, tokenizer.fingerprint, cfg.shard_tokens,
+                                          done)
+        skip = {split: sum(s["documents"] for s in writers[split].shards) for split in SPLITS}
+        if any(skip.values()):
+            print(f"{folder}: resuming; " + ", ".join(f"{len(writers[s].shards)} {s} shards ({skip[s]} documents)"
+                                                     for s in SPLITS) + " already complete", file=sys.stderr)
         startup = time.perf_counter()
         with _Pipeline(cfg, str(tokenizer.path), dtype) as pipeline, _progress(cfg, files) as bar:
             started = time.perf_counter()
@@ -349,19 +370,20 @@ def prepare(cfg: PrepareConfig) -> dict:
         splits_info = {split: writers[split].finish() for split in SPLITS}
         if splits_info["train"]["documents"] == 0:
             raise HataoriError("no documents went to the train split; check the inputs and val_fraction/val_docs")
-    except BaseException:
+        elapsed = time.perf_counter() - started
+        manifest = _manifest(cfg, tokenizer, dtype, plan, files, splits_info, stats, per_source, encoded, elapsed)
+        atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False))
+    except BaseException as err:
         for writer in writers.values():
             writer.abort()
-        if not writers["train"].shards:  # nothing worth resuming: leave no trace
-            for _, _, path in _shard_files(folder):
+        disk_full = isinstance(err, OSError) and err.errno in DISK_FULL
+        if disk_full or "train" not in writers or not writers["train"].shards:  # nothing worth resuming
+            for _, _, path in _shard_files(folder) if folder.is_dir() else ():
                 path.unlink()
             (folder / PLAN).unlink(missing_ok=True)
-            if not any(folder.iterdir()):
+            if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         raise
-    elapsed = time.perf_counter() - started
-    manifest = _manifest(cfg, tokenizer, dtype, plan, files, splits_info, stats, per_source, encoded, elapsed)
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=1, ensure_ascii=False))
     (folder / PLAN).unlink(missing_ok=True)
     return manifest
 
@@ -487,6 +509,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="tokenizer folder or .model file")
     parser.add_argument("--output", help="dataset folder to write")
     parser.add_argument("--workers", type=int, help="encoding processes (default 1)")
+    parser.add_argument("--replace", action="store_true",
+                        help="replace an output folder that holds another dataset or other files (once the new "
+                             "dataset is complete)")
 
 
 def config_from_args(args: argparse.Namespace) -> PrepareConfig:
@@ -501,6 +526,6 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
 
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    manifest = prepare(cfg)
+    manifest = prepare(cfg, replace=args.replace)
     print(report(manifest))
     return 0

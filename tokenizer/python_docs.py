@@ -11,7 +11,8 @@ left out. Writes, atomically:
 - ``OUT/corpus.jsonl``: one ``{"text", "source", "path"}`` object a module file, sorted by path;
 - ``OUT/manifest.json``: Python version, license, counts, SHA-256 of the corpus.
 
-A rerun with the same Python and an intact corpus returns at once ("up to date").
+A rerun with the same Python and an intact corpus returns at once ("up to date"); an ``OUT``
+holding anything else is refused unless ``--replace``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from hataori.fsutil import atomic_path, atomic_write_text
+from hataori.fsutil import atomic_path, atomic_write_text, check_output, remove_stale_temps
 from hataori.tokenizer.debian_ja import sha256_file
 
 MANIFEST_FORMAT = 1
@@ -49,9 +50,11 @@ def docstrings(path: Path) -> str:
     return "\n\n".join(doc for doc in found if doc)
 
 
-def build(out: Path) -> tuple[dict, bool]:
+def build(out: Path, replace: bool = False) -> tuple[dict, bool]:
+    """Build (or find up to date) the corpus in ``out``; returns (manifest, whether it was built). An
+    ``out`` holding anything but an up-to-date corpus is refused unless ``replace``."""
     start = time.monotonic()
-    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
     corpus_path, manifest_path = out / "corpus.jsonl", out / "manifest.json"
     if corpus_path.is_file() and manifest_path.is_file():
         try:
@@ -61,6 +64,7 @@ def build(out: Path) -> tuple[dict, bool]:
                 return manifest, False
         except (ValueError, KeyError, TypeError):
             pass
+    check_output(out, replace, "OUT")
     root = Path(sysconfig.get_paths()["stdlib"])
     documents = chars = 0
     with atomic_path(corpus_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
@@ -87,11 +91,13 @@ def build(out: Path) -> tuple[dict, bool]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, metavar="OUT", help="folder for corpus.jsonl and manifest.json")
+    parser.add_argument("--replace", action="store_true",
+                        help="replace the corpus of an OUT that holds another one or other files")
 
 
 def main(args: argparse.Namespace) -> int:
     start = time.monotonic()
-    manifest, built = build(args.out)
+    manifest, built = build(args.out, replace=args.replace)
     counts = manifest["packages"][0]["counts"]
     print(f"{args.out / 'corpus.jsonl'}: {'built' if built else 'up to date'}, Python {manifest['python']}, "
           f"{counts['documents']:,} documents, {counts['chars']:,} chars in {time.monotonic() - start:.1f} s")

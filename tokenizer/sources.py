@@ -16,9 +16,12 @@ import gzip
 import hashlib
 import io
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator, Literal
+
+import zstandard
 
 from hataori.config import require
 from hataori.errors import InputError
@@ -144,16 +147,47 @@ def file_format(path: Path, source: SourceConfig) -> str:
     return "jsonl" if name.endswith(JSONL_SUFFIXES) else "text"
 
 
+class _ZstdReader(io.RawIOBase):
+    """A .zst file decompressed frame after frame. A file that ends inside a frame raises EOFError, as
+    gzip does; zstandard's own stream reader would end quietly there, with part of the text."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "rb")
+        self._new_frame = zstandard.ZstdDecompressor().decompressobj
+        self._frame = self._new_frame()
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._out:
+            data = self._file.read(1 << 17)
+            if self._frame.eof:  # a frame ended; whatever follows starts the next one
+                data = self._frame.unused_data + data
+                if not data:
+                    return 0
+                self._frame = self._new_frame()
+            elif not data:
+                raise EOFError("the file ends inside a zstd frame")
+            self._out = memoryview(self._frame.decompress(data))
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
 def open_binary(path: Path) -> BinaryIO:
-    """Open a possibly compressed file for reading bytes."""
+    """Open a possibly compressed file for reading bytes; a truncated .gz or .zst raises EOFError at its end."""
     name = path.name.lower()
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
     if name.endswith(".zst"):
-        import zstandard
-
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+        return io.BufferedReader(_ZstdReader(path))
     return open(path, "rb")
 
 
@@ -174,9 +208,12 @@ def iter_lines(path: Path, skip_bad: bool = False, stats: ReadStats | None = Non
                         continue
                     raise InputError(path, message, line=number) from None
                 yield number, line.rstrip("\r\n")
-    except (OSError, EOFError) as err:
-        if isinstance(err, FileNotFoundError):
-            raise InputError(path, "no such file") from None
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError) as err:
+        raise InputError(path, f"truncated or corrupt compressed file ({err}); it was cut short or damaged in "
+                         "a copy or download: fetch or compress it again") from None
+    except OSError as err:
         raise InputError(path, f"cannot read: {err}") from None
 
 

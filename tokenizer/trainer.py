@@ -50,7 +50,7 @@ from typing import Iterator, Literal
 
 from hataori.config import load, override, require, split_items, to_yaml
 from hataori.errors import HataoriError, InputError
-from hataori.fsutil import atomic_path
+from hataori.fsutil import atomic_path, check_output
 from hataori.tokenizer import charsets
 from hataori.tokenizer import proto as spm_proto
 from hataori.tokenizer.sources import (ReadStats, SourceConfig, expand, in_validation, iter_documents,
@@ -448,16 +448,6 @@ def check_model(cfg: TokenizerTrainConfig, proto: bytes) -> None:
 # ----------------------------------------------------------------------------- output
 
 
-def check_output(path: Path) -> None:
-    """Refuse to replace a folder that is not a tokenizer folder (an empty one is fine)."""
-    if path.exists():
-        if not path.is_dir():
-            raise InputError(path, "output exists and is not a folder; choose another --output")
-        if any(path.iterdir()) and not (path / "tokenizer.model").exists():
-            raise InputError(path, "output folder is not empty and holds no tokenizer.model; refusing to "
-                             "replace it; choose another --output")
-
-
 def _escape(piece: str) -> str:
     return piece.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
 
@@ -478,15 +468,16 @@ def write_output(cfg, proto: bytes, summary: dict) -> None:
                                           encoding="utf-8")
 
 
-def train(cfg: TokenizerTrainConfig) -> dict:
-    """Train and write the tokenizer folder; the summary (also written as summary.json)."""
+def train(cfg: TokenizerTrainConfig, replace: bool = False) -> dict:
+    """Train and write the tokenizer folder; the summary (also written as summary.json). An existing
+    non-empty output folder is refused unless ``replace``, and then replaced once the new one is complete."""
     import sentencepiece as spm
 
     from hataori import __version__
     from hataori.tokenizer.model import fingerprint_bytes
 
     require(bool(cfg.output), "output", "no output folder; pass --output DIR or output=DIR")
-    check_output(Path(cfg.output))
+    check_output(cfg.output, replace, "--output DIR, or the config key output")
     started = time.perf_counter()
     samples, files = count_sources(cfg)
     text = build_training_text(cfg, sample_documents(cfg, samples, files))
@@ -575,6 +566,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a corpus file, glob or folder (JSONL or text, .gz/.zst), with an optional "
                              "sampling weight; repeat for several sources (replaces the config's sources)")
     parser.add_argument("--output", metavar="DIR", help="folder to write (same as output=DIR)")
+    parser.add_argument("--replace", action="store_true",
+                        help="replace an existing output folder (once the new tokenizer is complete)")
 
 
 def config_from_args(args: argparse.Namespace) -> TokenizerTrainConfig:
@@ -589,7 +582,7 @@ def config_from_args(args: argparse.Namespace) -> TokenizerTrainConfig:
 
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    summary = train(cfg)
+    summary = train(cfg, replace=args.replace)
     print(format_summary(summary, cfg.output))
     return 0
 
