@@ -419,3 +419,19 @@ def test_disk_full_during_a_checkpoint_save_loses_nothing(ja_shards, tmp_path):
         assert [resumed[step]["loss"] for step in (3, 4)] == [expected[step]["loss"] for step in (3, 4)]
     finally:
         sp.run(["umount", "-l", str(run)])
+
+
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S)
+def test_resuming_with_another_shape_says_what_differs(ja_shards, tmp_path, capsys):
+    """Checked before any rank starts (--nproc 2) and by the ranks themselves (one process)."""
+    run = tmp_path / "run"
+    common = ["trainer.max_steps=4", "trainer.launch_steps=2", "checkpoint.every_steps=2", "validation.every_steps=0"]
+    assert launch(run, ja_shards, common, tmp_path / "first.log", nproc=1) == 0, tail(tmp_path / "first.log")
+    for nproc in (2, 1):
+        argv = ["pretrain", str(TOY), *TINY, *common, "model.n_layers=3", "zero.stage=2",
+                "--data", str(ja_shards), "--run-dir", str(run), "--nproc", str(nproc)]
+        assert hataori_main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"hataori: error: {run}/checkpoints/step_00000002 was saved by a run that differs from this one:\n" \
+               "  model.n_layers: checkpoint 2, this run 3\n  zero.stage: checkpoint 1, this run 2\n" in err, err
+    assert checkpoints(run) == ["step_00000002"]

@@ -218,12 +218,7 @@ class Checkpointer:
         return Resumed(step=step, path=path, client_state=client_state, loader_state=rank_state["loader"])
 
     def _check_compatible(self, path: Path, manifest: dict) -> None:
-        saved = manifest.get("identity", {})
-        differences = [f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}"
-                       for key, value in self.identity.items() if saved.get(key, value) != value]
-        if differences:
-            raise HataoriError(f"{path} was saved by a run that differs from this one:\n  " + "\n  ".join(differences)
-                               + "\nresume with the run's own config, or start a new run in another run_dir")
+        check_identity(path, manifest, self.identity)
         if manifest["world_size"] != self.world_size:
             raise HataoriError(f"{path} was saved by {manifest['world_size']} processes and this launch has "
                                f"{self.world_size}; relaunch with --nproc {manifest['world_size']} (or as many "
@@ -268,6 +263,16 @@ def remove_incomplete(folder: Path) -> list[Path]:
                 path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+def check_identity(path: Path, manifest: dict[str, Any], identity: dict[str, Any]) -> None:
+    """Refuse to resume checkpoint ``path`` (its ``manifest``) in a run whose ``identity`` differs, saying how."""
+    saved = manifest.get("identity", {})
+    differences = [f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}"
+                   for key, value in identity.items() if saved.get(key, value) != value]
+    if differences:
+        raise HataoriError(f"{path} was saved by a run that differs from this one:\n  " + "\n  ".join(differences)
+                           + "\nresume with the run's own config, or start a new run in another run_dir")
 
 
 def checksum(path: Path) -> dict[str, Any]:

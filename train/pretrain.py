@@ -81,9 +81,11 @@ def main(args: argparse.Namespace) -> int:
 
 def check(cfg: TrainConfig, *, world_size: int) -> None:
     """Fail early, in one process, on what would otherwise fail in every rank: the batch arithmetic
-    for ``world_size`` processes, the datasets, the tokenizer and the initial weights' source."""
+    for ``world_size`` processes, the datasets, the tokenizer, the initial weights' source, and a
+    latest checkpoint made by a run of another shape or tokenizer."""
     import torch
 
+    from hataori.train.checkpoint import CheckpointDamaged, check_identity, complete_steps, read_manifest, tag
     from hataori.train.init import open_source
 
     cfg.zero.grad_accum_steps(seq_len=cfg.data.seq_len, world_size=world_size)
@@ -91,7 +93,16 @@ def check(cfg: TrainConfig, *, world_size: int) -> None:
     if gpus and world_size > gpus:
         raise ConfigError("--nproc", f"{world_size} processes, but this machine has {gpus} GPU(s) and each process "
                           f"takes one; use --nproc {gpus} or fewer")
-    open_source(cfg.init, cfg.model, open_tokenizer(cfg))
+    tokenizer = open_tokenizer(cfg)
+    open_source(cfg.init, cfg.model, tokenizer)
+    folder = Path(cfg.run_dir) / "checkpoints"
+    if cfg.checkpoint.resume and (steps := complete_steps(folder)):
+        latest = folder / tag(steps[-1])
+        try:
+            manifest = read_manifest(latest)
+        except CheckpointDamaged:
+            return  # the ranks verify it, set it aside and fall back
+        check_identity(latest, manifest, run_identity(cfg, tokenizer))
 
 
 def relaunch(nproc: int, config_args: list[str]) -> None:
