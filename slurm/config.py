@@ -6,26 +6,55 @@ import re
 from dataclasses import dataclass, field
 
 from hataori.config import require
+from hataori.errors import ConfigError
 
+TIME_FORMATS = ("minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes or "
+                "days-hours:minutes:seconds (e.g. 90, 24:00:00, 2-00:00:00)")
+FINITE = "the batch script times its own stop signal from the limit, so it needs a finite one"
+_SECONDS = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
+_BELOW = {"hours": 24, "minutes": 60, "seconds": 60}
+"""Bounds of a field after the leading one: hours after a day count, minutes and seconds after a larger unit."""
 
 
 def time_limit_seconds(text: str) -> int:
-    """Seconds of a Slurm time limit: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``."""
-    days, _, clock = text.rpartition("-")
-    if days and not days.isdigit():
-        raise ValueError(text)
-    parts = clock.split(":")
-    if not 1 <= len(parts) <= 3 or not all(p.isdigit() for p in parts):
-        raise ValueError(text)
-    numbers = [int(p) for p in parts]
-    if days:  # D-HH, D-HH:MM, D-HH:MM:SS
-        h, m, s = (numbers + [0, 0])[:3]
-        return int(days) * 86400 + h * 3600 + m * 60 + s
-    if len(numbers) == 1:  # minutes
-        return numbers[0] * 60
-    if len(numbers) == 2:  # MM:SS
-        return numbers[0] * 60 + numbers[1]
-    return numbers[0] * 3600 + numbers[1] * 60 + numbers[2]
+    """Seconds of a Slurm time limit in any of sbatch's ``--time`` formats (:data:`TIME_FORMATS`).
+
+    The leading field is unbounded; the others are bounded as on a clock. Raises a :class:`ConfigError`
+    on ``time`` for anything else, and for zero and ``UNLIMITED``: Slurm reads them as no limit."""
+
+    def refuse(reason: str) -> ConfigError:
+        return ConfigError("time", f"{text!r} {reason}; write {TIME_FORMATS}")
+
+    if text.strip().upper() in ("UNLIMITED", "INFINITE", "-1"):
+        raise refuse(f"is no limit, but {FINITE}")
+    if text.startswith("-"):
+        raise refuse("is not a Slurm time limit: it is negative")
+    days, dash, clock = text.rpartition("-")
+    fields = clock.split(":")
+    if len(fields) > 3:
+        raise refuse("is not a Slurm time limit: it has more than three colon-separated fields")
+    names = (("days", "hours", "minutes", "seconds")[:len(fields) + 1] if dash else
+             {1: ("minutes",), 2: ("minutes", "seconds"), 3: ("hours", "minutes", "seconds")}[len(fields)])
+    seconds = 0
+    for i, (name, value) in enumerate(zip(names, [days, *fields] if dash else fields)):
+        if not (value.isascii() and value.isdigit()):
+            raise refuse(f"is not a Slurm time limit: its {name} field is "
+                         + (f"{value!r}, not a whole number" if value else "empty"))
+        if i and int(value) >= _BELOW[name]:
+            raise refuse(f"is not a Slurm time limit: {name} after {names[i - 1]} must be below {_BELOW[name]}, "
+                         f"got {value}")
+        seconds += int(value) * _SECONDS[name]
+    if not seconds:
+        raise refuse(f"is zero, which Slurm reads as no limit, but {FINITE}")
+    return seconds
+
+
+def time_limit_text(seconds: int) -> str:
+    """``seconds`` as Slurm's D-HH:MM:SS."""
+    minutes, s = divmod(seconds, 60)
+    hours, m = divmod(minutes, 60)
+    d, h = divmod(hours, 24)
+    return f"{d}-{h:02d}:{m:02d}:{s:02d}"
 
 
 # Slurm 22.05 sends a requeued job its warning signal as it starts; the batch script ignores a
@@ -47,7 +76,8 @@ class SlurmConfig:
     cpus_per_task: int = 0
     """CPU cores per training process (also its OMP_NUM_THREADS); 0: Slurm's default and 1 thread."""
     time: str
-    """Time limit of one attempt, in Slurm's syntax: MM, HH:MM:SS or D-HH:MM:SS."""
+    """Time limit of one attempt in any of sbatch's --time formats (:data:`TIME_FORMATS`); kept as D-HH:MM:SS.
+    Slurm rounds seconds up to a whole minute, so the script's stop signal comes at most a minute early."""
     signal_seconds: int = 300
     """SIGUSR1 reaches the job this many seconds before the time limit; enough for one step and a checkpoint."""
     max_requeues: int = 3
@@ -70,11 +100,8 @@ class SlurmConfig:
         require(self.gpus_per_node >= 1, "gpus_per_node", f"must be >= 1, got {self.gpus_per_node}")
         require(self.cpus_per_task >= 0, "cpus_per_task", f"must be >= 0 (0: Slurm's default), got {self.cpus_per_task}")
         require(self.max_requeues >= 0, "max_requeues", f"must be >= 0, got {self.max_requeues}")
-        try:
-            limit = time_limit_seconds(self.time)
-        except ValueError:
-            limit = 0
-        require(limit > 0, "time", f"{self.time!r} is not a Slurm time limit; write MM, HH:MM:SS or D-HH:MM:SS")
+        limit = time_limit_seconds(self.time)
+        self.time = time_limit_text(limit)  # the #SBATCH line and the script's timer read this one parse
         require(0 < self.signal_seconds <= limit - MIN_WARNING_AFTER_S, "signal_seconds",
                 f"must lie between 0 and {limit - MIN_WARNING_AFTER_S} s for a time limit of {limit} s, got "
                 f"{self.signal_seconds}: the warning must come at least {MIN_WARNING_AFTER_S} s into an attempt, "

@@ -32,7 +32,7 @@ from pathlib import Path
 from hataori.config import override, split_items, to_yaml
 from hataori.errors import HataoriError
 from hataori.fsutil import atomic_write_text
-from hataori.slurm.config import SlurmConfig
+from hataori.slurm.config import TIME_FORMATS, SlurmConfig
 from hataori.slurm.sbatch import render
 
 JOBS_FILE = "jobs.jsonl"
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=1, help="nodes of the job (default 1)")
     parser.add_argument("--gpus-per-node", type=int, default=8,
                         help="GPUs per node, one training process each; with --cpus-only, CPU processes per node")
-    parser.add_argument("--time", required=True, help="time limit of one attempt: MM, HH:MM:SS or D-HH:MM:SS")
+    parser.add_argument("--time", required=True, help=f"time limit of one attempt: {TIME_FORMATS}")
     parser.add_argument("--partition", default="", help="Slurm partition")
     parser.add_argument("--account", default="", help="Slurm account to charge")
     parser.add_argument("--qos", default="", help="Slurm quality of service")

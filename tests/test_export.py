@@ -118,31 +118,40 @@ def test_bf16_export_is_the_rounded_weights(stage_runs, tmp_path):
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 120)
-def test_export_errors(stage_runs, ja_corpus, tmp_path, capsys):
+def test_export_errors(stage_runs, ja_tokenizer, ja_bpe_tokenizer, tmp_path, capsys):
+    from hataori.tokenizer.model import Tokenizer
+
     run = stage_runs / "stage0"
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("keep me")
-    assert hataori_main(["export", "hf", str(run), "--output", str(occupied)]) == 2
-    assert "not empty" in capsys.readouterr().err and (occupied / "notes.txt").read_text() == "keep me"
+    for replace in ([], ["--replace"]):
+        assert hataori_main(["export", "hf", str(run), "--output", str(occupied), *replace]) == 2
+        assert "is not empty and holds no earlier export" in capsys.readouterr().err
+    assert [p.name for p in occupied.iterdir()] == ["notes.txt"] and (occupied / "notes.txt").read_text() == "keep me"
 
-    other = tmp_path / "other-tokenizer"
-    assert hataori_main(["tokenizer", "train", "--input", str(ja_corpus / "corpus.jsonl"), "--output", str(other),
-                         "vocab_size=3000", "max_input_chars=300000", "required_chars=kana", "progress=false"]) == 0
-    capsys.readouterr()
-    assert hataori_main(["export", "hf", str(run), "--output", str(tmp_path / "x"), "--tokenizer", str(other)]) == 2
-    err = capsys.readouterr().err
-    assert "3000 pieces" in err and "model.vocab_size" in err and not (tmp_path / "x").exists()
+    # Another tokenizer of the run's size: refused by its fingerprint, naming both tokenizers.
+    ours, other = Tokenizer(ja_tokenizer), Tokenizer(ja_bpe_tokenizer)
+    assert ours.vocab_size == other.vocab_size
+    assert hataori_main(["export", "hf", str(run), "--output", str(tmp_path / "x"), "--tokenizer",
+                         str(ja_bpe_tokenizer)]) == 2
+    assert (f"--tokenizer: {other.path} has fingerprint {other.fingerprint}, but the run {run} was trained with "
+            f"{ours.path} (fingerprint {ours.fingerprint})") in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
     assert hataori_main(["export", "hf", str(run), "--output", str(tmp_path / "y"), "--step", "9"]) == 2
     assert "no complete checkpoint of step 9" in capsys.readouterr().err
     assert hataori_main(["export", "hf", str(run), "--output", str(tmp_path / "y"), "--max-shard-size", "lots"]) == 2
     assert "max-shard-size" in capsys.readouterr().err
 
-    # An earlier export is replaced whole.
+    # An earlier export is kept unless --replace, which replaces it whole.
     export(run, tmp_path / "again", "--dtype", "fp32")
-    export(run, tmp_path / "again", "--dtype", "bf16")
+    assert hataori_main(["export", "hf", str(run), "--output", str(tmp_path / "again"), "--dtype", "bf16"]) == 2
+    assert "pass --replace to replace it" in capsys.readouterr().err
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["torch_dtype"] == "float32"
+    export(run, tmp_path / "again", "--dtype", "bf16", "--replace")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], "temporary folders left"
 
 
 # ----------------------------------------------------------------------------- worker

@@ -117,6 +117,37 @@ def test_sampling_options_are_checked():
         Sampling(temperature=-1.0)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens: must be >= 1, got 0"),
+    (["--temperature", "-1"], "--temperature: must be a finite number >= 0 (0: greedy), got -1.0"),
+    (["--temperature", "nan"], "--temperature: must be a finite number >= 0 (0: greedy), got nan"),
+    (["--temperature", "inf"], "--temperature: must be a finite number >= 0 (0: greedy), got inf"),
+    (["--top-k", "-1"], "--top-k: must be >= 0 (0: no limit), got -1"),
+    (["--top-p", "0"], "--top-p: must be in (0, 1], got 0.0"),
+    (["--top-p", "1.5"], "--top-p: must be in (0, 1], got 1.5"),
+    (["--top-p", "nan"], "--top-p: must be in (0, 1], got nan"),
+    (["--device", "gpu0"], "--device: 'gpu0' is not a device; use cpu, cuda or cuda:N"),
+    (["--device", "meta"], "--device: meta: generate runs on cpu or cuda"),
+])
+def test_generate_options_are_checked(argv, message, tmp_path, capsys):
+    assert hataori_main(["generate", str(tmp_path), "こんにちは", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cuda_device_without_cuda_is_refused(tmp_path, capsys, monkeypatch):
+    """A torch without a usable GPU: the error names --device and what this build has, instead of torch's
+    AssertionError; an index past the GPUs there are is refused too."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert hataori_main(["generate", str(tmp_path), "こんにちは", "--device", "cuda"]) == 2
+    built = f"built for CUDA {torch.version.cuda} but finds no GPU" if torch.version.cuda else "built without CUDA"
+    assert (f"--device: cuda: this torch {torch.__version__} is {built} (torch.cuda.is_available() is False); "
+            "use --device cpu") in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert hataori_main(["generate", str(tmp_path), "こんにちは", "--device", "cuda:2"]) == 2
+    assert "--device: cuda:2: this machine has 2 CUDA device(s), cuda:0 to cuda:1" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- decoding with a model
 
 
@@ -165,6 +196,55 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def other_tokenizer_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    """A BPE model of the same sentences with as many pieces as ``tokenizer_dir``'s: only the fingerprint differs."""
+    import sentencepiece as spm
+
+    from hataori.tokenizer.model import Tokenizer
+
+    out = tmp_path_factory.mktemp("other-tokenizer")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(SENTENCES * 4), model_prefix=str(out / "tokenizer"),
+                                   vocab_size=Tokenizer(tokenizer_dir).vocab_size, model_type="bpe",
+                                   character_coverage=1.0, minloglevel=2)
+    return out
+
+
+def test_only_the_tokenizer_the_run_was_trained_with_is_used(tokenizer_dir, other_tokenizer_dir, tmp_path):
+    """The fingerprint recorded in provenance.json, else that of the run's config's tokenizer, must be the
+    tokenizer's; and its size the model's."""
+    from hataori.config import to_dict
+    from hataori.errors import ConfigError
+    from hataori.tokenizer.model import Tokenizer
+    from hataori.train.run import run_tokenizer
+    from hataori.train.run import read_config, record_provenance, record_run
+
+    ours, other = Tokenizer(tokenizer_dir), Tokenizer(other_tokenizer_dir)
+    assert ours.vocab_size == other.vocab_size and ours.fingerprint != other.fingerprint
+    run = tmp_path / "run"
+    record_run(run, {"model": to_dict(tiny_config(ours.vocab_size)), "tokenizer": str(tokenizer_dir)})
+    config = read_config(run)
+    assert run_tokenizer(run, config, None, ours.vocab_size).fingerprint == ours.fingerprint
+    assert run_tokenizer(run, config, str(tokenizer_dir / "tokenizer.model"), ours.vocab_size).path == ours.path
+    with pytest.raises(ConfigError) as err:
+        run_tokenizer(run, config, str(other_tokenizer_dir), ours.vocab_size)
+    assert str(err.value) == (f"--tokenizer: {other.path} has fingerprint {other.fingerprint}, but the run {run} was "
+                              f"trained with {ours.path} (fingerprint {ours.fingerprint}); pass that tokenizer")
+
+    record_provenance(run, tokenizer=other, datasets=[])  # provenance.json outranks the config's path
+    assert run_tokenizer(run, config, str(other_tokenizer_dir), ours.vocab_size).fingerprint == other.fingerprint
+    with pytest.raises(ConfigError) as err:
+        run_tokenizer(run, config, None, ours.vocab_size)
+    assert str(err.value).startswith(f"tokenizer: {ours.path} has fingerprint {ours.fingerprint}, but the run {run} "
+                                     f"was trained with {other.path.resolve()} (fingerprint {other.fingerprint})")
+
+    (run / "provenance.json").unlink()
+    with pytest.raises(ConfigError) as err:
+        run_tokenizer(run, config, None, ours.vocab_size + 1)
+    assert str(err.value) == (f"tokenizer: {ours.path} has {ours.vocab_size} pieces but the run's model.vocab_size "
+                              f"is {ours.vocab_size + 1}; pass the tokenizer the run was trained with")
+
+
 def launch(args: list[str], log_dir: Path, nproc: int = 2) -> None:
     """Run this file's worker on ``nproc`` processes of one group, within a hard time limit."""
     codes = launch_ranks(__file__, args, log_dir, nproc, LAUNCH_TIMEOUT_S)
@@ -173,7 +253,7 @@ def launch(args: list[str], log_dir: Path, nproc: int = 2) -> None:
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
 @pytest.mark.parametrize("stage", [0, 3])
-def test_generate_from_a_deepspeed_checkpoint(stage, tokenizer_dir, tmp_path, capsys):
+def test_generate_from_a_deepspeed_checkpoint(stage, tokenizer_dir, other_tokenizer_dir, tmp_path, capsys):
     """Train two steps with ZeRO-``stage`` on two processes, checkpoint, and keep the in-memory weights;
     ``hataori generate`` on the run must load exactly those weights and continue the prompt as a model
     holding them does."""
@@ -207,6 +287,9 @@ def test_generate_from_a_deepspeed_checkpoint(stage, tokenizer_dir, tmp_path, ca
     assert hataori_main(argv) == 0 and hataori_main(argv) == 0
     first, second = capsys.readouterr().out.splitlines()
     assert first == second and first.startswith(prompt_text)
+    # Another tokenizer of the same size is not the one the run was trained with.
+    assert hataori_main(["generate", str(run), prompt_text, "--tokenizer", str(other_tokenizer_dir)]) == 2
+    assert f"was trained with {tokenizer.path} (fingerprint {tokenizer.fingerprint})" in capsys.readouterr().err
 
 
 def test_generate_errors(tmp_path, capsys):
@@ -214,7 +297,7 @@ def test_generate_errors(tmp_path, capsys):
     assert "no complete checkpoint" in capsys.readouterr().err
     (tmp_path / "checkpoints" / "step_00000001").mkdir(parents=True)
     assert hataori_main(["generate", str(tmp_path), "こんにちは"]) == 2
-    assert "config.yaml" in capsys.readouterr().err
+    assert "step_00000001/manifest.json: missing" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- worker

@@ -304,11 +304,37 @@ def test_cli_overrides_and_options(capsys):
     (["--gpus", "0"], "--gpus: must be a positive number of GPUs"),
     (["--gpus", "8", "n_layer=4"], "did you mean 'n_layers'"),
     (["--gpus", "8", "--seq-len", "100000"], "seq-len: must be between 1"),
-    (["--gpus", "8", "--gpus-per-node", "3"], "gpus-per-node: must divide"),
+    (["--gpus", "8", "--gpus-per-node", "3"], "--gpus-per-node: must divide the number of GPUs (8) and be >= 1, got 3"),
+    (["--gpus", "-2"], "--gpus: must be a positive number of GPUs, got -2"),
+    (["--gpus", "8", "--gpus-per-node", "0"], "--gpus-per-node: must divide the number of GPUs (8) and be >= 1, got 0"),
+    (["--gpus", "8", "--gpus-per-node", "-8"],
+     "--gpus-per-node: must divide the number of GPUs (8) and be >= 1, got -8"),
+    (["--gpus", "8", "--seq-len", "0"], "--seq-len: must be between 1 and the model's max_seq_len=4096, got 0"),
+    (["--gpus", "8", "--seq-len", "-1"], "--seq-len: must be between 1 and the model's max_seq_len=4096, got -1"),
+    (["--gpus", "8", "--micro-batch", "0"], "--micro-batch: must be >= 1, got 0"),
+    (["--gpus", "8", "--gpu-mem", "0"], "--gpu-mem: must be a finite number of GiB, > 0, got 0.0"),
+    (["--gpus", "8", "--gpu-mem", "-80"], "--gpu-mem: must be a finite number of GiB, > 0, got -80.0"),
+    (["--gpus", "8", "--gpu-mem", "inf"], "--gpu-mem: must be a finite number of GiB, > 0, got inf"),
+    (["--gpus", "8", "--gpu-mem", "nan"], "--gpu-mem: must be a finite number of GiB, > 0, got nan"),
+    (["--gpus", "8", "--cpu-mem", "0"], "--cpu-mem: must be a finite number of GiB, > 0, got 0.0"),
+    (["--gpus", "8", "--cpu-mem", "-1"], "--cpu-mem: must be a finite number of GiB, > 0, got -1.0"),
+    (["--gpus", "8", "--cpu-mem", "inf"], "--cpu-mem: must be a finite number of GiB, > 0, got inf"),
+    (["--gpus", "8", "--cpu-mem", "nan"], "--cpu-mem: must be a finite number of GiB, > 0, got nan"),
+    (["--gpus", "8", "--overhead", "-0.5"], "--overhead: must be a finite number of GiB, >= 0, got -0.5"),
+    (["--gpus", "8", "--overhead", "inf"], "--overhead: must be a finite number of GiB, >= 0, got inf"),
+    (["--gpus", "8", "--overhead", "nan"], "--overhead: must be a finite number of GiB, >= 0, got nan"),
 ])
 def test_cli_errors(capsys, argv, message):
     status, out, err = run_plan(capsys, str(CONFIGS / "model" / "7b.yaml"), *argv)
     assert status == 2 and message in err and not out
+
+
+def test_cli_job_smaller_than_a_node_runs_on_one_node(capsys):
+    """2 GPUs of an 8-GPU node: the plan of one node of 2 GPUs (its CPU holds 2 partitions' offloaded states)."""
+    argv = [str(CONFIGS / "model" / "7b.yaml"), "--gpus", "2", "--cpu-mem", "64"]
+    status, out, _ = run_plan(capsys, *argv, "--gpus-per-node", "8")
+    assert status == 0 and "2 GPUs of 80 GiB (2 per node)" in out
+    assert run_plan(capsys, *argv, "--gpus-per-node", "2") == (0, out, "")
 
 
 def test_cli_missing_config(capsys, tmp_path):

@@ -110,7 +110,7 @@ def test_dry_run_scripts_for_one_node_of_8_gpus_and_4_nodes_of_8(ja_shards, tmp_
         assert f"TIME_LIMIT_S={limit}\n" in script and f"STOP_BEFORE_S={stop}\n" in script
         assert "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in script and "DS_ACCELERATOR" not in script
         assert f"pretrain {run_dir / 'slurm' / 'train.yaml'}" in script
-    assert "--partition=gpu" in one and "--account" not in one
+    assert "--partition=gpu" in one and "--account" not in one and "#SBATCH --time=1-00:00:00\n" in one
     for option in ("--account=llm", "--qos=high", "--cpus-per-task=12", "--time=2-00:00:00"):
         assert f"#SBATCH {option}\n" in four
     assert "MAX_REQUEUES=10\n" in four and "export OMP_NUM_THREADS=12\n" in four
@@ -120,6 +120,7 @@ def test_dry_run_scripts_for_one_node_of_8_gpus_and_4_nodes_of_8(ja_shards, tmp_
 @pytest.mark.parametrize("options, message", [
     (["--gpus-per-node", "3", "--time", "10"], "zero.global_batch_tokens"),  # 2048 tokens over 3 processes
     (["--time", "1:2:3:4"], "time: '1:2:3:4' is not a Slurm time limit"),
+    (["--time", "UNLIMITED"], "time: 'UNLIMITED' is no limit, but the batch script times its own stop signal"),
     (["--time", "5", "--signal-seconds", "256"], "signal_seconds: must lie between 0 and 255 s for a time limit of 300 s"),
 ])
 def test_submit_names_what_to_change(ja_shards, tmp_path, capsys, options, message):
@@ -128,6 +129,63 @@ def test_submit_names_what_to_change(ja_shards, tmp_path, capsys, options, messa
     assert hataori_main(["slurm", "submit", str(TOY), *TINY, "--data", str(ja_shards), "--run-dir",
                          str(tmp_path / "run"), "--dry-run", *options]) == 2
     assert message in capsys.readouterr().err
+
+
+# Every sbatch --time format, the seconds worked out by hand, and the D-HH:MM:SS the script is given.
+@pytest.mark.parametrize("text, seconds, canonical", [
+    ("90", 5400, "0-01:30:00"),                 # minutes
+    ("2000", 120000, "1-09:20:00"),             # minutes past a day
+    ("0:30", 30, "0-00:00:30"),                 # minutes:seconds
+    ("10:30", 630, "0-00:10:30"),
+    ("1:02:03", 3723, "0-01:02:03"),            # hours:minutes:seconds
+    ("100:00:00", 360000, "4-04:00:00"),        # hours past a day
+    ("2-3", 183600, "2-03:00:00"),              # days-hours
+    ("2-03:04", 183840, "2-03:04:00"),          # days-hours:minutes
+    ("1-23:59:59", 172799, "1-23:59:59"),       # days-hours:minutes:seconds
+    ("0-0:0:1", 1, "0-00:00:01"),
+])
+def test_time_limits_in_every_slurm_format(text, seconds, canonical):
+    from hataori.slurm.config import time_limit_seconds, time_limit_text
+
+    assert time_limit_seconds(text) == seconds
+    assert time_limit_text(seconds) == canonical
+
+
+@pytest.mark.parametrize("text, message", [
+    ("-30", "'-30' is not a Slurm time limit: it is negative"),
+    ("", "its minutes field is empty"),
+    ("1:", "its seconds field is empty"),
+    ("1-", "its hours field is empty"),
+    ("1::2", "its minutes field is empty"),
+    ("1h", "its minutes field is '1h', not a whole number"),
+    ("1-2-3", "its days field is '1-2', not a whole number"),
+    ("1:2:3:4", "more than three colon-separated fields"),
+    ("99:99:99", "minutes after hours must be below 60, got 99"),
+    ("1:60", "seconds after minutes must be below 60, got 60"),
+    ("1-25:00:00", "hours after days must be below 24, got 25"),
+    ("1-00:60", "minutes after hours must be below 60, got 60"),
+    ("0", "'0' is zero, which Slurm reads as no limit"),
+    ("0-00:00:00", "is zero, which Slurm reads as no limit"),
+    ("UNLIMITED", "'UNLIMITED' is no limit, but the batch script times its own stop signal from the limit"),
+    ("infinite", "'infinite' is no limit"),
+])
+def test_time_limits_refused_with_the_formats(text, message):
+    from hataori.errors import ConfigError
+    from hataori.slurm.config import TIME_FORMATS, SlurmConfig
+
+    with pytest.raises(ConfigError) as err:
+        SlurmConfig(time=text)
+    assert err.value.key == "time" and message in str(err.value) and TIME_FORMATS in str(err.value)
+
+
+def test_script_timer_and_sbatch_limit_come_from_one_parse(tmp_path):
+    from hataori.slurm.config import SlurmConfig
+    from hataori.slurm.sbatch import render
+
+    cfg = SlurmConfig(time="100:00:30", signal_seconds=600)
+    script = render(cfg, run_dir=tmp_path, train_args=[], python="python", workdir=tmp_path)
+    assert cfg.time == "4-04:00:30" and "#SBATCH --time=4-04:00:30\n" in script
+    assert "TIME_LIMIT_S=360030\n" in script and "#SBATCH --signal=B:USR1@600\n" in script
 
 
 # ----------------------------------------------------------------------------- signals

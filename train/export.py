@@ -1,7 +1,7 @@
 """``hataori export hf``: a run's checkpoint as a model folder that transformers loads offline.
 
-    hataori export hf RUN --output DIR [--step N] [--dtype bf16|fp16|fp32] [--max-shard-size 2GB]
-        [--tokenizer PATH]
+    hataori export hf RUN --output DIR [--replace] [--step N] [--dtype bf16|fp16|fp32]
+        [--max-shard-size 2GB] [--tokenizer PATH]
 
 RUN is a run folder (its latest complete checkpoint, or ``--step N``) or one of its
 ``checkpoints/step_N`` folders, from any ZeRO stage. DIR receives:
@@ -19,9 +19,12 @@ RUN is a run folder (its latest complete checkpoint, or ``--step N``) or one of 
   fingerprints, the corpora they were built from with package versions, licenses and counts, the
   tokenizer's fingerprint).
 
-The folder is written under a temporary name and renamed when complete. An existing DIR is
-replaced only if it holds an earlier export (config.json and the safetensors index); any other
-non-empty folder is refused.
+The tokenizer (the run's, or ``--tokenizer``) must be the one the run was trained with: its
+fingerprint is checked against the run's record (:func:`hataori.train.run.run_tokenizer`).
+
+The folder is written under a temporary name and renamed when complete. A non-empty DIR is refused
+unless ``--replace`` is given and it holds an earlier export (config.json and the safetensors index),
+which then stays until the new export is complete; any other non-empty folder is refused either way.
 """
 
 from __future__ import annotations
@@ -49,29 +52,16 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[match.group(2).upper()])
 
 
-def check_output(output: Path) -> None:
-    """Refuse to replace a non-empty folder that is not an earlier export."""
-    from hataori.model.hf import CONFIG_FILE, INDEX_FILE
-
-    if output.exists():
-        if not output.is_dir():
-            raise InputError(output, "exists and is not a folder; choose another --output")
-        earlier_export = (output / CONFIG_FILE).is_file() and (output / INDEX_FILE).is_file()
-        if any(output.iterdir()) and not earlier_export:
-            raise InputError(output, "is not empty and holds no earlier export; refusing to replace it, "
-                             "choose another --output")
-
-
 def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, dtype: str = "bf16",
-              max_shard_bytes: int = 2 * 2**30, tokenizer: str | None = None) -> dict[str, Any]:
+              max_shard_bytes: int = 2 * 2**30, tokenizer: str | None = None, replace: bool = False) -> dict[str, Any]:
     """Write the Hugging Face folder of a run's checkpoint (see the module docstring); a summary."""
     import torch
 
-    from hataori.fsutil import atomic_path, atomic_write_text
+    from hataori.fsutil import atomic_path, atomic_write_text, check_output
     from hataori.model import hf
     from hataori.tokenizer.hf import exact, write_hf_tokenizer
-    from hataori.tokenizer.model import Tokenizer
-    from hataori.train.run import model_config, read_config, tokenizer_path
+    from hataori.train.run import run_tokenizer
+    from hataori.train.run import model_config, read_config
     from hataori.train.weights import CheckpointWeights, resolve_checkpoint
 
     started = time.perf_counter()
@@ -79,17 +69,18 @@ def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, d
         raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
     torch_dtype = hf.DTYPES[dtype]
     output = Path(output)
-    check_output(output)
+    if output.is_dir() and any(output.iterdir()) and not (
+            (output / hf.CONFIG_FILE).is_file() and (output / hf.INDEX_FILE).is_file()):
+        raise InputError(output, "is not empty and holds no earlier export; refusing to replace it, "
+                         "choose another --output")
+    check_output(output, replace)
     run_dir, checkpoint = resolve_checkpoint(run, step)
     config = read_config(run_dir)
     cfg = model_config(config)
     if cfg.qk_norm:
         raise InputError(run_dir / "config.yaml", "model.qk_norm: a model with qk-norm has no Llama equivalent in "
                          "transformers and cannot be exported")
-    tok = Tokenizer(tokenizer_path(config, tokenizer))
-    if tok.vocab_size != cfg.vocab_size:
-        raise InputError(tok.path, f"has {tok.vocab_size} pieces but the run's model.vocab_size is "
-                         f"{cfg.vocab_size}; pass --tokenizer with the tokenizer the run was trained with")
+    tok = run_tokenizer(run_dir, config, tokenizer, cfg.vocab_size)
     weights = CheckpointWeights(checkpoint)
     names = hf.hf_names(cfg)
     expected = {name: shape for name, shape in cfg.weight_shapes().items() if name in names}
@@ -243,6 +234,7 @@ def _provenance_lines(provenance: dict | None) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", metavar="RUN", help="a run folder or its checkpoints/step_N folder")
     parser.add_argument("--output", required=True, metavar="DIR", help="the model folder to write")
+    parser.add_argument("--replace", action="store_true", help="replace an earlier export in DIR")
     parser.add_argument("--step", type=int, help="the checkpoint of this step (default: the latest complete one)")
     parser.add_argument("--dtype", default="bf16", choices=DTYPES, help="precision of the exported weights")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
@@ -251,7 +243,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     summary = export_hf(args.run, args.output, step=args.step, dtype=args.dtype,
-                        max_shard_bytes=parse_size(args.max_shard_size), tokenizer=args.tokenizer)
+                        max_shard_bytes=parse_size(args.max_shard_size), tokenizer=args.tokenizer,
+                        replace=args.replace)
     print(f"exported {summary['checkpoint']} to {summary['output']}: {summary['shards']} shard(s), "
           f"{summary['bytes'] / 2**20:,.1f} MiB of {summary['dtype']} weights, {summary['seconds']:.1f} s, "
           f"peak resident memory {summary['peak_rss_gib']:.2f} GiB")

@@ -6,7 +6,7 @@
 CHECKPOINT is a run folder (its latest complete checkpoint is used) or one ``checkpoints/step_N``
 folder of it. The model's shape comes from the run folder's ``config.yaml`` (its ``model`` section);
 the tokenizer from ``--tokenizer``, else the config's ``tokenizer``, else the one recorded in the
-first dataset's ``dataset.json``.
+first dataset's ``dataset.json``; it must be the tokenizer the run was trained with (:func:`hataori.train.run.run_tokenizer`).
 
 Weights are read with :class:`hataori.train.weights.CheckpointWeights`, from any ZeRO stage: the
 fp32 master weights where the checkpoint has them, else the module's own.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 from hataori.errors import ConfigError, InputError
-from hataori.train.run import model_config, read_config, tokenizer_path
+from hataori.train.run import model_config, read_config, run_tokenizer
 from hataori.train.weights import CheckpointWeights, resolve_checkpoint
 
 
@@ -74,12 +75,12 @@ class Sampling:
     greedy: bool = False
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError("temperature", f"must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError("--temperature", f"must be a finite number >= 0 (0: greedy), got {self.temperature}")
         if self.top_k < 0:
-            raise ConfigError("top-k", f"must be >= 0 (0: no limit), got {self.top_k}")
+            raise ConfigError("--top-k", f"must be >= 0 (0: no limit), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ConfigError("top-p", f"must be in (0, 1], got {self.top_p}")
+            raise ConfigError("--top-p", f"must be in (0, 1], got {self.top_p}")
 
 
 def filtered_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
@@ -120,7 +121,7 @@ def generate(model: torch.nn.Module, prompt: list[int], *, max_new_tokens: int, 
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def load_model(checkpoint_path: str | Path, device: str = "cpu"):
+def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu"):
     """The model of a run checkpoint, in fp32 and eval mode, and the run's config dict."""
     run_dir, checkpoint = resolve_checkpoint(checkpoint_path)
     config = read_config(run_dir)
@@ -132,6 +133,27 @@ def load_model(checkpoint_path: str | Path, device: str = "cpu"):
         raise InputError(checkpoint, f"weights do not match the recorded model config: missing {sorted(missing)}, "
                                      f"unexpected {sorted(unexpected)}")
     return model.to(device).eval(), config
+
+
+def torch_device(text: str) -> torch.device:
+    """The device ``--device`` names, refused unless this build of torch can run on it."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ConfigError("--device", f"{text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError("--device", f"{text}: generate runs on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            cuda = torch.version.cuda
+            built = f"built for CUDA {cuda} but finds no GPU" if cuda else "built without CUDA"
+            raise ConfigError("--device", f"{text}: this torch {torch.__version__} is {built} "
+                                          "(torch.cuda.is_available() is False); use --device cpu")
+        count = torch.cuda.device_count()
+        if (device.index or 0) >= count:
+            raise ConfigError("--device", f"{text}: this machine has {count} CUDA device(s), "
+                                          f"cuda:0 to cuda:{count - 1}")
+    return device
 
 
 # ----------------------------------------------------------------------------- `hataori generate`
@@ -147,23 +169,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--greedy", action="store_true", help="always take the most probable token")
     parser.add_argument("--tokenizer", help="tokenizer folder or .model file (default: the run's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda where there is one)")
 
 
 def main(args: argparse.Namespace) -> int:
-    from hataori.tokenizer.model import Tokenizer
-
     if args.max_new_tokens < 1:
-        raise ConfigError("max-new-tokens", f"must be >= 1, got {args.max_new_tokens}")
+        raise ConfigError("--max-new-tokens", f"must be >= 1, got {args.max_new_tokens}")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)
+    device = torch_device(args.device)
+    run_dir, _ = resolve_checkpoint(args.checkpoint)
+    config = read_config(run_dir)
+    tokenizer = run_tokenizer(run_dir, config, args.tokenizer, model_config(config).vocab_size)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress prints; stdout carries only the text
-        model, config = load_model(args.checkpoint, args.device)
-    tokenizer = Tokenizer(tokenizer_path(config, args.tokenizer))
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ConfigError("tokenizer", f"has {tokenizer.vocab_size} pieces but the model only "
-                                       f"{model.config.vocab_size}; pass the tokenizer the run was trained with")
+        model, _ = load_model(args.checkpoint, device)
     prompt = [tokenizer.eos_id] + tokenizer.encode([args.prompt])[0]
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     new = generate(model, prompt, max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id, sampling=sampling,
                    generator=generator)
     text = tokenizer.decode([t for t in new if t != tokenizer.eos_id])

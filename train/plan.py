@@ -110,6 +110,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -306,19 +307,19 @@ class Workload:
 
     def __post_init__(self) -> None:
         if self.num_gpus < 1:
-            raise ConfigError("gpus", f"must be a positive number of GPUs, got {self.num_gpus}")
+            raise ConfigError("--gpus", f"must be a positive number of GPUs, got {self.num_gpus}")
         if self.gpus_per_node < 1 or self.gpus_per_node > self.num_gpus or self.num_gpus % self.gpus_per_node:
-            raise ConfigError("gpus-per-node", f"must divide the number of GPUs ({self.num_gpus}), "
+            raise ConfigError("--gpus-per-node", f"must divide the number of GPUs ({self.num_gpus}) and be >= 1, "
                               f"got {self.gpus_per_node}")
-        if not self.gpu_mem_gib > 0:
-            raise ConfigError("gpu-mem", f"must be a positive number of GiB, got {self.gpu_mem_gib}")
+        for option, gib, zero_ok in (("--gpu-mem", self.gpu_mem_gib, False), ("--overhead", self.overhead_gib, True),
+                                     ("--cpu-mem", self.cpu_mem_gib, False)):
+            if gib is not None and not (math.isfinite(gib) and (gib >= 0 if zero_ok else gib > 0)):
+                raise ConfigError(option, f"must be a finite number of GiB, {'>= 0' if zero_ok else '> 0'}, got {gib}")
         if self.micro_batch < 1:
-            raise ConfigError("micro-batch", f"must be >= 1, got {self.micro_batch}")
+            raise ConfigError("--micro-batch", f"must be >= 1, got {self.micro_batch}")
         if not 1 <= self.seq_len <= self.model.max_seq_len:
-            raise ConfigError("seq-len", f"must be between 1 and the model's max_seq_len={self.model.max_seq_len}, "
+            raise ConfigError("--seq-len", f"must be between 1 and the model's max_seq_len={self.model.max_seq_len}, "
                               f"got {self.seq_len}")
-        if self.overhead_gib < 0:
-            raise ConfigError("overhead", f"must be >= 0 GiB, got {self.overhead_gib}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -490,8 +491,9 @@ def load_workload(config: str, overrides: list[str], args: argparse.Namespace) -
         micro_batch = args.micro_batch
     if args.precision is not None:
         precision = args.precision
-    seq_len = args.seq_len or seq_len or model.max_seq_len
-    gpus_per_node = args.gpus_per_node or (min(args.gpus, 8) if args.gpus >= 1 else 1)
+    seq_len = args.seq_len if args.seq_len is not None else seq_len or model.max_seq_len
+    # A job of fewer GPUs than a node has runs on one node, with as many processes as GPUs.
+    gpus_per_node = min(args.gpus, 8 if args.gpus_per_node is None else args.gpus_per_node)
     return Workload(model=model, micro_batch=micro_batch, seq_len=seq_len, precision=precision,
                     num_gpus=args.gpus, gpu_mem_gib=args.gpu_mem, gpus_per_node=gpus_per_node,
                     overhead_gib=args.overhead, bucket_elements=bucket, cpu_mem_gib=args.cpu_mem)
@@ -523,7 +525,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. n_layers=40")
     parser.add_argument("--gpus", type=int, required=True, help="number of GPUs (data-parallel ranks)")
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
-    parser.add_argument("--gpus-per-node", type=int, help="GPUs per node, for CPU memory (default min(gpus, 8))")
+    parser.add_argument("--gpus-per-node", type=int, help="GPUs per node, for CPU memory (default 8); a job of "
+                                                          "fewer GPUs runs on one node")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the train preset's, "
                                                     "else the model's max_seq_len)")
     parser.add_argument("--micro-batch", type=int, help="sequences per GPU per forward pass (default: the train "
@@ -535,8 +538,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.gpus < 1:
-        raise ConfigError("--gpus", f"must be a positive number of GPUs, got {args.gpus}")
     work = load_workload(args.config, args.overrides, args)
     print(format_report(work, plan(work), source=args.config))
     return 0

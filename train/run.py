@@ -21,6 +21,7 @@ versions, licenses, counts), and where the initial weights came from.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -36,7 +37,7 @@ import torch
 from omegaconf import OmegaConf
 
 from hataori.config import to_yaml
-from hataori.errors import InputError
+from hataori.errors import ConfigError, InputError
 from hataori.fsutil import atomic_write_text
 
 PACKAGES = ("torch", "deepspeed", "sentencepiece", "numpy", "hataori")
@@ -211,3 +212,32 @@ def tokenizer_path(config: dict[str, Any], override: str | None) -> str:
         if manifest.is_file():
             return json.loads(manifest.read_text())["tokenizer"]["path"]
     raise InputError("config.yaml", "names no tokenizer and no readable dataset manifest; pass --tokenizer DIR")
+
+
+def run_tokenizer(run_dir: Path, config: dict, override: str | None, vocab_size: int):
+    """The tokenizer to read a run's model with: ``override`` (``--tokenizer``), else the run's own. Refused
+    unless its fingerprint is the one the run was trained with (``provenance.json``'s, else that of the
+    tokenizer the run's config names) and it has the model's ``vocab_size`` pieces."""
+    from hataori.tokenizer.model import Tokenizer
+
+    key = "--tokenizer" if override else "tokenizer"
+    tokenizer = Tokenizer(tokenizer_path(config, override))
+    provenance, trained = run_dir / PROVENANCE_FILE, None
+    if provenance.is_file():
+        try:
+            record = json.loads(provenance.read_text(encoding="utf-8"))["tokenizer"]
+            trained = (record["path"], record["fingerprint"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise InputError(provenance, f"has no readable tokenizer record ({err!r}); it is written by "
+                                         "`hataori pretrain`") from None
+    elif override:
+        with contextlib.suppress(InputError):  # an older run: its config's tokenizer, if it is still there
+            own = Tokenizer(tokenizer_path(config, None))
+            trained = (own.path, own.fingerprint)
+    if trained and trained[1] != tokenizer.fingerprint:
+        raise ConfigError(key, f"{tokenizer.path} has fingerprint {tokenizer.fingerprint}, but the run {run_dir} was "
+                               f"trained with {trained[0]} (fingerprint {trained[1]}); pass that tokenizer")
+    if tokenizer.vocab_size != vocab_size:
+        raise ConfigError(key, f"{tokenizer.path} has {tokenizer.vocab_size} pieces but the run's model.vocab_size is "
+                               f"{vocab_size}; pass the tokenizer the run was trained with")
+    return tokenizer
