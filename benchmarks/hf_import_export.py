@@ -113,7 +113,8 @@ def measure_export(work: Path, max_shard_size: str) -> dict:
     from hataori.train.export import export_hf, parse_size
 
     with PeakMemory() as peak:
-        summary = export_hf(work / "run", work / "export", dtype="bf16", max_shard_bytes=parse_size(max_shard_size))
+        summary = export_hf(work / "run", work / "export", dtype="bf16", max_shard_bytes=parse_size(max_shard_size),
+                            replace=True)  # a rerun with the same --work
     return {"what": f"export (bf16, {summary['shards']} shards of <= {max_shard_size})", "seconds": summary["seconds"],
             "bytes": summary["bytes"], "anon": peak.anon, "file": peak.file}
 

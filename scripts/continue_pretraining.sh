@@ -29,5 +29,5 @@ hataori corpus python-docs data/python-docs
 hataori data prepare --input data/debian-ja/corpus.jsonl --tokenizer "$EXTENDED" --output "$SHARDS" --workers 2
 time hataori pretrain configs/train/continue-toy.yaml init.from_hf="$BASE_MODEL" --data "$SHARDS" \
   --run-dir "$RUN" --nproc 2
-hataori export hf "$RUN" --output "$RUN-hf"
+hataori export hf "$RUN" --output "$RUN-hf" --replace  # a rerun replaces the earlier export
 python scripts/hf_generate.py "$RUN-hf" "Debian のパッケージは" --max-new-tokens 40
