@@ -174,6 +174,30 @@ def test_resume_in_a_fresh_process_continues_exactly(datasets, tmp_path, rank, w
     assert len(json.dumps(state)) < 1000  # small: no token buffers in it
 
 
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size_sees_every_document_once(datasets, before, after):
+    """A state saved by ranks of one world size, restored by ranks of another mid-epoch: the ranks'
+    batches, in rank order, continue the one global stream, so the epoch is every document once."""
+    a = Dataset(datasets[0])
+
+    def steps(loaders, count):
+        return [np.concatenate([next(ld).inputs for ld in loaders]) for _ in range(count)]
+
+    first = [loader([datasets[0]], seq_len=48, batch=3, rank=r, world=before) for r in range(before)]
+    done = steps(first, 11)
+    resumed = [loader([datasets[0]], seq_len=48, batch=3, rank=r, world=after) for r in range(after)]
+    for ld in resumed:
+        ld.load_state_dict(first[0].state_dict())
+    done += steps(resumed, a.num_tokens // (48 * 3 * after) + 2)
+    stream = np.concatenate([batch.ravel() for batch in done])
+    straight = loader([datasets[0]], seq_len=48, batch=3)
+    assert np.array_equal(stream, stream_of([next(straight) for _ in range(len(stream) // (48 * 3))]))
+    epoch = stream[:a.num_tokens]
+    cuts = np.flatnonzero(epoch == a.eos_id) + 1
+    packed = Counter(tuple(doc) for doc in np.split(epoch, cuts[:-1]))
+    assert packed == Counter(tuple(a.doc(i).tolist()) for i in range(a.num_docs))
+
+
 def test_restore_refuses_other_datasets_or_seed(datasets):
     state = loader([datasets[0]]).state_dict()
     with pytest.raises(HataoriError, match=r"saved for other datasets: fingerprints .*resume with the same datasets"):

@@ -435,3 +435,30 @@ def test_resuming_with_another_shape_says_what_differs(ja_shards, tmp_path, caps
         assert f"hataori: error: {run}/checkpoints/step_00000002 was saved by a run that differs from this one:\n" \
                "  model.n_layers: checkpoint 2, this run 3\n  zero.stage: checkpoint 1, this run 2\n" in err, err
     assert checkpoints(run) == ["step_00000002"]
+
+
+@pytest.mark.timeout(6 * LAUNCH_TIMEOUT_S)
+@pytest.mark.parametrize("saved_on, resumed_on", [(2, 1), (1, 2)])
+def test_resume_on_another_number_of_processes(ja_shards, tmp_path, saved_on, resumed_on):
+    """ZeRO-2 and the real packed loader: 3 steps on one number of processes, the rest on another.
+    The same global batches, so token counts and learning rates equal the uninterrupted run's exactly;
+    losses and gradient norms to float32 rounding (one process accumulates two micro-batches where two
+    processes average over the group)."""
+    common = ["trainer.max_steps=6", "checkpoint.every_steps=3", "validation.every_steps=0", "logging.every_steps=1",
+              "zero.stage=2"]
+    reference_run = tmp_path / "reference"
+    assert launch(reference_run, ja_shards, common, tmp_path / "reference.log", nproc=resumed_on) == 0
+    reference = records(reference_run, "train")
+    run = tmp_path / "run"
+    assert launch(run, ja_shards, [*common, "trainer.launch_steps=3"], tmp_path / "first.log", nproc=saved_on) == 0
+    assert launch(run, ja_shards, common, tmp_path / "resumed.log", nproc=resumed_on) == 0, tail(tmp_path / "resumed.log")
+    log = (tmp_path / "resumed.log").read_text()
+    assert f"step_00000003 was saved by {saved_on} processes; resharding it onto {resumed_on}" in log
+    assert "resuming after step 3" in log
+    resumed = records(run, "train")
+    assert sorted(resumed) == list(range(1, 7))
+    for step in range(1, 7):
+        assert resumed[step]["tokens_seen"] == reference[step]["tokens_seen"]
+        assert resumed[step]["lr"] == reference[step]["lr"]
+        assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5), step
+        assert resumed[step]["grad_norm"] == pytest.approx(reference[step]["grad_norm"], rel=1e-4), step

@@ -204,25 +204,28 @@ class Checkpointer:
         return None
 
     def load(self, step: int) -> Resumed:
-        """Restore engine, scheduler, RNG and this rank's loader state from checkpoint ``step``."""
+        """Restore engine, scheduler, RNG and this rank's loader state from checkpoint ``step``; a
+        checkpoint of another world size is resharded (:mod:`hataori.train.reshard`)."""
         path = self.folder / tag(step)
         manifest = read_manifest(path)
-        self._check_compatible(path, manifest)
-        load_path, client_state = self.engine.load_checkpoint(str(self.folder), tag=path.name,
-                                                              load_optimizer_states=True,
-                                                              load_lr_scheduler_states=True)
-        if load_path is None:
-            raise CheckpointDamaged(f"{path}: DeepSpeed found no checkpoint to load here")
-        rank_state = torch.load(path / _rank_file(self.rank), weights_only=False)
+        check_identity(path, manifest, self.identity)
+        saved_world = manifest["world_size"]
+        if saved_world == self.world_size:
+            load_path, client_state = self.engine.load_checkpoint(str(self.folder), tag=path.name,
+                                                                  load_optimizer_states=True,
+                                                                  load_lr_scheduler_states=True)
+            if load_path is None:
+                raise CheckpointDamaged(f"{path}: DeepSpeed found no checkpoint to load here")
+        else:
+            from hataori.train.reshard import load_resharded
+
+            if self.rank == 0:
+                print(f"{path} was saved by {saved_world} processes; resharding it onto {self.world_size}", flush=True)
+            client_state = load_resharded(self.engine, path, saved_world)
+        # The loader state is the same on every rank; a rank the saving run did not have takes rank 0's.
+        rank_state = torch.load(path / _rank_file(self.rank if self.rank < saved_world else 0), weights_only=False)
         set_rng_state(rank_state["rng"])
         return Resumed(step=step, path=path, client_state=client_state, loader_state=rank_state["loader"])
-
-    def _check_compatible(self, path: Path, manifest: dict) -> None:
-        check_identity(path, manifest, self.identity)
-        if manifest["world_size"] != self.world_size:
-            raise HataoriError(f"{path} was saved by {manifest['world_size']} processes and this launch has "
-                               f"{self.world_size}; relaunch with --nproc {manifest['world_size']} (or as many "
-                               "Slurm tasks)")
 
     def _verify(self, path: Path) -> list[str]:
         """Problems of checkpoint ``path`` against its manifest, the ranks sharing the reading (all ranks)."""

@@ -33,6 +33,8 @@ from hataori.train.checkpoint import COMPLETE, complete_steps, tag, verify
 MODEL_STATES = "mp_rank_00_model_states.pt"
 ZERO3_MODEL_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
 OPTIM_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+FP32 = "fp32"
+"""The key under which :meth:`CheckpointWeights.tensor` serves the fp32 master weights."""
 
 
 def resolve_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, Path]:
@@ -72,7 +74,8 @@ class CheckpointWeights:
     """The weights of one DeepSpeed checkpoint folder (see the module docstring).
 
     ``shapes`` maps each stored weight's name to its shape, in the module's order; ``tied`` maps a
-    tied weight's other names to the stored one; :meth:`tensor` reads one weight as fp32.
+    tied weight's other names to the stored one; :meth:`tensor` reads one weight as fp32, or under
+    ZeRO 1-3 one of its optimizer states (``exp_avg``...), from the same flat layout.
     """
 
     def __init__(self, checkpoint: str | Path):
@@ -90,64 +93,79 @@ class CheckpointWeights:
             raise InputError(self.path, f"neither {MODEL_STATES} nor ZeRO-3 model states; not a DeepSpeed checkpoint")
         if states.get("frozen_param_shapes"):
             raise InputError(self.path, "holds frozen parameters, which this reader does not gather yet")
+        self.states = states
+        """The model-states file's dict: module (stage 0), param_shapes, LR scheduler, counters, client state."""
         self.tied: dict[str, str] = dict(states.get("shared_params") or {})
         self.client_state = {key: states[key] for key in ("step", "tokens_seen", "world_size") if key in states}
         """What the trainer saved with the checkpoint: step, tokens_seen, world_size."""
         self._module = states.get("module") or {}
-        self._pieces: dict[str, list[tuple[torch.Tensor, int, int]]] = {}  # name -> (flat, start, numel) by rank
-        if not optim_files:  # stage 0: the module's own weights
+        self.optim = [_load(path)["optimizer_state_dict"] for path in optim_files]
+        """Each rank's ZeRO optimizer state (empty for stage 0)."""
+        self._flats: list[dict[str, list[torch.Tensor]]] = []  # [rank][key] one flat tensor per (sub-)group
+        self._pieces: dict[str, list[tuple[int, int, int, int]]] = {}  # name -> (rank, group, start, numel)
+        if not self.optim:  # stage 0: the module's own weights
             self.shapes = {name: tuple(t.shape) for name, t in self._module.items() if name not in self.tied}
             self.stage, self.master = 0, False
             return
-        optim = [_load(path)["optimizer_state_dict"] for path in optim_files]
         self.master = True
         groups = states.get("param_shapes") or []
         self.shapes = {name: tuple(shape) for group in groups for name, shape in group.items()}
-        if "fp32_flat_groups" in optim[0]:
+        if "fp32_flat_groups" in self.optim[0]:
             self.stage = 3
-            self._locate_zero3(optim)
+            self._flats = [{FP32: list(state["fp32_flat_groups"])} for state in self.optim]
+            self._locate_zero3()
         else:
-            self.stage = int(optim[0].get("zero_stage", 1))
-            self._locate_zero12(optim)
+            self.stage = int(self.optim[0].get("zero_stage", 1))
+            self._flats = [{FP32: list(state["single_partition_of_fp32_groups"])} for state in self.optim]
+            self._locate_zero12()
 
-    def _locate_zero12(self, optim: list[dict]) -> None:
-        for rank, state in enumerate(optim):
+    def _locate_zero12(self) -> None:
+        for rank, state in enumerate(self.optim):
             mappings = state.get("param_slice_mappings")
             if mappings is None:
                 raise InputError(self.path, "its optimizer states carry no param_slice_mappings (DeepSpeed before "
                                  "0.10 wrote none); convert it with DeepSpeed's zero_to_fp32.py")
-            for group, flat in zip(mappings, state["single_partition_of_fp32_groups"]):
-                for name, fragment in group.items():
-                    self._pieces.setdefault(name, []).append((flat, fragment.start, fragment.numel))
+            for group, fragments in enumerate(mappings):
+                for name, fragment in fragments.items():
+                    self._pieces.setdefault(name, []).append((rank, group, fragment.start, fragment.numel))
 
-    def _locate_zero3(self, optim: list[dict]) -> None:
-        groups = [list(state["fp32_flat_groups"]) for state in optim]  # [rank][group] flat fp32
+    def _locate_zero3(self) -> None:
         ends = [0]
-        for flat in groups[0]:
+        for flat in self._flats[0][FP32]:
             ends.append(ends[-1] + flat.numel())
-        offset, group = 0, 0
+        offset, group, ranks = 0, 0, len(self.optim)
         for name, shape in self.shapes.items():
-            part = math.ceil(math.prod(shape) / len(optim))
-            while group < len(groups[0]) and offset >= ends[group + 1]:
+            part = math.ceil(math.prod(shape) / ranks)
+            while group < len(ends) - 1 and offset >= ends[group + 1]:
                 group += 1
-            if group == len(groups[0]) or offset + part > ends[group + 1]:
+            if group == len(ends) - 1 or offset + part > ends[group + 1]:
                 raise InputError(self.path, f"ZeRO-3 partitions end before {name}: the checkpoint does not match "
                                  "its own parameter list")
-            self._pieces[name] = [(flats[group], offset - ends[group], part) for flats in groups]
+            self._pieces[name] = [(rank, group, offset - ends[group], part) for rank in range(ranks)]
             offset += part
         if offset != ends[-1]:
             raise InputError(self.path, f"ZeRO-3 partitions hold {ends[-1]} elements a rank, the parameters {offset}: "
                              "the checkpoint does not match its own parameter list")
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """The weight ``name`` (or a name tied to it) as a new fp32 tensor."""
+    def optimizer_states(self) -> list[dict]:
+        """Each rank's torch optimizer state dict over its flat partitions (ZeRO 1-3): ``state`` by
+        (sub-)group index (``exp_avg``... in the flat layout, ``step``) and ``param_groups``."""
+        return [state["optimizer_state_dict" if self.stage == 3 else "base_optimizer_state"] for state in self.optim]
+
+    def tensor(self, name: str, key: str = FP32) -> torch.Tensor:
+        """The weight ``name`` (or a name tied to it), or its optimizer state ``key``, as a new fp32 tensor."""
         name = self.tied.get(name, name)
         if name not in self.shapes:
             raise KeyError(f"{self.path} holds no weight {name!r}")
         shape = self.shapes[name]
         if not self.master:
+            if key != FP32:
+                raise KeyError(f"{self.path} is a ZeRO-0 checkpoint: its optimizer state is not partitioned")
             return self._module[name].float().clone()
-        pieces = [flat[start:start + numel] for flat, start, numel in self._pieces[name]]
+        if key not in self._flats[0]:
+            for rank, state in enumerate(self.optimizer_states()):
+                self._flats[rank][key] = [state["state"][index][key] for index in sorted(state["state"])]
+        pieces = [self._flats[rank][key][group][start:start + numel] for rank, group, start, numel in self._pieces[name]]
         return torch.cat(pieces)[:math.prod(shape)].float().view(shape)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

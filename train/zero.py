@@ -261,12 +261,28 @@ def init_distributed(timeout: timedelta = timedelta(minutes=10)) -> DistEnv:
 
 
 def shutdown_distributed() -> None:
-    """End the process group once every rank is done with it. Without the barrier a rank can leave
-    while another is still tearing down its gloo connections, and that one aborts at exit
-    ("terminate called without an active exception")."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    """End the process group once every rank is done with it, and leave only when every rank has
+    torn it down. A rank that exits while another is still closing its gloo connections makes that
+    one abort ("terminate called without an active exception"); a barrier before the teardown does
+    not prevent it (the teardown itself is not synchronised), so the ranks also meet afterwards on
+    the group's key-value store, which rank 0 hosts and therefore leaves last."""
+    import time
+
+    from torch.distributed import distributed_c10d
+
+    if not torch.distributed.is_initialized():
+        return
+    store = distributed_c10d._get_default_store()
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    if world_size == 1:
+        return
+    for key in ("hataori/torn-down", "hataori/left"):
+        store.add(key, 1)
+        if key == "hataori/torn-down" or rank == 0:
+            while store.add(key, 0) < world_size:
+                time.sleep(0.005)
 
 
 def skip_shm_comm_build() -> None:
