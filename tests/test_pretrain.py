@@ -462,3 +462,23 @@ def test_resume_on_another_number_of_processes(ja_shards, tmp_path, saved_on, re
         assert resumed[step]["lr"] == reference[step]["lr"]
         assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5), step
         assert resumed[step]["grad_norm"] == pytest.approx(reference[step]["grad_norm"], rel=1e-4), step
+
+
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S)
+def test_a_diverged_run_fails_and_keeps_its_good_checkpoints(ja_shards, tmp_path):
+    """optim.lr=1e4 wrecks the weights at the first update; from then on every step overflows and is
+    skipped. The launch fails (a non-zero exit that Slurm and scripts see) after
+    trainer.max_skipped_steps of them, and writes no checkpoint while they run."""
+    log = tmp_path / "run.log"
+    overrides = ["optim.lr=1e4", "trainer.max_steps=40", "trainer.max_skipped_steps=4", "checkpoint.every_steps=2",
+                 "validation.every_steps=0", "logging.every_steps=1"]
+    assert launch(tmp_path / "run", ja_shards, overrides, log) != 0
+    text = log.read_text()
+    steps = records(tmp_path / "run", "train")
+    first_skipped = min(step for step, record in steps.items() if not math.isfinite(record["grad_norm"]))
+    stopped = first_skipped + 3
+    assert max(steps) == stopped
+    assert (f"hataori: error: step {stopped}: loss" in text
+            and "4 steps in a row skipped for non-finite gradients (trainer.max_skipped_steps=4)" in text), tail(log)
+    saved = [int(name.split("_")[1]) for name in checkpoints(tmp_path / "run")]
+    assert saved and max(saved) < first_skipped
