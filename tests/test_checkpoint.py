@@ -61,6 +61,11 @@ def test_damaged_checkpoints_fall_back_to_the_previous_one(tmp_path):
     assert codes == [0, 0], log_tails(tmp_path / "logs")
     results = json.loads(out.read_text())
     reference = results.pop("reference")
+    every = results.pop("all-damaged")
+    assert every["error"] == (f"{tmp_path}/runs/all-damaged/checkpoints: no checkpoint verifies; set aside as damaged: "
+                              "step_00000002.damaged, step_00000004.damaged. Run `hataori checkpoint verify` on the "
+                              "run for details; to train again from step 0 in this folder set checkpoint.resume=false")
+    assert every["left"] == ["step_00000002.damaged", "step_00000004.damaged"]  # nothing new was saved
     assert sorted(results) == sorted(SCENARIOS)
     for scenario, found in results.items():
         kind, how = scenario.split("-")
@@ -190,6 +195,19 @@ def worker_faults(args) -> None:
             "aside": sorted(p.name for p in folder.iterdir() if p.name.endswith(".damaged")), "aside_intact": intact,
             "verified_after": sorted(p.name for p in folder.iterdir() if p.name.startswith("step_") and not verify(p))}
         dist.barrier()
+    # Every checkpoint damaged: the run stops instead of starting again from step 0.
+    from hataori.train.checkpoint import CheckpointDamaged
+
+    run = root / "all-damaged"
+    if rank == 0:
+        for step in (2, 4):
+            shutil.copytree(saved / f"step_{step:08d}", run / "checkpoints" / f"step_{step:08d}")
+            damage(run / "checkpoints" / f"step_{step:08d}" / FILES["model"], "bitflip")
+    dist.barrier()
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(CheckpointDamaged) as stopped:
+        train(run, stage=1, max_steps=6)
+    results["all-damaged"] = {"error": str(stopped.value),
+                              "left": sorted(p.name for p in (run / "checkpoints").iterdir())}
     if rank == 0:
         Path(args.out).write_text(json.dumps(results))
 
