@@ -61,6 +61,9 @@ def test_damaged_checkpoints_fall_back_to_the_previous_one(tmp_path):
     assert codes == [0, 0], log_tails(tmp_path / "logs")
     results = json.loads(out.read_text())
     reference = results.pop("reference")
+    adopted = results.pop("adopted")
+    assert adopted["codes"] == [1, 0] and adopted["same"] == [True, True, True], adopted
+    assert "had no manifest; one was written from its files as they are now" in adopted["printed"]
     every = results.pop("all-damaged")
     assert every["error"] == (f"{tmp_path}/runs/all-damaged/checkpoints: no checkpoint verifies; set aside as damaged: "
                               "step_00000002.damaged, step_00000004.damaged. Run `hataori checkpoint verify` on the "
@@ -99,6 +102,20 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(stage, inject, tmp
     assert found["checkpoints"] == ["step_00000002", "step_00000004"]
     assert found["problems"] == []
     assert found["weights_at_4_equal_reference"]
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
+def test_a_stop_during_skipped_steps_waits_for_the_next_applied_step(tmp_path):
+    """ZeRO-1, NaN in a gradient in steps 5 and 6 (skipped), a stop requested after step 5 and a
+    checkpoint due after step 6: both wait for step 7, the first applied one, which is saved."""
+    out = tmp_path / "stop.json"
+    codes = launch_ranks(__file__, ["nan", "--dir", str(tmp_path / "run"), "--out", str(out), "--stage", "1",
+                                    "--inject", "stop"], tmp_path / "logs", 2, LAUNCH_TIMEOUT_S)
+    assert codes == [0, 0], log_tails(tmp_path / "logs")
+    found = json.loads(out.read_text())
+    assert found["steps"] == list(range(1, 8))
+    assert found["checkpoints"] == ["step_00000002", "step_00000004", "step_00000007"]
+    assert found["problems"] == []
 
 
 def test_verify_command_reports_each_checkpoint(tmp_path, capsys):
@@ -208,6 +225,19 @@ def worker_faults(args) -> None:
         train(run, stage=1, max_steps=6)
     results["all-damaged"] = {"error": str(stopped.value),
                               "left": sorted(p.name for p in (run / "checkpoints").iterdir())}
+    if rank == 0:  # a checkpoint saved before checkpoints had manifests, adopted
+        from hataori.cli import main as hataori_main
+
+        old = root / "adopted" / "checkpoints" / "step_00000002"
+        shutil.copytree(saved / "step_00000002", old)
+        (old / "manifest.json").unlink()
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            refused = hataori_main(["checkpoint", "verify", str(old)])
+            adopted = hataori_main(["checkpoint", "verify", str(old), "--adopt"])
+        written, original = (json.loads((p / "manifest.json").read_text()) for p in (old, saved / "step_00000002"))
+        results["adopted"] = {"codes": [refused, adopted], "printed": printed.getvalue(),
+                              "same": [written[k] == original[k] for k in ("step", "world_size", "files")]}
     if rank == 0:
         Path(args.out).write_text(json.dumps(results))
 
@@ -227,11 +257,22 @@ def worker_nan(args) -> None:
         if args.inject == "loss":
             forward = engine.forward
             engine.forward = lambda *a, **k: forward(*a, **k) * (float("nan") if trainer.step >= 4 else 1.0)
-        else:
+        else:  # from step 5 on, or (stop) in steps 5 and 6 only, with a stop requested after step 5
+            bad = range(4, 6) if args.inject == "stop" else range(4, 1000)
             weight = next(p for name, p in engine.module.named_parameters() if name.endswith("mlp.w_gate.weight"))
-            weight.register_hook(lambda grad: grad * float("nan") if trainer.step >= 4 else grad)
+            weight.register_hook(lambda grad: grad * float("nan") if trainer.step in bad else grad)
+            if args.inject == "stop":
+                trainer.hooks.append(lambda metrics: trainer.request_stop() if metrics.step == 5 else None)
 
     steps: dict[int, float] = {}
+    if args.inject == "stop":
+        train(run, stage=args.stage, max_steps=8, max_skipped=3, before=inject, losses=steps)
+        if dist.get_rank() == 0:
+            folder = run / "checkpoints"
+            names = sorted(p.name for p in folder.iterdir() if p.name.startswith("step_"))
+            Path(args.out).write_text(json.dumps({"steps": sorted(steps), "checkpoints": names,
+                                                  "problems": [x for name in names for x in verify(folder / name)]}))
+        return
     with pytest.raises(TrainingFailed) as failed:
         train(run, stage=args.stage, max_steps=8, max_skipped=3, before=inject, losses=steps)
     dist.barrier()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from hataori.train.lock import LOCK_FILE, RunFolderBusy, claim, holder
+from hataori.train.lock import EMPTY_STALE_S, LOCK_FILE, RunFolderBusy, claim, holder
 
 
 def write_lock(run_dir, **fields) -> dict:
@@ -38,7 +39,7 @@ def test_a_live_holder_is_named_and_the_folder_refused(tmp_path):
     assert not (tmp_path / "run").exists()  # the folder it created, empty again
 
 
-@pytest.mark.parametrize("case", ["dead-pid", "reused-pid", "same-slurm-job"])
+@pytest.mark.parametrize("case", ["dead-pid", "reused-pid", "requeued-slurm-job", "empty-and-old"])
 def test_a_lock_whose_holder_is_gone_is_taken_over(case, tmp_path, capsys, monkeypatch):
     if case == "dead-pid":
         write_lock(tmp_path, pid=dead_pid())
@@ -46,10 +47,15 @@ def test_a_lock_whose_holder_is_gone_is_taken_over(case, tmp_path, capsys, monke
     elif case == "reused-pid":  # our own PID, but a process that started at another time
         write_lock(tmp_path, start="1")
         reason = "which is no longer running"
-    else:
+    elif case == "requeued-slurm-job":  # the next attempt of the job, on another node
         monkeypatch.setenv("SLURM_JOB_ID", "77")
-        write_lock(tmp_path, host="node-03", pid=12, slurm_job="77")
-        reason = "held by an earlier launch of this Slurm job (77, PID 12 on node-03)"
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+        write_lock(tmp_path, host="node-03", pid=12, slurm_job="77", slurm_restart=1)
+        reason = "held by an earlier attempt of this Slurm job (77, restart 1, PID 12 on node-03)"
+    else:  # a launch killed between creating the lock and writing it
+        (tmp_path / LOCK_FILE).touch()
+        os.utime(tmp_path / LOCK_FILE, (0, os.stat(tmp_path / LOCK_FILE).st_mtime - EMPTY_STALE_S - 5))
+        reason = "empty for"
     lock = claim(tmp_path)
     assert lock.owned and reason in capsys.readouterr().err
     assert json.loads((tmp_path / LOCK_FILE).read_text()) == lock.holder
@@ -78,3 +84,17 @@ def test_a_live_process_on_this_host_that_did_not_launch_us_keeps_its_lock(tmp_p
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+@pytest.mark.parametrize("case", ["same-slurm-attempt", "fresh-empty"])
+def test_a_lock_that_may_be_live_is_kept(case, tmp_path, monkeypatch):
+    """Another step of the same Slurm job attempt (two srun in one allocation), or a lock being written."""
+    if case == "same-slurm-attempt":
+        monkeypatch.setenv("SLURM_JOB_ID", "77")
+        write_lock(tmp_path, host="node-03", pid=12, slurm_job="77", slurm_restart=0)
+        expected = "in use by PID 12 on node-03 (Slurm job 77)"
+    else:
+        (tmp_path / LOCK_FILE).touch()
+        expected = "exists but names no holder"
+    with pytest.raises(RunFolderBusy, match=re.escape(expected)):
+        claim(tmp_path)

@@ -134,16 +134,26 @@ class Checkpointer:
         try:
             self.engine.save_checkpoint(str(self.folder), tag=partial.name, client_state=state, save_latest=False)
             _save_file({"loader": loader_state, "rng": rng_state()}, partial / _rank_file(self.rank))
+        except dist.DistError:
+            raise  # a failed collective is not a failed write
         except (OSError, RuntimeError) as err:
             raise _write_error(partial, err) from err
         dist.barrier()
-        names = self._broadcast(sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file())
-                                if self.rank == 0 else None)
-        sums = {name: checksum(partial / name) for name in self._share(names)}
+        # Every rank's view of the folder: on a shared filesystem one node's listing may lag another's.
+        seen = [None] * self.world_size
+        dist.all_gather_object(seen, [str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file()])
+        names = sorted(set().union(*seen))
+        try:
+            sums = {name: checksum(partial / name) for name in self._share(names)}
+        except OSError as err:
+            raise _write_error(partial, err) from err
         gathered = [None] * self.world_size if self.rank == 0 else None
         dist.gather_object(sums, gathered, dst=0)
         if self.rank == 0:
             files = {name: found[name] for found in gathered for name in found}
+            if missing := [_rank_file(r) for r in range(self.world_size) if _rank_file(r) not in files]:
+                raise HataoriError(f"{partial}: {', '.join(missing)} written but not found; all ranks must see the "
+                                   "same run folder (one machine, or a shared filesystem)")
             manifest = {"format": MANIFEST_FORMAT, "step": step, "world_size": self.world_size,
                         "identity": self.identity, "files": dict(sorted(files.items()))}
             manifest["crc32"] = _crc_of(manifest)
@@ -207,7 +217,9 @@ class Checkpointer:
         """Restore engine, scheduler, RNG and this rank's loader state from checkpoint ``step``; a
         checkpoint of another world size is resharded (:mod:`hataori.train.reshard`)."""
         path = self.folder / tag(step)
-        manifest = read_manifest(path)
+        manifest = self._manifest(path)
+        if isinstance(manifest, str):
+            raise CheckpointDamaged(manifest)
         check_identity(path, manifest, self.identity)
         saved_world = manifest["world_size"]
         if saved_world == self.world_size:
@@ -229,15 +241,23 @@ class Checkpointer:
 
     def _verify(self, path: Path) -> list[str]:
         """Problems of checkpoint ``path`` against its manifest, the ranks sharing the reading (all ranks)."""
-        try:
-            manifest = read_manifest(path)
-        except CheckpointDamaged as err:
-            return [str(err)]  # every rank reads the same manifest and comes to the same answer
+        manifest = self._manifest(path)
+        if isinstance(manifest, str):
+            return [manifest]
         names = sorted(manifest["files"])
         problems = verify_files(path, manifest, self._share(names))
         gathered = [None] * self.world_size
         dist.all_gather_object(gathered, problems)
         return [problem for found in gathered for problem in found]
+
+    def _manifest(self, path: Path) -> dict[str, Any] | str:
+        """The manifest of ``path`` as rank 0 reads it, or why it cannot be read, on every rank."""
+        if self.rank == 0:
+            try:
+                found: dict[str, Any] | str = read_manifest(path)
+            except CheckpointDamaged as err:
+                found = str(err)
+        return self._broadcast(found if self.rank == 0 else None)
 
     def _share(self, names: list[str]) -> list[str]:
         return names[self.rank::self.world_size]
@@ -279,7 +299,8 @@ def check_identity(path: Path, manifest: dict[str, Any], identity: dict[str, Any
 
 
 def checksum(path: Path) -> dict[str, Any]:
-    """Size and CRC-32 of a file as it is on disk, flushed to stable storage first."""
+    """Size and CRC-32 of a file as read back, after an fsync of it (its data reaches the disk, or the
+    shared filesystem, before the checkpoint is marked complete)."""
     crc, size = 0, 0
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -294,7 +315,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointDamaged(f"{path / MANIFEST}: missing (a checkpoint is complete only with its manifest)") from None
+        raise CheckpointDamaged(f"{path / MANIFEST}: missing (a checkpoint is complete only with its manifest; one "
+                                "saved before checkpoints had manifests is adopted by `hataori checkpoint verify RUN "
+                                "--adopt`)") from None
     except (OSError, ValueError) as err:
         raise CheckpointDamaged(f"{path / MANIFEST}: damaged, unreadable ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
@@ -351,10 +374,13 @@ def set_aside(path: Path) -> Path:
 
 
 def _write_error(partial: Path, err: Exception) -> HataoriError:
+    """A failed save as a message naming the checkpoint and the free space (a full disk reaches
+    torch.save as a bare ``basic_ios::clear`` RuntimeError)."""
     free = shutil.disk_usage(partial.parent).free if partial.parent.exists() else 0
     return HataoriError(f"{partial}: writing the checkpoint failed ({err}); {free:,} bytes free on that filesystem. "
                         "The incomplete folder is removed on the next start and earlier checkpoints are intact; "
-                        "free space (or set checkpoint.keep_last lower) and launch again to resume")
+                        "if the disk is full, free space (or set checkpoint.keep_last lower), then launch again to "
+                        "resume")
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -368,10 +394,10 @@ def seed_all(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's generator states: python, numpy, torch CPU and (where present) CUDA."""
+    """This process's generator states: python, numpy, torch CPU and (where present) its CUDA device's."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's device only: a resumed run may have fewer per machine
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -381,7 +407,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ----------------------------------------------------------------------------- files
@@ -419,6 +445,23 @@ def _fsync_dir(folder: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", metavar="RUN", help="a run folder (its checkpoints/ are checked) or one step_N folder")
+    parser.add_argument("--adopt", action="store_true",
+                        help="write a manifest for complete checkpoints that have none (saved before checkpoints had "
+                             "manifests), trusting their files as they are now")
+
+
+def adopt(path: Path) -> None:
+    """Write the manifest of a checkpoint saved without one, from its files as they are now."""
+    from hataori.train.weights import CheckpointWeights
+
+    world_size = CheckpointWeights(path).client_state.get("world_size")
+    if world_size is None:
+        raise InputError(path, "records no world size; it is not a checkpoint hataori saved")
+    files = {str(p.relative_to(path)): checksum(p) for p in sorted(path.rglob("*")) if p.is_file()}
+    manifest = {"format": MANIFEST_FORMAT, "step": int(COMPLETE.match(path.name).group(1)), "world_size": world_size,
+                "identity": {}, "files": files}
+    manifest["crc32"] = _crc_of(manifest)
+    atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -431,15 +474,20 @@ def main(args: argparse.Namespace) -> int:
         folder = run / "checkpoints"
         if not folder.is_dir():
             raise InputError(run, "no checkpoints/ folder here; pass a run folder or a checkpoints/step_N folder")
-        paths = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_"))
+        # Complete and set-aside checkpoints; not a save in progress (.incomplete).
+        paths = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_")
+                       and not p.name.endswith(INCOMPLETE_SUFFIX))
         if not paths:
             raise InputError(folder, "holds no checkpoint")
     bad = aside = 0
     for path in paths:
+        complete = bool(COMPLETE.match(path.name))
+        if args.adopt and complete and not (path / MANIFEST).exists():
+            adopt(path)
+            print(f"{path}: had no manifest; one was written from its files as they are now")
         began = time.perf_counter()
         problems = verify(path)
         seconds = time.perf_counter() - began
-        complete = bool(COMPLETE.match(path.name))
         if problems:
             bad += complete
             aside += not complete

@@ -10,9 +10,10 @@ Slurm job id, time, command line). Who takes it:
 
 A second launch into the folder finds the lock and is refused with who holds it. A lock whose holder
 is gone is taken over, with a message: on the same host when that PID no longer runs (or runs
-another program, told apart by its start time), or when it names this launch's own Slurm job (a
-requeued job restarts under the same id, possibly on another node). A lock held on another host by
-another job is never taken over: only the user can know that it is stale. Released when the run
+another program, told apart by its start time), or when it names an earlier attempt of this
+launch's own Slurm job (a requeued job restarts under the same id with a higher
+``SLURM_RESTART_COUNT``, possibly on another node). A lock held on another host by another job, or
+by another step of the same attempt, is never taken over: only the user can know that it is stale. Released when the run
 ends (by rank 0 for an inherited lock), and also left behind by ``kill -9``, which the next launch
 then takes over.
 
@@ -36,6 +37,8 @@ from typing import Any
 from hataori.errors import HataoriError
 
 LOCK_FILE = "run.lock"
+EMPTY_STALE_S = 60
+"""An empty lock older than this was left by a launch killed as it took it (a live one writes it at once)."""
 LAUNCHER_PID_VAR = "HATAORI_LAUNCHER_PID"
 """Set by ``hataori pretrain --nproc N`` for the ranks it launches: the PID whose death kills them."""
 PR_SET_PDEATHSIG = 1
@@ -84,7 +87,7 @@ def claim(run_dir: str | os.PathLike) -> RunLock:
             found = _read(path)
             if found is not None and _inherited(found, me):
                 return RunLock(path, found, owned=False)
-            reason = None if found is None else _stale(found, me)
+            reason = _stale(path, found, me)
             if reason is None:
                 raise RunFolderBusy(busy_message(path, found))
             print(f"{path}: {reason}; taking the run folder over", file=sys.stderr, flush=True)
@@ -97,7 +100,7 @@ def claim(run_dir: str | os.PathLike) -> RunLock:
 def holder() -> dict[str, Any]:
     """What a lock taken by this process says about it."""
     return {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid()),
-            "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "slurm_job": os.environ.get("SLURM_JOB_ID"), "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
             "since": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
 
 
@@ -147,11 +150,18 @@ def _inherited(found: dict[str, Any], me: dict[str, Any]) -> bool:
             and process_start(found["pid"]) == found.get("start"))
 
 
-def _stale(found: dict[str, Any], me: dict[str, Any]) -> str | None:
+def _stale(path: Path, found: dict[str, Any] | None, me: dict[str, Any]) -> str | None:
     """Why the lock ``found`` can be taken over, or None if its holder may still run."""
-    if found.get("slurm_job") and found["slurm_job"] == me["slurm_job"]:
-        return f"held by an earlier launch of this Slurm job ({found['slurm_job']}, PID {found.get('pid')} on " \
-               f"{found.get('host')})"
+    if found is None:  # empty: a launch killed between creating the file and writing it
+        try:
+            age = datetime.datetime.now().timestamp() - path.stat().st_mtime
+        except FileNotFoundError:
+            return "gone"
+        return f"empty for {age:.0f} s (its launch was killed as it took it)" if age > EMPTY_STALE_S else None
+    if (found.get("slurm_job") and found["slurm_job"] == me["slurm_job"]
+            and int(found.get("slurm_restart") or 0) < me["slurm_restart"]):
+        return (f"held by an earlier attempt of this Slurm job ({found['slurm_job']}, restart "
+                f"{found.get('slurm_restart') or 0}, PID {found.get('pid')} on {found.get('host')})")
     if found.get("host") == me["host"] and not _alive(int(found.get("pid", 0)), found.get("start")):
         return f"held by PID {found.get('pid')} on this host, which is no longer running"
     return None
@@ -186,10 +196,12 @@ def _remove_if_unchanged(path: Path, found: dict[str, Any]) -> None:
         os.replace(path, doomed)
     except FileNotFoundError:
         return
-    if _read(doomed) != found:  # not the one judged stale: put it back
-        os.replace(doomed, path)
-    else:
-        doomed.unlink(missing_ok=True)
+    if _read(doomed) != found:  # not the one judged stale: put it back, unless yet another launch took the name
+        try:
+            os.link(doomed, path)
+        except FileExistsError:
+            pass
+    doomed.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- ranks of a launcher

@@ -37,7 +37,7 @@ import warnings
 from pathlib import Path
 
 from hataori.config import override, split_items
-from hataori.errors import ConfigError, InputError
+from hataori.errors import ConfigError, HataoriError, InputError
 from hataori.train.config import TrainConfig, load_train_config
 
 LAUNCHER_VARS = ("WORLD_SIZE", "SLURM_NTASKS")
@@ -67,9 +67,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--nproc", f"must be at least 1, got {args.nproc}")
     if any(name in os.environ for name in LAUNCHER_VARS) or args.nproc == 1:
         return pretrain(cfg)
-    from hataori.train.lock import claim
-
-    lock = claim(cfg.run_dir)  # held on by the launcher this process becomes, and inherited by its ranks
+    lock = take_run_folder(cfg)  # held on by the launcher this process becomes, and inherited by its ranks
     try:
         check(cfg, world_size=args.nproc)
     except BaseException:
@@ -141,20 +139,35 @@ def open_tokenizer(cfg: TrainConfig):
     return tokenizer
 
 
+def take_run_folder(cfg: TrainConfig):
+    """Lock the run folder (:mod:`hataori.train.lock`), then, before anything else is written, remove
+    what interrupted saves left: on a full disk they may hold the space the run needs."""
+    from hataori.train.checkpoint import remove_incomplete
+    from hataori.train.lock import claim
+
+    lock = claim(cfg.run_dir)
+    try:
+        remove_incomplete(Path(cfg.run_dir) / "checkpoints")
+        lock.record()
+        if not lock.recorded:
+            raise HataoriError(f"{lock.path}: the disk is full, even after removing interrupted checkpoint saves; "
+                               "free space and launch again")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def pretrain(cfg: TrainConfig) -> int:
     """Take the run folder (rank 0) and train; the same on every rank."""
-    from hataori.train.checkpoint import remove_incomplete
-    from hataori.train.lock import claim, die_with_launcher
+    from hataori.train.lock import die_with_launcher
     from hataori.train.zero import ranks_from_env
 
     die_with_launcher()
     if ranks_from_env()[0] != 0:
         return train(cfg)
-    lock = claim(cfg.run_dir)
+    lock = take_run_folder(cfg)
     try:
-        # Before anything is written: an interrupted save may hold the space that writing needs.
-        remove_incomplete(Path(cfg.run_dir) / "checkpoints")
-        lock.record()
         return train(cfg)
     finally:
         lock.release()

@@ -23,8 +23,10 @@ damaged the weights: training stops at once with :class:`TrainingFailed` (the co
 error) and nothing is saved, so the last checkpoint holds the last good weights. A step the
 optimizer skipped (an overflow, which ZeRO stages 1-3 and fp16 loss scaling detect) leaves the
 weights as they were; ``max_skipped_steps`` such steps in a row stop the run the same way, and no
-checkpoint is written while skipped steps are running (a checkpoint falls due again after the next
-applied step), so weights that only overflow are never saved. ``spike_factor`` warns when a loss
+checkpoint is written while skipped steps are running, so weights that only overflow are never
+saved: a checkpoint that falls due, and a stop that is requested, wait for the next applied step
+(at most ``max_skipped_steps``). After the last step the run saves whatever it holds: skipped steps
+leave the weights of the last applied one. ``spike_factor`` warns when a loss
 jumps above that multiple of the recent mean.
 
 :meth:`Trainer.request_stop` (e.g. from a signal handler) ends training after the current step
@@ -140,18 +142,22 @@ class Trainer:
             self.resume()
         for start_hook in self.start_hooks:
             start_hook(self.step)
-        launched_at, save_pending = self.step, False
+        launched_at, save_pending, stopping = self.step, False, False
         while self.step < self.cfg.max_steps:
             metrics = self.train_step()
             for hook in self.hooks:
                 hook(metrics)
             self.check_health(metrics)
-            stop = self._stop_agreed() or self.step - launched_at == self.cfg.launch_steps
-            save_pending |= self.checkpointer.due(self.step, last=stop or self.step == self.cfg.max_steps)
-            if save_pending and not self.skipped_in_a_row:
+            stopping = (self._stop_agreed() or stopping
+                        or bool(self.cfg.launch_steps) and self.step - launched_at >= self.cfg.launch_steps)
+            last = self.step == self.cfg.max_steps
+            save_pending |= self.checkpointer.due(self.step, last=stopping or last)
+            if self.skipped_in_a_row and not last:
+                continue  # save, and stop, after the next applied step (or fail within max_skipped_steps)
+            if save_pending:
                 self.save()
                 save_pending = False
-            if stop:
+            if stopping:
                 break
         return self.step
 

@@ -260,12 +260,13 @@ def init_distributed(timeout: timedelta = timedelta(minutes=10)) -> DistEnv:
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(timeout_s: float = 60.0) -> None:
     """End the process group once every rank is done with it, and leave only when every rank has
     torn it down. A rank that exits while another is still closing its gloo connections makes that
     one abort ("terminate called without an active exception"); a barrier before the teardown does
     not prevent it (the teardown itself is not synchronised), so the ranks also meet afterwards on
-    the group's key-value store, which rank 0 hosts and therefore leaves last."""
+    the group's key-value store, rank 0 last. A rank that never arrives (it died) is waited for at
+    most ``timeout_s``."""
     import time
 
     from torch.distributed import distributed_c10d
@@ -278,10 +279,11 @@ def shutdown_distributed() -> None:
     torch.distributed.destroy_process_group()
     if world_size == 1:
         return
+    deadline = time.monotonic() + timeout_s
     for key in ("hataori/torn-down", "hataori/left"):
         store.add(key, 1)
         if key == "hataori/torn-down" or rank == 0:
-            while store.add(key, 0) < world_size:
+            while store.add(key, 0) < world_size and time.monotonic() < deadline:
                 time.sleep(0.005)
 
 
