@@ -62,6 +62,9 @@ MASTER_ADDR=$(scontrol show node "$first_node" | grep -o 'NodeAddr=[^ ]*' | head
 export MASTER_ADDR
 # From the job id and the attempt: jobs sharing a node, and a restart, each get their own port.
 export MASTER_PORT=$((20000 + (SLURM_JOB_ID % 4000) * 10 + ATTEMPT % 10))
+# Each task's rank comes from Slurm (SLURM_PROCID); torchrun's variables, inherited from the
+# submitting shell, would take precedence and make every task rank 0 of its own group.
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
 {{device_env}}{{setup}}
 # Stop signals. SIGUSR1 {{signal_seconds}} s before the time limit, SIGTERM on preemption or scancel: either
 # way every training process (through srun) checkpoints after its current step and exits.
