@@ -1,13 +1,13 @@
 """hataori: a pretraining framework for Japanese decoder-only language models.
 
-The top-level folders (model/, tokenizer/, train/, kernels/, slurm/) install as subpackages of the
+The top-level folders (model/, tokenizer/, train/, kernels/, slurm/, eval/) install as subpackages of the
 ``hataori`` import namespace, so nothing lands in site-packages under a bare name that other
 distributions already own (``kernels``, ``tokenizer`` and ``train`` are taken on PyPI).
 """
 
 from setuptools import setup
 
-SUBPACKAGES = ("model", "tokenizer", "train", "kernels", "slurm")
+SUBPACKAGES = ("model", "tokenizer", "train", "kernels", "slurm", "eval")
 
 setup(
     name="hataori",
@@ -18,6 +18,8 @@ setup(
     python_requires=">=3.10",
     packages=["hataori", *(f"hataori.{name}" for name in SUBPACKAGES)],
     package_dir={"hataori": "hataori", **{f"hataori.{name}": name for name in SUBPACKAGES}},
+    # The JGLUE files evaluation reads offline (CC BY-SA 4.0; eval/jglue/README.md and LICENSE go with them).
+    package_data={"hataori.eval": ["jglue/*.json", "jglue/LICENSE", "jglue/README.md"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.15",
@@ -37,8 +39,9 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6", "triton>=3.0"],
-        # Triton runs the kernel tests on the CPU through its interpreter.
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "build>=1.0", "triton>=3.0"],
+        # Triton runs the kernel tests on the CPU through its interpreter; PEFT loads the exported
+        # LoRA adapter onto transformers' Llama in tests/test_lora.py (the independent reference).
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "build>=1.0", "triton>=3.0", "peft>=0.11"],
     },
     entry_points={"console_scripts": ["hataori = hataori.cli:main"]},
 )

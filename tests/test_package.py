@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ["hataori", "hataori.model", "hataori.tokenizer", "hataori.train", "hataori.kernels", "hataori.slurm"]
+SUBPACKAGES = ["hataori", "hataori.model", "hataori.tokenizer", "hataori.train", "hataori.kernels", "hataori.slurm",
+               "hataori.eval"]
 # Names other distributions own on PyPI, and our own folder names: none may be installed bare.
-FORBIDDEN_TOP_LEVEL = {"model", "tokenizer", "train", "kernels", "configs", "tests", "slurm"}
+FORBIDDEN_TOP_LEVEL = {"model", "tokenizer", "train", "kernels", "configs", "tests", "slurm", "eval"}
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,9 @@ def test_wheel_holds_only_the_hataori_namespace(wheel: Path):
         names = set(zf.namelist())
     for package in SUBPACKAGES:
         assert package.replace(".", "/") + "/__init__.py" in names
+    # The JGLUE files evaluation reads, with their license, travel with the package.
+    for name in ("jcommonsenseqa-train.json", "jcommonsenseqa-valid.json", "jnli-valid.json", "LICENSE", "README.md"):
+        assert f"hataori/eval/jglue/{name}" in names
 
 
 @pytest.mark.timeout(600)

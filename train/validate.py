@@ -1,26 +1,19 @@
 """Validation: loss and bits per character over whole documents of the validation split.
 
+The scoring itself (windows, packing, the summed NLL, the character count) is
+:mod:`hataori.eval.bpc`'s, which ``hataori eval --task bpc`` uses too; this module selects the
+documents, caches their character count and deals the rows out to the ranks.
+
 Documents
     The first documents of each dataset's ``val`` split, dataset by dataset in the config's order,
     up to ``validation.max_docs`` documents and ``validation.max_tokens`` tokens (a document is
     taken whole or not at all). The selection is the same at every validation of a run.
 
-What is scored
-    Each document is scored as training sees it: its tokens and its EOS are the targets, each
-    predicted from the tokens before it, the first from the EOS that precedes every document (its
-    BOS). A document of ``n`` tokens (EOS included) is cut into windows of ``seq_len`` targets;
-    each window is its own context (positions restart at 0), so a document longer than
-    ``seq_len`` is scored with the context restarting every ``seq_len`` tokens. Windows are packed
-    into rows of ``seq_len`` with document masking, so a window sees nothing outside itself, and
-    padding is not scored.
-
-Numbers
-    ``loss`` is the mean negative log-likelihood in nats per target token. ``bpc`` (bits per
-    character) is the summed NLL in nats, divided by ln 2 and by the number of characters of the
-    documents: the length of each document's text as the tokenizer decodes it (EOS excluded; the
-    tokenizer's normalisation applies). Bits per character do not depend on the tokenizer, so runs
-    with different vocabularies compare. The character count is computed once per run and cached
-    in ``<run_dir>/validation.json``.
+What is scored, and the numbers
+    As :mod:`hataori.eval.bpc` describes: each document whole, EOS included, in windows of
+    ``seq_len`` packed with document masking; ``loss`` in nats per target token, ``bpc`` in bits per
+    character of the decoded text. The character count is computed once per run and cached in
+    ``<run_dir>/validation.json``.
 
 Processes
     The rows are dealt out to the ranks (row ``i`` to rank ``i % world_size``), padded with unscored
@@ -33,16 +26,15 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from hataori.errors import ConfigError
+from hataori.eval.bpc import BpcResult, count_chars, pack_rows, summed_nll
 from hataori.fsutil import atomic_write_text
 from hataori.model import IGNORE_INDEX
 from hataori.tokenizer.model import Tokenizer
@@ -52,22 +44,8 @@ from hataori.train.config import ValidationConfig
 CACHE_FILE = "validation.json"
 
 
-@dataclass(frozen=True, slots=True)
-class ValResult:
-    """One validation pass, the same on every rank."""
-
-    loss: float
-    """Mean NLL per target token, in nats."""
-    bpc: float
-    """Summed NLL in bits per character of the documents' text."""
-    nll: float
-    """Summed NLL in nats."""
-    tokens: int
-    """Target tokens scored (EOS included)."""
-    chars: int
-    """Characters of the documents' decoded text."""
-    documents: int
-    seconds: float
+ValResult = BpcResult
+"""One validation pass, the same on every rank."""
 
 
 def select_documents(datasets: list[Dataset], *, max_docs: int = 0, max_tokens: int = 0) -> list[np.ndarray]:
@@ -82,40 +60,6 @@ def select_documents(datasets: list[Dataset], *, max_docs: int = 0, max_tokens: 
             docs.append(doc)
             tokens += len(doc)
     return docs
-
-
-def document_windows(doc: np.ndarray, eos_id: int, seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(inputs, targets) of each window of one document: inputs start with EOS, targets end with it."""
-    inputs = np.concatenate([[eos_id], doc[:-1]])
-    return [(inputs[i:i + seq_len], doc[i:i + seq_len]) for i in range(0, len(doc), seq_len)]
-
-
-def pack_rows(docs: list[np.ndarray], eos_id: int, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Inputs, targets and doc_ids, each (rows, seq_len), of every window packed in order into rows.
-
-    A window goes into the current row if it fits, else starts a new one. Every window, and the
-    padding at the end of a row, has its own doc id; padding targets are IGNORE_INDEX.
-    """
-    rows: list[list[tuple[np.ndarray, np.ndarray]]] = [[]]
-    used = 0
-    for doc in docs:
-        for window in document_windows(doc, eos_id, seq_len):
-            if used + len(window[0]) > seq_len:
-                rows.append([])
-                used = 0
-            rows[-1].append(window)
-            used += len(window[0])
-    rows = [row for row in rows if row]
-    inputs = np.full((len(rows), seq_len), eos_id, dtype=np.int64)
-    targets = np.full((len(rows), seq_len), IGNORE_INDEX, dtype=np.int64)
-    doc_ids = np.zeros((len(rows), seq_len), dtype=np.int64)
-    for r, row in enumerate(rows):
-        at = 0
-        for w, (x, y) in enumerate(row):
-            inputs[r, at:at + len(x)], targets[r, at:at + len(y)], doc_ids[r, at:at + len(x)] = x, y, w
-            at += len(x)
-        doc_ids[r, at:] = len(row)  # padding: a segment of its own
-    return inputs, targets, doc_ids
 
 
 class Validator:
@@ -172,15 +116,8 @@ class Validator:
         training = getattr(model, "training", False)
         if hasattr(model, "eval"):
             model.eval()
-        nll = torch.zeros((), dtype=torch.float64, device=device)
-        for i in range(0, len(self.inputs), self.cfg.batch_size):
-            rows = slice(i, i + self.cfg.batch_size)
-            inputs, doc_ids, targets = (torch.from_numpy(a[rows]).to(device)
-                                        for a in (self.inputs, self.doc_ids, self.targets))
-            logits = model(inputs, doc_ids=doc_ids)  # (B, T, V)
-            for row_logits, row_targets in zip(logits, targets):  # fp32 one row at a time
-                nll += F.cross_entropy(row_logits.float(), row_targets, ignore_index=IGNORE_INDEX,
-                                       reduction="sum").double()
+        nll = summed_nll(model, self.inputs, self.targets, self.doc_ids, batch_size=self.cfg.batch_size,
+                         device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(nll)
         if training and hasattr(model, "train"):
@@ -189,11 +126,6 @@ class Validator:
         return ValResult(loss=total / self.tokens, bpc=total / math.log(2) / self.chars, nll=total,
                          tokens=self.tokens, chars=self.chars, documents=self.documents,
                          seconds=time.perf_counter() - began)
-
-
-def count_chars(docs: list[np.ndarray], tokenizer: Tokenizer) -> int:
-    """Characters of the documents' decoded text (EOS excluded)."""
-    return sum(len(tokenizer.decode(doc[:-1].tolist())) for doc in docs)
 
 
 def cached_chars(path: Path | None, key: dict[str, Any], count: Callable[[], int]) -> int:

@@ -1,0 +1,151 @@
+"""``hataori eval``: score a model on a Japanese benchmark or a corpus, offline.
+
+    hataori eval MODEL --task NAME [--template NAME] [--shots K] [--seed S] [--data FILE]
+        [--train FILE] [--limit N] [--batch-size B] [--output results.json] [--device cpu]
+
+MODEL is a run folder (its latest complete checkpoint), one of its ``checkpoints/step_N`` folders,
+or a model folder in transformers' layout with its ``tokenizer.model`` (what ``hataori export hf``
+writes; recognised by its ``config.json``). The tasks, templates and scoring are
+:mod:`hataori.eval`'s; this command loads the model in fp32 and calls
+:func:`hataori.eval.runner.run_task`.
+
+The results (``--output``, JSON) hold what :func:`~hataori.eval.runner.run_task` returns and the
+model: its path, kind, checkpoint and step, and a fingerprint. A run's fingerprint hashes the
+tokenizer's fingerprint and the checkpoint manifest's CRC (which covers every file of the
+checkpoint); a Hugging Face folder's hashes the tokenizer's fingerprint, the SHA-256 of
+``config.json`` and the CRC-32 of each weights file. One line goes to stdout: the scores and the
+examples per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import sys
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hataori.errors import ConfigError, InputError
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    """A short hash of what identifies a model's function (see the module docstring)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def load_run(path: Path, device: torch.device):
+    """(model, tokenizer, model record) of a run folder or checkpoint folder."""
+    from hataori.train.checkpoint import read_manifest
+    from hataori.train.generate import load_model
+    from hataori.train.run import model_config, read_config, run_tokenizer
+    from hataori.train.weights import resolve_checkpoint
+
+    run_dir, checkpoint = resolve_checkpoint(path)
+    config = read_config(run_dir)
+    tokenizer = run_tokenizer(run_dir, config, None, model_config(config).vocab_size)
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's prints; stdout carries the summary
+        model, _ = load_model(checkpoint, device)
+    manifest = read_manifest(checkpoint)
+    parts = {"tokenizer": tokenizer.fingerprint, "checkpoint_crc32": manifest["crc32"]}
+    record = {"path": str(path.resolve()), "kind": "run", "checkpoint": str(checkpoint.resolve()),
+              "step": manifest.get("step"), "fingerprint": fingerprint(parts), **parts}
+    return model, tokenizer, record
+
+
+def load_hf(folder: Path, device: torch.device):
+    """(model, tokenizer, model record) of a model folder in transformers' layout."""
+    from hataori.model import ModelConfig
+    from hataori.model.hf import CONFIG_FILE
+    from hataori.tokenizer.model import Tokenizer
+    from hataori.train.init import HFSource, InitConfig, load_initial_weights, open_source
+
+    source = HFSource(str(folder))
+    cfg = ModelConfig(**source.fields)
+    tokenizer = Tokenizer(folder / "tokenizer.model")
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise InputError(folder, f"tokenizer.model has {tokenizer.vocab_size} pieces, config.json's vocab_size is "
+                         f"{cfg.vocab_size}: the tokenizer does not belong to the model")
+    plan = open_source(InitConfig(from_hf=str(folder)), cfg, tokenizer)  # checks every weight's name and shape
+    model = cfg.build()
+    load_initial_weights(model, plan)
+    files = sorted(set(source.checkpoint.weight_map.values()))
+    parts = {"tokenizer": tokenizer.fingerprint,
+             "config_sha256": hashlib.sha256((folder / CONFIG_FILE).read_bytes()).hexdigest(),
+             "weights_crc32": {name: file_crc32(folder / name) for name in files}}
+    record = {"path": str(folder.resolve()), "kind": "hf", "checkpoint": None, "step": None,
+              "fingerprint": fingerprint(parts), **parts}
+    return model.to(device).eval(), tokenizer, record
+
+
+def load(path: str | Path, device: torch.device | str = "cpu"):
+    """(model, tokenizer, model record) of MODEL (see the module docstring); the model in fp32, eval mode."""
+    from hataori.model.hf import CONFIG_FILE
+
+    path = Path(path)
+    device = torch.device(device)
+    if (path / CONFIG_FILE).is_file():
+        return load_hf(path, device)
+    return load_run(path, device)
+
+
+def evaluate(model_path: str | Path, task: str, *, device: torch.device | str = "cpu", **options) -> dict:
+    """Load MODEL and run ``task`` on it (``options``: those of :func:`hataori.eval.runner.run_task`);
+    the results with the model's record."""
+    from hataori.eval.runner import run_task
+    from hataori.eval.tasks import get_task
+
+    get_task(task)  # an unknown task is refused before the model is loaded
+    model, tokenizer, record = load(model_path, device)
+    return {"model": record, **run_task(model, tokenizer, task, **options)}
+
+
+# ----------------------------------------------------------------------------- `hataori eval`
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="a run folder, its checkpoints/step_N folder, or a Hugging "
+                        "Face model folder written by `hataori export hf`")
+    parser.add_argument("--task", required=True, help="jcommonsenseqa, jnli or bpc")
+    parser.add_argument("--template", help="a template name (configs/eval/NAME.yaml) or a YAML file "
+                        "(default: the task's)")
+    parser.add_argument("--shots", type=int, default=0, help="examples with their answers before each one")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shots' draw")
+    parser.add_argument("--data", help="evaluate this file instead of the task's (same format; bpc: a JSONL or "
+                        "text corpus)")
+    parser.add_argument("--train", help="draw shots from this file instead of the task's train file")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N examples (0: all)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences a forward pass")
+    parser.add_argument("--output", help="write the results here (JSON)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda where there is one)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from hataori.eval.runner import summary
+    from hataori.fsutil import atomic_write_text
+    from hataori.train.generate import torch_device
+
+    if args.device.split(":")[0] not in ("cpu", "cuda"):
+        raise ConfigError("--device", f"{args.device!r}: eval runs on cpu, cuda or cuda:N")
+    results = evaluate(args.model, args.task, device=torch_device(args.device), template=args.template,
+                       shots=args.shots, seed=args.seed, data=args.data, train=args.train, limit=args.limit,
+                       batch_size=args.batch_size)
+    if args.output:
+        output = Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output, json.dumps(results, ensure_ascii=False, indent=1) + "\n")
+    print(summary(results))
+    return 0
