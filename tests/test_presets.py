@@ -9,6 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from hataori.config import load
+from hataori.eval.templates import TemplateConfig
 from hataori.model import ModelConfig
 from hataori.tokenizer.prepare import PrepareConfig
 from hataori.tokenizer.trainer import TokenizerTrainConfig
@@ -21,6 +22,7 @@ SCHEMAS = {
     "tokenizer": TokenizerTrainConfig,
     "data": PrepareConfig,
     "train": TrainConfig,
+    "eval": TemplateConfig,
 }
 # What a preset leaves to the command line (the user's own corpus), given here as a user would.
 COMMAND_LINE = {
