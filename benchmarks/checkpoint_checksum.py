@@ -25,10 +25,10 @@ from pathlib import Path
 from hataori.train.checkpoint import checksum
 
 
-def timed(paths: list[Path]) -> float:
+def timed(paths: list[Path], *, sync: bool) -> float:
     began = time.perf_counter()
     for path in paths:
-        checksum(path)
+        checksum(path, sync=sync)
     return time.perf_counter() - began
 
 
@@ -60,13 +60,16 @@ def main() -> None:
                     f.write(block[:min(len(block), size - start)])
             paths.append(path)
         total = size * args.files / 1e9
-        rows = [("save: just written (fsync + read + CRC-32)", timed(paths)),
-                ("resume: in the page cache (read + CRC-32)", timed(paths))]
+        rows = [("save: just written (fsync + read + CRC-32)", timed(paths, sync=True)),
+                ("resume: in the page cache (read + CRC-32)", timed(paths, sync=False))]
         if drop_page_cache():
-            rows.append(("resume: from the disk (page cache dropped)", timed(paths)))
-        began = time.perf_counter()
-        zlib.crc32(block)
-        rows.append(("CRC-32 alone, in memory", (time.perf_counter() - began) * total * 1e9 / len(block)))
+            rows.append(("resume: from the disk (page cache dropped)", timed(paths, sync=False)))
+        best = float("inf")
+        for _ in range(5):  # the best of 5 passes over one block
+            began = time.perf_counter()
+            zlib.crc32(block)
+            best = min(best, time.perf_counter() - began)
+        rows.append(("CRC-32 alone, in memory", best * total * 1e9 / len(block)))
         print(f"{total:.2f} GB in {args.files} files under {folder.parent}")
         print(f"{'':45s} {'s per GB':>9s} {'GB/s':>7s}")
         for name, seconds in rows:

@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import json
 import sys
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +37,10 @@ def fingerprint(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def file_crc32(path: Path) -> str:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            crc = zlib.crc32(chunk, crc)
-    return f"{crc:08x}"
-
-
 def load_run(path: Path, device: torch.device):
     """(model, tokenizer, model record) of a run folder or checkpoint folder."""
     from hataori.train.checkpoint import read_manifest
-    from hataori.train.generate import load_model
+    from hataori.train.generate import checkpoint_model
     from hataori.train.run import model_config, read_config, run_tokenizer
     from hataori.train.weights import resolve_checkpoint
 
@@ -57,7 +48,7 @@ def load_run(path: Path, device: torch.device):
     config = read_config(run_dir)
     tokenizer = run_tokenizer(run_dir, config, None, model_config(config).vocab_size)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's prints; stdout carries the summary
-        model, _ = load_model(checkpoint, device)
+        model = checkpoint_model(checkpoint, config, device)
     manifest = read_manifest(checkpoint)
     parts = {"tokenizer": tokenizer.fingerprint, "checkpoint_crc32": manifest["crc32"]}
     record = {"path": str(path.resolve()), "kind": "run", "checkpoint": str(checkpoint.resolve()),
@@ -70,6 +61,7 @@ def load_hf(folder: Path, device: torch.device):
     from hataori.model import ModelConfig
     from hataori.model.hf import CONFIG_FILE
     from hataori.tokenizer.model import Tokenizer
+    from hataori.train.checkpoint import checksum
     from hataori.train.init import HFSource, InitConfig, load_initial_weights, open_source
 
     source = HFSource(str(folder))
@@ -84,7 +76,7 @@ def load_hf(folder: Path, device: torch.device):
     files = sorted(set(source.checkpoint.weight_map.values()))
     parts = {"tokenizer": tokenizer.fingerprint,
              "config_sha256": hashlib.sha256((folder / CONFIG_FILE).read_bytes()).hexdigest(),
-             "weights_crc32": {name: file_crc32(folder / name) for name in files}}
+             "weights_crc32": {name: checksum(folder / name, sync=False)["crc32"] for name in files}}
     record = {"path": str(folder.resolve()), "kind": "hf", "checkpoint": None, "step": None,
               "fingerprint": fingerprint(parts), **parts}
     return model.to(device).eval(), tokenizer, record

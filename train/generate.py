@@ -125,6 +125,12 @@ def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu"):
     """The model of a run checkpoint, in fp32 and eval mode, and the run's config dict."""
     run_dir, checkpoint = resolve_checkpoint(checkpoint_path)
     config = read_config(run_dir)
+    return checkpoint_model(checkpoint, config, device), config
+
+
+def checkpoint_model(checkpoint: Path, config: dict, device: str | torch.device = "cpu"):
+    """The model of checkpoint folder ``checkpoint`` (already resolved and verified by
+    :func:`~hataori.train.weights.resolve_checkpoint`) of a run whose config is ``config``."""
     model = model_config(config).build()
     state = CheckpointWeights(checkpoint).state_dict()
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -132,7 +138,7 @@ def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu"):
     if set(missing) - tied or unexpected:
         raise InputError(checkpoint, f"weights do not match the recorded model config: missing {sorted(missing)}, "
                                      f"unexpected {sorted(unexpected)}")
-    return model.to(device).eval(), config
+    return model.to(device).eval()
 
 
 def torch_device(text: str) -> torch.device:
@@ -178,11 +184,11 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--max-new-tokens", f"must be >= 1, got {args.max_new_tokens}")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)
     device = torch_device(args.device)
-    run_dir, _ = resolve_checkpoint(args.checkpoint)
+    run_dir, checkpoint = resolve_checkpoint(args.checkpoint)
     config = read_config(run_dir)
     tokenizer = run_tokenizer(run_dir, config, args.tokenizer, model_config(config).vocab_size)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress prints; stdout carries only the text
-        model, _ = load_model(args.checkpoint, device)
+        model = checkpoint_model(checkpoint, config, device)
     prompt = [tokenizer.eos_id] + tokenizer.encode([args.prompt])[0]
     generator = torch.Generator(device=device).manual_seed(args.seed)
     new = generate(model, prompt, max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id, sampling=sampling,

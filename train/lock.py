@@ -115,12 +115,18 @@ def busy_message(path: Path, found: dict[str, Any] | None) -> str:
             f"gone (its machine crashed), remove {path} and launch again")
 
 
+def _stat(pid: int) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command name (state, ppid, ...); [] if unreadable."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def process_start(pid: int) -> str | None:
     """The start time of process ``pid`` in clock ticks since boot (tells a reused PID apart), or None."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    fields = _stat(pid)
+    return fields[19] if len(fields) > 19 else None
 
 
 def _alive(pid: int, start: str | None) -> bool:
@@ -137,10 +143,10 @@ def _ancestors() -> set[int]:
     pids, pid = set(), os.getppid()
     while pid > 1 and pid not in pids:
         pids.add(pid)
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
+        fields = _stat(pid)
+        if len(fields) < 2:
             break
+        pid = int(fields[1])
     return pids
 
 
