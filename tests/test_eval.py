@@ -110,6 +110,15 @@ def test_choice_loglikelihoods_match_transformers(folders, hf_model, tokenizer, 
         line = capsys.readouterr().out.strip()
         assert line.startswith("jcommonsenseqa (jcommonsenseqa-v1, 1-shot, seed 0): acc ") and "examples/s" in line
         results[name] = json.loads(out.read_text(encoding="utf-8"))
+    # An existing results file is not replaced unless asked.
+    written = out.read_bytes()
+    assert hataori_main(["eval", str(hf_folder), "--task", "jcommonsenseqa", "--limit", "2", "--output", str(out),
+                         "--device", "cpu"]) == 2
+    assert f"--output: {out} exists; pass --replace" in capsys.readouterr().err and out.read_bytes() == written
+    assert hataori_main(["eval", str(hf_folder), "--task", "jcommonsenseqa", "--limit", "2", "--output", str(out),
+                         "--device", "cpu", "--replace"]) == 0
+    assert json.loads(out.read_text(encoding="utf-8"))["counts"]["examples"] == 2
+    capsys.readouterr()
 
     ours = results["run"]
     assert (ours["counts"]["examples"], ours["counts"]["requests"], ours["counts"]["truncated"]) == (5, 25, 0)

@@ -127,7 +127,7 @@ def test_sampling_options_are_checked():
     (["--top-p", "1.5"], "--top-p: must be in (0, 1], got 1.5"),
     (["--top-p", "nan"], "--top-p: must be in (0, 1], got nan"),
     (["--device", "gpu0"], "--device: 'gpu0' is not a device; use cpu, cuda or cuda:N"),
-    (["--device", "meta"], "--device: meta: generate runs on cpu or cuda"),
+    (["--device", "meta"], "--device: meta: use cpu, cuda or cuda:N"),
 ])
 def test_generate_options_are_checked(argv, message, tmp_path, capsys):
     assert hataori_main(["generate", str(tmp_path), "こんにちは", *argv]) == 2

@@ -1,7 +1,7 @@
 """``hataori eval``: score a model on a Japanese benchmark or a corpus, offline.
 
     hataori eval MODEL --task NAME [--template NAME] [--shots K] [--seed S] [--data FILE]
-        [--train FILE] [--limit N] [--batch-size B] [--output results.json] [--device cpu]
+        [--train FILE] [--limit N] [--batch-size B] [--output results.json [--replace]] [--device cpu]
 
 MODEL is a run folder (its latest complete checkpoint), one of its ``checkpoints/step_N`` folders,
 or a model folder in transformers' layout with its ``tokenizer.model`` (what ``hataori export hf``
@@ -121,6 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=0, help="only the first N examples (0: all)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences a forward pass")
     parser.add_argument("--output", help="write the results here (JSON)")
+    parser.add_argument("--replace", action="store_true", help="replace an existing --output file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda where there is one)")
 
@@ -130,8 +131,8 @@ def main(args: argparse.Namespace) -> int:
     from hataori.fsutil import atomic_write_text
     from hataori.train.generate import torch_device
 
-    if args.device.split(":")[0] not in ("cpu", "cuda"):
-        raise ConfigError("--device", f"{args.device!r}: eval runs on cpu, cuda or cuda:N")
+    if args.output and Path(args.output).exists() and not args.replace:
+        raise ConfigError("--output", f"{args.output} exists; pass --replace to replace it, or choose another file")
     results = evaluate(args.model, args.task, device=torch_device(args.device), template=args.template,
                        shots=args.shots, seed=args.seed, data=args.data, train=args.train, limit=args.limit,
                        batch_size=args.batch_size)

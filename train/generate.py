@@ -148,7 +148,7 @@ def torch_device(text: str) -> torch.device:
     except RuntimeError:
         raise ConfigError("--device", f"{text!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise ConfigError("--device", f"{text}: generate runs on cpu or cuda")
+        raise ConfigError("--device", f"{text}: use cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             cuda = torch.version.cuda
