@@ -31,7 +31,7 @@ import math
 import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -208,21 +208,28 @@ PEFT_PREFIX = "base_model.model."
 """What PEFT puts before the wrapped model's names in a saved adapter."""
 
 
-def peft_state_dict(model: Transformer, cfg: LoRAConfig) -> dict[str, torch.Tensor]:
+def peft_state_dict(model: Transformer, cfg: LoRAConfig,
+                    tensor: Callable[[str], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The adapter as PEFT saves it for ``LlamaForCausalLM`` (``adapter_model.safetensors``):
     ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` and ``...lora_B.weight``
     for each adapted layer, and the whole weights of the ``train_also`` modules
-    (``base_model.model.model.embed_tokens.weight``); vocabulary rows cut to vocab_size."""
+    (``base_model.model.model.embed_tokens.weight``); vocabulary rows cut to vocab_size.
+
+    ``tensor(name)`` gives the value of the model's parameter ``name`` (``blocks.0.attn.wq.lora_A``,
+    ``tok_embeddings.weight``) where ``model`` holds only the layout (built on the meta device);
+    by default the model's own parameters are read."""
     mc = model.config
     hf_names(mc)  # a ValueError for a model Llama cannot hold (qk-norm)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    get = tensor or (lambda name: params[name].detach())
     state = {}
-    for name, module in lora_modules(model):
+    for name, _ in lora_modules(model):
         prefix = f"{PEFT_PREFIX}{_hf_module(name)}"
-        state[f"{prefix}.lora_A.weight"] = module.lora_A.detach()
-        state[f"{prefix}.lora_B.weight"] = to_hf_tensor(mc, f"{name}.weight", module.lora_B.detach())
+        state[f"{prefix}.lora_A.weight"] = get(f"{name}.lora_A")
+        state[f"{prefix}.lora_B.weight"] = to_hf_tensor(mc, f"{name}.weight", get(f"{name}.lora_B"))
     for name in _modules_to_save(model, cfg):
-        for pname, p in model.get_submodule(name).named_parameters(prefix=name):
-            state[f"{PEFT_PREFIX}{hf_name(pname)}"] = to_hf_tensor(mc, pname, p.detach()).clone()  # tied: two copies
+        for pname, _ in model.get_submodule(name).named_parameters(prefix=name, remove_duplicate=False):
+            state[f"{PEFT_PREFIX}{hf_name(pname)}"] = to_hf_tensor(mc, pname, get(pname)).clone()  # tied: two copies
     return state
 
 

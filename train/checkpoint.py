@@ -103,15 +103,18 @@ class Checkpointer:
     """Saves and restores a DeepSpeed engine, the loader state and RNG states under ``folder``.
 
     ``identity`` (JSON-ready, e.g. the model's shape and the tokenizer's fingerprint) is recorded in
-    every manifest; resuming with a different one is refused with what differs.
+    every manifest; resuming with a different one is refused with what differs. With ``frozen``
+    the parameters that do not train (a LoRA run's base) are left out of the checkpoint, and a
+    resumed run keeps the values it already holds for them.
     """
 
     def __init__(self, cfg: CheckpointConfig, folder: str | os.PathLike, engine: Any,
-                 identity: dict[str, Any] | None = None):
+                 identity: dict[str, Any] | None = None, *, frozen: bool = False):
         self.cfg = cfg
         self.folder = Path(folder)
         self.engine = engine
         self.identity = identity or {}
+        self.frozen = frozen
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
 
@@ -132,7 +135,8 @@ class Checkpointer:
         dist.barrier()
         state = {"step": step, "world_size": self.world_size, **(client_state or {})}
         try:
-            self.engine.save_checkpoint(str(self.folder), tag=partial.name, client_state=state, save_latest=False)
+            self.engine.save_checkpoint(str(self.folder), tag=partial.name, client_state=state, save_latest=False,
+                                        exclude_frozen_parameters=self.frozen)
             _save_file({"loader": loader_state, "rng": rng_state()}, partial / _rank_file(self.rank))
         except dist.DistError:
             raise  # a failed collective is not a failed write
@@ -225,7 +229,8 @@ class Checkpointer:
         if saved_world == self.world_size:
             load_path, client_state = self.engine.load_checkpoint(str(self.folder), tag=path.name,
                                                                   load_optimizer_states=True,
-                                                                  load_lr_scheduler_states=True)
+                                                                  load_lr_scheduler_states=True,
+                                                                  custom_load_fn=self.module_loader(path))
             if load_path is None:
                 raise CheckpointDamaged(f"{path}: DeepSpeed found no checkpoint to load here")
         else:
@@ -233,11 +238,28 @@ class Checkpointer:
 
             if self.rank == 0:
                 print(f"{path} was saved by {saved_world} processes; resharding it onto {self.world_size}", flush=True)
-            client_state = load_resharded(self.engine, path, saved_world)
+            client_state = load_resharded(self.engine, path, saved_world, module_loader=self.module_loader(path))
         # The loader state is the same on every rank; a rank the saving run did not have takes rank 0's.
         rank_state = torch.load(path / _rank_file(self.rank if self.rank < saved_world else 0), weights_only=False)
         set_rng_state(rank_state["rng"])
         return Resumed(step=step, path=path, client_state=client_state, loader_state=rank_state["loader"])
+
+    def module_loader(self, path: Path):
+        """None (DeepSpeed's strict load of the module's state) or, with ``frozen``, DeepSpeed's
+        ``custom_load_fn`` that loads what the checkpoint holds and checks it is what trains."""
+        if not self.frozen:
+            return None
+
+        def load(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
+            trained = {name for name, p in dst.named_parameters() if p.requires_grad}
+            missing, unexpected = dst.load_state_dict(src, strict=False)
+            lacking = sorted(trained & set(missing))
+            if lacking or unexpected:
+                raise HataoriError(f"{path} does not hold what this run trains: "
+                                   + (f"missing {', '.join(lacking[:4])}" if lacking else "")
+                                   + (f" unexpected {', '.join(sorted(unexpected)[:4])}" if unexpected else "")
+                                   + "; resume with the run's own lora settings")
+        return load
 
     def _verify(self, path: Path) -> list[str]:
         """Problems of checkpoint ``path`` against its manifest, the ranks sharing the reading (all ranks)."""

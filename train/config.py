@@ -20,6 +20,7 @@ from typing import Sequence
 
 from hataori.config import load, merged, require
 from hataori.model import ModelConfig
+from hataori.model.lora import LoRAConfig
 from hataori.train.checkpoint import CheckpointConfig
 from hataori.train.data import DataConfig
 from hataori.train.init import InitConfig, shape_overrides
@@ -83,6 +84,9 @@ class TrainConfig:
     its shape comes from the source (see hataori.train.init)."""
     init: InitConfig = field(default_factory=InitConfig)
     """Initial weights: random, a transformers model folder (from_hf) or a hataori run (from_run)."""
+    lora: LoRAConfig | None = None
+    """Low-rank adapters on the init source's frozen weights (hataori.model.lora); absent: every
+    weight trains. Checkpoints then hold the adapters and the train_also modules, not the base."""
     data: DataConfig
     """The training blend; validation reads the same datasets' validation split."""
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -1,10 +1,14 @@
 """``hataori export hf``: a run's checkpoint as a model folder that transformers loads offline.
 
     hataori export hf RUN --output DIR [--replace] [--step N] [--dtype bf16|fp16|fp32]
-        [--max-shard-size 2GB] [--tokenizer PATH]
+        [--max-shard-size 2GB] [--tokenizer PATH] [--adapter ADIR]
 
 RUN is a run folder (its latest complete checkpoint, or ``--step N``) or one of its
-``checkpoints/step_N`` folders, from any ZeRO stage. DIR receives:
+``checkpoints/step_N`` folders, from any ZeRO stage. A LoRA run's export is the merged model: its
+base (the run's init source, checked against the fingerprint its checkpoint recorded) with the
+adapters folded in (:class:`hataori.train.weights.LoRAWeights`); with ``--adapter ADIR``, DIR
+receives the unmerged base instead and ADIR the adapter in PEFT's layout (``adapter_config.json``,
+``adapter_model.safetensors``), which ``PeftModel.from_pretrained`` loads onto DIR's model. DIR receives:
 
 * ``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``: the weights in
   transformers' Llama layout (:mod:`hataori.model.hf`), read from the checkpoint one tensor at a
@@ -53,8 +57,10 @@ def parse_size(text: str) -> int:
 
 
 def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, dtype: str = "bf16",
-              max_shard_bytes: int = 2 * 2**30, tokenizer: str | None = None, replace: bool = False) -> dict[str, Any]:
-    """Write the Hugging Face folder of a run's checkpoint (see the module docstring); a summary."""
+              max_shard_bytes: int = 2 * 2**30, tokenizer: str | None = None, replace: bool = False,
+              adapter: str | Path | None = None) -> dict[str, Any]:
+    """Write the Hugging Face folder of a run's checkpoint (see the module docstring); a summary.
+    With ``adapter`` (a LoRA run) ``output`` gets the frozen base and ``adapter`` the PEFT adapter."""
     import torch
 
     from hataori.fsutil import atomic_path, atomic_write_text, check_output
@@ -62,7 +68,7 @@ def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, d
     from hataori.tokenizer.hf import exact, write_hf_tokenizer
     from hataori.train.run import run_tokenizer
     from hataori.train.run import model_config, read_config
-    from hataori.train.weights import CheckpointWeights, resolve_checkpoint
+    from hataori.train.weights import LoRAWeights, resolve_checkpoint, run_weights
 
     started = time.perf_counter()
     if dtype not in DTYPES:
@@ -74,6 +80,11 @@ def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, d
         raise InputError(output, "is not empty and holds no earlier export; refusing to replace it, "
                          "choose another --output")
     check_output(output, replace)
+    if adapter is not None:
+        adapter = Path(adapter)
+        if adapter.resolve() == output.resolve():
+            raise ConfigError("--adapter", "must be another folder than --output, which receives the base model")
+        check_output(adapter, replace, "--adapter")
     run_dir, checkpoint = resolve_checkpoint(run, step)
     config = read_config(run_dir)
     cfg = model_config(config)
@@ -81,7 +92,11 @@ def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, d
         raise InputError(run_dir / "config.yaml", "model.qk_norm: a model with qk-norm has no Llama equivalent in "
                          "transformers and cannot be exported")
     tok = run_tokenizer(run_dir, config, tokenizer, cfg.vocab_size)
-    weights = CheckpointWeights(checkpoint)
+    weights = run_weights(run_dir, checkpoint, config, tok)
+    lora = isinstance(weights, LoRAWeights)
+    if adapter is not None and not lora:
+        raise ConfigError("--adapter", f"the run {run_dir} trained no LoRA adapters (its config.yaml has no lora "
+                          "section); export it without --adapter")
     names = hf.hf_names(cfg)
     expected = {name: shape for name, shape in cfg.weight_shapes().items() if name in names}
     found = {name: weights.shapes.get(weights.tied.get(name, name)) for name in expected}
@@ -97,7 +112,8 @@ def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, d
 
     def tensor(their: str):
         ours = theirs[their]
-        return hf.to_hf_tensor(cfg, ours, weights.tensor(ours)).to(torch_dtype)
+        value = weights.base_tensor(ours) if adapter is not None else weights.tensor(ours)
+        return hf.to_hf_tensor(cfg, ours, value).to(torch_dtype)
 
     with atomic_path(output, is_dir=True) as tmp:
         index = hf.write_safetensors(tmp, hf.plan_shards(sizes, max_shard_bytes), tensor)
@@ -108,15 +124,41 @@ def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, d
                       "pad_token_id": special["pad_id"]}
         atomic_write_text(tmp / "generation_config.json", json.dumps(generation, indent=2) + "\n")
         write_hf_tokenizer(tok, tmp, model_max_length=cfg.max_seq_len)
-        card = model_card(run_dir, checkpoint, config, cfg, tok, weights.client_state, dtype=dtype)
+        card = model_card(run_dir, checkpoint, config, cfg, tok, weights.client_state, dtype=dtype,
+                          lora=None if not lora else ("base" if adapter is not None else "merged"))
         atomic_write_text(tmp / "README.md", card)
+    if adapter is not None:
+        write_adapter(weights, adapter, base=output, dtype=torch_dtype)
     return {
         "output": str(output), "run": str(run_dir), "checkpoint": str(checkpoint), "dtype": dtype,
         "shards": len(set(index["weight_map"].values())), "bytes": index["metadata"]["total_size"],
         "seconds": round(time.perf_counter() - started, 2),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "tokenizer_exact": exact(tok),
+        "lora": None if not lora else ("base" if adapter is not None else "merged"),
+        "adapter": None if adapter is None else str(adapter),
     }
+
+
+def write_adapter(weights, folder: Path, *, base: Path, dtype) -> None:
+    """The PEFT adapter of a LoRA run (``adapter_config.json``, ``adapter_model.safetensors``) into
+    ``folder``, written under a temporary name; its ``base_model_name_or_path`` is ``base``."""
+    from safetensors.torch import save_file
+
+    from hataori.fsutil import atomic_path, atomic_write_text
+    from hataori.model.lora import peft_config, peft_state_dict
+
+    def value(name: str):
+        if name.endswith((".lora_A", ".lora_B")):
+            a, b = weights.adapter(name.rpartition(".")[0])
+            return a if name.endswith(".lora_A") else b
+        return weights.tensor(name)  # a train_also module's weight, as trained
+
+    state = {key: t.to(dtype).contiguous() for key, t in peft_state_dict(weights.model, weights.lora, value).items()}
+    config = peft_config(weights.model, weights.lora, base_model_name_or_path=str(Path(base).resolve()))
+    with atomic_path(folder, is_dir=True) as tmp:
+        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        atomic_write_text(tmp / "adapter_config.json", json.dumps(config, indent=2) + "\n")
 
 
 def _id(value: int) -> int | None:
@@ -141,8 +183,10 @@ def final_validation(run_dir: Path, step: int | None) -> dict | None:
     return found
 
 
-def model_card(run_dir: Path, checkpoint: Path, config: dict, cfg, tok, client_state: dict, *, dtype: str) -> str:
-    """The README.md of an export: what the model is, how it was trained, and from what data."""
+def model_card(run_dir: Path, checkpoint: Path, config: dict, cfg, tok, client_state: dict, *, dtype: str,
+               lora: str | None = None) -> str:
+    """The README.md of an export: what the model is, how it was trained, and from what data. ``lora``:
+    ``merged`` (a LoRA run's adapters folded in) or ``base`` (its frozen base, the adapter beside)."""
     from hataori import __version__
     from hataori.train.run import PROVENANCE_FILE
 
@@ -157,6 +201,10 @@ def model_card(run_dir: Path, checkpoint: Path, config: dict, cfg, tok, client_s
         f"# {run_dir.name}", "",
         f"A Llama-style decoder-only language model trained with hataori {__version__}, exported from "
         f"`{checkpoint}` in {dtype}.", "",
+        *([f"The run trained LoRA adapters (rank {config['lora'].get('rank')}) on a frozen base; "
+           + ("they are folded into these weights." if lora == "merged" else
+              "these are the base's weights, and the adapter was exported beside them in PEFT's layout."), ""]
+          if lora else []),
         "## Architecture", "",
         "| | |", "|---|---|",
         f"| parameters | {cfg.num_params() - (cfg.padded_vocab_size - cfg.vocab_size) * cfg.d_model * (1 if cfg.tie_embeddings else 2):,} |",
@@ -239,15 +287,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bf16", choices=DTYPES, help="precision of the exported weights")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     parser.add_argument("--tokenizer", help="tokenizer folder or .model file (default: the run's)")
+    parser.add_argument("--adapter", metavar="DIR", help="a LoRA run: write its adapter in PEFT's layout to DIR and "
+                                                         "the frozen base (not the merged model) to --output")
 
 
 def main(args: argparse.Namespace) -> int:
     summary = export_hf(args.run, args.output, step=args.step, dtype=args.dtype,
                         max_shard_bytes=parse_size(args.max_shard_size), tokenizer=args.tokenizer,
-                        replace=args.replace)
+                        replace=args.replace, adapter=args.adapter)
     print(f"exported {summary['checkpoint']} to {summary['output']}: {summary['shards']} shard(s), "
           f"{summary['bytes'] / 2**20:,.1f} MiB of {summary['dtype']} weights, {summary['seconds']:.1f} s, "
           f"peak resident memory {summary['peak_rss_gib']:.2f} GiB")
+    if summary["lora"] == "merged":
+        print("the run's LoRA adapters are folded into the exported weights (--adapter DIR exports them apart)")
+    elif summary["lora"] == "base":
+        print(f"the frozen base is in {summary['output']}, the PEFT adapter in {summary['adapter']}")
     if not summary["tokenizer_exact"]:
         print("note: the tokenizer is a unigram model with scores off the 1/64 grid: tokenizer.json may give "
               "other ids than SentencePiece where two segmentations tie (see hataori.tokenizer.proto)")

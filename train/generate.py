@@ -8,8 +8,9 @@ folder of it. The model's shape comes from the run folder's ``config.yaml`` (its
 the tokenizer from ``--tokenizer``, else the config's ``tokenizer``, else the one recorded in the
 first dataset's ``dataset.json``; it must be the tokenizer the run was trained with (:func:`hataori.train.run.run_tokenizer`).
 
-Weights are read with :class:`hataori.train.weights.CheckpointWeights`, from any ZeRO stage: the
-fp32 master weights where the checkpoint has them, else the module's own.
+Weights are read with :func:`hataori.train.weights.run_weights`, from any ZeRO stage: the fp32
+master weights where the checkpoint has them, else the module's own; a LoRA run's with its
+adapters folded into its base.
 
 Decoding. The prompt is encoded after one EOS, as training documents begin (the packed loader's
 documents are preceded by the previous one's EOS). Each new token takes one full forward pass over
@@ -34,7 +35,7 @@ import torch
 
 from hataori.errors import ConfigError, InputError
 from hataori.train.run import model_config, read_config, run_tokenizer
-from hataori.train.weights import CheckpointWeights, resolve_checkpoint
+from hataori.train.weights import resolve_checkpoint, run_weights
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -132,7 +133,7 @@ def checkpoint_model(checkpoint: Path, config: dict, device: str | torch.device 
     """The model of checkpoint folder ``checkpoint`` (already resolved and verified by
     :func:`~hataori.train.weights.resolve_checkpoint`) of a run whose config is ``config``."""
     model = model_config(config).build()
-    state = CheckpointWeights(checkpoint).state_dict()
+    state = run_weights(checkpoint.parent.parent, checkpoint, config).state_dict()
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if model.config.tie_embeddings else set()
     if set(missing) - tied or unexpected:

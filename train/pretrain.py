@@ -92,7 +92,8 @@ def check(cfg: TrainConfig, *, world_size: int) -> None:
         raise ConfigError("--nproc", f"{world_size} processes, but this machine has {gpus} GPU(s) and each process "
                           f"takes one; use --nproc {gpus} or fewer")
     tokenizer = open_tokenizer(cfg)
-    open_source(cfg.init, cfg.model, tokenizer)
+    init = open_source(cfg.init, cfg.model, tokenizer)
+    check_lora(cfg, init)
     folder = Path(cfg.run_dir) / "checkpoints"
     if cfg.checkpoint.resume and (steps := complete_steps(folder)):
         latest = folder / tag(steps[-1])
@@ -100,7 +101,31 @@ def check(cfg: TrainConfig, *, world_size: int) -> None:
             manifest = read_manifest(latest)
         except CheckpointDamaged:
             return  # the ranks verify it, set it aside and fall back
-        check_identity(latest, manifest, run_identity(cfg, tokenizer))
+        check_identity(latest, manifest, run_identity(cfg, tokenizer, base=lora_base(cfg, init)))
+
+
+def check_lora(cfg: TrainConfig, init) -> None:
+    """A LoRA run adapts a model it is given, and its adapters must find the layers they name."""
+    if cfg.lora is None:
+        return
+    if init is None:
+        raise ConfigError("lora", "adapts a trained model, but no init source is set; pass init.from_hf=DIR "
+                          "(a transformers model folder) or init.from_run=RUN (a hataori run)")
+    import torch
+
+    from hataori.model.lora import apply_lora
+    from hataori.model.model import Transformer
+
+    with torch.device("meta"):  # the patterns are checked against the module names, no memory allocated
+        try:
+            apply_lora(Transformer(cfg.model), cfg.lora)
+        except ConfigError as err:
+            raise ConfigError(f"lora.{err.key}", err.message) from None
+
+
+def lora_base(cfg: TrainConfig, init) -> str | None:
+    """The fingerprint of a LoRA run's frozen base (:meth:`hataori.train.init.Plan.fingerprint`)."""
+    return init.fingerprint() if cfg.lora is not None else None
 
 
 def relaunch(nproc: int, config_args: list[str]) -> None:
@@ -178,6 +203,7 @@ def train(cfg: TrainConfig) -> int:
     import torch
 
     from hataori.slurm.signals import stop_on_signals
+    from hataori.model.lora import apply_lora
     from hataori.train.checkpoint import Checkpointer, complete_steps, seed_all
     from hataori.train.init import load_initial_weights, open_source
     from hataori.train.metrics import MetricsLogger, peak_flops
@@ -191,7 +217,9 @@ def train(cfg: TrainConfig) -> int:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     tokenizer = open_tokenizer(cfg)
     init = open_source(cfg.init, cfg.model, tokenizer)
+    check_lora(cfg, init)
     env = init_distributed()
+    base = broadcast(lora_base(cfg, init) if env.is_main else None)  # rank 0 reads the base's every byte
     cfg.zero.grad_accum_steps(seq_len=cfg.data.seq_len, world_size=env.world_size)
     run_dir = Path(cfg.run_dir)
     if env.is_main:
@@ -202,11 +230,17 @@ def train(cfg: TrainConfig) -> int:
 
     model = cfg.zero.build_model(cfg.model, env.device, seq_len=cfg.data.seq_len, grad_clip=cfg.optim.grad_clip)
     resuming = cfg.checkpoint.resume and bool(complete_steps(run_dir / "checkpoints"))
-    if init is not None and not resuming:  # a resumed run loads its own checkpoint instead
+    # A resumed run loads its own checkpoint instead, but for the frozen base of a LoRA run, which its
+    # checkpoints do not hold.
+    if init is not None and (not resuming or cfg.lora is not None):
         load_initial_weights(model, init)
         if env.is_main:
             print(f"initial weights from {init.source.key}={init.source.path}"
                   + (f", {init.growth.added} new embedding rows" if init.growth else ""), flush=True)
+    if cfg.lora is not None:
+        adapted = apply_lora(model, cfg.lora)
+        if env.is_main:
+            print(lora_summary(model, cfg, adapted, base), flush=True)
     optimizer = cfg.optim.build(model)
     scheduler = cfg.schedule.build(optimizer, total_steps=cfg.trainer.max_steps)
     engine = cfg.zero.build(model, optimizer, scheduler, seq_len=cfg.data.seq_len, grad_clip=cfg.optim.grad_clip,
@@ -219,7 +253,8 @@ def train(cfg: TrainConfig) -> int:
     logger = MetricsLogger(cfg.logging, run_dir, is_main=env.is_main, max_steps=cfg.trainer.max_steps,
                            flops_per_token=cfg.model.flops_per_token(cfg.data.seq_len),
                            peak_flops_total=None if peak is None else peak * env.world_size)
-    checkpointer = Checkpointer(cfg.checkpoint, run_dir / "checkpoints", engine, identity=run_identity(cfg, tokenizer))
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir / "checkpoints", engine,
+                                identity=run_identity(cfg, tokenizer, base=base), frozen=cfg.lora is not None)
 
     def validate(step: int) -> None:
         logger.validation(step, validator.evaluate(engine, env.device))
@@ -253,13 +288,49 @@ def train(cfg: TrainConfig) -> int:
     return 0
 
 
-def run_identity(cfg: TrainConfig, tokenizer) -> dict:
-    """What a checkpoint must share with the run that resumes it: the model's shape, the tokenizer and
-    how ZeRO laid out the optimizer state."""
+def run_identity(cfg: TrainConfig, tokenizer, *, base: str | None = None) -> dict:
+    """What a checkpoint must share with the run that resumes it: the model's shape, the tokenizer, how
+    ZeRO laid out the optimizer state and, for a LoRA run, the adapters' shape and the fingerprint of
+    the frozen ``base`` its checkpoints leave out."""
     from hataori.train.init import SHAPE_FIELDS
 
-    return {**{f"model.{key}": getattr(cfg.model, key) for key in ("vocab_size", *SHAPE_FIELDS)},
-            "tokenizer": tokenizer.fingerprint, "zero.stage": cfg.zero.stage, "zero.precision": cfg.zero.precision}
+    identity = {**{f"model.{key}": getattr(cfg.model, key) for key in ("vocab_size", *SHAPE_FIELDS)},
+                "tokenizer": tokenizer.fingerprint, "zero.stage": cfg.zero.stage,
+                "zero.precision": cfg.zero.precision, "lora": lora_identity(cfg.lora)}
+    if cfg.lora is not None:
+        identity[LORA_BASE] = base
+    return identity
+
+
+LORA_BASE = "lora.base"
+"""The manifest identity's key of a LoRA run's base fingerprint."""
+
+
+def lora_identity(lora) -> dict | None:
+    """The LoRA settings that fix what a checkpoint holds and what it computes (not dropout), JSON-ready."""
+    if lora is None:
+        return None
+    return {"rank": lora.rank, "alpha": lora.alpha, "rslora": lora.rslora, "targets": list(lora.targets),
+            "train_also": list(lora.train_also)}
+
+
+def lora_summary(model, cfg: TrainConfig, adapted: list[str], base: str) -> str:
+    """One line: what LoRA adapts and trains, against the whole model."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in unique if p.requires_grad)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in unique)
+    also = f", and {', '.join(cfg.lora.train_also)} whole" if cfg.lora.train_also else ""
+    return (f"LoRA rank {cfg.lora.rank} on {len(adapted)} linear layers{also}: {trainable:,} trainable of "
+            f"{total:,} parameters ({trainable / total:.2%}); base {base}")
+
+
+def broadcast(value):
+    """Rank 0's ``value`` on every rank."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def summarize(run_dir: Path) -> None:

@@ -46,9 +46,10 @@ group the first group's hyperparameters (``stage3._load_universal_checkpoint``):
 group would resume with weight decay. This reads the checkpoint in place, converts nothing, and
 restores each param group as saved.
 
-Not covered: NVMe offload (the optimizer state lives in swap files), frozen parameters, pipeline
+Not covered: NVMe offload (the optimizer state lives in swap files), pipeline
 or tensor parallelism (one model-parallel rank is assumed), and ZeRO's legacy
-``elastic_checkpoint`` layout. CPU offload of the optimizer (and of ZeRO-3 parameters) reads and
+``elastic_checkpoint`` layout. Frozen parameters (a LoRA run's base) are not in the checkpoint
+and keep the values the engine holds. CPU offload of the optimizer (and of ZeRO-3 parameters) reads and
 writes through the same API.
 """
 
@@ -68,7 +69,8 @@ LOSS_SCALING = ("loss_scaler", "dynamic_loss_scale", "overflow")
 """The ZeRO optimizers' fp16 loss-scaling state, the same on every rank."""
 
 
-def load_resharded(engine: Any, checkpoint_dir: str | Path, saved_world_size: int) -> dict[str, Any]:
+def load_resharded(engine: Any, checkpoint_dir: str | Path, saved_world_size: int,
+                   module_loader: Any = None) -> dict[str, Any]:
     """Load checkpoint folder ``checkpoint_dir``, written by ``saved_world_size`` processes, into
     ``engine`` (built as usual on any number of processes); all ranks must call it.
 
@@ -76,6 +78,8 @@ def load_resharded(engine: Any, checkpoint_dir: str | Path, saved_world_size: in
     weights, optimizer states and step, param-group hyperparameters, LR scheduler, loss scaler and
     the engine's step and sample counters are the saved ones. Returns the client state saved with
     the checkpoint (``step``, ``tokens_seen``... as ``engine.load_checkpoint`` returns it).
+    ``module_loader`` is DeepSpeed's ``custom_load_fn`` for the stage-0 module state (stages 1-3
+    set only the parameters that train: frozen ones keep the values they have).
     """
     folder = Path(checkpoint_dir)
     stage = engine.zero_optimization_stage()
@@ -83,7 +87,7 @@ def load_resharded(engine: Any, checkpoint_dir: str | Path, saved_world_size: in
         if any(OPTIM_STATES.match(p.name) for p in folder.iterdir()):
             raise InputError(folder, "was saved with ZeRO stage 1-3 and this run uses stage 0; resume with the "
                              "checkpoint's ZeRO stage")
-        return _load_unsharded(engine, folder)
+        return _load_unsharded(engine, folder, module_loader)
     if engine.zero_nvme_offload_optimizer():
         raise HataoriError(f"{folder}: resharding reads optimizer state into memory; NVMe offload keeps it in "
                            "swap files. Resume on the checkpoint's own world size, or offload to cpu")
@@ -216,10 +220,10 @@ def _set_engine_state(engine: Any, states: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in states.items() if key not in ENGINE_KEYS}
 
 
-def _load_unsharded(engine: Any, folder: Path) -> dict[str, Any]:
+def _load_unsharded(engine: Any, folder: Path, module_loader: Any) -> dict[str, Any]:
     """Stage 0: DeepSpeed's own loader, which has nothing partitioned to refuse."""
     load_path, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
-                                                     load_lr_scheduler_states=True)
+                                                     load_lr_scheduler_states=True, custom_load_fn=module_loader)
     if load_path is None:
         raise InputError(folder, "DeepSpeed found no checkpoint to load here")
     return client_state

@@ -173,3 +173,95 @@ class CheckpointWeights:
         state = {name: self.tensor(name) for name in self.shapes}
         state.update({alias: state[target] for alias, target in self.tied.items() if target in state})
         return state
+
+
+# ----------------------------------------------------------------------------- LoRA runs
+
+
+def run_weights(run_dir: str | Path, checkpoint: str | Path, config: dict, tokenizer=None):
+    """The plain model's weights of ``checkpoint`` of the run whose recorded config is ``config``: the
+    checkpoint's own (:class:`CheckpointWeights`), or for a LoRA run its base's with the adapters
+    folded in (:class:`LoRAWeights`). ``tokenizer``: the run's, where the caller has it already."""
+    if config.get("lora"):
+        return LoRAWeights(run_dir, checkpoint, config, tokenizer)
+    return CheckpointWeights(checkpoint)
+
+
+class LoRAWeights:
+    """The weights of a LoRA run's checkpoint, served like :class:`CheckpointWeights` under the plain
+    model's names.
+
+    A LoRA checkpoint holds the adapters (``blocks.0.attn.wq.lora_A``...) and the ``train_also``
+    modules; the frozen base is the run's init source (its ``config.yaml``'s ``init`` section, with
+    the vocabulary growth pretraining applied), whose fingerprint must still be the one the checkpoint's
+    manifest recorded. :meth:`tensor` gives an adapted weight merged, ``W + scaling * B A`` in fp32; a
+    trained module's weight from the checkpoint; any other weight from the base. :meth:`base_tensor`
+    and :meth:`adapter` give the unmerged parts (``hataori export hf --adapter``).
+    """
+
+    def __init__(self, run_dir: str | Path, checkpoint: str | Path, config: dict, tokenizer=None):
+        from hataori.config import build
+        from hataori.model.lora import LoRAConfig, apply_lora
+        from hataori.model.model import Transformer
+        from hataori.train.checkpoint import read_manifest
+        from hataori.train.init import InitConfig, open_source
+        from hataori.train.pretrain import LORA_BASE
+        from hataori.train.run import model_config, run_tokenizer
+
+        self.path = Path(checkpoint)
+        self.trained = CheckpointWeights(checkpoint)
+        self.config = model_config(config)
+        self.lora = build(LoRAConfig, config["lora"], "lora.")
+        recorded = Path(run_dir) / "config.yaml"
+        tokenizer = tokenizer or run_tokenizer(Path(run_dir), config, None, self.config.vocab_size)
+        self.base = open_source(build(InitConfig, config.get("init") or {}, "init."), self.config, tokenizer)
+        if self.base is None:
+            raise InputError(recorded, "has a lora section but no init source: the run's base is unknown")
+        expected = read_manifest(self.path).get("identity", {}).get(LORA_BASE)
+        found = self.base.fingerprint()
+        if expected != found:
+            raise InputError(self.path, f"was trained on the base {self.base.source.key}={self.base.source.path} with "
+                             f"fingerprint {expected}, but that base now has fingerprint {found}: its weights "
+                             "changed. Put the original base back there (or set init in "
+                             f"{recorded} to where it is now)")
+        with torch.device("meta"):  # names and shapes only
+            self.model = Transformer(self.config)
+            self.adapted = set(apply_lora(self.model, self.lora))
+        self.shapes = {name: tuple(p.shape) for name, p in self.model.named_parameters()
+                       if not name.endswith((".lora_A", ".lora_B"))}
+        self.tied = {"lm_head.weight": "tok_embeddings.weight"} if self.config.tie_embeddings else {}
+        self.client_state = self.trained.client_state
+        self.states = self.trained.states
+
+    def base_tensor(self, name: str) -> torch.Tensor:
+        """The frozen base's weight ``name`` (grown to the run's vocabulary) as fp32."""
+        from hataori.train.init import target_rows
+
+        name = self.tied.get(name, name)
+        shape = self.shapes[name]
+        return target_rows(self.base, name, 0, shape[0], shape).reshape(shape)
+
+    def adapter(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trained (A, B) of the adapted linear layer ``module`` (``blocks.0.attn.wq``), fp32."""
+        return self.trained.tensor(f"{module}.lora_A"), self.trained.tensor(f"{module}.lora_B")
+
+    def tensor(self, name: str, key: str = FP32) -> torch.Tensor:
+        """Weight ``name`` (or a name tied to it) of the merged model, as a new fp32 tensor."""
+        if key != FP32:
+            raise KeyError(f"{self.path}: a LoRA run's merged weights have no optimizer state {key!r}")
+        name = self.tied.get(name, name)
+        if name not in self.shapes:
+            raise KeyError(f"{self.path} holds no weight {name!r}")
+        module = name.removesuffix(".weight")
+        if module in self.adapted:
+            a, b = self.adapter(module)
+            return self.base_tensor(name) + self.lora.scaling * (b @ a)  # (out, r) @ (r, in)
+        if name in self.trained.shapes:
+            return self.trained.tensor(name)
+        return self.base_tensor(name)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every merged weight as fp32, tied names included (all in memory: for small models)."""
+        state = {name: self.tensor(name) for name in self.shapes}
+        state.update({alias: state[target] for alias, target in self.tied.items() if target in state})
+        return state

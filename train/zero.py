@@ -137,7 +137,8 @@ class ZeroConfig:
         import deepspeed
 
         world_size = torch.distributed.get_world_size()
-        num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: ZeRO-3 shards
+        # The buckets carry what trains (ds_numel: a ZeRO-3 parameter's whole size).
+        num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         config = deepspeed_config(self, world_size=world_size, seq_len=seq_len, grad_clip=grad_clip,
                                   num_params=num_params)
         if run_dir is not None and torch.distributed.get_rank() == 0:

@@ -1,0 +1,315 @@
+"""LoRA training through ``hataori pretrain`` on two real processes, and what leaves it.
+
+A random Llama written by transformers is the base (``init.from_hf``), trained with adapters on
+real Japanese shards. References: the uninterrupted run (a resumed run must reproduce its losses
+and adapters bit for bit, under each ZeRO stage), the weights before training (frozen ones must
+not change inside DeepSpeed's engine), a full-training checkpoint of the same model (size), and
+transformers with PEFT (the merged export and the adapter on the exported base give the logits
+hataori's own model gives).
+
+Run as a script (``python tests/test_lora_train.py frozen --out F``) it is the worker of one test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hataori.cli import main as hataori_main
+from hataori.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+SEQ_LEN = 64
+LAUNCH_TIMEOUT_S = 150
+LORA = "lora={rank: 4, alpha: 8, targets: [attn.wq, attn.wv, mlp.w_up]}"
+
+
+@pytest.fixture(scope="module")
+def base_model(ja_tokenizer, tmp_path_factory) -> Path:
+    """A random Llama (2 layers, width 64) with the shards' tokenizer, written by transformers."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from small_llama import write_small_llama
+
+    return write_small_llama(ja_tokenizer, tmp_path_factory.mktemp("base") / "llama", hidden=64, layers=2, heads=4,
+                             kv_heads=2, intermediate=128, max_positions=SEQ_LEN)
+
+
+def pretrain(base: Path, shards: Path, run: Path, *overrides: str, steps: int = 4, check: bool = True):
+    """``hataori pretrain`` of the continue-toy preset on 2 processes, in a subprocess; its result."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+           "TORCH_EXTENSIONS_DIR": str(run.parent / "torch_extensions")}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "hataori.cli", "pretrain", str(REPO / "configs/train/continue-toy.yaml"),
+               f"init.from_hf={base}", "--data", str(shards), "--run-dir", str(run), "--nproc", "2",
+               f"data.seq_len={SEQ_LEN}", "zero.micro_batch_size=2", f"zero.global_batch_tokens={2 * 2 * 2 * SEQ_LEN}",
+               f"trainer.max_steps={steps}", "checkpoint.every_steps=2", "checkpoint.keep_last=3",
+               "validation.every_steps=0", "validation.max_tokens=500", "schedule.warmup_steps=1",
+               "logging.every_steps=1", *overrides]
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    if check:
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert not (run.parent / "torch_extensions").exists()
+    return result
+
+
+def train_records(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+def checkpoint_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from hataori.train.weights import CheckpointWeights
+
+    weights = CheckpointWeights(checkpoint)
+    return {name: weights.tensor(name) for name in weights.shapes}
+
+
+def checkpoint_bytes(checkpoint: Path) -> int:
+    return sum(entry["bytes"] for entry in json.loads((checkpoint / "manifest.json").read_text())["files"].values())
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S + 30)
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_resumed_lora_run_equals_the_uninterrupted_run(stage, base_model, ja_shards, tmp_path):
+    """4 steps with checkpoints at 2 and 4; then step 4's checkpoint is taken away and the run launched
+    again: it reloads the base, resumes from step 2 and must give steps 3-4 the same losses, gradient
+    norms and learning rates, and step 4 the same adapters, bit for bit. The checkpoints hold the
+    adapters only, never the base."""
+    run = tmp_path / "run"
+    pretrain(base_model, ja_shards, run, LORA, f"zero.stage={stage}")
+    uninterrupted = {r["step"]: r for r in train_records(run)}
+    assert sorted(uninterrupted) == [1, 2, 3, 4]
+    step4 = run / "checkpoints" / "step_00000004"
+    reference = checkpoint_tensors(step4)
+    adapted = [f"blocks.{i}.{name}" for i in range(2) for name in ("attn.wq", "attn.wv", "mlp.w_up")]
+    assert set(reference) == {f"{m}.lora_{ab}" for m in adapted for ab in "AB"}, "the checkpoint holds the base"
+    assert all(reference[f"{m}.lora_B"].abs().max() > 0 for m in adapted), "the adapters did not train"
+    shutil.rmtree(step4)
+    (run / "metrics.jsonl").unlink()
+
+    result = pretrain(base_model, ja_shards, run, LORA, f"zero.stage={stage}")
+    assert "resuming after step 2" in result.stdout and "initial weights from init.from_hf" in result.stdout
+    resumed = {r["step"]: r for r in train_records(run)}
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        for key in ("loss", "grad_norm", "lr", "tokens_seen"):
+            assert resumed[step][key] == uninterrupted[step][key], (stage, step, key)
+    again = checkpoint_tensors(step4)
+    assert again.keys() == reference.keys()
+    for name, value in reference.items():
+        assert torch.equal(again[name], value), (stage, name)
+
+
+# ----------------------------------------------------------------------------- one run, read many ways
+
+
+@pytest.fixture(scope="module")
+def lora_run(base_model, ja_shards, tmp_path_factory) -> Path:
+    """ZeRO-1, rank 4 with the embeddings and output matrix trained too, at a high learning rate so
+    that the adapters move far from zero."""
+    run = tmp_path_factory.mktemp("lora") / "run"
+    pretrain(base_model, ja_shards, run, LORA, "lora.train_also=[tok_embeddings, lm_head]", "optim.lr=2e-2")
+    return run
+
+
+@pytest.fixture(scope="module")
+def full_run(base_model, ja_shards, tmp_path_factory) -> Path:
+    """The same model, data and processes as :func:`lora_run`, every weight trained, 2 steps."""
+    run = tmp_path_factory.mktemp("full") / "run"
+    pretrain(base_model, ja_shards, run, steps=2)
+    return run
+
+
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S + 30)
+def test_lora_checkpoint_is_a_small_fraction_of_a_full_one(lora_run, full_run, base_model, ja_shards, tmp_path):
+    """Against a full-training checkpoint of the same model on the same processes: without the
+    embeddings trained the LoRA checkpoint is a few percent of it, and it grows with them."""
+    full_bytes = checkpoint_bytes(full_run / "checkpoints" / "step_00000002")
+    with_embeddings = checkpoint_bytes(lora_run / "checkpoints" / "step_00000002")
+    only = tmp_path / "only"
+    pretrain(base_model, ja_shards, only, LORA, steps=2)
+    only_bytes = checkpoint_bytes(only / "checkpoints" / "step_00000002")
+    print(f"checkpoint bytes: full {full_bytes:,}, LoRA with embeddings {with_embeddings:,}, LoRA {only_bytes:,}")
+    assert only_bytes < 0.05 * full_bytes
+    assert only_bytes < with_embeddings < full_bytes
+
+
+def test_export_merged_and_peft_adapter_give_hataoris_logits(lora_run, tmp_path):
+    """The merged export (transformers), the exported base with the PEFT adapter (peft), and hataori's
+    model read from the run (base + adapters, merged in fp32) give the same logits in fp32."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hataori.train.generate import load_model
+
+    merged, base, adapter = tmp_path / "merged", tmp_path / "base", tmp_path / "adapter"
+    assert hataori_main(["export", "hf", str(lora_run), "--output", str(merged), "--dtype", "fp32"]) == 0
+    assert hataori_main(["export", "hf", str(lora_run), "--output", str(base), "--adapter", str(adapter),
+                         "--dtype", "fp32"]) == 0
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["q_proj", "v_proj", "up_proj"]
+    assert config["modules_to_save"] == ["model.embed_tokens", "lm_head"]
+
+    ours, _ = load_model(lora_run)
+    transformers_merged = AutoModelForCausalLM.from_pretrained(merged, local_files_only=True).eval()
+    with_adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, local_files_only=True), adapter).eval()
+    plain_base = AutoModelForCausalLM.from_pretrained(base, local_files_only=True).eval()
+    vocab = transformers_merged.config.vocab_size
+    x = torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = ours(x)[..., :vocab]
+        from_merged = transformers_merged(x).logits
+        from_adapter = with_adapter(x).logits
+        from_base = plain_base(x).logits
+    scale = reference.abs().max()
+    assert (from_base - reference).abs().max() > 1e-2 * scale, "the adapters changed nothing"
+    torch.testing.assert_close(from_merged, reference, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(from_adapter, reference, rtol=0, atol=1e-5 * scale)
+
+
+def test_resume_on_a_changed_base_is_refused(lora_run, base_model, ja_shards, tmp_path, capsys):
+    """One weight of the base changed by a single ulp: relaunching the run on it is refused, naming the
+    fingerprint, before any process starts; so is exporting it."""
+    from safetensors.torch import load_file, save_file
+
+    changed = tmp_path / "changed"
+    shutil.copytree(base_model, changed)
+    weights = load_file(changed / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    weights[name][0, 0] = torch.nextafter(weights[name][0, 0], torch.tensor(1.0))
+    save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+
+    result = pretrain(changed, ja_shards, run, LORA, "lora.train_also=[tok_embeddings, lm_head]", "optim.lr=2e-2",
+                      check=False)
+    assert result.returncode != 0
+    assert "lora.base: checkpoint 'hf-" in result.stderr, result.stderr[-2000:]
+    assert "launching" not in result.stdout
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace(str(base_model), str(changed)))
+    assert hataori_main(["export", "hf", str(run), "--output", str(tmp_path / "export")]) == 2
+    assert "that base now has fingerprint" in capsys.readouterr().err
+
+
+def test_lora_needs_a_base_and_patterns_that_match(ja_shards, ja_tokenizer, base_model, tmp_path, capsys):
+    from hataori.tokenizer.model import Tokenizer
+
+    common = ["--data", str(ja_shards), "--run-dir", str(tmp_path / "run"), "--nproc", "2"]
+    vocab = f"model.vocab_size={Tokenizer(ja_tokenizer).vocab_size}"
+    assert hataori_main(["pretrain", str(REPO / "configs/train/toy.yaml"), *common, LORA, vocab]) == 2
+    assert "lora: adapts a trained model, but no init source is set" in capsys.readouterr().err
+    assert hataori_main(["pretrain", str(REPO / "configs/train/continue-toy.yaml"), *common,
+                         f"init.from_hf={base_model}", f"data.seq_len={SEQ_LEN}", "lora={targets: [attn.wo_proj]}"]) == 2
+    assert ("lora.targets: pattern 'attn.wo_proj' matches no linear module of the model; its linear modules are: "
+            "blocks.*.attn.wq, blocks.*.attn.wk") in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_export_adapter_of_a_full_run_is_refused(full_run, tmp_path):
+    from hataori.train.export import export_hf
+
+    with pytest.raises(ConfigError, match="trained no LoRA adapters"):
+        export_hf(full_run, tmp_path / "out", adapter=tmp_path / "adapter")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "adapter").exists()
+
+
+# ----------------------------------------------------------------------------- inside the engine
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
+def test_frozen_weights_stay_bitwise_inside_deepspeed(tmp_path):
+    """Under ZeRO 0-3 in fp32 and bf16 on two processes, three steps at a high learning rate: every
+    frozen weight (gathered) equals its value before training bit for bit, no frozen parameter has
+    a gradient or optimizer state, and every adapter moved."""
+    from ranks import launch_ranks, log_tails
+
+    out = tmp_path / "frozen.pt"
+    codes = launch_ranks(__file__, ["frozen", "--out", str(out)], tmp_path / "logs", 2, LAUNCH_TIMEOUT_S)
+    assert codes == [0, 0], log_tails(tmp_path / "logs")
+    results = torch.load(out)
+    assert sorted(results) == [(stage, precision) for stage in range(4) for precision in ("bf16", "fp32")]
+    for key, found in results.items():
+        assert found["frozen"] > 0 and found["changed_frozen"] == [], key
+        assert found["optimized"] == found["trainable"], key
+        assert found["still_adapters"] == [], key
+
+
+def worker_frozen(args) -> None:
+    import deepspeed
+
+    from hataori.model import LoRAConfig, ModelConfig, apply_lora
+    from hataori.train.checkpoint import seed_all
+    from hataori.train.optim import OptimConfig
+    from hataori.train.zero import ZeroConfig, init_distributed
+
+    env = init_distributed()
+    cfg = ModelConfig(vocab_size=500, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128, max_seq_len=32)
+    lora = LoRAConfig(rank=4, targets=("attn.wq", "attn.wv", "mlp.*"))
+    results = {}
+    for stage in range(4):
+        for precision in ("bf16", "fp32"):
+            seed_all(3)
+            zero = ZeroConfig(stage=stage, precision=precision, micro_batch_size=2,
+                              global_batch_tokens=2 * 32 * env.world_size)
+            model = zero.build_model(cfg, env.device, seq_len=32, grad_clip=1.0)
+            apply_lora(model, lora)
+
+            def whole(names: list[str]) -> dict[str, torch.Tensor]:
+                params = dict(model.named_parameters())
+                found = {}
+                for name in names:
+                    with deepspeed.zero.GatheredParameters([params[name]], enabled=stage == 3):
+                        found[name] = params[name].detach().clone()
+                return found
+
+            frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+            adapters = [n for n, p in model.named_parameters() if p.requires_grad]
+            optimizer = OptimConfig(lr=5e-2).build(model)
+            optimized = sum(len(group["params"]) for group in optimizer.param_groups)
+            engine = zero.build(model, optimizer, None, seq_len=32, grad_clip=1.0)
+            before, adapters_before = whole(frozen), whole(adapters)
+            generator = torch.Generator().manual_seed(10 + env.rank)
+            for _ in range(3):
+                tokens = torch.randint(0, 500, (2, 33), generator=generator)
+                engine.backward(engine(tokens[:, :-1], targets=tokens[:, 1:]))
+                engine.step()
+            after, adapters_after = whole(frozen), whole(adapters)
+            params = dict(model.named_parameters())
+            results[(stage, precision)] = {
+                "frozen": len(frozen), "trainable": len(adapters), "optimized": optimized,
+                "changed_frozen": [n for n in frozen if not torch.equal(after[n], before[n]) or params[n].grad is not None],
+                "still_adapters": [n for n in adapters if n.endswith("lora_B")
+                                   and torch.equal(adapters_after[n], adapters_before[n])],
+            }
+            engine.destroy()
+    if env.is_main:
+        torch.save(results, args.out)
+
+
+def main() -> None:
+    from hataori.train.zero import shutdown_distributed
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="mode", required=True)
+    frozen = sub.add_parser("frozen")
+    frozen.add_argument("--out", required=True)
+    args = parser.parse_args()
+    {"frozen": worker_frozen}[args.mode](args)
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
