@@ -43,10 +43,11 @@ def model_config():
                        tie_embeddings=True)
 
 
-def build_engine(stage: int, precision: str, offload: str, total_steps: int):
+def build_engine(stage: int, precision: str, offload: str, total_steps: int, lora: bool = False):
     """The engine over the toy model; ``offload``: none, cpu (the optimizer) or cpu+params (ZeRO-3's
-    parameters too). Gradient clipping is off: its norm is summed in another order on another number
-    of ranks, while the update is otherwise the same bits on one rank and on two."""
+    parameters too); ``lora``: rank-4 adapters on every attention and MLP projection, the rest frozen.
+    Gradient clipping is off: its norm is summed in another order on another number of ranks, while
+    the update is otherwise the same bits on one rank and on two."""
     from hataori.train.checkpoint import seed_all
     from hataori.train.optim import OptimConfig, ScheduleConfig
     from hataori.train.zero import ZeroConfig
@@ -57,6 +58,10 @@ def build_engine(stage: int, precision: str, offload: str, total_steps: int):
                       offload_params="cpu" if offload == "cpu+params" else "none", micro_batch_size=ROWS,
                       global_batch_tokens=MICRO_BATCHES * ROWS * SEQ_LEN, bucket_elements=4096)
     model = model_config().build()
+    if lora:
+        from hataori.model import LoRAConfig, apply_lora
+
+        apply_lora(model, LoRAConfig(rank=4, targets=("attn.*", "mlp.*")))
     optimizer = optim.build(model)
     scheduler = ScheduleConfig(kind="cosine", warmup_steps=2, min_lr=1e-3).build(optimizer, total_steps=total_steps)
     return zero.build(model, optimizer, scheduler, seq_len=SEQ_LEN, grad_clip=optim.grad_clip)
@@ -100,7 +105,7 @@ def whole_state(engine) -> dict:
     for name, param in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([param], enabled=stage == 3):
             params[name] = {"lp": param.detach().clone()}
-        if stage:
+        if stage and param.requires_grad:  # a frozen parameter has no master weight or moments
             params[name].update(fp32=safe_get_full_fp32_param(param).clone(),
                                 **{key: safe_get_full_optimizer_state(param, key).clone() for key in ADAM_KEYS})
     base = engine.basic_optimizer
@@ -118,9 +123,9 @@ def worker_save(args) -> None:
     from hataori.train.zero import init_distributed
 
     env = init_distributed()
-    engine = build_engine(args.stage, args.precision, args.offload, args.steps + args.more)
+    engine = build_engine(args.stage, args.precision, args.offload, args.steps + args.more, args.lora)
     losses = train(engine, 0, args.steps)
-    checkpointer = Checkpointer(CheckpointConfig(), Path(args.run_dir) / "checkpoints", engine)
+    checkpointer = Checkpointer(CheckpointConfig(), Path(args.run_dir) / "checkpoints", engine, frozen=args.lora)
     checkpointer.save(args.steps, loader_state={"position": args.steps}, client_state={"tokens_seen": 123})
     state = whole_state(engine)
     if env.is_main:
@@ -128,18 +133,19 @@ def worker_save(args) -> None:
 
 
 def worker_load(args) -> None:
-    from hataori.train.checkpoint import read_manifest
+    from hataori.train.checkpoint import CheckpointConfig, Checkpointer, read_manifest
     from hataori.train.reshard import load_resharded
     from hataori.train.zero import init_distributed
 
     env = init_distributed()
     path = Path(args.run_dir) / "checkpoints" / f"step_{args.steps:08d}"
-    engine = build_engine(args.stage, args.precision, args.offload, args.steps + args.more)
-    client_state = load_resharded(engine, path, read_manifest(path)["world_size"])
+    engine = build_engine(args.stage, args.precision, args.offload, args.steps + args.more, args.lora)
+    loader = Checkpointer(CheckpointConfig(), path.parent, engine, frozen=args.lora).module_loader(path)
+    client_state = load_resharded(engine, path, read_manifest(path)["world_size"], module_loader=loader)
     loaded = whole_state(engine)
     resumed = train(engine, args.steps, args.steps + args.more)
     engine.destroy()
-    engine = build_engine(args.stage, args.precision, args.offload, args.steps + args.more)
+    engine = build_engine(args.stage, args.precision, args.offload, args.steps + args.more, args.lora)
     uninterrupted = train(engine, 0, args.steps + args.more)
     if env.is_main:
         torch.save({"client_state": {k: client_state[k] for k in ("step", "tokens_seen", "world_size")},
@@ -158,6 +164,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--more", type=int, required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--lora", action="store_true")
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
     {"save": worker_save, "load": worker_load}[args.mode](args)

@@ -30,11 +30,14 @@ WORKER = str(Path(__file__).with_name("reshard_worker.py"))
 LAUNCH_TIMEOUT_S = 120
 STEPS, MORE = 4, 3
 
-CASES = [pytest.param(stage, "fp32", "none", saved_on, resumed_on, id=f"stage{stage}-{saved_on}to{resumed_on}")
+CASES = [pytest.param(stage, "fp32", "none", saved_on, resumed_on, False, id=f"stage{stage}-{saved_on}to{resumed_on}")
          for stage in (0, 1, 2, 3) for saved_on, resumed_on in ((2, 1), (1, 2))]
-CASES += [pytest.param(3, "bf16", "none", 2, 1, id="stage3-bf16-2to1"),
-          pytest.param(2, "fp16", "none", 2, 1, id="stage2-fp16-2to1"),  # the dynamic loss scaler's state
-          pytest.param(3, "fp32", "cpu+params", 1, 2, id="stage3-offload-params-1to2")]
+CASES += [pytest.param(3, "bf16", "none", 2, 1, False, id="stage3-bf16-2to1"),
+          pytest.param(2, "fp16", "none", 2, 1, False, id="stage2-fp16-2to1"),  # the dynamic loss scaler's state
+          pytest.param(3, "fp32", "cpu+params", 1, 2, False, id="stage3-offload-params-1to2"),
+          # LoRA: the checkpoint holds the adapters only; the frozen base is the engine's own
+          pytest.param(0, "fp32", "none", 2, 1, True, id="lora-stage0-2to1"),
+          pytest.param(3, "fp32", "none", 1, 2, True, id="lora-stage3-1to2")]
 
 
 def launch(mode: str, args: list[str], log_dir: Path, nproc: int) -> None:
@@ -60,10 +63,11 @@ def differences(saved, loaded, path: str = "") -> list[str]:
 
 
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S + 30)
-@pytest.mark.parametrize("stage, precision, offload, saved_on, resumed_on", CASES)
-def test_resume_on_another_world_size_continues_exactly(stage, precision, offload, saved_on, resumed_on, tmp_path):
+@pytest.mark.parametrize("stage, precision, offload, saved_on, resumed_on, lora", CASES)
+def test_resume_on_another_world_size_continues_exactly(stage, precision, offload, saved_on, resumed_on, lora,
+                                                        tmp_path):
     common = ["--stage", str(stage), "--precision", precision, "--offload", offload, "--run-dir",
-              str(tmp_path / "run"), "--steps", str(STEPS), "--more", str(MORE)]
+              str(tmp_path / "run"), "--steps", str(STEPS), "--more", str(MORE), *(["--lora"] if lora else [])]
     launch("save", [*common, "--out", str(tmp_path / "saved.pt")], tmp_path / "logs-save", saved_on)
     launch("load", [*common, "--out", str(tmp_path / "loaded.pt")], tmp_path / "logs-load", resumed_on)
     saved = torch.load(tmp_path / "saved.pt", weights_only=False)
