@@ -1,11 +1,18 @@
 """``hataori plan``: model states against DeepSpeed's own estimators, activations against what autograd
-keeps, and the printed table and errors through the command line."""
+keeps, LoRA's trainable parameters against a count by hand, checkpoint sizes against a DeepSpeed checkpoint,
+and the printed table and errors through the command line."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import json
+import os
 import re
+import subprocess
+import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -15,8 +22,10 @@ from hataori.cli import main as hataori_main
 from hataori.config import load
 from hataori.model import ModelConfig
 from hataori.model.attention import document_starts
+from hataori.model.lora import LoRAConfig, apply_lora
 from hataori.train.plan import (GIB, SETUPS, Workload, activation_bytes, activation_bytes_per_token,
-                                largest_layer_params, loss_backward_bytes, model_states, plan, recommend)
+                                checkpoint_bytes, largest_layer_params, loss_backward_bytes, model_states, plan,
+                                recommend, trainable)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -156,21 +165,28 @@ def test_stage_arithmetic_closed_forms():
 # ----------------------------------------------------------------------------- activations vs autograd
 
 
-def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype) -> tuple[int, int]:
+def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype,
+                           lora: LoRAConfig | None = None) -> tuple[int, int]:
     """Bytes of the distinct tensors autograd keeps for the backward pass of one loss computation,
     parameters and buffers excluded, and the number of documents in the batch. Parameters are cast
-    as DeepSpeed casts them (buffers stay fp32)."""
+    as DeepSpeed casts them (buffers stay fp32). ``lora``: with adapters applied, in training mode.
+
+    Counted while the loss is alive, each storage once: a tensor saved by a node that the loss's
+    graph does not reach (a checkpoint's saved input where nothing in or before the block trains) is
+    freed with it, and its memory may hold a later tensor."""
     torch.manual_seed(0)
     model = cfg.build()
+    if lora is not None:
+        apply_lora(model, lora)
     for p in model.parameters():
         p.data = p.data.to(dtype)
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    saved: dict[int, int] = {}
+    saved: dict[int, list[tuple[weakref.ref, int]]] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         if storage.data_ptr() not in own and t.dim() > 0:  # scalars (the loss's total weight) aside
-            saved[storage.data_ptr()] = storage.nbytes()
+            saved.setdefault(storage.data_ptr(), []).append((weakref.ref(t), storage.nbytes()))
         return t
 
     contexts = []
@@ -181,12 +197,15 @@ def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype: to
     targets = torch.randint(0, cfg.vocab_size, (batch, seq_len))
     doc_ids = (torch.rand(batch, seq_len) < 0.1).long().cumsum(dim=1)  # (B, T), a few documents a row
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids, doc_ids=doc_ids, targets=targets)
+        loss = model(ids, doc_ids=doc_ids, targets=targets)
     if cfg.activation_checkpointing:  # the blocks' context stays alive for their recomputation
         for t in context_tensors(contexts[0]):
             pack(t)
     n_docs = int(document_starts(doc_ids).sum())
-    return sum(saved.values()), n_docs
+    alive = [max(nbytes for ref, nbytes in tensors if ref() is not None) for tensors in saved.values()
+             if any(ref() is not None for ref, _ in tensors)]
+    del loss
+    return sum(alive), n_docs
 
 
 def context_tensors(ctx) -> list[torch.Tensor]:
@@ -197,25 +216,31 @@ def context_tensors(ctx) -> list[torch.Tensor]:
     return [t for t in tensors if t is not None]
 
 
-def check_activation_formula(precision: str, dtype: torch.dtype, checkpointing: bool, **overrides) -> None:
+def check_activation_formula(precision: str, dtype: torch.dtype, checkpointing: bool, lora: LoRAConfig | None = None,
+                             **overrides) -> None:
     """The plan's per-token activation terms against what autograd keeps on a small model.
 
     The Triton attention with documents also keeps the int32 cumulative document lengths (4 bytes
-    per document, which the plan leaves out): they are added to the expectation here."""
+    per document, which the plan leaves out): they are added to the expectation here. A LoRA
+    adapter's dropout on a CPU keeps the scaled noise in the activations' dtype where CUDA keeps a
+    bool mask: the formula is given the CPU's mask size."""
     cfg = ModelConfig(vocab_size=500, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=160,
                       max_seq_len=64, activation_checkpointing=checkpointing, **overrides)
     B, T = 2, 40
-    t = activation_bytes_per_token(cfg, seq_len=T, precision=precision)
+    adapters = None if lora is None else trainable(cfg, lora)
+    t = activation_bytes_per_token(cfg, seq_len=T, precision=precision, lora=adapters, mask_bytes=dtype.itemsize)
     if checkpointing:  # saved through the forward: each block's input; the block itself is recomputed later
-        forward = B * T * (cfg.n_layers * t["block_input"] + t["checkpoint_inputs"] + t["head"])
+        forward = B * T * (t["block_inputs"] + t["checkpoint_inputs"] + t["head"])
     else:
-        forward = B * T * (cfg.n_layers * t["block"] + t["head"])
-    saved, n_docs = saved_activation_bytes(cfg, B, T, dtype)
+        forward = B * T * (t["blocks"] + t["head"])
+    saved, n_docs = saved_activation_bytes(cfg, B, T, dtype, lora)
     cu_seqlens = 4 * (n_docs + 1) if cfg.attention_backend == "triton" and cfg.doc_masking else 0
     assert saved == forward + cu_seqlens
-    peak = activation_bytes(cfg, micro_batch=B, seq_len=T, precision=precision, checkpointing=checkpointing)
-    assert peak == (forward + B * T * (t["loss_backward"] + (t["block"] if checkpointing else 0))
-                    + loss_backward_bytes(cfg, tokens=B * T, precision=precision))
+    if lora is None or not lora.dropout:  # (the plan's peak counts CUDA's masks)
+        peak = activation_bytes(cfg, micro_batch=B, seq_len=T, precision=precision, checkpointing=checkpointing,
+                                lora=adapters)
+        assert peak == (forward + B * T * (t["loss_backward"] + (t["block"] if checkpointing else 0))
+                        + loss_backward_bytes(cfg, tokens=B * T, precision=precision, lora=adapters))
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
@@ -234,11 +259,226 @@ def test_activation_formula_with_the_chunked_loss(precision, dtype, checkpointin
                              fused_kernels="torch", chunked_loss=True)
 
 
+LORA_CASES = {  # id: (LoRA config, model overrides)
+    "default": (LoRAConfig(rank=4), {}),
+    "dropout": (LoRAConfig(rank=4, dropout=0.1), {}),
+    "q-v": (LoRAConfig(rank=8, targets=("attn.wq", "attn.wv")), {}),
+    "mlp-up": (LoRAConfig(rank=4, targets=("mlp.w_up",)), {}),
+    "last-down-only": (LoRAConfig(rank=4, targets=("blocks.2.mlp.w_down",)), {}),
+    "layer-1-k-dropout": (LoRAConfig(rank=4, dropout=0.2, targets=("blocks.1.attn.wk", "attn.wo")), {}),
+    "train-also": (LoRAConfig(rank=4, targets=("attn.wv",), train_also=("tok_embeddings", "blocks.1.mlp_norm",
+                                                                         "norm", "blocks.2.mlp.w_up")), {}),
+    "lm-head-dropout": (LoRAConfig(rank=4, dropout=0.1, targets=("mlp.*", "lm_head")), {}),
+    "tied-train-lm-head": (LoRAConfig(rank=4, targets=("attn.wq",), train_also=("lm_head",)),
+                           {"tie_embeddings": True}),
+    "qk-norm": (LoRAConfig(rank=4, targets=("attn.wk", "mlp.w_gate"), train_also=("blocks.0.attn.q_norm",)),
+                {"qk_norm": True}),
+    "chunked-loss": (LoRAConfig(rank=4, dropout=0.1), {"chunked_loss": True}),
+    "whole-block": (LoRAConfig(rank=4, targets=("blocks.0.attn.wq",), train_also=("blocks.2",)), {}),
+}
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("doc_masking", [False, True])
+@pytest.mark.parametrize("case", LORA_CASES)
+def test_lora_activation_formula_counts_what_autograd_saves(case, precision, dtype, checkpointing, doc_masking):
+    """With frozen weights autograd keeps less (only what a wanted gradient needs) and each adapter adds
+    its own; the LoRA formula follows it to the byte, dropout masks, layers without adapters and all."""
+    lora, overrides = LORA_CASES[case]
+    check_activation_formula(precision, dtype, checkpointing, lora=lora, doc_masking=doc_masking,
+                             attention_backend="sdpa", fused_kernels="torch", **overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"fused_kernels": "torch"}, {"fused_kernels": "triton"}, {"qk_norm": True, "fused_kernels": "torch"},
+    {"qk_norm": True, "fused_kernels": "triton"}, {"doc_masking": False}, {"attention_backend": "sdpa"},
+    {"chunked_loss": True, "fused_kernels": "triton"}, {"chunked_loss": True, "fused_kernels": "torch"},
+], ids=str)
+def test_lora_walk_with_every_weight_trained_is_the_full_formula(overrides):
+    """The block-by-block LoRA terms with no adapter and every weight trained give the full-training
+    terms, fused kernels included (which no CPU test can measure)."""
+    from hataori.model.model import Transformer
+    from hataori.train.plan import Trainable
+
+    cfg = toy(**overrides)
+    with torch.device("meta"):
+        names = frozenset(name for name, m in Transformer(cfg).named_modules()
+                          if isinstance(getattr(m, "weight", None), torch.nn.Parameter))
+    everything = Trainable(lora=LoRAConfig(), params=cfg.num_params(), total=cfg.num_params(), adapted=frozenset(),
+                           trained=names, largest_layer=0, largest_trainable_layer=0)
+    for precision in ("bf16", "fp32"):
+        full = activation_bytes_per_token(cfg, seq_len=48, precision=precision)
+        assert activation_bytes_per_token(cfg, seq_len=48, precision=precision, lora=everything) == full
+        assert loss_backward_bytes(cfg, tokens=96, precision=precision, lora=everything) == loss_backward_bytes(
+            cfg, tokens=96, precision=precision)
+
+
+def test_lora_keeps_less_than_full_training_plus_its_adapters():
+    """The default adapters on the 7b preset: each block keeps full training's tensors less the frozen
+    norms' normalised inputs (unfused) plus seven rank-r adapter outputs; fused, exactly the adapters."""
+    for fused in ("torch", "triton"):
+        cfg = load(ModelConfig, [CONFIGS / "model" / "7b.yaml"], [f"fused_kernels={fused}"])
+        full = activation_bytes_per_token(cfg, seq_len=4096, precision="bf16")
+        lora = activation_bytes_per_token(cfg, seq_len=4096, precision="bf16",
+                                          lora=trainable(cfg, LoRAConfig(rank=16)))
+        frozen_norms = 0 if fused == "triton" else 2 * 2 * cfg.d_model
+        assert lora["block"] == full["block"] - frozen_norms + 7 * 2 * 16
+
+
 def test_loss_chunk_rows_are_the_kernels():
     from hataori.kernels.cross_entropy import DEFAULT_CHUNK_SIZE
     from hataori.train.plan import DEFAULT_LOSS_CHUNK_ROWS
 
     assert DEFAULT_LOSS_CHUNK_ROWS == DEFAULT_CHUNK_SIZE
+
+
+# ----------------------------------------------------------------------------- LoRA: what trains, checkpoints
+
+
+def toy(**overrides) -> ModelConfig:
+    fields = dict(vocab_size=500, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=160, max_seq_len=64)
+    return ModelConfig(**{**fields, **overrides})
+
+
+def adapter_params(cfg: ModelConfig, rank: int, names: list[str]) -> int:
+    """rank * (in + out) for each named layer kind in every block (``lm_head`` once)."""
+    D, Wq, Wkv, F = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_hidden
+    widths = {"wq": (D, Wq), "wk": (D, Wkv), "wv": (D, Wkv), "wo": (Wq, D), "w_gate": (D, F), "w_up": (D, F),
+              "w_down": (F, D)}
+    if "lm_head" in names:
+        return rank * (D + cfg.padded_vocab_size) + adapter_params(cfg, rank, [n for n in names if n != "lm_head"])
+    return cfg.n_layers * sum(rank * sum(widths[name]) for name in names)
+
+
+@pytest.mark.parametrize("model, lora, expected", [
+    (toy(), LoRAConfig(rank=4), lambda c: adapter_params(c, 4, ["wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"])),
+    (toy(), LoRAConfig(rank=8, targets=("attn.wq", "attn.wv", "lm_head")),
+     lambda c: adapter_params(c, 8, ["wq", "wv", "lm_head"])),
+    (toy(), LoRAConfig(rank=2, targets=("blocks.1.attn.wk",), train_also=("tok_embeddings", "norm")),
+     lambda c: 2 * (c.d_model + c.n_kv_heads * c.head_dim) + c.padded_vocab_size * c.d_model + c.d_model),
+    (toy(tie_embeddings=True), LoRAConfig(rank=4, targets=("mlp.*",), train_also=("lm_head", "tok_embeddings")),
+     lambda c: adapter_params(c, 4, ["w_gate", "w_up", "w_down"]) + c.padded_vocab_size * c.d_model),  # tied: once
+], ids=["default", "q-v-lm-head", "one-layer-and-embeddings", "tied"])
+def test_trainable_parameters_by_hand_and_on_the_built_model(model, lora, expected):
+    """The meta-device count against rank * (in + out) a layer by hand, and against the model built on
+    the CPU with the adapters applied (largest layer: DeepSpeed's own count)."""
+    from deepspeed.runtime.zero.stage3 import model_to_params
+
+    counted = trainable(model, lora)
+    torch.manual_seed(0)
+    built = model.build()
+    adapted = apply_lora(built, lora)
+    assert counted.params == expected(model) == sum(p.numel() for p in built.parameters() if p.requires_grad)
+    assert counted.adapted == set(adapted)
+    assert (counted.total, counted.largest_layer) == model_to_params(built)
+    assert counted.largest_trainable_layer == max(sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad)
+                                                  for m in built.modules())
+
+
+@pytest.mark.parametrize("name", ["7b", "30b"])
+def test_trainable_parameters_of_the_presets(name):
+    """Counted without allocating the model: rank * (in + out) for the seven projections of every block."""
+    cfg = preset(name)
+    counted = trainable(cfg, LoRAConfig(rank=16))
+    assert counted.params == adapter_params(cfg, 16, ["wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"])
+    assert counted.total == cfg.num_params() + counted.params
+    assert len(counted.adapted) == 7 * cfg.n_layers and counted.largest_layer == largest_layer_params(cfg)
+
+
+def test_lora_model_states_closed_forms():
+    """T of P parameters train: every parameter's 16-bit weight, the trained ones' gradients and optimizer
+    states, partitioned stage by stage; ZeRO-3 gathers the largest layer and the largest trained one's
+    gradient. T = P is full training."""
+    P, T, N, largest, largest_trained = 1_000_000, 10_000, 8, 50_000, 2_000
+    kw = dict(num_gpus=N, gpus_per_node=8, largest_layer_params=largest, trainable_params=T,
+              largest_trainable_params=largest_trained)
+    s0, s1, s2, s3 = (model_states(P, stage=stage, **kw) for stage in range(4))
+    assert (s0.params, s0.grads, s0.optimizer, s0.gathered) == (2 * P, 2 * T, 16 * T, 0)
+    assert (s1.params, s1.grads, s1.optimizer) == (2 * P, 2 * T, 16 * T / N)
+    assert (s2.params, s2.grads, s2.optimizer) == (2 * P, 2 * T / N, 16 * T / N)
+    assert (s3.params, s3.grads, s3.optimizer, s3.gathered) == (2 * P / N, 2 * T / N, 16 * T / N,
+                                                                 2 * largest + 2 * largest_trained)
+    s3o = model_states(P, stage=3, offload="optimizer+params", **kw)
+    assert (s3o.params, s3o.grads, s3o.optimizer, s3o.cpu_states) == (0, 0, 0, (16 * T / N + 2 * P / N) * 8)
+    for stage in range(4):
+        full = model_states(P, stage=stage, num_gpus=N, gpus_per_node=8, largest_layer_params=largest)
+        assert model_states(P, stage=stage, num_gpus=N, gpus_per_node=8, largest_layer_params=largest,
+                            trainable_params=P, largest_trainable_params=largest) == full
+
+
+def test_lora_plan_recommends_less_than_full_training():
+    cfg = preset("7b")
+    work = Workload(model=cfg, micro_batch=2, seq_len=4096, precision="bf16", num_gpus=8, gpu_mem_gib=80,
+                    gpus_per_node=8)
+    lora = dataclasses.replace(work, lora=trainable(cfg, LoRAConfig(rank=16)))
+    for full, adapted in zip(plan(work), plan(lora)):
+        assert adapted.states.params > full.states.params or adapted.states.params == full.states.params == 0
+        trained = [s.grads + s.optimizer for s in (full.states, adapted.states)]
+        assert trained[1] <= trained[0] / 20 and adapted.buffers <= full.buffers / 10
+        assert adapted.states.cpu_states < full.states.cpu_states or full.states.cpu_states == 0
+    assert recommend(plan(lora)).setup.cost <= recommend(plan(work)).setup.cost
+
+
+CHECKPOINT_SCRIPT = """
+import json, sys, tempfile, torch
+from pathlib import Path
+from hataori.model import ModelConfig
+from hataori.model.lora import LoRAConfig, apply_lora
+from hataori.train.optim import OptimConfig
+from hataori.train.zero import ZeroConfig, init_distributed
+
+init_distributed()
+cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, ffn_hidden=64, max_seq_len=16)
+found = []
+for stage in (0, 1, 2, 3):
+    for precision in ("bf16", "fp16", "fp32"):
+        torch.manual_seed(0)
+        zero = ZeroConfig(stage=stage, precision=precision, global_batch_tokens=16)
+        model = zero.build_model(cfg, torch.device("cpu"), seq_len=16, grad_clip=1.0)
+        apply_lora(model, LoRAConfig(rank=4))
+        trained = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+        engine = zero.build(model, OptimConfig(lr=1e-3).build(model), None, seq_len=16, grad_clip=1.0)
+        ids = torch.randint(0, 256, (1, 16))
+        engine.backward(engine(ids, targets=ids))
+        engine.step()
+        with tempfile.TemporaryDirectory() as folder:
+            engine.save_checkpoint(folder, tag="t", exclude_frozen_parameters=True)
+            saved = 0
+            for file in (Path(folder) / "t").iterdir():
+                storages, todo = {}, [torch.load(file, map_location="cpu", weights_only=False)]
+                while todo:
+                    item = todo.pop()
+                    if isinstance(item, dict):
+                        todo.extend(item.values())
+                    elif isinstance(item, (list, tuple)):
+                        todo.extend(item)
+                    elif isinstance(item, torch.Tensor) and item.dim() > 0:
+                        storages[item.untyped_storage().data_ptr()] = item.untyped_storage().nbytes()
+                saved += sum(storages.values())
+        found.append({"stage": stage, "precision": precision, "trained": trained, "saved": saved})
+Path(sys.argv[1]).write_text(json.dumps(found))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_checkpoint_bytes_match_a_deepspeed_checkpoint(tmp_path):
+    """One process saves a LoRA toy model's DeepSpeed checkpoint (frozen weights excluded, as LoRA runs
+    save) at every stage and precision; the tensors it holds, Adam's 0-dim step counters aside, are the
+    formula's bytes per trained parameter. In a subprocess: init_distributed sets RANK and WORLD_SIZE."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    out = tmp_path / "found.json"
+    done = subprocess.run([sys.executable, "-c", CHECKPOINT_SCRIPT, str(out)], env=env, capture_output=True,
+                          text=True, timeout=150)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(out.read_text())
+    assert len(found) == 12
+    for row in found:
+        assert row["saved"] == checkpoint_bytes(row["trained"], stage=row["stage"], precision=row["precision"]), row
+    per_param = {(r["stage"], r["precision"]): r["saved"] / r["trained"] for r in found}
+    assert [per_param[(stage, "bf16")] for stage in range(4)] == [14, 14, 14, 12]
+    assert [per_param[(stage, "fp32")] for stage in range(4)] == [12, 16, 16, 12]
 
 
 # ----------------------------------------------------------------------------- plans and the command
@@ -340,6 +580,30 @@ def test_cli_job_smaller_than_a_node_runs_on_one_node(capsys):
 def test_cli_missing_config(capsys, tmp_path):
     status, _, err = run_plan(capsys, str(tmp_path / "nope.yaml"), "--gpus", "8")
     assert status == 2 and "no such config" in err
+
+
+def test_cli_plans_a_lora_run(capsys):
+    """``lora.rank=16`` on a train preset creates the lora section with its defaults; the plan says what
+    trains and the checkpoint of each; a pattern that matches nothing is an error naming lora.targets."""
+    from hataori.train.config import TrainConfig
+
+    path = CONFIGS / "train" / "7b.yaml"
+    cfg = load(TrainConfig, [path], ["run_dir=x", "data.datasets=[{path: x}]"])
+    counted = trainable(cfg.model, LoRAConfig(rank=16))
+    status, out, _ = run_plan(capsys, str(path), "lora.rank=16", "--gpus", "8")
+    assert status == 0
+    assert (f"LoRA: rank 16 on 224 linear layers (attn.*, mlp.*): {counted.params:,} trainable parameters, "
+            f"{counted.params / counted.total:.2%} of {counted.total:,}") in out
+    stage = int(re.search(r"^recommended: ZeRO-(\d)", out, re.MULTILINE).group(1))
+    lora_gib = checkpoint_bytes(counted.params, stage=stage, precision="bf16") / GIB
+    full_gib = checkpoint_bytes(cfg.model.num_params(), stage=stage, precision="bf16") / GIB
+    assert (f"checkpoint: {lora_gib:.2f} GiB a save at ZeRO-{stage} (recommended), {14 if stage < 3 else 12} "
+            f"bytes a trained parameter; full training {full_gib:.1f} GiB") in out
+    status, out, _ = run_plan(capsys, str(path), "lora={rank: 8, targets: [attn.wq, attn.wv]}", "--gpus", "8")
+    trained = adapter_params(cfg.model, 8, ["wq", "wv"])
+    assert status == 0 and f"LoRA: rank 8 on 64 linear layers (attn.wq, attn.wv): {trained:,} trainable" in out
+    status, out, err = run_plan(capsys, str(path), "lora.targets=[attn.w_q]", "--gpus", "8")
+    assert status == 2 and "lora.targets: pattern 'attn.w_q' matches no linear module" in err and not out
 
 
 def test_cli_reads_a_train_preset(capsys):

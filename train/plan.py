@@ -1,10 +1,11 @@
 """``hataori plan``: will a training run fit in GPU memory, and with which ZeRO settings?
 
-For a model (a model preset, or a train preset that also fixes micro batch, sequence length and
-precision) on N GPUs of M GiB, the plan prints parameters, training FLOPs per token and, per GPU,
-the memory of weights, gradients, optimizer states, communication buffers and activations for
-ZeRO stages 0-3, with and without optimizer offload to CPU and with and without activation
-checkpointing. It marks the configurations that fit and recommends the cheapest one with room to spare.
+For a model (a model preset, or a train preset that also fixes micro batch, sequence length,
+precision and LoRA adapters) on N GPUs of M GiB, the plan prints parameters, training FLOPs per
+token, the size of a checkpoint and, per GPU, the memory of weights, gradients, optimizer states,
+communication buffers and activations for ZeRO stages 0-3, with and without optimizer offload to
+CPU and with and without activation checkpointing. It marks the configurations that fit and
+recommends the cheapest one with room to spare.
 
 Model states (bytes per parameter, P parameters, N GPUs; after the ZeRO paper and DeepSpeed's
 ``estimate_zero{2,3}_model_states_mem_needs``)
@@ -38,8 +39,28 @@ which is what they hold anyway, and ZeRO-3 builds it partitioned (``deepspeed.ze
 module gathered at a time for its initialisation. DeepSpeed's estimators multiply CPU memory by an
 "additional buffer factor" of 1.5 and count a model loaded in CPU memory; this plan does neither.
 
+LoRA (a train preset's ``lora`` section, e.g. the override ``lora.rank=16``; hataori.model.lora).
+The base weights are frozen: no gradients, no optimizer states; they stay in the working precision
+and ZeRO-3 partitions them like the rest. Of P parameters (the adapters included) T train: the
+adapters, rank x (in + out) a wrapped layer, and the ``train_also`` modules, a tied matrix once.
+:func:`trainable` counts them exactly on the model built on PyTorch's meta device with the
+adapters applied (no memory is allocated)::
+
+    stage 0:  P p + T (g + K + f)
+    stage 1:  P p + T g + T (K + f) / N
+    stage 2:  P p + T (g + K + f) / N
+    stage 3:  (P p + T (g + K + f)) / N
+              + p * largest layer + g * largest trainable layer
+
+Full training is T = P. ZeRO-3 gathers one module's parameters at a time (a wrapped layer's
+adapters with its weight, as DeepSpeed counts a module's own parameters) and a gradient only for
+what trains, so its "4 x largest layer" becomes p x the largest module's parameters + g x the
+most trainable parameters any one module holds. Offload moves T (K + f), with stages 2 and 3
+also T g, and with parameter offload P p / N, as above.
+
 Communication buffers (stages 1 and 2): DeepSpeed's reduce and all-gather buckets of
-``bucket_elements`` (500M by default, capped at P) in the working precision, 2 x bucket x p bytes.
+``bucket_elements`` (500M by default, capped at T, the parameters that train, as
+``ZeroConfig.build`` caps them) in the working precision, 2 x bucket x p bytes.
 
 Activations per micro-batch of B sequences of T tokens (bytes per token, ``a`` bytes per
 activation: 2 for bf16/fp16, 4 for fp32; D d_model, H/H_kv heads, Wq = H * head_dim,
@@ -85,6 +106,39 @@ small model and checks this formula to the byte)::
                             (each block keeps its input, and the int64 doc_ids with document
                             masking; one block is recomputed at a time)
 
+LoRA activations. Autograd keeps a tensor only for a gradient that is wanted, so frozen weights
+keep less, and each adapter keeps its own. The plan follows the model block by block, marking
+which tensors need a gradient (none before the first trainable parameter: with the embedding
+frozen, the first block's input needs none), and counts, with r the rank, m the bytes of a
+dropout mask (1: CUDA keeps a bool mask) and w the width of the tensor::
+
+    RMSNorm         4w + 4 where its input needs a gradient, + aw where its gain trains
+          fused:    aw + 4 where either does
+    linear input    aw, once for all the layers reading it (the norms' outputs, the attention
+                    output, the SwiGLU product), where one of their weights trains or an adapter
+                    reads it without dropout; the attention output is kept by attention anyway
+    adapter         ar, A's output, which B's gradient needs
+          dropout:  + aw + mw: the dropped input A reads, and the mask where the input needs a gradient
+    attention       as above where q, k or v needs a gradient (qk-norm: as the RMSNorm row)
+    SwiGLU          aF for gate and aF for up where gate needs a gradient, aF for silu(gate) where up does
+          fused:    2aF where either does
+    head            the final norm as above; its output (aD) only where lm_head's weight trains, an
+                    adapter reads it, or the chunked loss keeps it; the int64 ids (8) only where
+                    the embedding trains; the rotary term only where some layer's q or k needs a
+                    gradient (else the checkpoints' contexts hold it); the rest as above
+    loss backward   as above; the chunked loss's fp32 accumulator (4VD) only where lm_head's weight trains
+
+With checkpointing, only the blocks that the backward pass reaches (their output needs a
+gradient) keep their input; the recomputed block is the largest. Everything training, this is the
+formula above. With the default targets (every projection of every block) and frozen norms and
+embedding, a block keeps what it keeps in full training less the two norms' normalised inputs
+(2aD, unfused kernels only) plus 7ar; the first block also less what its first norm keeps (its
+input needs no gradient), the head less the final norm's output and normalised input (unfused) and
+the ids. tests/test_plan.py
+counts what autograd keeps for a dozen LoRA setups (dropout, single layers, train_also, tied
+embeddings, qk-norm, the chunked loss) and checks this to the byte; on a CPU, PyTorch's dropout
+keeps the scaled noise (a bytes an element) where CUDA keeps the bool mask, and the test says so.
+
 The kernels are those the config runs on a CUDA GPU: ``attention_backend: auto`` there is
 flash-attn or the Triton kernel, which keep what SDPA's flash kernel keeps, and ``fused_kernels:
 auto`` the fused Triton RMSNorm, RoPE and SwiGLU ("fused" above). The Triton attention with
@@ -98,6 +152,22 @@ fp32 buffers (DeepSpeed casts parameters, not buffers); the gradients of activat
 during the backward pass are small beside the saved ones and are left to the allowance. A fixed
 allowance (``--overhead``, 3 GiB by default) covers the CUDA context, the caching allocator's
 fragmentation and kernels' workspaces.
+
+Checkpoints: one DeepSpeed ``save_checkpoint`` (hataori.train.checkpoint) holds, per trained
+parameter (every parameter in full training; a LoRA run saves with
+``exclude_frozen_parameters``, which leaves the frozen base out), in bytes::
+
+    precision        ZeRO-0     ZeRO-1/2     ZeRO-3
+    bf16 / fp16      2 + 12     2 + 12       12
+    fp32             4 + 8      4 + 4 + 8    4 + 8
+
+the module's weights in the working precision (ZeRO-3's module state holds empty placeholders)
+and the optimizer's fp32 master weights with Adam's m and v. In fp32 the module's weights are the
+master at stage 0 (torch's AdamW) and stage 3 (the partitions), but ZeRO-1/2 keep their own fp32
+copy of the partition beside the module and save both. tests/test_plan.py saves a toy LoRA model's
+checkpoint at every stage and precision and checks these to the byte (tensors only: the pickles'
+names and the 0-dim step counters add a few bytes a tensor). The plan prints the size at the
+recommended stage (ZeRO-3 if nothing fits) beside full training's.
 
 Recommendation: the cheapest configuration that fits with a tenth of the GPU's memory to spare
 (or, if none does, the cheapest that fits, marked tight), ranked by what it costs in speed:
@@ -125,6 +195,9 @@ RECOMMEND_HEADROOM = 0.10
 the estimate does not see fragmentation over a long run nor every workspace of every kernel."""
 DEFAULT_LOSS_CHUNK_ROWS = 2048
 """Rows per chunk of the chunked loss (hataori.kernels.cross_entropy.DEFAULT_CHUNK_SIZE)."""
+DROPOUT_MASK_BYTES = 1
+"""Bytes per element of the mask a LoRA adapter's dropout keeps: PyTorch's CUDA dropout keeps a bool
+mask (on a CPU it keeps the scaled noise, in the activations' dtype)."""
 Precision = Literal["bf16", "fp16", "fp32"]
 Offload = Literal["none", "optimizer", "optimizer+params"]
 
@@ -171,8 +244,12 @@ class ModelStates:
 
 
 def model_states(num_params: int, *, stage: int, num_gpus: int, gpus_per_node: int, precision: Precision = "bf16",
-                 offload: Offload = "none", largest_layer_params: int = 0) -> ModelStates:
-    """Bytes of parameters, gradients and optimizer states per GPU under ZeRO ``stage`` over ``num_gpus``."""
+                 offload: Offload = "none", largest_layer_params: int = 0, trainable_params: int | None = None,
+                 largest_trainable_params: int | None = None) -> ModelStates:
+    """Bytes of parameters, gradients and optimizer states per GPU under ZeRO ``stage`` over ``num_gpus``.
+
+    ``trainable_params`` of the ``num_params`` train (LoRA), the largest module holding
+    ``largest_trainable_params`` of them; None: every parameter trains, the largest layer's all."""
     if stage not in (0, 1, 2, 3):
         raise ConfigError("stage", f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
     if offload != "none" and stage == 0:
@@ -181,10 +258,12 @@ def model_states(num_params: int, *, stage: int, num_gpus: int, gpus_per_node: i
         raise ConfigError("offload", "parameter offload needs ZeRO stage 3")
     b = bytes_per_param(precision)
     P, N = float(num_params), num_gpus
+    T = P if trainable_params is None else float(trainable_params)
+    largest_trainable = largest_layer_params if largest_trainable_params is None else largest_trainable_params
     params = P * b.params / (N if stage == 3 else 1)
-    grads = P * b.grads / (N if stage >= 2 else 1)
-    optimizer = P * (b.optimizer + b.fp32_grads) / (N if stage >= 1 else 1)
-    gathered = float((b.params + b.grads) * largest_layer_params) if stage == 3 else 0.0
+    grads = T * b.grads / (N if stage >= 2 else 1)
+    optimizer = T * (b.optimizer + b.fp32_grads) / (N if stage >= 1 else 1)
+    gathered = float(b.params * largest_layer_params + b.grads * largest_trainable) if stage == 3 else 0.0
     cpu_states = 0.0
     if offload != "none":
         cpu_states += optimizer
@@ -205,11 +284,76 @@ def largest_layer_params(cfg: Any) -> int:
     return max(cfg.padded_vocab_size * d, cfg.ffn_hidden * d, cfg.n_heads * cfg.head_dim * d)
 
 
+def checkpoint_bytes(trained_params: int, *, stage: int, precision: Precision) -> int:
+    """Bytes of one DeepSpeed checkpoint of ``trained_params`` trained parameters (module docstring)."""
+    module = 0 if stage == 3 else bytes_per_param(precision).params  # ZeRO-3's module state: placeholders
+    master = 0 if precision == "fp32" and stage == 0 else 4  # fp32 at stage 0: the module's weights are the master
+    return trained_params * (module + master + 8)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+@dataclass(frozen=True, slots=True)
+class Trainable:
+    """What a LoRA run trains, read off the model with its adapters applied (:func:`trainable`)."""
+
+    lora: Any
+    """The LoRAConfig."""
+    params: int
+    """Parameters that train: the adapters and the train_also modules' (a tied matrix once)."""
+    total: int
+    """Every parameter of the adapted model: the base model's and the adapters."""
+    adapted: frozenset[str]
+    """The adapted linear layers, by module name."""
+    trained: frozenset[str]
+    """The modules whose own weight trains (train_also), by name; a tied matrix under both names."""
+    largest_layer: int
+    """Parameters of the largest single module, a wrapped layer's adapters with its weight (ZeRO-3 gathers it)."""
+    largest_trainable_layer: int
+    """Trainable parameters of the module with the most (ZeRO-3 gathers their gradient)."""
+
+
+def trainable(model: Any, lora: Any) -> Trainable:
+    """What LoRAConfig ``lora`` trains of the transformer ModelConfig ``model``: counted on the model built
+    on PyTorch's meta device (no memory allocated) and adapted by ``hataori.model.lora.apply_lora``."""
+    import torch
+
+    from hataori.model.lora import apply_lora
+    from hataori.model.model import Transformer
+
+    with torch.device("meta"):
+        built = Transformer(model)
+    try:
+        adapted = apply_lora(built, lora)
+    except ConfigError as err:
+        raise ConfigError(f"lora.{err.key}", err.message) from None
+    params = list(built.parameters())  # each Parameter once, a tied matrix too
+    modules = list(built.named_modules())
+    own = [list(m.parameters(recurse=False)) for _, m in modules]
+    return Trainable(
+        lora=lora,
+        params=sum(p.numel() for p in params if p.requires_grad),
+        total=sum(p.numel() for p in params),
+        adapted=frozenset(adapted),
+        trained=frozenset(name for name, m in modules
+                          if isinstance(getattr(m, "weight", None), torch.nn.Parameter) and m.weight.requires_grad),
+        largest_layer=max(sum(p.numel() for p in ps) for ps in own),
+        largest_trainable_layer=max(sum(p.numel() for p in ps if p.requires_grad) for ps in own))
+
+
 # ----------------------------------------------------------------------------- activations
 
 
-def activation_bytes_per_token(cfg: Any, *, seq_len: int, precision: Precision) -> dict[str, int]:
-    """The per-token terms of the activation formula (module docstring) for ``cfg`` at ``seq_len``."""
+def activation_bytes_per_token(cfg: Any, *, seq_len: int, precision: Precision, lora: Trainable | None = None,
+                               mask_bytes: int = DROPOUT_MASK_BYTES) -> dict[str, int]:
+    """The per-token terms of the activation formula (module docstring) for ``cfg`` at ``seq_len``:
+    ``block`` the largest block's (the one checkpointing recomputes), ``blocks`` all blocks' together.
+
+    ``lora``: a LoRA run's, where frozen weights keep less (:func:`lora_activation_bytes_per_token`)."""
+    if lora is not None:
+        return lora_activation_bytes_per_token(cfg, lora, seq_len=seq_len, precision=precision,
+                                               mask_bytes=mask_bytes)
     a = 4 if precision == "fp32" else 2
     D, H, H_kv, Dh, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_hidden, cfg.vocab_size
     Wq, Wkv = H * Dh, H_kv * Dh
@@ -225,29 +369,119 @@ def activation_bytes_per_token(cfg: Any, *, seq_len: int, precision: Precision) 
     rotary = (8 if fused else 8 * Dh) if cfg.doc_masking else 0
     chunked = cfg.chunked_loss
     head = norm + (4 if chunked else 4 * V) + 16 + rotary
-    return {"block": block, "block_input": a * D, "head": head, "loss_backward": 0 if chunked else 8 * V,
-            "checkpoint_inputs": 8 if cfg.doc_masking else 0}
+    return {"block": block, "blocks": cfg.n_layers * block, "block_input": a * D, "block_inputs": cfg.n_layers * a * D,
+            "head": head, "loss_backward": 0 if chunked else 8 * V, "checkpoint_inputs": 8 if cfg.doc_masking else 0}
 
 
-def loss_backward_bytes(cfg: Any, *, tokens: int, precision: Precision) -> int:
-    """The chunked loss's backward working memory for a micro-batch of ``tokens`` (0 without it)."""
+def lora_activation_bytes_per_token(cfg: Any, lora: Trainable, *, seq_len: int, precision: Precision,
+                                    mask_bytes: int = DROPOUT_MASK_BYTES) -> dict[str, int]:
+    """The per-token terms of a LoRA run (module docstring, "LoRA activations"), block by block:
+    each tensor counted where autograd keeps it, which depends on what needs a gradient.
+
+    ``mask_bytes``: bytes per element of a dropout mask (see DROPOUT_MASK_BYTES)."""
+    a = 4 if precision == "fp32" else 2
+    D, H, H_kv, Dh, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_hidden, cfg.vocab_size
+    Wq, Wkv = H * Dh, H_kv * Dh
+    fused = cfg.fused_kernels != "torch"
+    mask = cfg.attention_backend == "sdpa" and cfg.doc_masking
+    kv_saved = Wq if mask else Wkv
+    rank, dropout = lora.lora.rank, lora.lora.dropout > 0
+
+    def trains(name: str) -> bool:
+        return name in lora.trained
+
+    def changes(name: str) -> bool:
+        """Whether the layer's output needs a gradient whatever its input: its weight trains or it is adapted."""
+        return name in lora.trained or name in lora.adapted
+
+    def norm(width: int, rows: int, input_grad: bool, weight_grad: bool) -> int:
+        """An RMSNorm of ``rows`` vectors, ``width`` values a token in all: the fp32 input and 1/rms where
+        the input needs a gradient, the normalised input where the gain does (fused: input and 1/rms)."""
+        if fused:
+            return a * width + 4 * rows if input_grad or weight_grad else 0
+        return (4 * width + 4 * rows if input_grad else 0) + (a * width if weight_grad else 0)
+
+    def readers(width: int, input_grad: bool, names: list[str], kept: bool = False) -> int:
+        """What the linear layers ``names``, reading one input ``width`` wide, keep: the input once where a
+        weight trains or an adapter reads it undropped (unless another op keeps it anyway), and per
+        adapter A's rank-r output, with dropout also its dropped input and the mask."""
+        total = 0
+        if not kept and any(trains(n) or (n in lora.adapted and not dropout) for n in names):
+            total += a * width
+        for name in names:
+            if name in lora.adapted:
+                total += a * rank
+                if dropout:
+                    total += a * width + (mask_bytes * width if input_grad else 0)
+        return total
+
+    blocks, rope_kept, reached = [], False, 0
+    grad = trains("tok_embeddings")  # whether the residual stream needs a gradient from here on
+    for i in range(cfg.n_layers):
+        attn, mlp = f"blocks.{i}.attn.", f"blocks.{i}.mlp."
+        block = norm(D, 1, grad, trains(f"blocks.{i}.attn_norm"))
+        normed = grad or trains(f"blocks.{i}.attn_norm")
+        block += readers(D, normed, [attn + "wq", attn + "wk", attn + "wv"])
+        q, k, v = (normed or changes(attn + w) for w in ("wq", "wk", "wv"))
+        if cfg.qk_norm:
+            block += norm(Wq, H, q, trains(attn + "q_norm")) + norm(Wkv, H_kv, k, trains(attn + "k_norm"))
+            q, k = q or trains(attn + "q_norm"), k or trains(attn + "k_norm")
+        rope_kept = rope_kept or q or k
+        attention = q or k or v
+        if attention:
+            block += a * (2 * Wq + 2 * kv_saved) + 4 * H + (a * seq_len if mask else 0)
+        block += readers(Wq, attention, [attn + "wo"], kept=attention)  # attention keeps its output
+        grad = grad or attention or changes(attn + "wo")
+        block += norm(D, 1, grad, trains(f"blocks.{i}.mlp_norm"))
+        normed = grad or trains(f"blocks.{i}.mlp_norm")
+        block += readers(D, normed, [mlp + "w_gate", mlp + "w_up"])
+        gate, up = (normed or changes(mlp + w) for w in ("w_gate", "w_up"))
+        if fused:
+            block += 2 * a * F if gate or up else 0
+        else:  # silu keeps gate, the product silu(gate) for up's gradient and up for gate's
+            block += a * F * (2 * gate + up)
+        block += readers(F, gate or up, [mlp + "w_down"])
+        grad = grad or gate or up or changes(mlp + "w_down")
+        blocks.append(block)
+        reached += grad  # the backward pass reaches this block: its checkpoint keeps its input
+
+    head = norm(D, 1, grad, trains("norm")) + 8 + (8 if trains("tok_embeddings") else 0)  # targets, ids
+    if cfg.chunked_loss:
+        head += a * D + 4  # the loss keeps its input and the fp32 log-sum-exp
+    else:
+        head += readers(D, grad or trains("norm"), ["lm_head"]) + 4 * V
+    rotary = (8 if fused else 8 * Dh) if cfg.doc_masking else 0
+    checkpoint_inputs = 8 if cfg.doc_masking else 0
+    if rope_kept:
+        head += rotary
+    else:  # no attention keeps the rotary tables; the checkpoints hold the context anyway
+        checkpoint_inputs += rotary
+    return {"block": max(blocks), "blocks": sum(blocks), "block_input": a * D, "block_inputs": reached * a * D,
+            "head": head, "loss_backward": 0 if cfg.chunked_loss else 8 * V, "checkpoint_inputs": checkpoint_inputs}
+
+
+def loss_backward_bytes(cfg: Any, *, tokens: int, precision: Precision, lora: Trainable | None = None) -> int:
+    """The chunked loss's backward working memory for a micro-batch of ``tokens`` (0 without it); the
+    output matrix's fp32 gradient accumulator only where that matrix trains (``lora``)."""
     if not cfg.chunked_loss:
         return 0
     a = 4 if precision == "fp32" else 2
     rows = min(DEFAULT_LOSS_CHUNK_ROWS, tokens)
-    return (8 + a) * cfg.vocab_size * rows + (4 * cfg.padded_vocab_size * cfg.d_model if a < 4 else 0)
+    weight_grad = lora is None or "lm_head" in lora.trained
+    return (8 + a) * cfg.vocab_size * rows + (4 * cfg.padded_vocab_size * cfg.d_model if a < 4 and weight_grad else 0)
 
 
-def activation_bytes(cfg: Any, *, micro_batch: int, seq_len: int, precision: Precision, checkpointing: bool) -> float:
+def activation_bytes(cfg: Any, *, micro_batch: int, seq_len: int, precision: Precision, checkpointing: bool,
+                     lora: Trainable | None = None) -> float:
     """Peak activation memory of one micro-batch of ``micro_batch`` x ``seq_len`` tokens (bytes)."""
-    t = activation_bytes_per_token(cfg, seq_len=seq_len, precision=precision)
+    t = activation_bytes_per_token(cfg, seq_len=seq_len, precision=precision, lora=lora)
     if checkpointing:
-        layers = cfg.n_layers * t["block_input"] + t["checkpoint_inputs"] + t["block"]
+        layers = t["block_inputs"] + t["checkpoint_inputs"] + t["block"]
     else:
-        layers = cfg.n_layers * t["block"]
+        layers = t["blocks"]
     tokens = micro_batch * seq_len
     return float(tokens * (layers + t["head"] + t["loss_backward"])
-                 + loss_backward_bytes(cfg, tokens=tokens, precision=precision))
+                 + loss_backward_bytes(cfg, tokens=tokens, precision=precision, lora=lora))
 
 
 # ----------------------------------------------------------------------------- plans
@@ -304,6 +538,8 @@ class Workload:
     bucket_elements: int = DEFAULT_BUCKET_ELEMENTS
     cpu_mem_gib: float | None = None
     """Host memory per node; None: not checked."""
+    lora: Trainable | None = None
+    """A LoRA run: what trains (:func:`trainable`); None: every weight trains."""
 
     def __post_init__(self) -> None:
         if self.num_gpus < 1:
@@ -349,15 +585,20 @@ class Estimate:
 
 
 def estimate(work: Workload, setup: Setup) -> Estimate:
-    cfg = work.model
-    num_params = cfg.num_params()
+    cfg, lora = work.model, work.lora
+    if lora is None:
+        num_params = trained = cfg.num_params()
+        largest = largest_trainable = largest_layer_params(cfg)
+    else:
+        num_params, trained = lora.total, lora.params
+        largest, largest_trainable = lora.largest_layer, lora.largest_trainable_layer
     states = model_states(num_params, stage=setup.stage, num_gpus=work.num_gpus, gpus_per_node=work.gpus_per_node,
-                          precision=work.precision, offload=setup.offload,
-                          largest_layer_params=largest_layer_params(cfg))
-    bucket = min(work.bucket_elements, num_params)
+                          precision=work.precision, offload=setup.offload, largest_layer_params=largest,
+                          trainable_params=trained, largest_trainable_params=largest_trainable)
+    bucket = min(work.bucket_elements, trained)  # the buckets carry gradients and updated weights
     buffers = 2.0 * bucket * bytes_per_param(work.precision).params if setup.stage in (1, 2) else 0.0
     activations = activation_bytes(cfg, micro_batch=work.micro_batch, seq_len=work.seq_len,
-                                   precision=work.precision, checkpointing=setup.checkpointing)
+                                   precision=work.precision, checkpointing=setup.checkpointing, lora=lora)
     return Estimate(setup=setup, states=states, buffers=buffers, activations=activations,
                     overhead=work.overhead_gib * GIB, gpu_mem=work.gpu_mem_gib * GIB,
                     cpu_mem=None if work.cpu_mem_gib is None else work.cpu_mem_gib * GIB)
@@ -419,6 +660,7 @@ def format_report(work: Workload, estimates: list[Estimate], *, source: str = ""
     cfg = work.model
     n = cfg.num_params()
     tokens = work.micro_batch * work.seq_len
+    best = recommend(estimates)
     lines = [
         f"model: {source or 'model'}: {n:,} parameters ({n / 1e9:.2f} B), largest layer "
         f"{largest_layer_params(cfg):,}",
@@ -427,11 +669,11 @@ def format_report(work: Workload, estimates: list[Estimate], *, source: str = ""
         f"run: micro batch {work.micro_batch} x {work.seq_len} = {tokens:,} tokens per GPU, {work.precision}, "
         f"{work.num_gpus} GPU{'s' if work.num_gpus > 1 else ''} of {work.gpu_mem_gib:g} GiB "
         f"({work.gpus_per_node} per node), allowance {work.overhead_gib:g} GiB per GPU",
+        *_training_lines(work, stage=best.setup.stage if best is not None else 3, recommended=best is not None),
         "memory in GiB per GPU (CPU per node); * fits",
         "",
     ]
     rows = [COLUMNS]
-    best = recommend(estimates)
     for e in estimates:
         s = e.states
         offload = {"none": "-", "optimizer": "optim", "optimizer+params": "optim+param"}[e.setup.offload]
@@ -463,6 +705,23 @@ def format_report(work: Workload, estimates: list[Estimate], *, source: str = ""
     return "\n".join(lines)
 
 
+def _training_lines(work: Workload, *, stage: int, recommended: bool) -> list[str]:
+    """What trains (with LoRA) and the size of one checkpoint at ``stage``, beside full training's."""
+    n = work.model.num_params()
+    full = checkpoint_bytes(n, stage=stage, precision=work.precision)
+    where = f"at ZeRO-{stage}{' (recommended)' if recommended else ''}"
+    lora = work.lora
+    if lora is None:
+        return [f"checkpoint: {full / GIB:.1f} GiB a save {where}, {full // n} bytes a parameter"]
+    c = lora.lora
+    ckpt = checkpoint_bytes(lora.params, stage=stage, precision=work.precision)
+    also = f", train_also {', '.join(c.train_also)}" if c.train_also else ""
+    return [f"LoRA: rank {c.rank} on {len(lora.adapted)} linear layers ({', '.join(c.targets)}{also}): "
+            f"{lora.params:,} trainable parameters, {lora.params / lora.total:.2%} of {lora.total:,}",
+            f"checkpoint: {ckpt / GIB:.2f} GiB a save {where}, {ckpt // lora.params} bytes a trained parameter; "
+            f"full training {full / GIB:.1f} GiB"]
+
+
 # ----------------------------------------------------------------------------- `hataori plan`
 
 
@@ -475,7 +734,7 @@ def load_workload(config: str, overrides: list[str], args: argparse.Namespace) -
     if not path.is_file():
         raise InputError(path, "no such config; pass a model preset (configs/model/*.yaml) or a train preset")
     micro_batch, seq_len, precision = 1, None, "bf16"
-    bucket = DEFAULT_BUCKET_ELEMENTS
+    bucket, lora = DEFAULT_BUCKET_ELEMENTS, None
     if _is_train_preset(path):
         from hataori.train.config import load_train_config
 
@@ -483,7 +742,7 @@ def load_workload(config: str, overrides: list[str], args: argparse.Namespace) -
         # line. An init source (init.from_hf=DIR) gives the model's shape, as in pretrain.
         placeholders = ["run_dir=unused-by-plan", "data.datasets=[{path: unused-by-plan}]"]
         cfg = load_train_config([path], [*placeholders, *overrides])
-        model, zero, seq_len = cfg.model, cfg.zero, cfg.data.seq_len
+        model, zero, seq_len, lora = cfg.model, cfg.zero, cfg.data.seq_len, cfg.lora
         micro_batch, precision, bucket = zero.micro_batch_size, zero.precision, zero.bucket_elements
     else:
         model = load(ModelConfig, [path], overrides)
@@ -496,7 +755,8 @@ def load_workload(config: str, overrides: list[str], args: argparse.Namespace) -
     gpus_per_node = min(args.gpus, 8 if args.gpus_per_node is None else args.gpus_per_node)
     return Workload(model=model, micro_batch=micro_batch, seq_len=seq_len, precision=precision,
                     num_gpus=args.gpus, gpu_mem_gib=args.gpu_mem, gpus_per_node=gpus_per_node,
-                    overhead_gib=args.overhead, bucket_elements=bucket, cpu_mem_gib=args.cpu_mem)
+                    overhead_gib=args.overhead, bucket_elements=bucket, cpu_mem_gib=args.cpu_mem,
+                    lora=None if lora is None else trainable(model, lora))
 
 
 def _is_train_preset(path: Path) -> bool:
