@@ -66,7 +66,10 @@ def test_preset_validates(path: Path, tmp_path):
         from hataori.train.config import load_train_config
 
         source = hf_llama(tmp_path / "hf")
-        cfg = load_train_config([path], [*command_line, f"init.from_hf={source}", "model.max_seq_len=2048"])
+        # A dataset that is not there: the run's vocabulary is then the source's (a main job's shards under
+        # data/ would give theirs).
+        absent = f"data.datasets=[{{path: {tmp_path / 'no-shards'}}}]"
+        cfg = load_train_config([path], [*command_line, absent, f"init.from_hf={source}", "model.max_seq_len=2048"])
         assert (cfg.model.d_model, cfg.model.vocab_size) == (64, 300)
         return
     cfg = load(schema, [path], command_line)

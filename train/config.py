@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from hataori.config import load, merged, require
+from hataori.eval.runner import EvalTaskConfig
 from hataori.model import ModelConfig
 from hataori.model.lora import LoRAConfig
 from hataori.train.checkpoint import CheckpointConfig
@@ -31,7 +32,9 @@ from hataori.train.zero import ZeroConfig
 
 @dataclass(kw_only=True, slots=True)
 class ValidationConfig:
-    """Loss and bits per character on the validation split, over whole documents."""
+    """What runs at a validation, and when: loss and bits per character on the validation split, over
+    whole documents (hataori.train.validate), then the multiple-choice tasks due at that step
+    (hataori.eval.runner), each scored on the model as it is after that step."""
 
     every_steps: int = 1000
     """Validate after every this many optimizer steps; also before the first step and after the last.
@@ -42,12 +45,29 @@ class ValidationConfig:
     """Stop adding validation documents once they hold this many tokens; 0: no limit."""
     batch_size: int = 4
     """Sequences per forward pass on each process."""
+    tasks: list[EvalTaskConfig] = field(default_factory=list)
+    """Eval tasks, each run at the validations its every_steps selects (0: every one), e.g.
+    ``[{task: jcommonsenseqa, limit: 200}]``: accuracies to metrics.jsonl ("kind": "eval") and
+    TensorBoard (eval/NAME/acc, eval/NAME/acc_norm), results to run_dir/eval/NAME-step_N.json."""
 
     def __post_init__(self) -> None:
         for key in ("every_steps", "max_docs", "max_tokens"):
             value = getattr(self, key)
             require(value >= 0, key, f"must be >= 0 (0: no limit), got {value}")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        names: dict[str, int] = {}
+        for i, task in enumerate(self.tasks):
+            require(task.label not in names, f"tasks[{i}].name",
+                    f"{task.label!r} is the name of tasks[{names.get(task.label)}] too; give each run of a task a "
+                    "name of its own (e.g. name: jcommonsenseqa-3shot)")
+            names[task.label] = i
+            if task.every_steps:
+                require(self.every_steps > 0, f"tasks[{i}].every_steps",
+                        "validation runs only before the first step and after the last (validation.every_steps=0), "
+                        "and so do its tasks; set every_steps: 0")
+                require(task.every_steps % self.every_steps == 0, f"tasks[{i}].every_steps",
+                        f"{task.every_steps} is not a multiple of validation.every_steps={self.every_steps}; tasks run "
+                        "at validations")
 
     def due(self, step: int, *, last: bool) -> bool:
         """Whether to validate after ``step`` optimizer steps (step 0: before training)."""

@@ -14,11 +14,17 @@ mem/max_allocated   GPU: ``torch.cuda.max_memory_allocated`` of rank 0, in GiB
 mem/rss             CPU: resident memory of rank 0's process, in GiB
 ==================  =================================================================================
 
-Each validation adds ``val/loss`` (nats per token) and ``val/bpc`` (bits per character).
-``metrics.jsonl`` in the run folder holds one record per step (``{"kind": "train", "step": ...}``
-with the step's own loss, learning rate, gradient norm, tokens and seconds) and per validation
-(``"kind": "val"``). A resumed run drops the records after the step it resumes from, and its
-TensorBoard writer hides the events after that step (``purge_step``), so both read like one run.
+Each validation adds ``val/loss`` (nats per token) and ``val/bpc`` (bits per character), and
+each eval task run at it (``validation.tasks``) ``eval/NAME/acc`` and ``eval/NAME/acc_norm``
+(NAME: the task's, or the name given it), a console line, and its full results, per-choice
+log-likelihoods included, in ``eval/NAME-step_N.json`` in the run folder (the format of
+``hataori eval --output``). ``metrics.jsonl`` in the run folder holds one record per step
+(``{"kind": "train", "step": ...}`` with the step's own loss, learning rate, gradient norm, tokens
+and seconds), per validation (``"kind": "val"``) and per eval task run (``"kind": "eval"``: name,
+task, template, shots, seed, examples, acc, acc_norm, seconds). A resumed run drops the records
+after the step it resumes from, and its TensorBoard writer hides the events after that step
+(``purge_step``), so both read like one run; the results files of those steps are replaced when
+the steps run again.
 """
 
 from __future__ import annotations
@@ -30,11 +36,14 @@ from pathlib import Path
 import torch
 
 from hataori.fsutil import atomic_write_text
+from hataori.train.checkpoint import tag
 from hataori.train.config import LoggingConfig
 from hataori.train.trainer import StepMetrics
 from hataori.train.validate import ValResult
 
 METRICS_FILE = "metrics.jsonl"
+EVAL_DIR = "eval"
+"""The folder of the eval tasks' results files, in the run folder."""
 
 PEAK_FLOPS = (
     ("H200", 989e12),
@@ -115,6 +124,21 @@ class MetricsLogger:
         print(f"validation at step {step}: loss {result.loss:.4f} nats/token, {result.bpc:.4f} bits/char "
               f"({result.documents} documents, {result.tokens:,} tokens, {result.chars:,} chars, "
               f"{result.seconds:.1f} s)", flush=True)
+
+    def eval_task(self, step: int, results: dict) -> None:
+        """Log one eval task's results at the validation after ``step`` (:class:`hataori.train.validate.EvalTasks`)."""
+        if not self.is_main:
+            return
+        from hataori.eval.runner import summary
+
+        name, scores = results["name"], results["scores"]
+        atomic_write_text(self.run_dir / EVAL_DIR / f"{name}-{tag(step)}.json",
+                          json.dumps(results, ensure_ascii=False, indent=1) + "\n")
+        self._append({"kind": "eval", "step": step, "name": name, "task": results["task"],
+                      "template": results["template"], "shots": results["shots"], "seed": results["seed"],
+                      "examples": results["counts"]["examples"], **scores, "seconds": results["seconds"]})
+        self._scalars(step, {f"eval/{name}/{score}": value for score, value in scores.items()})
+        print(f"eval at step {step}: {summary(results)}, {results['seconds']:.1f} s", flush=True)
 
     def close(self) -> None:
         """Log the steps since the last log (a launch may stop between logs) and close TensorBoard."""

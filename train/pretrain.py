@@ -209,7 +209,7 @@ def train(cfg: TrainConfig) -> int:
     from hataori.train.metrics import MetricsLogger, peak_flops
     from hataori.train.run import record_provenance, record_run
     from hataori.train.trainer import Trainer
-    from hataori.train.validate import Validator
+    from hataori.train.validate import EvalTasks, Validator
     from hataori.train.zero import init_distributed, shutdown_distributed
 
     # DeepSpeed's ZeRO-3 calls torch.distributed's *_tensor collectives, which torch 2.13 deprecates
@@ -248,6 +248,8 @@ def train(cfg: TrainConfig) -> int:
     loader = cfg.data.build(engine.train_micro_batch_size_per_gpu(), env.rank, env.world_size, tokenizer.fingerprint)
     validator = Validator.build(cfg.validation, [spec.path for spec in cfg.data.datasets], tokenizer,
                                 seq_len=cfg.data.seq_len, run_dir=run_dir, rank=env.rank, world_size=env.world_size)
+    eval_tasks = EvalTasks.build(cfg.validation.tasks, tokenizer, max_len=cfg.model.max_seq_len, run_dir=run_dir,
+                                 rank=env.rank, world_size=env.world_size)
     device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else None
     peak = peak_flops(device_name, cfg.zero.precision)
     logger = MetricsLogger(cfg.logging, run_dir, is_main=env.is_main, max_steps=cfg.trainer.max_steps,
@@ -258,6 +260,8 @@ def train(cfg: TrainConfig) -> int:
 
     def validate(step: int) -> None:
         logger.validation(step, validator.evaluate(engine, env.device))
+        for results in eval_tasks.evaluate(engine, env.device, step, last=step == cfg.trainer.max_steps):
+            logger.eval_task(step, results)
 
     def start(step: int) -> None:
         logger.start(step)

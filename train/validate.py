@@ -1,4 +1,11 @@
-"""Validation: loss and bits per character over whole documents of the validation split.
+"""Validation: loss and bits per character over whole documents of the validation split, and the
+eval tasks of ``validation.tasks``.
+
+At each validation (before the first step, every ``validation.every_steps`` and after the last):
+:class:`Validator` scores the validation split, then :class:`EvalTasks` runs the multiple-choice
+tasks due at that step (:class:`~hataori.eval.runner.EvalTaskConfig`: ``every_steps: 0`` at
+every validation) on the training model itself, in eval mode and without gradients, and puts it
+back in train mode.
 
 The scoring itself (windows, packing, the summed NLL, the character count) is
 :mod:`hataori.eval.bpc`'s, which ``hataori eval --task bpc`` uses too; this module selects the
@@ -18,16 +25,19 @@ What is scored, and the numbers
 Processes
     The rows are dealt out to the ranks (row ``i`` to rank ``i % world_size``), padded with unscored
     rows so every rank runs the same number of forward passes (ZeRO-3 gathers parameters in each),
-    and the sums are all-reduced.
+    and the sums are all-reduced. An eval task's batches are dealt out and its scores summed the
+    same way (:mod:`hataori.eval.choice`, Processes); each task is prepared once per run (examples,
+    shots, tokens), so a validation only runs forward passes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -35,6 +45,7 @@ import torch.distributed as dist
 
 from hataori.errors import ConfigError
 from hataori.eval.bpc import BpcResult, count_chars, pack_rows, summed_nll
+from hataori.eval.runner import ChoiceTask, EvalTaskConfig
 from hataori.fsutil import atomic_write_text
 from hataori.model import IGNORE_INDEX
 from hataori.tokenizer.model import Tokenizer
@@ -109,23 +120,72 @@ class Validator:
         return cls(cfg, docs, chars=found[0], eos_id=datasets[0].eos_id, seq_len=seq_len, rank=rank,
                    world_size=world_size)
 
-    @torch.no_grad()
     def evaluate(self, model: Callable[..., torch.Tensor], device: torch.device | str = "cpu") -> ValResult:
         """Score ``model`` (``model(input_ids, doc_ids=...) -> logits``, a module or a DeepSpeed engine)."""
         began = time.perf_counter()
-        training = getattr(model, "training", False)
-        if hasattr(model, "eval"):
-            model.eval()
-        nll = summed_nll(model, self.inputs, self.targets, self.doc_ids, batch_size=self.cfg.batch_size,
-                         device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(nll)
-        if training and hasattr(model, "train"):
-            model.train()
+        with eval_mode(model):
+            nll = summed_nll(model, self.inputs, self.targets, self.doc_ids, batch_size=self.cfg.batch_size,
+                             device=device)
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(nll)
         total = nll.item()
         return ValResult(loss=total / self.tokens, bpc=total / math.log(2) / self.chars, nll=total,
                          tokens=self.tokens, chars=self.chars, documents=self.documents,
                          seconds=time.perf_counter() - began)
+
+
+class EvalTasks:
+    """The eval tasks of ``validation.tasks``, prepared once per run; build it with :meth:`build`."""
+
+    def __init__(self, tasks: list[tuple[EvalTaskConfig, ChoiceTask]], *, max_len: int, run_dir: str | Path,
+                 tokenizer_fingerprint: str, rank: int = 0, world_size: int = 1):
+        self.tasks = tasks
+        self.max_len = max_len
+        self.run_dir = Path(run_dir)
+        self.tokenizer_fingerprint = tokenizer_fingerprint
+        self.rank, self.world_size = rank, world_size
+
+    @classmethod
+    def build(cls, cfgs: list[EvalTaskConfig], tokenizer: Tokenizer, *, max_len: int, run_dir: str | Path,
+              rank: int = 0, world_size: int = 1) -> "EvalTasks":
+        """Prepare each task (the same on every rank); ``max_len``: the model's max_seq_len."""
+        tasks = []
+        for i, cfg in enumerate(cfgs):
+            try:
+                tasks.append((cfg, cfg.prepare(tokenizer)))
+            except ConfigError as err:  # keyed by `hataori eval`'s flag: name the config's key instead
+                key = err.key.removeprefix("--").replace("-", "_")
+                raise ConfigError(f"validation.tasks[{i}].{key}", err.message) from None
+        return cls(tasks, max_len=max_len, run_dir=run_dir, tokenizer_fingerprint=tokenizer.fingerprint, rank=rank,
+                   world_size=world_size)
+
+    def evaluate(self, model: Callable[..., torch.Tensor], device: torch.device | str, step: int, *,
+                 last: bool) -> Iterator[dict]:
+        """The results of each task due at the validation after ``step`` (every rank must call this and
+        read them all), in the format of ``hataori eval --output``; the model is ``model`` at ``step``."""
+        for cfg, task in self.tasks:
+            if not cfg.due(step, last=last):
+                continue
+            with eval_mode(model):
+                results = task.run(model, batch_size=cfg.batch_size, rank=self.rank, world_size=self.world_size,
+                                   max_len=self.max_len, device=device)
+            record = {"path": str(self.run_dir.resolve()), "kind": "training", "checkpoint": None, "step": step,
+                      "tokenizer": self.tokenizer_fingerprint}
+            yield {"name": cfg.label, "model": record, **results}
+
+
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """``model`` (a module or a DeepSpeed engine) in eval mode without gradients, then back in the mode it was in."""
+    training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if training and hasattr(model, "train"):
+            model.train()
 
 
 def cached_chars(path: Path | None, key: dict[str, Any], count: Callable[[], int]) -> int:
