@@ -72,6 +72,10 @@ def test_resume_on_another_world_size_continues_exactly(stage, precision, offloa
     launch("load", [*common, "--out", str(tmp_path / "loaded.pt")], tmp_path / "logs-load", resumed_on)
     saved = torch.load(tmp_path / "saved.pt", weights_only=False)
     loaded = torch.load(tmp_path / "loaded.pt", weights_only=False)
+    if lora:  # the module state holds the adapters only, not the frozen base (nor its tied output matrix)
+        states = next((tmp_path / "run" / "checkpoints" / f"step_{STEPS:08d}").glob("*model_states.pt"))
+        module = torch.load(states, weights_only=False)["module"]
+        assert module and all(name.endswith((".lora_A", ".lora_B")) for name in module), sorted(module)
 
     assert loaded["client_state"] == {"step": STEPS, "tokens_seen": 123, "world_size": saved_on}
     state = saved["state"]

@@ -115,6 +115,8 @@ class Checkpointer:
         self.engine = engine
         self.identity = identity or {}
         self.frozen = frozen
+        if frozen:
+            _leave_out_frozen(engine)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
 
@@ -289,6 +291,23 @@ class Checkpointer:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+def _leave_out_frozen(engine: Any) -> None:
+    """Make ``engine`` leave every frozen parameter out of the module state it saves. DeepSpeed's
+    ``exclude_frozen_parameters`` drops the names ``named_parameters()`` gives, which names a tied
+    parameter once: the other name (``lm_head.weight`` beside ``tok_embeddings.weight``) stayed and
+    saved the whole frozen matrix."""
+    module_state_dict = engine.module_state_dict
+
+    def without_frozen(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        state = module_state_dict(*args, **kwargs)
+        for name, param in engine.module.named_parameters(remove_duplicate=False):
+            if not param.requires_grad:
+                state.pop(name, None)
+        return state
+
+    engine.module_state_dict = without_frozen
 
 
 # ----------------------------------------------------------------------------- manifests
