@@ -42,14 +42,16 @@ def base_model(ja_tokenizer, tmp_path_factory) -> Path:
                              kv_heads=2, intermediate=128, max_positions=SEQ_LEN)
 
 
-def pretrain(base: Path, shards: Path, run: Path, *overrides: str, steps: int = 4, check: bool = True):
-    """``hataori pretrain`` of the continue-toy preset on 2 processes, in a subprocess; its result."""
+def pretrain(base: Path, shards: Path, run: Path, *overrides: str, steps: int = 4, check: bool = True,
+             source: str = "from_hf"):
+    """``hataori pretrain`` of the continue-toy preset from ``init.{source}=base`` on 2 processes, in a
+    subprocess; its result."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
            "TORCH_EXTENSIONS_DIR": str(run.parent / "torch_extensions")}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID"):
         env.pop(name, None)
     command = [sys.executable, "-m", "hataori.cli", "pretrain", str(REPO / "configs/train/continue-toy.yaml"),
-               f"init.from_hf={base}", "--data", str(shards), "--run-dir", str(run), "--nproc", "2",
+               f"init.{source}={base}", "--data", str(shards), "--run-dir", str(run), "--nproc", "2",
                f"data.seq_len={SEQ_LEN}", "zero.micro_batch_size=2", f"zero.global_batch_tokens={2 * 2 * 2 * SEQ_LEN}",
                f"trainer.max_steps={steps}", "checkpoint.every_steps=2", "checkpoint.keep_last=3",
                "validation.every_steps=0", "validation.max_tokens=500", "schedule.warmup_steps=1",
@@ -116,8 +118,8 @@ def test_resumed_lora_run_equals_the_uninterrupted_run(stage, base_model, ja_sha
 
 @pytest.fixture(scope="module")
 def lora_run(base_model, ja_shards, tmp_path_factory) -> Path:
-    """ZeRO-1, rank 4 with the embeddings and output matrix trained too, at a high learning rate so
-    that the adapters move far from zero."""
+    """ZeRO-3 (the continue-toy preset's stage), rank 4 with the embeddings and output matrix trained
+    too, at a high learning rate so that the adapters move far from zero."""
     run = tmp_path_factory.mktemp("lora") / "run"
     pretrain(base_model, ja_shards, run, LORA, "lora.train_also=[tok_embeddings, lm_head]", "optim.lr=2e-2")
     return run
@@ -177,6 +179,32 @@ def test_export_merged_and_peft_adapter_give_hataoris_logits(lora_run, tmp_path)
     assert (from_base - reference).abs().max() > 1e-2 * scale, "the adapters changed nothing"
     torch.testing.assert_close(from_merged, reference, rtol=0, atol=1e-5 * scale)
     torch.testing.assert_close(from_adapter, reference, rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
+def test_lora_on_a_hataori_run_reads_back_as_its_weights_plus_the_adapters(full_run, ja_shards, tmp_path):
+    """``init.from_run``: the base is another run's checkpoint (its manifest gives the fingerprint).
+    The model read back from the LoRA run equals, weight for weight, the base run's weights with
+    each adapter folded in by hand, W + alpha / r * B A."""
+    from hataori.train.generate import load_model
+    from hataori.train.weights import CheckpointWeights
+
+    run = tmp_path / "run"
+    result = pretrain(full_run, ja_shards, run, LORA, "optim.lr=2e-2", steps=2, source="from_run")
+    assert "base run-" in result.stdout, result.stdout[-2000:]
+    base = CheckpointWeights(full_run / "checkpoints" / "step_00000002")
+    adapters = CheckpointWeights(run / "checkpoints" / "step_00000002")
+    model, _ = load_model(run)
+    found = dict(model.named_parameters())
+    assert set(found) == set(base.shapes)
+    for name in found:
+        expected = base.tensor(name)
+        module = name.removesuffix(".weight")
+        if f"{module}.lora_A" in adapters.shapes:
+            a, b = adapters.tensor(f"{module}.lora_A"), adapters.tensor(f"{module}.lora_B")
+            assert b.abs().max() > 0, name
+            expected = expected + (8 / 4) * (b @ a)
+        torch.testing.assert_close(found[name].detach(), expected, rtol=0, atol=1e-6, msg=name)
 
 
 def test_resume_on_a_changed_base_is_refused(lora_run, base_model, ja_shards, tmp_path, capsys):
