@@ -211,7 +211,8 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
                 errors.append(err.message)
         raise ConfigError(key, " / ".join(errors))
     if origin is Literal:
-        if value in args:
+        # By type too: True == 1 and 1.0 == 1, but zero.stage=true or 1.0 is a mistake, not stage 1.
+        if any(value == arg and type(value) is type(arg) for arg in args):
             return value
         close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.4)
         hint_text = f"; did you mean {close[0]!r}?" if close else ""

@@ -129,3 +129,14 @@ def test_file_problems(tmp_path: Path):
 def test_interpolation_resolves(tmp_path: Path):
     cfg = load(Job, [write(tmp_path / "x.yaml", "steps: 7\nname: run-${steps}\n")])
     assert cfg.name == "run-7"
+
+
+@pytest.mark.parametrize("value", ["true", "1.0", "'1'"])
+def test_literal_fields_take_only_their_own_values(value):
+    """``zero.stage`` is Literal[0, 1, 2, 3]: true and 1.0 equal 1 in Python but are mistakes."""
+    from hataori.train.zero import ZeroConfig
+
+    assert load(ZeroConfig, [], ["stage=1", "global_batch_tokens=8"]).stage == 1
+    with pytest.raises(ConfigError) as err:
+        load(ZeroConfig, [], [f"stage={value}", "global_batch_tokens=8"])
+    assert err.value.key == "stage" and "must be one of 0, 1, 2, 3" in str(err.value)

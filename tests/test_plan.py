@@ -616,3 +616,11 @@ def test_cli_reads_a_train_preset(capsys):
     assert status == 0
     assert f"{cfg.model.num_params():,} parameters" in out
     assert f"micro batch {cfg.zero.micro_batch_size} x {cfg.data.seq_len} " in out and cfg.zero.precision in out
+
+
+@pytest.mark.parametrize("gpus, per_node", [(10, 5), (12, 6), (20, 5), (64, 8), (7, 7)])
+def test_cli_gpus_that_are_not_whole_8_gpu_nodes(capsys, gpus, per_node):
+    """Without --gpus-per-node the plan takes the largest node size up to 8 that divides --gpus."""
+    status, out, err = run_plan(capsys, str(CONFIGS / "model" / "7b.yaml"), "--gpus", str(gpus))
+    assert status == 0 and not err
+    assert f"{gpus} GPUs of 80 GiB ({per_node} per node)" in out

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from hataori.config import load
+from hataori.config import load, to_dict
 from hataori.eval.templates import TemplateConfig
 from hataori.model import ModelConfig
 from hataori.tokenizer.prepare import PrepareConfig
@@ -73,7 +73,25 @@ def test_preset_validates(path: Path, tmp_path):
         assert (cfg.model.d_model, cfg.model.vocab_size) == (64, 300)
         return
     cfg = load(schema, [path], command_line)
-    assert isinstance(cfg, schema)
+    built = to_dict(cfg)
+    for key, value in own_values(path):  # what the preset itself says is what the config holds
+        found = built
+        for part in key.split("."):
+            found = found[part]
+        assert found == value, f"{path}: {key} is {found!r}, the preset says {value!r}"
+
+
+def own_values(path: Path) -> list[tuple[str, object]]:
+    """The dotted keys and values a preset file sets itself (not its bases')."""
+    def walk(node, prefix):
+        for key, value in node.items():
+            if key == "base":
+                continue
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+    return list(walk(OmegaConf.to_container(OmegaConf.load(path), resolve=True), ""))
 
 
 def test_train_presets_take_their_model_from_the_model_presets():

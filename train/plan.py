@@ -752,11 +752,18 @@ def load_workload(config: str, overrides: list[str], args: argparse.Namespace) -
         precision = args.precision
     seq_len = args.seq_len if args.seq_len is not None else seq_len or model.max_seq_len
     # A job of fewer GPUs than a node has runs on one node, with as many processes as GPUs.
-    gpus_per_node = min(args.gpus, 8 if args.gpus_per_node is None else args.gpus_per_node)
+    gpus_per_node = (default_gpus_per_node(args.gpus) if args.gpus_per_node is None
+                     else min(args.gpus, args.gpus_per_node))
     return Workload(model=model, micro_batch=micro_batch, seq_len=seq_len, precision=precision,
                     num_gpus=args.gpus, gpu_mem_gib=args.gpu_mem, gpus_per_node=gpus_per_node,
                     overhead_gib=args.overhead, bucket_elements=bucket, cpu_mem_gib=args.cpu_mem,
                     lora=None if lora is None else trainable(model, lora))
+
+
+def default_gpus_per_node(gpus: int) -> int:
+    """GPUs per node when ``--gpus-per-node`` is not given: all of them up to 8 (one node), else the
+    largest count of at most 8 that divides ``gpus`` (8 for 64, 5 for 10, 6 for 12)."""
+    return max(n for n in range(1, min(gpus, 8) + 1) if gpus % n == 0) if gpus >= 1 else gpus
 
 
 def _is_train_preset(path: Path) -> bool:
@@ -785,7 +792,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. n_layers=40")
     parser.add_argument("--gpus", type=int, required=True, help="number of GPUs (data-parallel ranks)")
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
-    parser.add_argument("--gpus-per-node", type=int, help="GPUs per node, for CPU memory (default 8); a job of "
+    parser.add_argument("--gpus-per-node", type=int, help="GPUs per node, for CPU memory (default: 8, or the "
+                                                          "largest divisor of --gpus below 8); a job of "
                                                           "fewer GPUs runs on one node")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the train preset's, "
                                                     "else the model's max_seq_len)")
