@@ -122,6 +122,11 @@ def _section_base_layers(node: DictConfig, path: Path, chain: tuple[Path, ...],
     return layers
 
 
+def file_keys(path: str | Path) -> set[str]:
+    """The top-level keys a YAML file sets, itself or through its ``base:`` chain."""
+    return {str(key) for _, layer in _file_layers(Path(path), chain=()) for key in layer.keys()}
+
+
 # ----------------------------------------------------------------------------- key checks
 
 
@@ -277,6 +282,25 @@ def split_items(items: Sequence[str]) -> tuple[list[str], list[str]]:
         else:
             raise ConfigError("", f"{item!r} is neither a config file (.yaml) nor a key=value override")
     return files, overrides
+
+
+def command_items(items: Sequence[str], shortcuts: dict[str, tuple[str, Any]],
+                  prefix: str = "") -> tuple[list[str], list[str]]:
+    """A command's YAML files and ``key=value`` overrides, with its flags: each flag is a documented
+    shortcut for one key (``{"--run-dir": ("run_dir", args.run_dir)}``), applied as an exact
+    override; a flag left unset (None) sets nothing. A key set both by its flag and by an override
+    is refused, naming both: which one was meant is not for hataori to guess. ``prefix``: what the
+    user wrote before the keys (``slurm.``), for the error."""
+    files, overrides = split_items(items)
+    keys = {item.split("=", 1)[0].strip() for item in overrides}
+    flags = []
+    for flag, (key, value) in shortcuts.items():
+        if value is None:
+            continue
+        if key in keys:
+            raise ConfigError(f"{prefix}{key}", f"is set twice, by {flag} and by {prefix}{key}=...; keep one of them")
+        flags.append(override(key, value))
+    return files, flags + overrides
 
 
 def override(key: str, value: Any) -> str:

@@ -140,3 +140,17 @@ def test_literal_fields_take_only_their_own_values(value):
     with pytest.raises(ConfigError) as err:
         load(ZeroConfig, [], [f"stage={value}", "global_batch_tokens=8"])
     assert err.value.key == "stage" and "must be one of 0, 1, 2, 3" in str(err.value)
+
+
+def test_command_flags_are_shortcuts_for_keys():
+    """A flag sets its key exactly (a path with spaces, a list); unset flags set nothing; a key set by a
+    flag and by an override is refused, naming both."""
+    from hataori.config import command_items
+
+    files, overrides = command_items(["a.yaml", "steps=3"], {"--out": ("out", "my dir/x"), "--lr": ("optim.lr", None),
+                                                            "--src": ("sources", [{"path": "c.jsonl"}])})
+    assert files == ["a.yaml"]
+    assert overrides == ['out="my dir/x"', 'sources=[{"path": "c.jsonl"}]', "steps=3"]
+    with pytest.raises(ConfigError) as err:
+        command_items(["steps=3"], {"--steps": ("steps", 4)})
+    assert err.value.key == "steps" and "set twice, by --steps and by steps=..." in str(err.value)

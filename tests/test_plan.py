@@ -326,13 +326,6 @@ def test_lora_keeps_less_than_full_training_plus_its_adapters():
         assert lora["block"] == full["block"] - frozen_norms + 7 * 2 * 16
 
 
-def test_loss_chunk_rows_are_the_kernels():
-    from hataori.kernels.cross_entropy import DEFAULT_CHUNK_SIZE
-    from hataori.train.plan import DEFAULT_LOSS_CHUNK_ROWS
-
-    assert DEFAULT_LOSS_CHUNK_ROWS == DEFAULT_CHUNK_SIZE
-
-
 # ----------------------------------------------------------------------------- LoRA: what trains, checkpoints
 
 

@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from hataori.config import require
 from hataori.errors import HataoriError, InputError
-from hataori.fsutil import atomic_path, atomic_write_text
+from hataori.fsutil import atomic_path, atomic_write_text, fsync_dir
 
 COMPLETE = re.compile(r"^step_(\d{8})$")
 INCOMPLETE_SUFFIX = ".incomplete"
@@ -170,7 +170,7 @@ class Checkpointer:
             if final.exists():
                 _delete(final)
             os.replace(partial, final)
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
             self._prune()
         dist.barrier()
         return final
@@ -472,14 +472,6 @@ def _delete(path: Path) -> None:
     doomed = path.with_name(f"{DELETING_PREFIX}{path.name}")
     os.replace(path, doomed)
     shutil.rmtree(doomed)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- hataori checkpoint verify

@@ -185,16 +185,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
+from hataori.config import file_keys
 from hataori.errors import ConfigError, InputError
+from hataori.kernels.cross_entropy import DEFAULT_CHUNK_SIZE
+from hataori.train.zero import DEFAULT_BUCKET_ELEMENTS
 
 GIB = 2**30
 DEFAULT_OVERHEAD_GIB = 3.0
-DEFAULT_BUCKET_ELEMENTS = 500_000_000
 RECOMMEND_HEADROOM = 0.10
 """Share of GPU memory the recommendation leaves free where some setup can, beyond the allowance:
 the estimate does not see fragmentation over a long run nor every workspace of every kernel."""
-DEFAULT_LOSS_CHUNK_ROWS = 2048
-"""Rows per chunk of the chunked loss (hataori.kernels.cross_entropy.DEFAULT_CHUNK_SIZE)."""
 DROPOUT_MASK_BYTES = 1
 """Bytes per element of the mask a LoRA adapter's dropout keeps: PyTorch's CUDA dropout keeps a bool
 mask (on a CPU it keeps the scaled noise, in the activations' dtype)."""
@@ -466,7 +466,7 @@ def loss_backward_bytes(cfg: Any, *, tokens: int, precision: Precision, lora: Tr
     if not cfg.chunked_loss:
         return 0
     a = 4 if precision == "fp32" else 2
-    rows = min(DEFAULT_LOSS_CHUNK_ROWS, tokens)
+    rows = min(DEFAULT_CHUNK_SIZE, tokens)
     weight_grad = lora is None or "lm_head" in lora.trained
     return (8 + a) * cfg.vocab_size * rows + (4 * cfg.padded_vocab_size * cfg.d_model if a < 4 and weight_grad else 0)
 
@@ -767,24 +767,8 @@ def default_gpus_per_node(gpus: int) -> int:
 
 
 def _is_train_preset(path: Path) -> bool:
-    """A train preset has a ``model`` mapping (itself or through its ``base:`` chain)."""
-    from omegaconf import OmegaConf
-
-    seen: set[Path] = set()
-    todo = [path]
-    while todo:
-        current = todo.pop()
-        if current.resolve() in seen or not current.is_file():
-            continue
-        seen.add(current.resolve())
-        node = OmegaConf.load(current)
-        if not hasattr(node, "keys"):
-            return False
-        if "model" in node or "zero" in node:
-            return True
-        base = node.get("base")
-        todo.extend(current.parent / str(b) for b in ([base] if isinstance(base, str) else list(base or [])))
-    return False
+    """A train preset has a ``model`` or ``zero`` section (itself or through its ``base:`` chain)."""
+    return bool({"model", "zero"} & file_keys(path))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -54,6 +54,8 @@ from hataori.config import require
 from hataori.errors import ConfigError
 from hataori.fsutil import atomic_write_text
 
+DEFAULT_BUCKET_ELEMENTS = 500_000_000
+"""DeepSpeed's default reduce and all-gather bucket, in elements."""
 SHM_COMM_OP = "deepspeed_shm_comm"
 """DeepSpeed's name of the CPU shared-memory communication extension."""
 
@@ -78,7 +80,7 @@ class ZeroConfig:
     """Sequences per process per forward/backward pass."""
     global_batch_tokens: int
     """Tokens per optimizer step over all processes; a multiple of micro_batch_size * seq_len * world size."""
-    bucket_elements: int = 500_000_000
+    bucket_elements: int = DEFAULT_BUCKET_ELEMENTS
     """Elements per gradient-reduce and parameter-allgather bucket (DeepSpeed's default), capped at the
     model's size: ZeRO 1/2 allocate whole buckets, and 5e8 fp32 elements cost seconds a step on a CPU."""
 
