@@ -1,13 +1,13 @@
 """hataori: a pretraining framework for Japanese decoder-only language models.
 
-The top-level folders (model/, tokenizer/, train/, kernels/, slurm/, eval/) install as subpackages of the
+The top-level folders (corpus/, model/, tokenizer/, train/, kernels/, slurm/, eval/) install as subpackages of the
 ``hataori`` import namespace, so nothing lands in site-packages under a bare name that other
 distributions already own (``kernels``, ``tokenizer`` and ``train`` are taken on PyPI).
 """
 
 from setuptools import setup
 
-SUBPACKAGES = ("model", "tokenizer", "train", "kernels", "slurm", "eval")
+SUBPACKAGES = ("corpus", "model", "tokenizer", "train", "kernels", "slurm", "eval")
 
 setup(
     name="hataori",

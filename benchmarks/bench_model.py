@@ -27,7 +27,7 @@ toy preset (configs/model/toy.yaml, unless ``--preset`` says otherwise) at ``--s
 only the variants that run on a CPU: ``sdpa+torch``, ``sdpa+torch+chunked`` and ``auto+auto``
 (which chooses SDPA and PyTorch ops there). MFU and memory print as "-".
 
-    python kernels/bench_model.py [--preset configs/model/1b.yaml] [--micro-batch 4] [--seq-len 2048]
+    python benchmarks/bench_model.py [--preset configs/model/1b.yaml] [--micro-batch 4] [--seq-len 2048]
         [--steps 10] [--warmup 3] [--doc-len 0] [--checkpointing] [--variants sdpa+torch,auto+auto]
         [--peak-tflops 989.4] [--device cuda] [KEY=VALUE ...]
 

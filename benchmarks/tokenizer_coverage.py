@@ -29,8 +29,8 @@ from pathlib import Path
 import sentencepiece as spm
 
 from hataori.cli import main as hataori_main
+from hataori.corpus.sources import in_validation
 from hataori.tokenizer.evaluate import evaluate, format_table, load_texts
-from hataori.tokenizer.sources import in_validation
 
 VAL_FRACTION, SPLIT_SEED = 0.1, 0
 

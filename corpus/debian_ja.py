@@ -4,7 +4,7 @@ The packages are fetched with ``apt-get download`` into ``OUT/debs`` (kept, and 
 apt's candidate version is the same) and read with ``dpkg-deb --fsys-tarfile``, so nothing is
 installed. In each package only the files that hold its Japanese documentation are read (see
 :data:`PACKAGES`; a package not listed there has every man page, HTML/XML and .jar file read),
-and from them :mod:`hataori.tokenizer.extract` takes the paragraphs.
+and from them :mod:`hataori.corpus.extract` takes the paragraphs.
 
 A paragraph is kept when it holds kana and is not an exact duplicate (after NFKC and space
 collapsing) of one kept earlier; packages are read in the order given and files in path order, so
@@ -46,9 +46,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
 
+from hataori.corpus.extract import dedup_key, has_kana, markup_paragraphs, plain_paragraphs, troff_paragraphs
 from hataori.errors import HataoriError
 from hataori.fsutil import atomic_path, atomic_write_text, check_output, remove_stale_temps
-from hataori.tokenizer.extract import dedup_key, has_kana, markup_paragraphs, plain_paragraphs, troff_paragraphs
 
 MANIFEST_FORMAT = 1
 EXTRACTOR_VERSION = 1

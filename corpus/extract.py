@@ -20,6 +20,7 @@ import hashlib
 import re
 import unicodedata
 from html.parser import HTMLParser
+from typing import NamedTuple
 
 # ----------------------------------------------------------------------------- text helpers
 
@@ -145,14 +146,18 @@ def _macro_args(rest: str) -> list[str]:
 
 
 _BREAKS = {"PP", "LP", "P", "sp", "br", "RS", "RE", "in", "ti", "bp", "ne", "Pp", "Lp", "Bl", "El", "Sp",
-           "TQ", "HP", "PD", "ce", "SY", "YS", "Ss", "Sh", "Rs", "Re", "Dl"}
+           "TQ", "HP", "PD", "ce", "SY", "YS", "Rs", "Re", "Dl"}
+_HEADINGS = {"SH", "SS", "Sh", "Ss"}
 _FONT_ALT = {"BR", "RB", "BI", "IB", "IR", "RI"}
 _FONT_ONE = {"B", "I", "SM", "SB", "R", "C", "CW", "CR", "CB", "CI"}
-_MDOC_SKIP_LINE = {"Dd", "Dt", "Os", "Bx", "Ux", "An", "Lb", "In", "Fd", "Rv", "Ex", "Xo", "Xc", "Sm"}
+_MACRO_BLOCKS = {"de", "de1", "am", "ig"}
+_CONDITIONALS = {"if", "ie", "el", "while"}
+_NO_FILL = {"nf": "fi", "EX": "EE", "Vb": "Ve", "Ds": "De", "DS": "DE", "CD": "De"}
+"""Requests that start a no-fill block (code, synopses) and the request that ends each."""
 _MDOC_INLINE = {"Nm", "Ar", "Fl", "Cm", "Ic", "Xr", "Pa", "Dv", "Ev", "Em", "Sy", "Li", "Ql", "Dq", "Sq", "Pq",
                 "Qq", "Bq", "Aq", "Op", "Oo", "Oc", "Ns", "No", "Va", "Fn", "Fa", "Ft", "Tn", "St", "Ad", "Er",
                 "Ms", "Pf", "Ao", "Ac", "Bo", "Bc", "Po", "Pc", "Do", "Dc", "So", "Sc", "Qo", "Qc", "Eo", "Ec",
-                "Sx", "Mt", "Lk", "Ot", "At", "Nd", "Ta", "Cd", "Vt", "Ev", "Bsx", "Fx", "Nx", "Ox", "Dx"}
+                "Sx", "Mt", "Lk", "Ot", "At", "Nd", "Ta", "Cd", "Vt", "Bsx", "Fx", "Nx", "Ox", "Dx"}
 _MDOC_OPEN = {"Dq": ("\u201c", "\u201d"), "Sq": ("\u2018", "\u2019"), "Pq": ("(", ")"), "Qq": ('"', '"'),
               "Bq": ("[", "]"), "Aq": ("<", ">"), "Op": ("[", "]")}
 _MDOC_BRACKETS = {"Oo": "[", "Oc": "]", "Ao": "<", "Ac": ">", "Bo": "[", "Bc": "]", "Po": "(", "Pc": ")",
@@ -209,135 +214,206 @@ def _mdoc_text(words: list[str]) -> str:
     return text + "".join(reversed(closers)) + tail
 
 
+_REQUEST = re.compile(r"(\S+)\s*(.*)")
+
+
+class _Request(NamedTuple):
+    """A control line (``.name rest`` or ``'name rest``); ``name`` is empty for a bare ``.``."""
+
+    name: str
+    rest: str
+    line: str
+
+
+def _request(line: str) -> _Request | None:
+    """The request on ``line``; None for a text line."""
+    if line[:1] not in (".", "'"):
+        return None
+    match = _REQUEST.match(line[1:].lstrip(" \t"))
+    return _Request(match.group(1), match.group(2), line) if match else _Request("", "", line)
+
+
+def _block_end(request: _Request) -> str:
+    """The request that ends a macro definition (``..``), or an ``.ig`` block (its argument, else ``..``)."""
+    words = request.rest.split() if request.name == "ig" else []
+    return (words[0] if words else "..").lstrip(".") or "."
+
+
+class _TroffReader:
+    """Reads a man page line by line: the state carried from line to line, and one method for each
+    family of requests (:data:`_HANDLERS` says which). Requests it has no method for (``.TH``,
+    ``.ad``, ``.ft``, strings and registers, user macros, mdoc header macros, comments) carry no prose."""
+
+    def __init__(self):
+        self.paragraphs: list[str] = []
+        self.lines: list[str] = []  # the paragraph being read
+        self.block_ends: set[str] | None = None  # the requests ending a skipped block (macro, no-fill, ...)
+        self.brace_depth = 0  # inside a skipped \{ ... \} conditional body
+        self.table: list[str] | None = None  # the rows of a tbl(1) table being read
+        self.tag_next = False  # the line after .TP is a tag: a paragraph of its own
+        self.redirected = False  # an .so request: the page is another page's alias
+
+    def read(self, text: str) -> list[str]:
+        for line in re.sub(r"(?<!\\)\\\n", "", text.replace("\r\n", "\n")).split("\n"):
+            self.read_line(line)
+            if self.redirected:
+                return []
+        self.flush()
+        return self.paragraphs
+
+    def read_line(self, line: str) -> None:
+        """One line: a skipped conditional body comes first, then a skipped block, a table, and only
+        then text or a request."""
+        if self.brace_depth:
+            self.brace_depth = max(self.brace_depth + line.count("\\{") - line.count("\\}"), 0)
+            return
+        request = _request(line)
+        if self.block_ends is not None:
+            if request is not None and request.name in self.block_ends:
+                self.block_ends = None
+        elif self.table is not None:
+            self.table_row(request, line)
+        elif request is None:
+            self.text(line)
+        elif request.name in _HANDLERS:
+            _HANDLERS[request.name](self, request)
+
+    def flush(self) -> None:
+        """End the paragraph being read."""
+        if self.lines:
+            paragraph = tidy(troff_inline("\n".join(self.lines)))
+            if paragraph:
+                self.paragraphs.append(paragraph)
+            self.lines.clear()
+
+    def text(self, line: str) -> None:
+        """A text line; a blank one ends the paragraph."""
+        if not line.strip():
+            self.flush()
+            return
+        self.add_text(line)
+
+    def add_text(self, text: str) -> None:
+        """Text for the paragraph; after .TP it is the tag, a paragraph of its own."""
+        self.lines.append(text)
+        if self.tag_next:
+            self.flush()
+            self.tag_next = False
+
+    def skip_block(self, ends: str) -> None:
+        """Skip lines up to a request named in ``ends`` (names separated by ``|``)."""
+        self.block_ends = set(ends.split("|"))
+
+    def table_row(self, request: _Request | None, line: str) -> None:
+        if request is not None and request.name == "TE":
+            self.paragraphs.extend(_table_cells(self.table))
+            self.table = None
+        else:
+            self.table.append(line)
+
+    # ------------------------------------------------------------------ one method a request family
+
+    def macro_block(self, request: _Request) -> None:
+        """.de, .de1, .am, .ig: a macro definition or ignored block."""
+        self.skip_block(_block_end(request))
+
+    def conditional(self, request: _Request) -> None:
+        """.if, .ie, .el, .while: skipped, and with it a ``\\{ ... \\}`` body."""
+        self.brace_depth = max(request.line.count("\\{") - request.line.count("\\}"), 0)
+
+    def no_fill(self, request: _Request) -> None:
+        self.flush()
+        self.skip_block(_NO_FILL[request.name])
+
+    def mdoc_display(self, request: _Request) -> None:
+        """.Bd: a display, skipped when literal or unfilled."""
+        self.flush()
+        if "-literal" in request.rest or "-unfilled" in request.rest:
+            self.skip_block("Ed")
+
+    def redirect(self, request: _Request) -> None:
+        self.redirected = True
+
+    def table_start(self, request: _Request) -> None:
+        self.flush()
+        self.table = []
+
+    def heading(self, request: _Request) -> None:
+        self.flush()
+        heading = " ".join(_macro_args(request.rest))
+        if heading:
+            self.lines.append(heading)
+        self.flush()
+
+    def tagged_paragraph(self, request: _Request) -> None:
+        """.TP: the next line is the tag."""
+        self.flush()
+        self.tag_next = True
+
+    def list_item(self, request: _Request) -> None:
+        """mdoc's .It: its arguments are the tag."""
+        self.flush()
+        if request.rest:
+            self.lines.append(_mdoc_text(_macro_args(request.rest)))
+            self.flush()
+        else:
+            self.tag_next = False
+
+    def indented_paragraph(self, request: _Request) -> None:
+        """.IP: its first argument is the tag."""
+        self.flush()
+        args = _macro_args(request.rest)
+        if args and args[0]:
+            self.lines.append(args[0])
+            self.flush()
+
+    def paragraph_break(self, request: _Request) -> None:
+        self.flush()
+
+    def font(self, request: _Request) -> None:
+        """.B, .I, ...: the arguments in one font; with none, the font applies to the next (text) line."""
+        args = _macro_args(request.rest)
+        if args:
+            self.add_text(" ".join(args))
+
+    def alternating_fonts(self, request: _Request) -> None:
+        """.BR, .IR, ...: the arguments, joined, in alternating fonts."""
+        self.add_text("".join(_macro_args(request.rest)))
+
+    def link_end(self, request: _Request) -> None:
+        """.UE, .ME: what follows the link text (punctuation)."""
+        words = _macro_args(request.rest)
+        if words:
+            self.lines.append("".join(words))
+
+    def mdoc_inline(self, request: _Request) -> None:
+        self.lines.append(_mdoc_text([request.name, *_macro_args(request.rest)]))
+
+
+_HANDLERS = {
+    **dict.fromkeys(_MACRO_BLOCKS, _TroffReader.macro_block),
+    **dict.fromkeys(_CONDITIONALS, _TroffReader.conditional),
+    **dict.fromkeys(_NO_FILL, _TroffReader.no_fill),
+    "Bd": _TroffReader.mdoc_display,
+    "so": _TroffReader.redirect,
+    "TS": _TroffReader.table_start,
+    **dict.fromkeys(_HEADINGS, _TroffReader.heading),
+    "TP": _TroffReader.tagged_paragraph,
+    "It": _TroffReader.list_item,
+    "IP": _TroffReader.indented_paragraph,
+    **dict.fromkeys(_BREAKS, _TroffReader.paragraph_break),
+    **dict.fromkeys(_FONT_ONE, _TroffReader.font),
+    **dict.fromkeys(_FONT_ALT, _TroffReader.alternating_fonts),
+    **dict.fromkeys(_MDOC_INLINE, _TroffReader.mdoc_inline),
+    **dict.fromkeys(("UE", "ME"), _TroffReader.link_end),
+}
+"""The method that reads each request; each request is in one family only. (.UR and .MT, which give
+a link's address, have none: the link text follows on lines of its own.)"""
+
+
 def troff_paragraphs(text: str) -> list[str]:
     """Paragraphs of a man page in man(7) or mdoc(7) troff; an ``.so`` redirect has none."""
-    paragraphs: list[str] = []
-    lines: list[str] = []
-
-    def flush() -> None:
-        if lines:
-            paragraph = tidy(troff_inline("\n".join(lines)))
-            if paragraph:
-                paragraphs.append(paragraph)
-            lines.clear()
-
-    raw_lines = re.sub(r"(?<!\\)\\\n", "", text.replace("\r\n", "\n")).split("\n")
-    skip_until: str | None = None  # end request of a skipped block (macro definition, no-fill, ...)
-    brace_depth = 0  # inside a skipped \{ ... \} conditional body
-    table: list[str] | None = None
-    tag_next = False  # the line after .TP is a tag: a paragraph of its own
-    for line in raw_lines:
-        if brace_depth:
-            brace_depth += line.count("\\{") - line.count("\\}")
-            brace_depth = max(brace_depth, 0)
-            continue
-        control = line[:1] in (".", "'")
-        name, rest = "", ""
-        if control:
-            body = line[1:].lstrip(" \t")
-            match = re.match(r"(\S+)\s*(.*)", body)
-            name, rest = (match.group(1), match.group(2)) if match else ("", "")
-        if skip_until is not None:
-            if control and name in skip_until.split("|"):
-                skip_until = None
-            continue
-        if table is not None:
-            if control and name == "TE":
-                for cell in _table_cells(table):
-                    paragraphs.append(cell)
-                table = None
-            else:
-                table.append(line)
-            continue
-        if not control:
-            if not line.strip():
-                flush()
-                continue
-            lines.append(line)
-            if tag_next:
-                flush()
-                tag_next = False
-            continue
-        if name.startswith('\\"') or name.startswith("\\#") or not name:
-            continue  # comment or empty request
-        if name in ("de", "de1", "am", "ig", "ds", "as", "nr", "rm", "rn", "als", "tr", "di", "da", "ev"):
-            if name in ("de", "de1", "am", "ig"):
-                skip_until = ".." if name != "ig" or not rest.strip() else rest.split()[0]
-                skip_until = skip_until.lstrip(".") or "."
-            continue
-        if name in ("if", "ie", "el", "while"):
-            if "\\{" in line:
-                brace_depth = max(line.count("\\{") - line.count("\\}"), 0)
-            continue
-        if name in ("nf", "EX", "Vb", "Ds", "DS", "CD"):
-            flush()
-            skip_until = {"nf": "fi", "EX": "EE", "Vb": "Ve", "Ds": "De", "DS": "DE", "CD": "De"}[name]
-            continue
-        if name == "Bd":
-            flush()
-            if "-literal" in rest or "-unfilled" in rest:
-                skip_until = "Ed"
-            continue
-        if name == "so":
-            return []
-        if name == "TS":
-            flush()
-            table = []
-            continue
-        if name in ("SH", "SS", "Sh", "Ss"):
-            flush()
-            heading = " ".join(_macro_args(rest))
-            if heading:
-                lines.append(heading)
-            flush()
-            continue
-        if name in ("TP", "It"):
-            flush()
-            if name == "It" and rest:
-                lines.append(_mdoc_text(_macro_args(rest)))
-                flush()
-            else:
-                tag_next = name == "TP"
-            continue
-        if name == "IP":
-            flush()
-            args = _macro_args(rest)
-            if args and args[0]:
-                lines.append(args[0])
-                flush()
-            continue
-        if name in _BREAKS:
-            flush()
-            continue
-        if name in _FONT_ONE:
-            args = _macro_args(rest)
-            if args:
-                lines.append(" ".join(args))
-                if tag_next:
-                    flush()
-                    tag_next = False
-            else:
-                continue  # font applies to the next line, which is text and read as such
-            continue
-        if name in _FONT_ALT:
-            lines.append("".join(_macro_args(rest)))
-            if tag_next:
-                flush()
-                tag_next = False
-            continue
-        if name in ("UR", "MT", "UE", "ME", "Nd") or name in _MDOC_INLINE:
-            words = _macro_args(rest)
-            if name in ("UR", "MT"):
-                continue  # the address; the link text follows on its own lines
-            if name in ("UE", "ME"):
-                if words:
-                    lines.append("".join(words))
-                continue
-            lines.append(_mdoc_text([name, *words]) if name in _MDOC_INLINE else " ".join(words))
-            continue
-        # Anything else (.TH, .ad, .nh, .ft, user macros, mdoc header macros) carries no prose.
-    flush()
-    return paragraphs
+    return _TroffReader().read(text)
 
 
 def _table_cells(rows: list[str]) -> list[str]:

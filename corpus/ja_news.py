@@ -31,9 +31,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from hataori.corpus.debian_ja import Counts, Deduplicator, sha256_file
 from hataori.errors import HataoriError, InputError
 from hataori.fsutil import atomic_path, atomic_write_text, check_output, remove_stale_temps
-from hataori.tokenizer.debian_ja import Counts, Deduplicator, sha256_file
 
 PACKAGE = "hironsancorpus"
 VERSION = "0.1.2"

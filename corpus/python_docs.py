@@ -25,8 +25,8 @@ import sysconfig
 import time
 from pathlib import Path
 
+from hataori.corpus.debian_ja import sha256_file
 from hataori.fsutil import atomic_path, atomic_write_text, check_output, remove_stale_temps
-from hataori.tokenizer.debian_ja import sha256_file
 
 MANIFEST_FORMAT = 1
 MIN_CHARS = 200

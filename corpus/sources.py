@@ -80,18 +80,6 @@ class ReadStats:
         self.skipped_examples.extend(other.skipped_examples[:room])
 
 
-def parse_source(spec: str) -> dict:
-    """``PATH[:WEIGHT]`` from the command line as a source mapping; a colon not followed by a
-    number belongs to the path."""
-    path, sep, weight = spec.rpartition(":")
-    if sep and path:
-        try:
-            return {"path": path, "weight": float(weight)}
-        except ValueError:
-            pass
-    return {"path": spec}
-
-
 def split_key(text: str, seed: int) -> int:
     """A 64-bit hash of a document's text keyed by ``seed``: the validation split takes documents
     whose key falls below a limit, so the split depends on the text alone, not on file order."""

@@ -18,7 +18,7 @@ Numbers
     models with different vocabularies compare.
 
 The ``bpc`` task reads the documents of a JSONL (``text`` field) or plain-text file (a document a
-paragraph) with :mod:`hataori.tokenizer.sources`, as corpus preparation reads them.
+paragraph) with :mod:`hataori.corpus.sources`, as corpus preparation reads them.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hataori.corpus.sources import SourceConfig, iter_documents
 from hataori.errors import InputError
 from hataori.model import IGNORE_INDEX
 from hataori.tokenizer.model import Tokenizer
@@ -115,8 +116,6 @@ class BpcResult:
 
 def read_documents(path: str | Path, limit: int = 0) -> list[str]:
     """The first ``limit`` (0: all) non-empty documents of a JSONL or text corpus file."""
-    from hataori.tokenizer.sources import SourceConfig, iter_documents
-
     path = Path(path)
     docs = []
     for doc in iter_documents(path, SourceConfig(path=str(path))):

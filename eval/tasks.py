@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from hataori.corpus.sources import iter_lines
 from hataori.errors import ConfigError, InputError
 
 JGLUE = Path(__file__).resolve().parent / "jglue"
@@ -104,8 +105,6 @@ def get_task(name: str) -> Task:
 
 def read_examples(task: Task, path: str | Path) -> list[Example]:
     """The examples of a task file (one JSON object a line, blank lines skipped)."""
-    from hataori.tokenizer.sources import iter_lines
-
     path = Path(path)
     examples = []
     for number, line in iter_lines(path):

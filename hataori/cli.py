@@ -17,11 +17,11 @@ from hataori.errors import HataoriError
 
 # (group, command) -> (module implementing it, one-line help); command None: the group is the command
 COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
-    ("corpus", "debian-ja"): ("hataori.tokenizer.debian_ja",
+    ("corpus", "debian-ja"): ("hataori.corpus.debian_ja",
                               "build a Japanese corpus from Debian's Japanese documentation packages"),
-    ("corpus", "ja-news"): ("hataori.tokenizer.ja_news",
+    ("corpus", "ja-news"): ("hataori.corpus.ja_news",
                             "build news-style Japanese sentences (PyPI hironsancorpus) for out-of-domain evaluation"),
-    ("corpus", "python-docs"): ("hataori.tokenizer.python_docs",
+    ("corpus", "python-docs"): ("hataori.corpus.python_docs",
                                 "English documentation text: the docstrings of Python's standard library"),
     ("tokenizer", "train"): ("hataori.tokenizer.trainer", "train a SentencePiece tokenizer made for Japanese"),
     ("tokenizer", "extend"): ("hataori.tokenizer.extend",

@@ -15,10 +15,10 @@ import pytest
 
 from hataori.cli import main as hataori_main
 from hataori.config import load
+from hataori.corpus.sources import SourceConfig
 from hataori.errors import ConfigError, HataoriError
 from hataori.tokenizer.prepare import PrepareConfig, prepare
 from hataori.tokenizer.shards import Dataset
-from hataori.tokenizer.sources import SourceConfig
 from hataori.train.data import DataConfig, DatasetSpec, PackedLoader
 
 SLICE_DOCS = 300

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ["hataori", "hataori.model", "hataori.tokenizer", "hataori.train", "hataori.kernels", "hataori.slurm",
-               "hataori.eval"]
+SUBPACKAGES = ["hataori", "hataori.model", "hataori.corpus", "hataori.tokenizer", "hataori.train", "hataori.kernels",
+               "hataori.slurm", "hataori.eval"]
 # Names other distributions own on PyPI, and our own folder names: none may be installed bare.
-FORBIDDEN_TOP_LEVEL = {"model", "tokenizer", "train", "kernels", "configs", "tests", "slurm", "eval"}
+FORBIDDEN_TOP_LEVEL = {"model", "corpus", "tokenizer", "train", "kernels", "configs", "tests", "slurm", "eval"}
 
 
 @pytest.fixture(scope="module")

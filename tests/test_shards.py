@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 
 from hataori.cli import main as hataori_main
+from hataori.corpus.sources import SourceConfig
 from hataori.errors import ConfigError, HataoriError, InputError
+from hataori.tokenizer import proto as spm_proto
 from hataori.tokenizer.model import Tokenizer
 from hataori.tokenizer.prepare import PrepareConfig, prepare
 from hataori.tokenizer.shards import (FORMAT_VERSION, HEADER, MAGIC, Dataset, Shard, ShardError, ShardWriter,
                                       choose_dtype)
-from hataori.tokenizer.sources import SourceConfig
 
 SLICE_BYTES = 1_500_000
 
@@ -341,8 +342,6 @@ def test_ids_outside_the_vocabulary_are_refused_naming_shard_and_document(prepar
 
 
 def test_inspect_refuses_another_tokenizer(prepared, tokenizer, tmp_path, capsys):
-    from hataori.tokenizer import proto as spm_proto
-
     model = spm_proto.read(tokenizer.path)
     model.pieces[-1].score -= 1.0  # another model of the same size
     (tmp_path / "other.model").write_bytes(model.SerializeToString())

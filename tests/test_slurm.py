@@ -1,7 +1,7 @@
 """``hataori slurm``: batch scripts, and pretraining jobs on a real two-node Slurm cluster.
 
 The cluster (``slurm_cluster`` fixture, tests/slurm_cluster.py) is Debian's Slurm with two fake
-nodes of 2 CPUs on this machine. Jobs go through ``hataori slurm submit --cpus-only`` and train a
+nodes of 2 CPUs on this machine. Jobs go through ``hataori slurm submit --cluster configs/slurm/test-cluster.yaml`` and train a
 ~0.4M-parameter model in fp32 with 2 processes on each node (gloo, real DeepSpeed engines). The
 reference of the requeued and the cancelled runs is an independent, uninterrupted job of the same
 config: their loss curves must equal it exactly. Every job and wait has a hard time limit.
@@ -21,6 +21,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "configs" / "train" / "toy.yaml"
+TEST_CLUSTER = REPO / "configs" / "slurm" / "test-cluster.yaml"
+"""The cluster profile of the test cluster: 2 nodes x 2 CPU processes, a setup line that echoes its name."""
 SEQ_LEN = 64
 STEPS = 500
 WORLD = 4  # 2 nodes x 2 processes
@@ -39,8 +41,8 @@ def submit(cluster, run_dir: Path, shards: Path, *options: str) -> str:
     """Submit the tiny config as a 2-node x 2-process CPU job; return its id. Nothing may be JIT-compiled."""
     env = {**cluster.env, "TORCH_EXTENSIONS_DIR": str(run_dir.parent / f"{run_dir.name}-torch_extensions")}
     result = subprocess.run([sys.executable, "-m", "hataori.cli", "slurm", "submit", str(TOY), *TINY,
-                             "--data", str(shards), "--run-dir", str(run_dir), "--nodes", "2", "--gpus-per-node", "2",
-                             "--cpus-only", *options], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+                             "--data", str(shards), "--run-dir", str(run_dir), "--cluster", str(TEST_CLUSTER),
+                             *options], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     return re.search(r"submitted job (\d+)", result.stdout).group(1)
 
@@ -131,6 +133,33 @@ def test_submit_names_what_to_change(ja_shards, tmp_path, capsys, options, messa
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.timeout(120)
+def test_cluster_profile_composes_with_flags_and_job_overrides(ja_shards, tmp_path, capsys):
+    """A profile (configs/slurm/) gives the job's keys; slurm.KEY=VALUE and the flags set the same keys;
+    a key set both by a flag and by an override is refused; without a time limit anywhere the error says
+    where to put one."""
+    run_dir = tmp_path / "run"
+    profile = tmp_path / "site.yaml"
+    profile.write_text(f"base: {REPO / 'configs/slurm/h100-example.yaml'}\npartition: big\n"
+                       "setup: ['module load site/1', 'export NCCL_IB_HCA=mlx5_0']\n")
+    script = dry_run(ja_shards, run_dir, "--cluster", str(profile), "slurm.job_name=ja-1b", "--nodes", "2",
+                     "slurm.max_requeues=4", f"zero.global_batch_tokens={8 * 16 * SEQ_LEN}", capsys=capsys)
+    for line in ("#SBATCH --partition=big\n", "#SBATCH --account=my-project\n", "#SBATCH --job-name=ja-1b\n",
+                 "#SBATCH --nodes=2\n", "#SBATCH --ntasks-per-node=8\n", "#SBATCH --exclusive\n",
+                 "#SBATCH --time=2-00:00:00\n", "module load site/1\nexport NCCL_IB_HCA=mlx5_0\n", "MAX_REQUEUES=4\n"):
+        assert line in script, line
+
+    from hataori.cli import main as hataori_main
+
+    common = ["slurm", "submit", str(TOY), *TINY, "--data", str(ja_shards), "--run-dir", str(run_dir), "--dry-run"]
+    assert hataori_main([*common, "--cluster", str(TEST_CLUSTER), "--nodes", "1", "slurm.nodes=2", "--time", "9"]) == 2
+    assert "slurm.nodes: is set twice, by --nodes and by slurm.nodes=...; keep one of them" in capsys.readouterr().err
+    assert hataori_main([*common, "--cluster", str(TEST_CLUSTER)]) == 2
+    assert "slurm.time: the job's time limit is not set; pass --time" in capsys.readouterr().err
+    assert hataori_main([*common, "--cluster", str(TEST_CLUSTER), "--time", "9", "slurm.nodez=2"]) == 2
+    assert "slurm.nodez: unknown key" in capsys.readouterr().err and not run_dir.exists()
+
+
 # Every sbatch --time format, the seconds worked out by hand, and the D-HH:MM:SS the script is given.
 @pytest.mark.parametrize("text, seconds, canonical", [
     ("90", 5400, "0-01:30:00"),                 # minutes
@@ -194,7 +223,7 @@ def test_script_timer_and_sbatch_limit_come_from_one_parse(tmp_path):
 @pytest.mark.timeout(60)
 def test_stop_signals_reach_the_trainer():
     code = ("import os, signal, time\n"
-            "from hataori.slurm.signals import stop_on_signals\n"
+            "from hataori.train.signals import stop_on_signals\n"
             "class T:\n"
             "    stops = 0\n"
             "    def request_stop(self): T.stops += 1\n"
@@ -243,11 +272,14 @@ def test_two_node_job_pretrains_to_completion(slurm_cluster, uninterrupted):
     print(log)
     assert slurm_cluster.job(job)["NodeList"] == "node[1-2]"
     assert "4 process(es) on cpu" in log and "the run is complete" in log
+    assert "cluster profile: test-cluster" in log  # the profile's setup line ran in the job
     assert sorted(train_records(run_dir)) == list(range(1, STEPS + 1))
     assert complete_checkpoints(run_dir) == [400, 500]
     assert json.loads((run_dir / "environment.json").read_text())["world_size"] == WORLD
     assert sorted(p.name for p in (run_dir / "slurm").iterdir()) == sorted(
-        [f"job-{job}.sbatch", f"job-{job}.out", "jobs.jsonl", "train.yaml"])
+        [f"job-{job}.sbatch", f"job-{job}.out", "jobs.jsonl", "train.yaml", "slurm.yaml"])
+    recorded = (run_dir / "slurm" / "slurm.yaml").read_text()
+    assert "nodes: 2\n" in recorded and "cpus_only: true\n" in recorded and "time: 0-00:10:00\n" in recorded
     shown = status(slurm_cluster, run_dir)
     assert f"job {job}: COMPLETED, 0 restart(s), on node[1-2]" in shown.stdout, shown.stdout + shown.stderr
     assert f"last step: {STEPS} of {STEPS}" in shown.stdout

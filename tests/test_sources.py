@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from hataori.corpus.sources import ReadStats, SourceConfig, expand, in_validation, iter_documents, split_key
 from hataori.errors import InputError
-from hataori.tokenizer.sources import (ReadStats, SourceConfig, expand, in_validation, iter_documents, parse_source,
-                                       split_key)
+from hataori.sourcespec import parse_source
 
 
 @pytest.fixture(scope="module")

@@ -26,9 +26,11 @@ import sentencepiece as spm
 from conftest import cache_dir
 from hataori.cli import main as hataori_main
 from hataori.config import load
+from hataori.corpus.sources import SourceConfig, expand, in_validation, iter_documents
 from hataori.errors import ConfigError
 from hataori.tokenizer.model import Tokenizer
-from hataori.tokenizer.sources import SourceConfig, expand, iter_documents
+from hataori.tokenizer.prepare import PrepareConfig, prepare
+from hataori.tokenizer.shards import Dataset
 from hataori.tokenizer.trainer import TokenizerTrainConfig, count_sources, sample_documents
 
 KYOTO_SDIST = "sentencepiece==0.2.3"
@@ -438,10 +440,6 @@ def test_held_out_documents_are_the_shards_validation_split(ja_docs, tmp_path):
     """The trainer never sees the documents that ``data prepare`` (same fraction and seed) puts
     into validation, and reports metrics on them. A character that occurs only in those documents
     gets no piece, while a control run that holds nothing out learns it."""
-    from hataori.tokenizer.prepare import PrepareConfig, prepare
-    from hataori.tokenizer.shards import Dataset
-    from hataori.tokenizer.sources import in_validation
-
     marker = "\U00020bb7" * 40  # 𠮷, outside JIS X 0208 and absent from the corpus
     docs = []
     for doc in ja_docs[:250]:

@@ -1,1 +1,1 @@
-"""hataori.tokenizer: corpora, SentencePiece training and evaluation, token shards."""
+"""hataori.tokenizer: SentencePiece training, evaluation and extension, the fast tokenizer, token shards."""

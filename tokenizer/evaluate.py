@@ -15,10 +15,10 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hataori.corpus.sources import SourceConfig, expand, iter_documents
 from hataori.errors import InputError
 from hataori.fsutil import atomic_write_text
 from hataori.tokenizer.model import Tokenizer
-from hataori.tokenizer.sources import SourceConfig, expand, iter_documents
 
 SPACE_PIECE = "\u2581"
 # Half-width kana, full-width Latin and digit, a run of spaces: NFKC or whitespace cleanup changes it.

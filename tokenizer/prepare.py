@@ -5,7 +5,7 @@
 
 (YAML presets and overrides are positional: give them together, after or before the options.)
 
-The main process reads the sources in order (through :mod:`hataori.tokenizer.sources`), decides
+The main process reads the sources in order (through :mod:`hataori.corpus.sources`), decides
 each document's split, and hands batches of documents to worker processes that each load the
 tokenizer once. Results are taken back in submission order, so the shards are byte-identical
 whatever the number of workers.
@@ -48,14 +48,15 @@ from typing import Iterator, Literal
 
 import numpy as np
 
-from hataori.config import load, override, require, split_items, to_dict
+from hataori.config import command_items, load, require, to_dict
+from hataori.corpus.sources import ReadStats, SourceConfig, expand, iter_documents, split_key
 from hataori.errors import ConfigError, HataoriError
 from hataori.fsutil import (DISK_FULL, atomic_path, atomic_write_text, check_output, disk_full_error,
                             remove_stale_temps)
+from hataori.sourcespec import parse_source
 from hataori.tokenizer.model import Tokenizer
 from hataori.tokenizer.shards import (FORMAT_VERSION, MANIFEST, SPLITS, Shard, ShardError, ShardWriter,
                                       choose_dtype, shard_name)
-from hataori.tokenizer.sources import ReadStats, SourceConfig, expand, iter_documents, parse_source, split_key
 
 PLAN = ".prepare-plan.json"
 SHARD_FILE = re.compile(r"^(train|val)-(\d{5})\.(bin|idx)$")
@@ -515,13 +516,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> PrepareConfig:
-    files, overrides = split_items(args.config)
-    flags = [override("sources", [parse_source(i) for i in args.input])] if args.input else []
-    for key in ("tokenizer", "output", "workers"):
-        value = getattr(args, key)
-        if value is not None:
-            flags.append(override(key, value))
-    return load(PrepareConfig, files, flags + overrides)
+    files, overrides = command_items(args.config, {
+        "--input": ("sources", [parse_source(i) for i in args.input] if args.input else None),
+        **{f"--{key}": (key, getattr(args, key)) for key in ("tokenizer", "output", "workers")}})
+    return load(PrepareConfig, files, overrides)
 
 
 def main(args: argparse.Namespace) -> int:

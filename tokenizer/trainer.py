@@ -1,7 +1,7 @@
 """``hataori tokenizer train``: a SentencePiece tokenizer made for Japanese.
 
 Reading. Each source (a file, glob or folder of JSONL or plain text, optionally .gz/.zst) is read
-twice through :mod:`hataori.tokenizer.sources`: once to count its characters (so a malformed line
+twice through :mod:`hataori.corpus.sources`: once to count its characters (so a malformed line
 fails before any training starts), once to sample it. The sample holds ``S = min(max_input_chars,
 all characters)`` characters, of which source ``i`` contributes ``S * w_i / sum(w)``: its lines are
 drawn with that probability (deterministically from ``seed``), and a source smaller than its share
@@ -48,13 +48,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
-from hataori.config import load, override, require, split_items, to_yaml
+from hataori import __version__
+from hataori.config import command_items, load, require, to_yaml
+from hataori.corpus.sources import ReadStats, SourceConfig, expand, in_validation, iter_documents
 from hataori.errors import HataoriError, InputError
 from hataori.fsutil import atomic_path, check_output
+from hataori.sourcespec import parse_source
 from hataori.tokenizer import charsets
 from hataori.tokenizer import proto as spm_proto
-from hataori.tokenizer.sources import (ReadStats, SourceConfig, expand, in_validation, iter_documents,
-                                       parse_source)
+from hataori.tokenizer.evaluate import TextSet, measure
+from hataori.tokenizer.model import Tokenizer, fingerprint_bytes
 
 NEWLINE = "\n"
 SPACE_PIECE = "\u2581"  # SentencePiece writes a space as this
@@ -473,9 +476,6 @@ def train(cfg: TokenizerTrainConfig, replace: bool = False) -> dict:
     non-empty output folder is refused unless ``replace``, and then replaced once the new one is complete."""
     import sentencepiece as spm
 
-    from hataori import __version__
-    from hataori.tokenizer.model import fingerprint_bytes
-
     require(bool(cfg.output), "output", "no output folder; pass --output DIR or output=DIR")
     check_output(cfg.output, replace, "--output DIR, or the config key output")
     started = time.perf_counter()
@@ -519,9 +519,6 @@ def train(cfg: TokenizerTrainConfig, replace: bool = False) -> dict:
 
 def evaluate_held_out(cfg: TokenizerTrainConfig, proto: bytes, files: dict[str, list[Path]]) -> dict | None:
     """Metrics of the new model on the held-out documents (see ``hataori tokenizer eval``)."""
-    from hataori.tokenizer.evaluate import TextSet, measure
-    from hataori.tokenizer.model import Tokenizer
-
     docs = held_out_documents(cfg, files)
     if not docs:
         return None
@@ -571,13 +568,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TokenizerTrainConfig:
-    files, overrides = split_items(args.items)
-    flags = []
-    if args.input:
-        flags.append(override("sources", [parse_source(spec) for spec in args.input]))
-    if args.output:
-        flags.append(override("output", args.output))
-    return load(TokenizerTrainConfig, files, flags + overrides)
+    files, overrides = command_items(args.items, {
+        "--input": ("sources", [parse_source(spec) for spec in args.input] if args.input else None),
+        "--output": ("output", args.output or None)})
+    return load(TokenizerTrainConfig, files, overrides)
 
 
 def main(args: argparse.Namespace) -> int:

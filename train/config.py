@@ -14,77 +14,20 @@ What a preset cannot know (the dataset folders, the run folder) comes from the c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
 from pathlib import Path
 from typing import Sequence
 
 from hataori.config import load, merged, require
-from hataori.eval.runner import EvalTaskConfig
 from hataori.model import ModelConfig
 from hataori.model.lora import LoRAConfig
 from hataori.train.checkpoint import CheckpointConfig
 from hataori.train.data import DataConfig
 from hataori.train.init import InitConfig, shape_overrides
+from hataori.train.metrics import LoggingConfig
 from hataori.train.optim import OptimConfig, ScheduleConfig
 from hataori.train.trainer import TrainerConfig
+from hataori.train.validate import ValidationConfig
 from hataori.train.zero import ZeroConfig
-
-
-@dataclass(kw_only=True, slots=True)
-class ValidationConfig:
-    """What runs at a validation, and when: loss and bits per character on the validation split, over
-    whole documents (hataori.train.validate), then the multiple-choice tasks due at that step
-    (hataori.eval.runner), each scored on the model as it is after that step."""
-
-    every_steps: int = 1000
-    """Validate after every this many optimizer steps; also before the first step and after the last.
-    0: only before the first and after the last."""
-    max_docs: int = 0
-    """Validate on at most this many documents (the first of each dataset's validation split); 0: all."""
-    max_tokens: int = 0
-    """Stop adding validation documents once they hold this many tokens; 0: no limit."""
-    batch_size: int = 4
-    """Sequences per forward pass on each process."""
-    tasks: list[EvalTaskConfig] = field(default_factory=list)
-    """Eval tasks, each run at the validations its every_steps selects (0: every one), e.g.
-    ``[{task: jcommonsenseqa, limit: 200}]``: accuracies to metrics.jsonl ("kind": "eval") and
-    TensorBoard (eval/NAME/acc, eval/NAME/acc_norm), results to run_dir/eval/NAME-step_N.json."""
-
-    def __post_init__(self) -> None:
-        for key in ("every_steps", "max_docs", "max_tokens"):
-            value = getattr(self, key)
-            require(value >= 0, key, f"must be >= 0 (0: no limit), got {value}")
-        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        names: dict[str, int] = {}
-        for i, task in enumerate(self.tasks):
-            require(task.label not in names, f"tasks[{i}].name",
-                    f"{task.label!r} is the name of tasks[{names.get(task.label)}] too; give each run of a task a "
-                    "name of its own (e.g. name: jcommonsenseqa-3shot)")
-            names[task.label] = i
-            if task.every_steps:
-                require(self.every_steps > 0, f"tasks[{i}].every_steps",
-                        "validation runs only before the first step and after the last (validation.every_steps=0), "
-                        "and so do its tasks; set every_steps: 0")
-                require(task.every_steps % self.every_steps == 0, f"tasks[{i}].every_steps",
-                        f"{task.every_steps} is not a multiple of validation.every_steps={self.every_steps}; tasks run "
-                        "at validations")
-
-    def due(self, step: int, *, last: bool) -> bool:
-        """Whether to validate after ``step`` optimizer steps (step 0: before training)."""
-        return step == 0 or last or (self.every_steps > 0 and step % self.every_steps == 0)
-
-
-@dataclass(kw_only=True, slots=True)
-class LoggingConfig:
-    """Console lines and TensorBoard scalars (written by rank 0)."""
-
-    every_steps: int = 10
-    """Log the training scalars, averaged over the steps since the last log, every this many steps."""
-    tensorboard_dir: str = "tensorboard"
-    """TensorBoard event folder, relative to run_dir (or absolute); empty: no TensorBoard."""
-
-    def __post_init__(self) -> None:
-        require(self.every_steps >= 1, "every_steps", f"must be >= 1, got {self.every_steps}")
 
 
 @dataclass(kw_only=True, slots=True)

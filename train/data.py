@@ -47,6 +47,7 @@ import numpy as np
 
 from hataori.config import require
 from hataori.errors import HataoriError
+from hataori.sourcespec import parse_source
 from hataori.tokenizer.shards import Dataset
 
 STATE_VERSION = 1
@@ -384,8 +385,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hataori.tokenizer.sources import parse_source
-
     specs = [DatasetSpec(**parse_source(item)) for item in args.datasets]
     cfg = DataConfig(datasets=specs, seq_len=args.seq_len, seed=args.seed, split=args.split)
     loader = cfg.build(args.batch, rank=0, world_size=args.world_size)

@@ -31,13 +31,15 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from hataori.config import require
+from hataori.eval.runner import summary
 from hataori.fsutil import atomic_write_text
 from hataori.train.checkpoint import tag
-from hataori.train.config import LoggingConfig
 from hataori.train.trainer import StepMetrics
 from hataori.train.validate import ValResult
 
@@ -72,6 +74,19 @@ def memory_scalar() -> tuple[str, float]:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
     return "mem/rss", pages * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+@dataclass(kw_only=True, slots=True)
+class LoggingConfig:
+    """Console lines and TensorBoard scalars (written by rank 0)."""
+
+    every_steps: int = 10
+    """Log the training scalars, averaged over the steps since the last log, every this many steps."""
+    tensorboard_dir: str = "tensorboard"
+    """TensorBoard event folder, relative to run_dir (or absolute); empty: no TensorBoard."""
+
+    def __post_init__(self) -> None:
+        require(self.every_steps >= 1, "every_steps", f"must be >= 1, got {self.every_steps}")
 
 
 class MetricsLogger:
@@ -129,8 +144,6 @@ class MetricsLogger:
         """Log one eval task's results at the validation after ``step`` (:class:`hataori.train.validate.EvalTasks`)."""
         if not self.is_main:
             return
-        from hataori.eval.runner import summary
-
         name, scores = results["name"], results["scores"]
         atomic_write_text(self.run_dir / EVAL_DIR / f"{name}-{tag(step)}.json",
                           json.dumps(results, ensure_ascii=False, indent=1) + "\n")

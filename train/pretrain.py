@@ -36,9 +36,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from hataori.config import override, split_items
+from hataori.config import command_items
 from hataori.errors import ConfigError, HataoriError, InputError
+from hataori.sourcespec import parse_source
 from hataori.train.config import TrainConfig, load_train_config
+from hataori.train.signals import stop_on_signals
 
 LAUNCHER_VARS = ("WORLD_SIZE", "SLURM_NTASKS")
 """Set by a launcher: the process is one rank of a group and must not launch others."""
@@ -56,13 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hataori.tokenizer.sources import parse_source
-
-    files, overrides = split_items(args.config)
-    flags = [override("data.datasets", [parse_source(item) for item in args.data])] if args.data else []
-    if args.run_dir:
-        flags.append(override("run_dir", args.run_dir))
-    cfg = load_train_config(files, overrides + flags)
+    files, overrides = command_items(args.config, {
+        "--data": ("data.datasets", [parse_source(item) for item in args.data] if args.data else None),
+        "--run-dir": ("run_dir", args.run_dir)})
+    cfg = load_train_config(files, overrides)
     if args.nproc < 1:
         raise ConfigError("--nproc", f"must be at least 1, got {args.nproc}")
     if any(name in os.environ for name in LAUNCHER_VARS) or args.nproc == 1:
@@ -73,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
     except BaseException:
         lock.release()
         raise
-    relaunch(args.nproc, files + overrides + flags)
+    relaunch(args.nproc, files + overrides)
     return 0  # not reached: relaunch replaces this process
 
 
@@ -202,7 +201,6 @@ def train(cfg: TrainConfig) -> int:
     """Build every part from ``cfg`` and train; the same on every rank."""
     import torch
 
-    from hataori.slurm.signals import stop_on_signals
     from hataori.model.lora import apply_lora
     from hataori.train.checkpoint import Checkpointer, complete_steps, seed_all
     from hataori.train.init import load_initial_weights, open_source

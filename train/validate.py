@@ -36,6 +36,7 @@ import contextlib
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -43,6 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hataori.config import require
 from hataori.errors import ConfigError
 from hataori.eval.bpc import BpcResult, count_chars, pack_rows, summed_nll
 from hataori.eval.runner import ChoiceTask, EvalTaskConfig
@@ -50,13 +52,56 @@ from hataori.fsutil import atomic_write_text
 from hataori.model import IGNORE_INDEX
 from hataori.tokenizer.model import Tokenizer
 from hataori.tokenizer.shards import Dataset
-from hataori.train.config import ValidationConfig
 
 CACHE_FILE = "validation.json"
 
 
 ValResult = BpcResult
 """One validation pass, the same on every rank."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ValidationConfig:
+    """What runs at a validation, and when: loss and bits per character on the validation split, over
+    whole documents (:class:`Validator`), then the multiple-choice tasks due at that step
+    (:class:`EvalTasks`, hataori.eval.runner), each scored on the model as it is after that step."""
+
+    every_steps: int = 1000
+    """Validate after every this many optimizer steps; also before the first step and after the last.
+    0: only before the first and after the last."""
+    max_docs: int = 0
+    """Validate on at most this many documents (the first of each dataset's validation split); 0: all."""
+    max_tokens: int = 0
+    """Stop adding validation documents once they hold this many tokens; 0: no limit."""
+    batch_size: int = 4
+    """Sequences per forward pass on each process."""
+    tasks: list[EvalTaskConfig] = field(default_factory=list)
+    """Eval tasks, each run at the validations its every_steps selects (0: every one), e.g.
+    ``[{task: jcommonsenseqa, limit: 200}]``: accuracies to metrics.jsonl ("kind": "eval") and
+    TensorBoard (eval/NAME/acc, eval/NAME/acc_norm), results to run_dir/eval/NAME-step_N.json."""
+
+    def __post_init__(self) -> None:
+        for key in ("every_steps", "max_docs", "max_tokens"):
+            value = getattr(self, key)
+            require(value >= 0, key, f"must be >= 0 (0: no limit), got {value}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        names: dict[str, int] = {}
+        for i, task in enumerate(self.tasks):
+            require(task.label not in names, f"tasks[{i}].name",
+                    f"{task.label!r} is the name of tasks[{names.get(task.label)}] too; give each run of a task a "
+                    "name of its own (e.g. name: jcommonsenseqa-3shot)")
+            names[task.label] = i
+            if task.every_steps:
+                require(self.every_steps > 0, f"tasks[{i}].every_steps",
+                        "validation runs only before the first step and after the last (validation.every_steps=0), "
+                        "and so do its tasks; set every_steps: 0")
+                require(task.every_steps % self.every_steps == 0, f"tasks[{i}].every_steps",
+                        f"{task.every_steps} is not a multiple of validation.every_steps={self.every_steps}; tasks run "
+                        "at validations")
+
+    def due(self, step: int, *, last: bool) -> bool:
+        """Whether to validate after ``step`` optimizer steps (step 0: before training)."""
+        return step == 0 or last or (self.every_steps > 0 and step % self.every_steps == 0)
 
 
 def select_documents(datasets: list[Dataset], *, max_docs: int = 0, max_tokens: int = 0) -> list[np.ndarray]:

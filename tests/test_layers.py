@@ -1,0 +1,98 @@
+"""The folders import one another in one direction: scripts/import_graph.py finds no cycle between them.
+
+The script runs as users run it; on synthetic trees it must find a cycle an import inside a function
+makes, and refuse hataori/'s shared modules importing a folder.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "import_graph.py"
+
+
+def import_graph(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+
+
+def write_tree(root: Path, files: dict[str, str]) -> Path:
+    """A repository of packages: each ``folder/file.py`` with its source (``__init__.py`` files added)."""
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        (path.parent / "__init__.py").touch()
+    return root
+
+
+@pytest.mark.timeout(120)
+def test_the_repository_has_no_cycle_between_folders():
+    result = import_graph()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "CYCLE" not in result.stdout and "NOT ALLOWED" not in result.stdout
+    assert "\n  train -> model (" in result.stdout
+    assert "allowed direction" in result.stdout
+    assert "imports of hataori modules inside functions: " in result.stdout
+
+
+@pytest.mark.timeout(120)
+def test_a_cycle_through_an_import_inside_a_function_fails(tmp_path):
+    root = write_tree(tmp_path, {
+        "hataori/errors.py": "",
+        "hataori/cli.py": 'COMMANDS = {"run": "hataori.low.b"}\n',
+        "high/a.py": "from hataori.errors import Oops\nfrom hataori.low.b import f\n",
+        "low/b.py": "import os\n\n\ndef f():\n    from hataori.high import a\n    return a\n",
+    })
+    result = import_graph("--root", str(root))
+    assert result.returncode == 1, result.stdout + result.stderr
+    out = result.stdout
+    assert "CYCLE: high -> low -> high" in out
+    assert "high/a.py:2 hataori.low.b" in out
+    assert "low/b.py:5 hataori.high (inside a function)" in out
+    assert "  low -> high (1, 1 inside functions)" in out and "  cli -> low (1)" in out
+    assert "imports of hataori modules inside functions: 1 (low 1)" in out
+    assert "allowed direction" not in out  # there is none
+
+
+@pytest.mark.timeout(120)
+def test_layers_edges_and_counts_of_an_acyclic_tree(tmp_path):
+    root = write_tree(tmp_path, {
+        "hataori/config.py": "",
+        "hataori/cli.py": 'COMMANDS = {"go": "hataori.top.run", "help": "not a module path"}\n',
+        "top/run.py": ("from hataori import config, mid\nimport hataori.low.c\n\n\n"
+                       "def main():\n    from . import other\n    from hataori.mid.m import g\n"),
+        "top/other.py": "",
+        "mid/m.py": ("import importlib\nfrom ..low import c\n\n\n"
+                     "def g(name):\n    return importlib.import_module(f'hataori.low.{name}')\n"),
+        "low/c.py": "from hataori.config import load\n",
+    })
+    result = import_graph("--root", str(root))
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    for edge in ("cli -> top (1)", "top -> mid (2, 1 inside functions)", "top -> low (1)", "top -> hataori (1)",
+                 "mid -> low (2, 1 inside functions)", "low -> hataori (1)"):
+        assert f"\n  {edge}\n" in out, edge
+    assert "\n  cli\n  top\n  mid\n  low\n  hataori\n" in out
+    assert "imports of hataori modules inside functions: 3 (mid 1, top 2)" in out
+    assert "top/run.py (2): 6 hataori.top, 7 hataori.mid.m [mid]" in out
+
+
+@pytest.mark.timeout(120)
+def test_shared_modules_importing_a_folder_and_a_folder_importing_cli_are_refused(tmp_path):
+    root = write_tree(tmp_path, {
+        "hataori/config.py": "from hataori.low.c import X\n",
+        "hataori/cli.py": "",
+        "low/c.py": "X = 1\n",
+        "other/d.py": "from hataori.cli import main\n",
+    })
+    result = import_graph("--root", str(root))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "NOT ALLOWED: hataori/ (config, errors, fsutil, sourcespec) imports low/" in result.stdout
+    assert "hataori/config.py:1 hataori.low.c" in result.stdout
+    assert "NOT ALLOWED: other/ imports hataori.cli" in result.stdout
+    assert "other/d.py:1 hataori.cli" in result.stdout
