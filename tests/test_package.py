@@ -4,6 +4,7 @@ provides every subpackage under the ``hataori`` namespace and nothing under bare
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -19,13 +20,35 @@ SUBPACKAGES = ["hataori", "hataori.model", "hataori.corpus", "hataori.tokenizer"
 FORBIDDEN_TOP_LEVEL = {"model", "corpus", "tokenizer", "train", "kernels", "configs", "tests", "slurm", "eval"}
 
 
+def source_files() -> list[str]:
+    """The repository's files as a clean checkout has them (tracked and not ignored)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            check=True, capture_output=True, text=True).stdout
+    return sorted(name for name in listed.split("\0") if name and (ROOT / name).is_file())
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("dist")
+    """The wheel built from a copy of the source files: a build/ folder left in the working tree by an
+    earlier build keeps modules that were since moved or deleted, and setuptools would pack them."""
+    source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("dist")
+    for name in source_files():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(out), str(ROOT)], check=True, timeout=300)
+                    "-w", str(out), str(source)], check=True, timeout=300)
     (wheel,) = out.glob("hataori-*.whl")
     return wheel
+
+
+def test_wheel_modules_are_the_source_trees(wheel: Path):
+    """Every module of every subpackage is in the wheel, and nothing else is."""
+    expected = {f"hataori/{name}" if not name.startswith("hataori/") else name for name in source_files()
+                if name.endswith(".py") and name.split("/")[0] in {p.rpartition(".")[2] for p in SUBPACKAGES}
+                and len(name.split("/")) == 2}
+    with zipfile.ZipFile(wheel) as zf:
+        packed = {name for name in zf.namelist() if name.endswith(".py")}
+    assert packed == expected, f"only in the wheel: {sorted(packed - expected)}; missing: {sorted(expected - packed)}"
 
 
 def test_wheel_holds_only_the_hataori_namespace(wheel: Path):
