@@ -44,7 +44,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 
@@ -319,55 +319,26 @@ def prepare(cfg: PrepareConfig, replace: bool = False) -> dict:
 def _encode(cfg: PrepareConfig, tokenizer: Tokenizer, dtype: np.dtype, files: list[tuple[int, Path]], plan: dict,
             val_limit: int, folder: Path) -> dict:
     """Write the shards and, last, the manifest into ``folder``, resuming what an interrupted run left."""
-    writers = {}
+    writers: dict[str, _SplitWriter] = {}
     stats = [ReadStats() for _ in cfg.sources]
     per_source = [{split: 0 for split in SPLITS} for _ in cfg.sources]
     encoded = {"documents": 0, "tokens": 0, "text_bytes": 0}
     try:
         _start(folder, plan)
-        for split in SPLITS:
-            done = _complete_shards(folder, split, dtype, tokenizer.fingerprint)
-            writers[split] = _SplitWriter(folder, split, len(done), dtype, tokenizer.fingerprint, cfg.shard_tokens,
-                                          done)
-        skip = {split: sum(s["documents"] for s in writers[split].shards) for split in SPLITS}
-        if any(skip.values()):
-            print(f"{folder}: resuming; " + ", ".join(f"{len(writers[s].shards)} {s} shards ({skip[s]} documents)"
-                                                     for s in SPLITS) + " already complete", file=sys.stderr)
+        writers, skip = _open_writers(cfg, folder, dtype, tokenizer)
         startup = time.perf_counter()
         with _Pipeline(cfg, str(tokenizer.path), dtype) as pipeline, _progress(cfg, files) as bar:
             started = time.perf_counter()
             encoded["startup_seconds"] = round(started - startup, 3)
+            batches = _Batches(pipeline, writers, bar, stats, cfg.batch_docs, encoded)
             seen = {split: 0 for split in SPLITS}
-            batch: list[str] = []
-            splits: list[str] = []
-            read_bytes = 0
-
-            def submit():
-                nonlocal batch, splits, read_bytes
-                if batch:
-                    pipeline.submit(batch, splits)
-                    encoded["documents"] += len(batch)
-                    batch, splits = [], []
-                for tokens, lengths, doc_splits in pipeline.ready():
-                    encoded["tokens"] += _write(writers, tokens, lengths, doc_splits)
-                total_read = sum(st.bytes for st in stats)
-                bar.update(total_read - read_bytes)
-                read_bytes = total_read
-
             for s, text in _documents(cfg, files, stats):
-                data = text.encode("utf-8")
                 split = "val" if split_key(text, cfg.split_seed) < val_limit else "train"
                 per_source[s][split] += 1
                 seen[split] += 1
-                if seen[split] > skip[split]:
-                    encoded["text_bytes"] += len(data)
-                    batch.append(text)
-                    splits.append(split)
-                    if len(batch) >= cfg.batch_docs:
-                        submit()
-            submit()
-            for tokens, lengths, doc_splits in pipeline.drain():
-                encoded["tokens"] += _write(writers, tokens, lengths, doc_splits)
+                if seen[split] > skip[split]:  # the first skip[split] are in the interrupted run's shards
+                    batches.add(text, split)
+            batches.drain()
         splits_info = {split: writers[split].finish() for split in SPLITS}
         if splits_info["train"]["documents"] == 0:
             raise HataoriError("no documents went to the train split; check the inputs and val_fraction/val_docs")
@@ -375,18 +346,79 @@ def _encode(cfg: PrepareConfig, tokenizer: Tokenizer, dtype: np.dtype, files: li
         manifest = _manifest(cfg, tokenizer, dtype, plan, files, splits_info, stats, per_source, encoded, elapsed)
         atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False))
     except BaseException as err:
-        for writer in writers.values():
-            writer.abort()
-        disk_full = isinstance(err, OSError) and err.errno in DISK_FULL
-        if disk_full or "train" not in writers or not writers["train"].shards:  # nothing worth resuming
-            for _, _, path in _shard_files(folder) if folder.is_dir() else ():
-                path.unlink()
-            (folder / PLAN).unlink(missing_ok=True)
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        _abandon(folder, writers, err)
         raise
     (folder / PLAN).unlink(missing_ok=True)
     return manifest
+
+
+def _open_writers(cfg: PrepareConfig, folder: Path, dtype: np.dtype,
+                  tokenizer: Tokenizer) -> tuple[dict[str, "_SplitWriter"], dict[str, int]]:
+    """Each split's shard writer, after the shards an interrupted run completed, and how many of the
+    split's documents those shards hold (the documents to skip)."""
+    writers = {}
+    for split in SPLITS:
+        done = _complete_shards(folder, split, dtype, tokenizer.fingerprint)
+        writers[split] = _SplitWriter(folder, split, len(done), dtype, tokenizer.fingerprint, cfg.shard_tokens, done)
+    skip = {split: sum(s["documents"] for s in writers[split].shards) for split in SPLITS}
+    if any(skip.values()):
+        print(f"{folder}: resuming; " + ", ".join(f"{len(writers[s].shards)} {s} shards ({skip[s]} documents)"
+                                                 for s in SPLITS) + " already complete", file=sys.stderr)
+    return writers, skip
+
+
+def _abandon(folder: Path, writers: dict[str, "_SplitWriter"], err: BaseException) -> None:
+    """After a failure: drop the shards being written, and everything when nothing is worth resuming
+    (a full disk, or no complete train shard)."""
+    for writer in writers.values():
+        writer.abort()
+    disk_full = isinstance(err, OSError) and err.errno in DISK_FULL
+    if disk_full or "train" not in writers or not writers["train"].shards:
+        for _, _, path in _shard_files(folder) if folder.is_dir() else ():
+            path.unlink()
+        (folder / PLAN).unlink(missing_ok=True)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+class _Batches:
+    """Documents gathered into batches of ``batch_docs`` for the encoding pipeline; what comes back
+    encoded is written to the splits' shards as it arrives, and the progress bar follows the bytes read."""
+
+    def __init__(self, pipeline: "_Pipeline", writers: dict[str, "_SplitWriter"], bar, stats: list[ReadStats],
+                 batch_docs: int, encoded: dict[str, Any]):
+        self.pipeline, self.writers, self.bar, self.stats = pipeline, writers, bar, stats
+        self.batch_docs, self.encoded = batch_docs, encoded
+        self.texts: list[str] = []
+        self.splits: list[str] = []
+        self.read_bytes = 0
+
+    def add(self, text: str, split: str) -> None:
+        self.encoded["text_bytes"] += len(text.encode("utf-8"))
+        self.texts.append(text)
+        self.splits.append(split)
+        if len(self.texts) >= self.batch_docs:
+            self.submit()
+
+    def submit(self) -> None:
+        """Hand the gathered documents to the pipeline and write whatever it has finished."""
+        if self.texts:
+            self.pipeline.submit(self.texts, self.splits)
+            self.encoded["documents"] += len(self.texts)
+            self.texts, self.splits = [], []
+        self._write(self.pipeline.ready())
+        total_read = sum(st.bytes for st in self.stats)
+        self.bar.update(total_read - self.read_bytes)
+        self.read_bytes = total_read
+
+    def drain(self) -> None:
+        """Submit the last documents and write everything still in the pipeline."""
+        self.submit()
+        self._write(self.pipeline.drain())
+
+    def _write(self, results) -> None:
+        for tokens, lengths, doc_splits in results:
+            self.encoded["tokens"] += _write(self.writers, tokens, lengths, doc_splits)
 
 
 def _write(writers: dict, tokens: np.ndarray, lengths: np.ndarray, doc_splits: list[str]) -> int:
