@@ -233,3 +233,16 @@ def test_bench_reports_tokens_per_second(datasets, capsys):
                          "--batch", "4", "--seconds", "0.3"]) == 0
     out = capsys.readouterr().out
     assert "tokens/s per rank" in out and "draw probability" in out
+
+
+def test_bench_takes_the_data_config_from_yaml_and_overrides(datasets, capsys, tmp_path):
+    """A data config file (a train preset's data section) and key=value overrides, as training reads them;
+    a key set by its flag too is refused."""
+    config = tmp_path / "data.yaml"
+    config.write_text("seq_len: 128\nseed: 3\n")
+    assert hataori_main(["data", "bench", str(datasets[0]), str(config), "--batch", "2", "--seconds", "0.2"]) == 0
+    assert "batches of 2 x 128 tokens" in capsys.readouterr().out
+    assert hataori_main(["data", "bench", str(datasets[0]), "seq_len=64", "--batch", "2", "--seconds", "0.2"]) == 0
+    assert "batches of 2 x 64 tokens" in capsys.readouterr().out
+    assert hataori_main(["data", "bench", str(datasets[0]), "seq_len=64", "--seq-len", "32", "--seconds", "0.2"]) == 2
+    assert "seq_len: is set twice, by --seq-len and by seq_len=..." in capsys.readouterr().err

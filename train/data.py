@@ -45,7 +45,7 @@ from typing import Iterator, Literal
 
 import numpy as np
 
-from hataori.config import require
+from hataori.config import command_items, load, require
 from hataori.errors import HataoriError
 from hataori.sourcespec import parse_source
 from hataori.tokenizer.shards import Dataset
@@ -375,26 +375,32 @@ class _Queue:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("datasets", nargs="+", metavar="DATASET[:WEIGHT]", help="prepared dataset folders")
-    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("items", nargs="+", metavar="DATASET[:WEIGHT]|CONFIG.yaml|key=value",
+                        help="prepared dataset folders, YAML files of the data config (a train preset's data "
+                             "section) and key=value overrides such as seq_len=4096")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048; shortcut for seq_len)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per batch (per rank)")
     parser.add_argument("--world-size", type=int, default=1, help="simulate rank 0 of this many data-parallel ranks")
-    parser.add_argument("--split", default="train", choices=["train", "val"])
+    parser.add_argument("--split", choices=["train", "val"], help="the split to read (default train; shortcut for split)")
     parser.add_argument("--seconds", type=float, default=5.0, help="how long to read")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="the blend's seed (default 0; shortcut for seed)")
 
 
 def main(args: argparse.Namespace) -> int:
-    specs = [DatasetSpec(**parse_source(item)) for item in args.datasets]
-    cfg = DataConfig(datasets=specs, seq_len=args.seq_len, seed=args.seed, split=args.split)
+    datasets = [item for item in args.items if "=" not in item and not item.endswith((".yaml", ".yml"))]
+    files, overrides = command_items([item for item in args.items if item not in datasets], {
+        "DATASET": ("datasets", [parse_source(item) for item in datasets] or None),
+        "--seq-len": ("seq_len", args.seq_len), "--split": ("split", args.split), "--seed": ("seed", args.seed)})
+    cfg = load(DataConfig, files, overrides)
+    specs = cfg.datasets
     loader = cfg.build(args.batch, rank=0, world_size=args.world_size)
     next(loader)  # map the first pages and draw the first permutations
     batches, started = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - started) < args.seconds:
         next(loader)
         batches += 1
-    tokens = batches * args.batch * args.seq_len
-    print(f"{batches} batches of {args.batch} x {args.seq_len} tokens in {elapsed:.2f} s: "
+    tokens = batches * args.batch * cfg.seq_len
+    print(f"{batches} batches of {args.batch} x {cfg.seq_len} tokens in {elapsed:.2f} s: "
           f"{tokens / elapsed:,.0f} tokens/s per rank ({batches / elapsed:.1f} batches/s, world size "
           f"{args.world_size}); epochs reached: {loader.epochs}")
     for spec, d, p in zip(specs, loader.datasets, loader.probabilities):
