@@ -25,8 +25,10 @@ import torch
 
 from hataori.config import require
 from hataori.errors import ConfigError
+from hataori.eval.bpc import read_documents, score_documents
 from hataori.eval.choice import ChoiceSet, evaluate_choice, prepare_choices
 from hataori.eval.tasks import TASKS, get_task, read_examples
+from hataori.eval.templates import load_template
 from hataori.tokenizer.model import Tokenizer
 
 
@@ -73,8 +75,6 @@ class EvalTaskConfig:
     validation.every_steps), and at those before the first step and after the last; 0: at every validation."""
 
     def __post_init__(self) -> None:
-        from hataori.eval.templates import load_template
-
         choice = ", ".join(t.name for t in TASKS.values() if t.kind == "choice")
         if self.task == "bpc":
             raise ConfigError("task", "bpc is not run during pretraining: every validation already scores the "
@@ -134,8 +134,6 @@ def prepare_task(tokenizer: Tokenizer, task: str, *, template: str | None = None
                  data: str | Path | None = None, train: str | Path | None = None, limit: int = 0) -> ChoiceTask:
     """Read the examples of the multiple-choice ``task``, draw their shots and tokenize their requests
     (the options are :func:`run_task`'s; a bad one is a ConfigError keyed by its ``hataori eval`` flag)."""
-    from hataori.eval.templates import load_template
-
     spec = get_task(task)
     if spec.kind != "choice":
         raise ConfigError("--task", f"{spec.name} is not a multiple-choice task")
@@ -170,8 +168,6 @@ def _check_counts(*, shots: int, limit: int) -> None:
 
 
 def _run_bpc(model, tokenizer, spec, *, template, shots, data, train, limit, batch_size) -> dict:
-    from hataori.eval.bpc import read_documents, score_documents
-
     for flag, value in (("--template", template), ("--shots", shots), ("--train", train)):
         if value:
             raise ConfigError(flag, f"the {spec.name} task scores whole documents; it takes no {flag[2:]}")

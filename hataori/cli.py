@@ -2,8 +2,9 @@
 
 Each subcommand lives in the module that implements it; the module provides ``add_arguments(parser)``
 and ``main(args)``. Commands are ``hataori GROUP COMMAND``, or ``hataori GROUP`` for a group that
-is one command (its key in :data:`COMMANDS` is ``(group, None)``). Only the chosen subcommand's module is imported, and modules keep heavy imports
-(torch, deepspeed) inside their functions, so ``hataori --help`` stays fast.
+is one command (its key in :data:`COMMANDS` is ``(group, None)``). Only the chosen subcommand's
+module is imported, so ``hataori --help`` stays fast; modules keep inside their functions only what
+is slow and not needed for their parser (deepspeed, triton, torch where the command can do without).
 """
 
 from __future__ import annotations

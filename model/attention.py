@@ -202,7 +202,7 @@ register_backend("sdpa", sdpa_attention)
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                      docs: Documents | None = None) -> torch.Tensor:
     """hataori.kernels.attention's FlashAttention-2 style kernel; documents become its varlen layout."""
-    from hataori.kernels.attention import flash_attention
+    from hataori.kernels.attention import flash_attention  # imports triton (optional): only for this backend
 
     if docs is None:
         return flash_attention(q, k, v)
@@ -221,7 +221,7 @@ def triton_installed() -> bool:
 def _triton_unavailable() -> str | None:
     if not triton_installed():
         return "triton is not installed (pip install triton)"
-    from hataori.kernels.attention import unavailable_reason
+    from hataori.kernels.attention import unavailable_reason  # imports triton (optional): only once it is found
 
     return unavailable_reason()
 
@@ -291,7 +291,7 @@ def auto_choice(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     if dtype in FLASH_ATTN_DTYPES and _flash_attn_unavailable() is None:
         return "flash_attn"
     if triton_installed():
-        from hataori.kernels.attention import DTYPES, HEAD_DIMS
+        from hataori.kernels.attention import DTYPES, HEAD_DIMS  # imports triton (optional): only on CUDA, once found
 
         if head_dim in HEAD_DIMS and dtype in DTYPES:
             return "triton"

@@ -216,6 +216,7 @@ def fused_kernels_unavailable() -> str | None:
     if not triton_installed():
         return "triton is not installed (pip install triton)"
     for name in FUSED_KERNEL_MODULES:
+        # imports triton (optional, found above): only when the fused kernels are asked for
         reason = importlib.import_module(f"hataori.kernels.{name}").unavailable_reason()
         if reason is not None:
             return reason
@@ -245,7 +246,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if use_triton(self.kernels, x.device):
-            from hataori.kernels.rmsnorm import rmsnorm
+            from hataori.kernels.rmsnorm import rmsnorm  # imports triton (optional): only for the fused kernels
 
             return rmsnorm(x, self.weight, self.eps, residual=residual)
         if residual is not None:
@@ -292,7 +293,7 @@ class Context:
     def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q (B, T, H, Dh) and k (B, T, H_kv, Dh) rotated."""
         if self.fused_rope:
-            from hataori.kernels.rope import rope
+            from hataori.kernels.rope import rope  # imports triton (optional): only for the fused kernels
 
             return rope(q, k, self.cos, self.sin, self.positions)
         return apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
@@ -347,7 +348,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w_gate(x), self.w_up(x)  # (B, T, F) each
         if use_triton(self.kernels, x.device):
-            from hataori.kernels.swiglu import swiglu
+            from hataori.kernels.swiglu import swiglu  # imports triton (optional): only for the fused kernels
 
             return self.w_down(swiglu(gate, up))
         return self.w_down(F.silu(gate) * up)

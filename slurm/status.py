@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
     if checkpoint is None:
         print("last complete checkpoint: none")
     else:
-        from hataori.train.checkpoint import tag
+        from hataori.train.checkpoint import tag  # loads torch (~1.2 s): kept out of --help
 
         print(f"last complete checkpoint: step {checkpoint} ({run_dir / 'checkpoints' / tag(checkpoint)})")
     return 0
@@ -90,7 +90,7 @@ def describe_job(job_id: str) -> str:
 
 def last_step(run_dir: Path) -> tuple[int | None, float | None]:
     """The step and loss of the last training record of ``metrics.jsonl``."""
-    from hataori.train.metrics import METRICS_FILE
+    from hataori.train.metrics import METRICS_FILE  # loads torch (~1.2 s): kept out of --help
 
     path = run_dir / METRICS_FILE
     if not path.is_file():
@@ -106,7 +106,7 @@ def last_step(run_dir: Path) -> tuple[int | None, float | None]:
 
 def last_checkpoint(run_dir: Path) -> int | None:
     """The step of the newest complete checkpoint of the run."""
-    from hataori.train.checkpoint import COMPLETE
+    from hataori.train.checkpoint import COMPLETE  # loads torch (~1.2 s): kept out of --help
 
     folder = run_dir / "checkpoints"
     if not folder.is_dir():

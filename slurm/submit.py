@@ -108,6 +108,7 @@ def job_config(args: argparse.Namespace, overrides: list[str]) -> SlurmConfig:
 
 
 def main(args: argparse.Namespace) -> int:
+    # torch (~1.2 s) loads with the training config: not for `hataori slurm submit --help`
     from hataori.train.config import load_train_config
     from hataori.train.pretrain import check
 

@@ -52,7 +52,9 @@ from hataori.errors import InputError
 from hataori.fsutil import check_output
 from hataori.tokenizer import proto as spm_proto
 from hataori.tokenizer.charsets import is_japanese
+from hataori.tokenizer.evaluate import load_texts, measure
 from hataori.tokenizer.model import Tokenizer
+from hataori.tokenizer.trainer import write_output
 
 SPACE_PIECE = "\u2581"
 MAX_ROUNDS = 8
@@ -201,16 +203,12 @@ def merge(base, chosen: list, new_is_bpe: bool) -> tuple[object, list[str]]:
 
 def report_texts(cfg: ExtendConfig) -> list[tuple[str, str, object]]:
     """(kind, name, TextSet) of every report corpus, read before any work so a bad file fails first."""
-    from hataori.tokenizer.evaluate import load_texts
-
     return [(kind, spec, load_texts(spec, cfg.text_key, cfg.max_eval_chars))
             for kind, specs in (("japanese", cfg.ja_text), ("other", cfg.other_text)) for spec in specs]
 
 
 def report(base_tok: Tokenizer, merged_tok: Tokenizer, corpora: list[tuple[str, str, object]]) -> dict:
     """Before-and-after metrics on the Japanese and the other corpora."""
-    from hataori.tokenizer.evaluate import measure
-
     result = {}
     for kind, spec, texts in corpora:
         base_ids, merged_ids = base_tok.encode(texts.docs), merged_tok.encode(texts.docs)
@@ -229,8 +227,6 @@ def report(base_tok: Tokenizer, merged_tok: Tokenizer, corpora: list[tuple[str, 
 def extend(cfg: ExtendConfig, replace: bool = False) -> dict:
     """Merge, check, measure and write; the summary (also summary.json). An existing non-empty output
     folder is refused unless ``replace``, and then replaced once the new one is complete."""
-    from hataori.tokenizer.trainer import write_output
-
     started = time.perf_counter()
     check_output(cfg.output, replace)
     corpora = report_texts(cfg)

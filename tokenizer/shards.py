@@ -46,6 +46,7 @@ import numpy as np
 
 from hataori.errors import HataoriError, InputError
 from hataori.fsutil import temp_sibling
+from hataori.tokenizer.model import Tokenizer
 
 MAGIC = b"HATAORI\x00"
 FORMAT_VERSION = 1
@@ -393,8 +394,6 @@ def main(args) -> int:
     path = Path(args.path)
     tokenizer = None
     if args.tokenizer:
-        from hataori.tokenizer.model import Tokenizer
-
         tokenizer = Tokenizer(args.tokenizer)
     fingerprint = tokenizer.fingerprint if tokenizer else None
     if (path / MANIFEST).is_file():

@@ -51,6 +51,8 @@ DELETING_PREFIX = ".deleting-"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 CHUNK_BYTES = 16 << 20
+LORA_BASE = "lora.base"
+"""The manifest identity's key of a LoRA run's base fingerprint (the base its checkpoints leave out)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -236,7 +238,7 @@ class Checkpointer:
             if load_path is None:
                 raise CheckpointDamaged(f"{path}: DeepSpeed found no checkpoint to load here")
         else:
-            from hataori.train.reshard import load_resharded
+            from hataori.train.reshard import load_resharded  # cycle: reshard imports weights, which imports this
 
             if self.rank == 0:
                 print(f"{path} was saved by {saved_world} processes; resharding it onto {self.world_size}", flush=True)
@@ -486,7 +488,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def adopt(path: Path) -> None:
     """Write the manifest of a checkpoint saved without one, from its files as they are now."""
-    from hataori.train.weights import CheckpointWeights
+    from hataori.train.weights import CheckpointWeights  # cycle: weights imports checkpoint
 
     world_size = CheckpointWeights(path).client_state.get("world_size")
     if world_size is None:

@@ -42,7 +42,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hataori import __version__
 from hataori.errors import ConfigError, InputError
+from hataori.fsutil import atomic_path, atomic_write_text, check_output
+from hataori.tokenizer.hf import exact, write_hf_tokenizer
+from hataori.tokenizer.proto import model_type_name, parse
 
 DTYPES = ("bf16", "fp16", "fp32")
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*$", re.IGNORECASE)
@@ -61,13 +65,11 @@ def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, d
               adapter: str | Path | None = None) -> dict[str, Any]:
     """Write the Hugging Face folder of a run's checkpoint (see the module docstring); a summary.
     With ``adapter`` (a LoRA run) ``output`` gets the frozen base and ``adapter`` the PEFT adapter."""
+    # torch and the model code load in ~1.3 s: when an export runs, not for `hataori export hf --help`
     import torch
 
-    from hataori.fsutil import atomic_path, atomic_write_text, check_output
     from hataori.model import hf
-    from hataori.tokenizer.hf import exact, write_hf_tokenizer
-    from hataori.train.run import run_tokenizer
-    from hataori.train.run import model_config, read_config
+    from hataori.train.run import model_config, read_config, run_tokenizer
     from hataori.train.weights import LoRAWeights, resolve_checkpoint, run_weights
 
     started = time.perf_counter()
@@ -145,8 +147,7 @@ def write_adapter(weights, folder: Path, *, base: Path, dtype) -> None:
     ``folder``, written under a temporary name; its ``base_model_name_or_path`` is ``base``."""
     from safetensors.torch import save_file
 
-    from hataori.fsutil import atomic_path, atomic_write_text
-    from hataori.model.lora import peft_config, peft_state_dict
+    from hataori.model.lora import peft_config, peft_state_dict  # torch: see export_hf
 
     def value(name: str):
         if name.endswith((".lora_A", ".lora_B")):
@@ -170,7 +171,7 @@ def _id(value: int) -> int | None:
 
 def final_validation(run_dir: Path, step: int | None) -> dict | None:
     """The last validation record at or before ``step`` in the run's metrics.jsonl."""
-    from hataori.train.metrics import METRICS_FILE
+    from hataori.train.metrics import METRICS_FILE  # torch: see export_hf
 
     path = run_dir / METRICS_FILE
     if not path.is_file():
@@ -187,8 +188,7 @@ def model_card(run_dir: Path, checkpoint: Path, config: dict, cfg, tok, client_s
                lora: str | None = None) -> str:
     """The README.md of an export: what the model is, how it was trained, and from what data. ``lora``:
     ``merged`` (a LoRA run's adapters folded in) or ``base`` (its frozen base, the adapter beside)."""
-    from hataori import __version__
-    from hataori.train.run import PROVENANCE_FILE
+    from hataori.train.run import PROVENANCE_FILE  # torch: see export_hf
 
     step = client_state.get("step")
     tokens = client_state.get("tokens_seen")
@@ -243,8 +243,6 @@ def model_card(run_dir: Path, checkpoint: Path, config: dict, cfg, tok, client_s
 
 
 def _model_type(tok) -> str:
-    from hataori.tokenizer.proto import model_type_name, parse
-
     return model_type_name(parse(tok.proto, tok.path))
 
 

@@ -44,8 +44,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from hataori.config import override, require
+from hataori.config import build, override, require
 from hataori.errors import ConfigError, InputError
+from hataori.model.hf import CONFIG_FILE, HFCheckpoint, hf_name, hf_names, model_fields
+from hataori.tokenizer import proto as spm_proto
+from hataori.tokenizer.model import Tokenizer
+from hataori.train.checkpoint import checksum, read_manifest
+from hataori.train.run import model_config, read_config, tokenizer_path
 
 SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "rope_base", "norm_eps",
                 "tie_embeddings", "qk_norm")
@@ -112,16 +117,12 @@ class HFSource(Source):
     kind, key = "hf", "init.from_hf"
 
     def __init__(self, path: str):
-        from hataori.model.hf import CONFIG_FILE, HFCheckpoint, model_fields
-
         super().__init__(path)
         self.checkpoint = HFCheckpoint(path)
         self.fields = model_fields(self.checkpoint.config, self.path / CONFIG_FILE)
 
     def check_weights(self, cfg, expected: dict[str, tuple[int, ...]]) -> None:
         """Every weight the model needs is there with its shape, and nothing else is."""
-        from hataori.model.hf import hf_names
-
         names = hf_names(cfg)
         present = set(self.checkpoint.weight_map)
         ignored = {n for n in present if n.endswith("rotary_emb.inv_freq")}  # buffers older exports stored
@@ -144,8 +145,6 @@ class HFSource(Source):
                 raise InputError(self.path, f"weight {theirs} has shape {shape}, its config.json makes {want}")
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        from hataori.model.hf import hf_name
-
         return self.checkpoint.rows(hf_name(name), start, stop).float()
 
     def default_tokenizer(self) -> str | None:
@@ -153,8 +152,6 @@ class HFSource(Source):
         return str(path) if path.is_file() else None
 
     def describe(self) -> dict[str, Any]:
-        from hataori.model.hf import CONFIG_FILE
-
         config_bytes = (self.path / CONFIG_FILE).read_bytes()
         return {**super().describe(), "config_sha256": hashlib.sha256(config_bytes).hexdigest(),
                 "weight_files": sorted(set(self.checkpoint.weight_map.values()))}
@@ -162,9 +159,6 @@ class HFSource(Source):
     def fingerprint(self) -> str:
         """SHA-256 of config.json and of each weight file's name, size and CRC-32: every byte of the
         weights is read (about 1 s a GB from disk, a third of that from the page cache)."""
-        from hataori.model.hf import CONFIG_FILE
-        from hataori.train.checkpoint import checksum
-
         files = {name: checksum(self.path / name, sync=False) for name in sorted(set(self.checkpoint.weight_map.values()))}
         record = {"config": hashlib.sha256((self.path / CONFIG_FILE).read_bytes()).hexdigest(), "files": files}
         return "hf-" + hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
@@ -176,8 +170,7 @@ class RunSource(Source):
     kind, key = "run", "init.from_run"
 
     def __init__(self, path: str):
-        from hataori.train.run import model_config, read_config
-        from hataori.train.weights import resolve_checkpoint, run_weights
+        from hataori.train.weights import resolve_checkpoint, run_weights  # cycle: weights imports init
 
         super().__init__(path)
         self.run_dir, self.checkpoint_dir = resolve_checkpoint(path)
@@ -202,8 +195,6 @@ class RunSource(Source):
         return self._last[1][start:stop]
 
     def default_tokenizer(self) -> str | None:
-        from hataori.train.run import tokenizer_path
-
         try:
             return tokenizer_path(self.config, None)
         except InputError:
@@ -217,8 +208,6 @@ class RunSource(Source):
     def fingerprint(self) -> str:
         """SHA-256 of the checkpoint's manifest entries (each file's size and CRC-32, verified when the
         source was opened) and of the base its weights depend on, if it is a LoRA run: nothing is read again."""
-        from hataori.train.checkpoint import read_manifest
-
         manifest = read_manifest(self.checkpoint_dir)
         record = {"files": manifest["files"], "base": manifest.get("identity", {}).get("lora.base")}
         return "run-" + hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
@@ -236,8 +225,6 @@ def source_of(init: InitConfig) -> Source | None:
 def shape_overrides(data: dict[str, Any]) -> list[str]:
     """``model.*`` overrides with the shape of the source that the merged config ``data`` names in
     its ``init`` section (none without a source); see the module docstring."""
-    from hataori.config import build
-
     init = build(InitConfig, data.get("init") or {}, "init.")
     source = source_of(init)
     if source is None:
@@ -249,8 +236,6 @@ def shape_overrides(data: dict[str, Any]) -> list[str]:
 def run_vocab_size(data: dict[str, Any]) -> int | None:
     """The size of the run's tokenizer (``tokenizer``, else the first dataset's), which may extend
     the source's; None when it cannot be read here (the tokenizer check names it later)."""
-    from hataori.tokenizer.model import Tokenizer
-
     try:
         if data.get("tokenizer"):
             return Tokenizer(data["tokenizer"]).vocab_size
@@ -268,8 +253,6 @@ class VocabGrowth:
     """The pieces ``extended`` adds after ``base``'s, each with the base ids its text splits into."""
 
     def __init__(self, base, extended):
-        from hataori.tokenizer import proto as spm_proto
-
         base_proto = spm_proto.parse(base.proto, base.path)
         extended_proto = spm_proto.parse(extended.proto, extended.path)
         for i, (old, new) in enumerate(zip(base_proto.pieces, extended_proto.pieces)):
@@ -331,8 +314,6 @@ class Plan:
 def open_source(init: InitConfig, model, tokenizer) -> Plan | None:
     """The checked plan of starting ``model`` (a ModelConfig) with ``tokenizer`` (the run's) from the
     source ``init`` names; None without a source. Errors name the field that does not fit."""
-    from hataori.tokenizer.model import Tokenizer
-
     source = source_of(init)
     if source is None:
         return None

@@ -185,9 +185,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from hataori.config import file_keys
+from hataori.config import file_keys, load
 from hataori.errors import ConfigError, InputError
 from hataori.kernels.cross_entropy import DEFAULT_CHUNK_SIZE
+from hataori.model import ModelConfig
+from hataori.model.lora import apply_lora
+from hataori.model.model import Transformer
+from hataori.train.config import load_train_config
 from hataori.train.zero import DEFAULT_BUCKET_ELEMENTS
 
 GIB = 2**30
@@ -318,9 +322,6 @@ def trainable(model: Any, lora: Any) -> Trainable:
     """What LoRAConfig ``lora`` trains of the transformer ModelConfig ``model``: counted on the model built
     on PyTorch's meta device (no memory allocated) and adapted by ``hataori.model.lora.apply_lora``."""
     import torch
-
-    from hataori.model.lora import apply_lora
-    from hataori.model.model import Transformer
 
     with torch.device("meta"):
         built = Transformer(model)
@@ -727,17 +728,12 @@ def _training_lines(work: Workload, *, stage: int, recommended: bool) -> list[st
 
 def load_workload(config: str, overrides: list[str], args: argparse.Namespace) -> Workload:
     """A Workload from a model preset or a train preset, with the command line's options."""
-    from hataori.config import load
-    from hataori.model import ModelConfig
-
     path = Path(config)
     if not path.is_file():
         raise InputError(path, "no such config; pass a model preset (configs/model/*.yaml) or a train preset")
     micro_batch, seq_len, precision = 1, None, "bf16"
     bucket, lora = DEFAULT_BUCKET_ELEMENTS, None
     if _is_train_preset(path):
-        from hataori.train.config import load_train_config
-
         # The plan reads no data and writes no run: placeholders for what a preset leaves to the command
         # line. An init source (init.from_hf=DIR) gives the model's shape, as in pretrain.
         placeholders = ["run_dir=unused-by-plan", "data.datasets=[{path: unused-by-plan}]"]

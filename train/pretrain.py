@@ -38,9 +38,22 @@ from pathlib import Path
 
 from hataori.config import command_items
 from hataori.errors import ConfigError, HataoriError, InputError
+from hataori.model.lora import apply_lora
+from hataori.model.model import Transformer
 from hataori.sourcespec import parse_source
+from hataori.tokenizer.model import Tokenizer
+from hataori.tokenizer.shards import Dataset
+from hataori.train.checkpoint import (LORA_BASE, CheckpointDamaged, Checkpointer, check_identity, complete_steps,
+                                      read_manifest, remove_incomplete, seed_all, tag)
 from hataori.train.config import TrainConfig, load_train_config
+from hataori.train.init import SHAPE_FIELDS, load_initial_weights, open_source
+from hataori.train.lock import LAUNCHER_PID_VAR, claim, die_with_launcher
+from hataori.train.metrics import METRICS_FILE, MetricsLogger, peak_flops
+from hataori.train.run import record_provenance, record_run
 from hataori.train.signals import stop_on_signals
+from hataori.train.trainer import Trainer
+from hataori.train.validate import EvalTasks, Validator
+from hataori.train.zero import init_distributed, ranks_from_env, shutdown_distributed
 
 LAUNCHER_VARS = ("WORLD_SIZE", "SLURM_NTASKS")
 """Set by a launcher: the process is one rank of a group and must not launch others."""
@@ -82,9 +95,6 @@ def check(cfg: TrainConfig, *, world_size: int) -> None:
     latest checkpoint made by a run of another shape or tokenizer."""
     import torch
 
-    from hataori.train.checkpoint import CheckpointDamaged, check_identity, complete_steps, read_manifest, tag
-    from hataori.train.init import open_source
-
     cfg.zero.grad_accum_steps(seq_len=cfg.data.seq_len, world_size=world_size)
     gpus = torch.cuda.device_count()
     if gpus and world_size > gpus:
@@ -112,9 +122,6 @@ def check_lora(cfg: TrainConfig, init) -> None:
                           "(a transformers model folder) or init.from_run=RUN (a hataori run)")
     import torch
 
-    from hataori.model.lora import apply_lora
-    from hataori.model.model import Transformer
-
     with torch.device("meta"):  # the patterns are checked against the module names, no memory allocated
         try:
             apply_lora(Transformer(cfg.model), cfg.lora)
@@ -131,7 +138,6 @@ def relaunch(nproc: int, config_args: list[str]) -> None:
     """Replace this process with torch's elastic launcher running ``nproc`` copies of the command."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "hataori.cli", "pretrain", *config_args]
-    from hataori.train.lock import LAUNCHER_PID_VAR
 
     print(f"launching {nproc} processes: {' '.join(command[1:])}", flush=True)
     sys.stdout.flush()
@@ -143,9 +149,6 @@ def relaunch(nproc: int, config_args: list[str]) -> None:
 def open_tokenizer(cfg: TrainConfig):
     """The run's tokenizer (the config's, or the first dataset's), checked against every dataset and
     against model.vocab_size."""
-    from hataori.tokenizer.model import Tokenizer
-    from hataori.tokenizer.shards import Dataset
-
     datasets = [Dataset(spec.path, "train") for spec in cfg.data.datasets]
     path = cfg.tokenizer or datasets[0].manifest["tokenizer"]["path"]
     if not cfg.tokenizer and not Path(path).exists():
@@ -166,9 +169,6 @@ def open_tokenizer(cfg: TrainConfig):
 def take_run_folder(cfg: TrainConfig):
     """Lock the run folder (:mod:`hataori.train.lock`), then, before anything else is written, remove
     what interrupted saves left: on a full disk they may hold the space the run needs."""
-    from hataori.train.checkpoint import remove_incomplete
-    from hataori.train.lock import claim
-
     lock = claim(cfg.run_dir)
     try:
         remove_incomplete(Path(cfg.run_dir) / "checkpoints")
@@ -184,9 +184,6 @@ def take_run_folder(cfg: TrainConfig):
 
 def pretrain(cfg: TrainConfig) -> int:
     """Take the run folder (rank 0) and train; the same on every rank."""
-    from hataori.train.lock import die_with_launcher
-    from hataori.train.zero import ranks_from_env
-
     die_with_launcher()
     if ranks_from_env()[0] != 0:
         return train(cfg)
@@ -200,15 +197,6 @@ def pretrain(cfg: TrainConfig) -> int:
 def train(cfg: TrainConfig) -> int:
     """Build every part from ``cfg`` and train; the same on every rank."""
     import torch
-
-    from hataori.model.lora import apply_lora
-    from hataori.train.checkpoint import Checkpointer, complete_steps, seed_all
-    from hataori.train.init import load_initial_weights, open_source
-    from hataori.train.metrics import MetricsLogger, peak_flops
-    from hataori.train.run import record_provenance, record_run
-    from hataori.train.trainer import Trainer
-    from hataori.train.validate import EvalTasks, Validator
-    from hataori.train.zero import init_distributed, shutdown_distributed
 
     # DeepSpeed's ZeRO-3 calls torch.distributed's *_tensor collectives, which torch 2.13 deprecates
     # in a warning per call: hundreds of lines per run that say nothing about it.
@@ -294,18 +282,12 @@ def run_identity(cfg: TrainConfig, tokenizer, *, base: str | None = None) -> dic
     """What a checkpoint must share with the run that resumes it: the model's shape, the tokenizer, how
     ZeRO laid out the optimizer state and, for a LoRA run, the adapters' shape and the fingerprint of
     the frozen ``base`` its checkpoints leave out."""
-    from hataori.train.init import SHAPE_FIELDS
-
     identity = {**{f"model.{key}": getattr(cfg.model, key) for key in ("vocab_size", *SHAPE_FIELDS)},
                 "tokenizer": tokenizer.fingerprint, "zero.stage": cfg.zero.stage,
                 "zero.precision": cfg.zero.precision, "lora": lora_identity(cfg.lora)}
     if cfg.lora is not None:
         identity[LORA_BASE] = base
     return identity
-
-
-LORA_BASE = "lora.base"
-"""The manifest identity's key of a LoRA run's base fingerprint."""
 
 
 def lora_identity(lora) -> dict | None:
@@ -338,8 +320,6 @@ def broadcast(value):
 def summarize(run_dir: Path) -> None:
     """Print the first and last validation of the run and its mean throughput."""
     import json
-
-    from hataori.train.metrics import METRICS_FILE
 
     records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines() if line]
     vals = [r for r in records if r["kind"] == "val"]

@@ -36,9 +36,13 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from hataori.config import to_yaml
+from hataori.config import build, to_yaml
 from hataori.errors import ConfigError, InputError
 from hataori.fsutil import atomic_write_text
+from hataori.model import ModelConfig
+from hataori.tokenizer.model import Tokenizer
+from hataori.tokenizer.proto import model_type_name, parse
+from hataori.tokenizer.shards import Dataset
 
 PACKAGES = ("torch", "deepspeed", "sentencepiece", "numpy", "hataori")
 PROVENANCE_FILE = "provenance.json"
@@ -58,9 +62,6 @@ def record_provenance(run_dir: str | os.PathLike, *, tokenizer: Any, datasets: l
                       init: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``provenance.json`` into ``run_dir``: ``tokenizer`` a :class:`hataori.tokenizer.model.Tokenizer`,
     ``datasets`` the DataConfig's dataset specs (path, weight), ``init`` where the weights came from."""
-    from hataori.tokenizer.proto import model_type_name, parse
-    from hataori.tokenizer.shards import Dataset
-
     record = {
         "tokenizer": {"path": str(tokenizer.path.resolve()), "fingerprint": tokenizer.fingerprint,
                       "vocab_size": tokenizer.vocab_size,
@@ -74,8 +75,6 @@ def record_provenance(run_dir: str | os.PathLike, *, tokenizer: Any, datasets: l
 
 def dataset_provenance(dataset: Any, weight: float) -> dict[str, Any]:
     """A prepared dataset's record: fingerprints and counts of its splits, its sources and their corpora."""
-    from hataori.tokenizer.shards import Dataset
-
     manifest = dataset.manifest
     splits = {}
     for split, info in manifest["splits"].items():
@@ -194,9 +193,6 @@ def read_config(run_dir: Path) -> dict[str, Any]:
 
 def model_config(config: dict[str, Any]):
     """The ModelConfig of a recorded config."""
-    from hataori.config import build
-    from hataori.model import ModelConfig
-
     return build(ModelConfig, config["model"], "model.")
 
 
@@ -218,8 +214,6 @@ def run_tokenizer(run_dir: Path, config: dict, override: str | None, vocab_size:
     """The tokenizer to read a run's model with: ``override`` (``--tokenizer``), else the run's own. Refused
     unless its fingerprint is the one the run was trained with (``provenance.json``'s, else that of the
     tokenizer the run's config names) and it has the model's ``vocab_size`` pieces."""
-    from hataori.tokenizer.model import Tokenizer
-
     key = "--tokenizer" if override else "tokenizer"
     tokenizer = Tokenizer(tokenizer_path(config, override))
     provenance, trained = run_dir / PROVENANCE_FILE, None

@@ -27,8 +27,13 @@ from pathlib import Path
 
 import torch
 
+from hataori.config import build
 from hataori.errors import InputError
-from hataori.train.checkpoint import COMPLETE, complete_steps, tag, verify
+from hataori.model.lora import LoRAConfig, apply_lora
+from hataori.model.model import Transformer
+from hataori.train.checkpoint import COMPLETE, LORA_BASE, complete_steps, read_manifest, tag, verify
+from hataori.train.init import InitConfig, open_source, target_rows
+from hataori.train.run import model_config, run_tokenizer
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 ZERO3_MODEL_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
@@ -200,14 +205,6 @@ class LoRAWeights:
     """
 
     def __init__(self, run_dir: str | Path, checkpoint: str | Path, config: dict, tokenizer=None):
-        from hataori.config import build
-        from hataori.model.lora import LoRAConfig, apply_lora
-        from hataori.model.model import Transformer
-        from hataori.train.checkpoint import read_manifest
-        from hataori.train.init import InitConfig, open_source
-        from hataori.train.pretrain import LORA_BASE
-        from hataori.train.run import model_config, run_tokenizer
-
         self.path = Path(checkpoint)
         self.trained = CheckpointWeights(checkpoint)
         self.config = model_config(config)
@@ -235,8 +232,6 @@ class LoRAWeights:
 
     def base_tensor(self, name: str) -> torch.Tensor:
         """The frozen base's weight ``name`` (grown to the run's vocabulary) as fp32."""
-        from hataori.train.init import target_rows
-
         name = self.tied.get(name, name)
         shape = self.shapes[name]
         return target_rows(self.base, name, 0, shape[0], shape).reshape(shape)

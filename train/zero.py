@@ -53,6 +53,7 @@ import torch.nn as nn
 from hataori.config import require
 from hataori.errors import ConfigError
 from hataori.fsutil import atomic_write_text
+from hataori.model.model import Transformer
 
 DEFAULT_BUCKET_ELEMENTS = 500_000_000
 """DeepSpeed's default reduce and all-gather bucket, in elements."""
@@ -109,8 +110,6 @@ class ZeroConfig:
         """``model`` (a ModelConfig) built on ``device`` in the training precision, partitioned as it
         is built for ZeRO-3 (see the module docstring); the same weights as ``model.build(device,
         dtype)`` with the same seed. Call :func:`init_distributed` and seed the generators first."""
-        from hataori.model.model import Transformer
-
         if self.stage != 3:
             return model.build(device, self.dtype)
         import deepspeed
