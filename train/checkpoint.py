@@ -196,7 +196,7 @@ class Checkpointer:
     def latest(self) -> int | None:
         """The step of the latest complete checkpoint, as rank 0 sees it, on every rank."""
         steps = self.complete_steps() if self.rank == 0 else []
-        return self._broadcast(steps[-1] if steps else None)
+        return broadcast(steps[-1] if steps else None)
 
     def resume(self) -> Resumed | None:
         """Clean up interrupted saves, then load the latest checkpoint that verifies, setting damaged
@@ -213,7 +213,7 @@ class Checkpointer:
                 print(f"checkpoint {path} is damaged and was set aside as {aside.name}:\n  "
                       + "\n  ".join(problems) + "\ntrying the previous checkpoint", flush=True)
             dist.barrier()
-        damaged = self._broadcast(sorted(p.name for p in self.folder.glob(f"step_*{DAMAGED_SUFFIX}*"))
+        damaged = broadcast(sorted(p.name for p in self.folder.glob(f"step_*{DAMAGED_SUFFIX}*"))
                                   if self.rank == 0 and self.folder.is_dir() else [])
         if damaged:
             raise CheckpointDamaged(f"{self.folder}: no checkpoint verifies; set aside as damaged: {', '.join(damaged)}. "
@@ -283,16 +283,11 @@ class Checkpointer:
                 found: dict[str, Any] | str = read_manifest(path)
             except CheckpointDamaged as err:
                 found = str(err)
-        return self._broadcast(found if self.rank == 0 else None)
+        return broadcast(found if self.rank == 0 else None)
 
     def _share(self, names: list[str]) -> list[str]:
         return names[self.rank::self.world_size]
 
-    def _broadcast(self, value: Any) -> Any:
-        """Rank 0's ``value`` on every rank."""
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
 
 
 def _leave_out_frozen(engine: Any) -> None:
@@ -313,6 +308,13 @@ def _leave_out_frozen(engine: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- manifests
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (all ranks call it)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def remove_incomplete(folder: Path) -> list[Path]:

@@ -43,8 +43,8 @@ from hataori.model.model import Transformer
 from hataori.sourcespec import parse_source
 from hataori.tokenizer.model import Tokenizer
 from hataori.tokenizer.shards import Dataset
-from hataori.train.checkpoint import (LORA_BASE, CheckpointDamaged, Checkpointer, check_identity, complete_steps,
-                                      read_manifest, remove_incomplete, seed_all, tag)
+from hataori.train.checkpoint import (LORA_BASE, CheckpointDamaged, Checkpointer, broadcast, check_identity,
+                                      complete_steps, read_manifest, remove_incomplete, seed_all, tag)
 from hataori.train.config import TrainConfig, load_train_config
 from hataori.train.init import SHAPE_FIELDS, load_initial_weights, open_source
 from hataori.train.lock import LAUNCHER_PID_VAR, claim, die_with_launcher
@@ -308,13 +308,6 @@ def lora_summary(model, cfg: TrainConfig, adapted: list[str], base: str) -> str:
             f"{total:,} parameters ({trainable / total:.2%}); base {base}")
 
 
-def broadcast(value):
-    """Rank 0's ``value`` on every rank."""
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def summarize(run_dir: Path) -> None:
