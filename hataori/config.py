@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -304,7 +305,10 @@ def command_items(items: Sequence[str], shortcuts: dict[str, tuple[str, Any]],
 
 
 def override(key: str, value: Any) -> str:
-    """A ``key=value`` override that sets ``value`` exactly (a path or list from a command-line flag)."""
+    """A ``key=value`` override that sets ``value`` exactly (a path or list from a command-line flag;
+    a float that is not finite in YAML's spelling, which JSON lacks)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{key}={'.nan' if math.isnan(value) else '.inf' if value > 0 else '-.inf'}"
     return f"{key}={json.dumps(value)}"
 
 

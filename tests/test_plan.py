@@ -23,7 +23,7 @@ from hataori.config import load
 from hataori.model import ModelConfig
 from hataori.model.attention import document_starts
 from hataori.model.lora import LoRAConfig, apply_lora
-from hataori.train.plan import (GIB, SETUPS, Workload, activation_bytes, activation_bytes_per_token,
+from hataori.train.plan import (GIB, SETUPS, PlanConfig, Workload, activation_bytes, activation_bytes_per_token,
                                 checkpoint_bytes, largest_layer_params, loss_backward_bytes, model_states, plan,
                                 recommend, trainable)
 
@@ -525,41 +525,137 @@ def test_cli_impossible_plan_says_what_would_fit(capsys):
     assert status == 0 and "DOES NOT FIT" in out and "micro batch 1 (with more accumulation steps)" in out
 
 
-def test_cli_overrides_and_options(capsys):
+def test_cli_overrides_and_options(capsys, tmp_path):
     status, out, _ = run_plan(capsys, str(CONFIGS / "model" / "7b.yaml"), "n_layers=16", "--gpus", "64",
                               "--seq-len", "2048", "--micro-batch", "4")
     assert status == 0
     cfg = load(ModelConfig, [CONFIGS / "model" / "7b.yaml"], ["n_layers=16"])
     assert f"{cfg.num_params():,} parameters" in out and "micro batch 4 x 2048" in out and "64 GPUs" in out
+    layer = tmp_path / "16-layers.yaml"  # more YAML files layer on the preset, as in pretrain
+    layer.write_text("n_layers: 16\n")
+    assert run_plan(capsys, str(CONFIGS / "model" / "7b.yaml"), str(layer), "--gpus", "64", "--seq-len", "2048",
+                    "--micro-batch", "4") == (0, out, "")
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--gpus", "0"], "--gpus: must be a positive number of GPUs"),
+    (["--gpus", "0"], "plan.gpus (--gpus): must be a positive number of GPUs"),
     (["--gpus", "8", "n_layer=4"], "did you mean 'n_layers'"),
-    (["--gpus", "8", "--seq-len", "100000"], "seq-len: must be between 1"),
-    (["--gpus", "8", "--gpus-per-node", "3"], "--gpus-per-node: must divide the number of GPUs (8) and be >= 1, got 3"),
-    (["--gpus", "-2"], "--gpus: must be a positive number of GPUs, got -2"),
-    (["--gpus", "8", "--gpus-per-node", "0"], "--gpus-per-node: must divide the number of GPUs (8) and be >= 1, got 0"),
+    (["--gpus", "8", "--seq-len", "100000"], "plan.seq_len (--seq-len): must be between 1"),
+    (["--gpus", "8", "--gpus-per-node", "3"],
+     "plan.gpus_per_node (--gpus-per-node): must divide the number of GPUs (8) and be >= 1, got 3"),
+    (["--gpus", "-2"], "plan.gpus (--gpus): must be a positive number of GPUs, got -2"),
+    (["--gpus", "8", "--gpus-per-node", "0"],
+     "plan.gpus_per_node (--gpus-per-node): must divide the number of GPUs (8) and be >= 1, got 0"),
     (["--gpus", "8", "--gpus-per-node", "-8"],
-     "--gpus-per-node: must divide the number of GPUs (8) and be >= 1, got -8"),
-    (["--gpus", "8", "--seq-len", "0"], "--seq-len: must be between 1 and the model's max_seq_len=4096, got 0"),
-    (["--gpus", "8", "--seq-len", "-1"], "--seq-len: must be between 1 and the model's max_seq_len=4096, got -1"),
-    (["--gpus", "8", "--micro-batch", "0"], "--micro-batch: must be >= 1, got 0"),
-    (["--gpus", "8", "--gpu-mem", "0"], "--gpu-mem: must be a finite number of GiB, > 0, got 0.0"),
-    (["--gpus", "8", "--gpu-mem", "-80"], "--gpu-mem: must be a finite number of GiB, > 0, got -80.0"),
-    (["--gpus", "8", "--gpu-mem", "inf"], "--gpu-mem: must be a finite number of GiB, > 0, got inf"),
-    (["--gpus", "8", "--gpu-mem", "nan"], "--gpu-mem: must be a finite number of GiB, > 0, got nan"),
-    (["--gpus", "8", "--cpu-mem", "0"], "--cpu-mem: must be a finite number of GiB, > 0, got 0.0"),
-    (["--gpus", "8", "--cpu-mem", "-1"], "--cpu-mem: must be a finite number of GiB, > 0, got -1.0"),
-    (["--gpus", "8", "--cpu-mem", "inf"], "--cpu-mem: must be a finite number of GiB, > 0, got inf"),
-    (["--gpus", "8", "--cpu-mem", "nan"], "--cpu-mem: must be a finite number of GiB, > 0, got nan"),
-    (["--gpus", "8", "--overhead", "-0.5"], "--overhead: must be a finite number of GiB, >= 0, got -0.5"),
-    (["--gpus", "8", "--overhead", "inf"], "--overhead: must be a finite number of GiB, >= 0, got inf"),
-    (["--gpus", "8", "--overhead", "nan"], "--overhead: must be a finite number of GiB, >= 0, got nan"),
+     "plan.gpus_per_node (--gpus-per-node): must divide the number of GPUs (8) and be >= 1, got -8"),
+    (["--gpus", "8", "--seq-len", "0"],
+     "plan.seq_len (--seq-len): must be between 1 and the model's max_seq_len=4096, got 0"),
+    (["--gpus", "8", "--seq-len", "-1"],
+     "plan.seq_len (--seq-len): must be between 1 and the model's max_seq_len=4096, got -1"),
+    (["--gpus", "8", "--micro-batch", "0"], "plan.micro_batch (--micro-batch): must be >= 1, got 0"),
+    (["--gpus", "8", "--gpu-mem", "0"], "plan.gpu_mem (--gpu-mem): must be a finite number of GiB, > 0, got 0.0"),
+    (["--gpus", "8", "--gpu-mem", "-80"], "plan.gpu_mem (--gpu-mem): must be a finite number of GiB, > 0, got -80.0"),
+    # A flag's inf or nan reaches the key as YAML's .inf and .nan, as plan.KEY=.inf does.
+    (["--gpus", "8", "--gpu-mem", "inf"], "plan.gpu_mem (--gpu-mem): must be a finite number of GiB, > 0, got inf"),
+    (["--gpus", "8", "--gpu-mem", "nan"], "plan.gpu_mem (--gpu-mem): must be a finite number of GiB, > 0, got nan"),
+    (["--gpus", "8", "plan.gpu_mem=.inf"], "plan.gpu_mem (--gpu-mem): must be a finite number of GiB, > 0, got inf"),
+    (["--gpus", "8", "plan.gpu_mem=.nan"], "plan.gpu_mem (--gpu-mem): must be a finite number of GiB, > 0, got nan"),
+    (["--gpus", "8", "--cpu-mem", "0"], "plan.cpu_mem (--cpu-mem): must be a finite number of GiB, > 0, got 0.0"),
+    (["--gpus", "8", "--cpu-mem", "-1"], "plan.cpu_mem (--cpu-mem): must be a finite number of GiB, > 0, got -1.0"),
+    (["--gpus", "8", "--cpu-mem", "inf"], "plan.cpu_mem (--cpu-mem): must be a finite number of GiB, > 0, got inf"),
+    (["--gpus", "8", "--cpu-mem", "nan"], "plan.cpu_mem (--cpu-mem): must be a finite number of GiB, > 0, got nan"),
+    (["--gpus", "8", "plan.cpu_mem=.inf"],
+     "plan.cpu_mem (--cpu-mem): must be a finite number of GiB, > 0, got inf"),
+    (["--gpus", "8", "--overhead", "-0.5"],
+     "plan.overhead (--overhead): must be a finite number of GiB, >= 0, got -0.5"),
+    (["--gpus", "8", "--overhead", "inf"], "plan.overhead (--overhead): must be a finite number of GiB, >= 0, got inf"),
+    (["--gpus", "8", "--overhead", "nan"], "plan.overhead (--overhead): must be a finite number of GiB, >= 0, got nan"),
+    (["--gpus", "8", "plan.overhead=.nan"],
+     "plan.overhead (--overhead): must be a finite number of GiB, >= 0, got nan"),
+    (["plan.gpus=8", "plan.precision=bf32"], "plan.precision (--precision): must be one of 'bf16', 'fp16', 'fp32'"),
+    ([], "plan.gpus (--gpus): the number of GPUs is not set; pass --gpus N, plan.gpus=N or set gpus: in a --machine"),
+    (["plan.gpus=null"], "plan.gpus (--gpus): the number of GPUs is not set"),
+    (["--machine", str(CONFIGS / "plan" / "8xh100-80gb.yaml")], "plan.gpus (--gpus): the number of GPUs is not set"),
+    (["--gpus", "8", "plan.gpu=8"], "plan.gpu: unknown key in override 'plan.gpu=8'; did you mean 'plan.gpus'?"),
+    (["--gpus", "8", "plan.nodes=2"],
+     "plan.nodes: unknown key in override 'plan.nodes=2'; valid keys here: plan.gpus, "),
+    (["--gpus", "8", "plan.gpus=16"], "plan.gpus: is set twice, by --gpus and by plan.gpus=...; keep one of them"),
+    (["--gpus", "8", "--gpu-mem", "40", "plan.gpu_mem=40"],
+     "plan.gpu_mem: is set twice, by --gpu-mem and by plan.gpu_mem="),
+    (["--gpus", "8", "--seq-len", "1024", "plan.seq_len=2048"], "plan.seq_len: is set twice, by --seq-len and by"),
+    (["--gpus", "8", "--precision", "fp32", "plan.precision=fp32"], "plan.precision: is set twice, by --precision"),
 ])
 def test_cli_errors(capsys, argv, message):
     status, out, err = run_plan(capsys, str(CONFIGS / "model" / "7b.yaml"), *argv)
     assert status == 2 and message in err and not out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--micro-batch", "2", "zero.micro_batch_size=4"],
+     "zero.micro_batch_size: is set twice, by --micro-batch and by zero.micro_batch_size=...; keep one of them"),
+    (["--seq-len", "2048", "data.seq_len=2048"], "data.seq_len: is set twice, by --seq-len and by data.seq_len=..."),
+    (["--precision", "fp32", "zero.precision=bf16"], "zero.precision: is set twice, by --precision and by zero.prec"),
+    (["plan.micro_batch=2"], "plan.micro_batch: is a model preset's; a train preset has its own zero.micro_batch_size: "
+                             "set that (or --micro-batch) instead"),
+    (["plan.seq_len=2048"], "plan.seq_len: is a model preset's; a train preset has its own data.seq_len"),
+    (["--seq-len", "100000"], "data.seq_len (--seq-len): 100000 tokens exceed model.max_seq_len=4096"),
+    (["--micro-batch", "0"], "zero.micro_batch_size (--micro-batch): must be >= 1, got 0"),
+    (["plan.gpus=16"], "plan.gpus: is set twice, by --gpus and by plan.gpus=..."),
+])
+def test_cli_errors_with_a_train_preset(capsys, argv, message):
+    """A train preset's batch flags are shortcuts for its own keys, checked as pretraining checks them."""
+    status, out, err = run_plan(capsys, str(CONFIGS / "train" / "7b.yaml"), "--gpus", "8", *argv)
+    assert status == 2 and message in err and not out
+
+
+def test_cli_plan_keys_and_machine_files_are_the_flags(capsys, tmp_path):
+    """Every flag, its plan.KEY=VALUE and a machine profile with the key give one report; profiles apply in
+    order, with plan.KEY=VALUE and the flags over them."""
+    flags = {"--gpus": "16", "--gpu-mem": "40", "--gpus-per-node": "4", "--overhead": "2.5", "--cpu-mem": "20",
+             "--seq-len": "2048", "--micro-batch": "2", "--precision": "fp16"}
+    keys = [f"plan.{flag[2:].replace('-', '_')}={value}" for flag, value in flags.items()]
+    base = tmp_path / "base.yaml"
+    base.write_text("gpus: 4\ngpu_mem: 24\ngpus_per_node: 2\nprecision: fp32\n")
+    machine = tmp_path / "machine.yaml"
+    machine.write_text("base: base.yaml\n" + "".join(f"{key.removeprefix('plan.').replace('=', ': ')}\n"
+                                                       for key in keys))
+    model = str(CONFIGS / "model" / "7b.yaml")
+    status, out, _ = run_plan(capsys, model, *(x for item in flags.items() for x in item))
+    assert status == 0
+    assert ("run: micro batch 2 x 2048 = 4,096 tokens per GPU, fp16, 16 GPUs of 40 GiB (4 per node), allowance "
+            "2.5 GiB per GPU") in out
+    assert run_plan(capsys, model, *keys) == (0, out, "")
+    assert run_plan(capsys, model, "--machine", str(machine)) == (0, out, "")
+    # 20 GiB of host memory a node: too little for the 25.1 GiB of offloaded states, so no offload fits
+    assert "25.1  *" not in out
+    assert "25.1  *" in run_plan(capsys, model, *(key for key in keys if not key.startswith("plan.cpu_mem")))[1]
+    other = tmp_path / "other.yaml"
+    other.write_text("gpu_mem: 96\n")
+    assert run_plan(capsys, model, "--machine", str(other), "--machine", str(machine)) == (0, out, "")
+    last = ["--machine", str(machine), "--machine", str(other)]
+    assert run_plan(capsys, model, *last, "--gpu-mem", "40") == (0, out, "")
+    status, changed, _ = run_plan(capsys, model, "--machine", str(machine), "plan.gpu_mem=96")
+    assert status == 0 and "16 GPUs of 96 GiB (4 per node)" in changed
+
+
+def test_cli_batch_flags_of_a_train_preset_are_its_keys(capsys):
+    path = str(CONFIGS / "train" / "7b.yaml")
+    status, out, _ = run_plan(capsys, path, "--gpus", "8", "--seq-len", "2048", "--micro-batch", "1",
+                              "--precision", "fp32")
+    assert status == 0 and "run: micro batch 1 x 2048 = 2,048 tokens per GPU, fp32, 8 GPUs" in out
+    keys = ["data.seq_len=2048", "zero.micro_batch_size=1", "zero.precision=fp32"]
+    assert run_plan(capsys, path, "plan.gpus=8", *keys) == (0, out, "")
+
+
+@pytest.mark.parametrize("name, gpu_mem", [("8xh100-80gb", 79.6), ("8xh200-141gb", 140.4)])
+def test_example_machine_profiles(capsys, name, gpu_mem):
+    """The machine profiles of configs/plan/: 8 GPUs a node of what nvidia-smi reports (81559 MiB for an
+    H100 80GB, 143771 MiB for an H200 141GB); the run's size comes from the command line."""
+    profile = CONFIGS / "plan" / f"{name}.yaml"
+    machine = load(PlanConfig, [profile], ["gpus=16"])
+    assert (machine.gpus_per_node, machine.gpu_mem, machine.cpu_mem) == (8, gpu_mem, None)
+    status, out, _ = run_plan(capsys, str(CONFIGS / "train" / "7b.yaml"), "--machine", str(profile), "--gpus", "16")
+    assert status == 0 and f"16 GPUs of {gpu_mem:g} GiB (8 per node)" in out and "recommended: ZeRO-" in out
 
 
 def test_cli_job_smaller_than_a_node_runs_on_one_node(capsys):

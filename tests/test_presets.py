@@ -15,6 +15,7 @@ from hataori.slurm.config import SlurmConfig
 from hataori.tokenizer.prepare import PrepareConfig
 from hataori.tokenizer.trainer import TokenizerTrainConfig
 from hataori.train.config import TrainConfig
+from hataori.train.plan import PlanConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # configs/<folder>/ -> the config its presets build
@@ -25,12 +26,14 @@ SCHEMAS = {
     "train": TrainConfig,
     "eval": TemplateConfig,
     "slurm": SlurmConfig,
+    "plan": PlanConfig,
 }
 # What a preset leaves to the command line (the user's own corpus), given here as a user would.
 COMMAND_LINE = {
     "tokenizer": ["sources=[{path: corpus.jsonl}]"],
     "train": ["data.datasets=[{path: data/shards/debian-ja}]", "run_dir=runs/preset"],
     "slurm": ["time=10"],
+    "plan": ["gpus=16"],
 }
 
 

@@ -7,6 +7,23 @@ communication buffers and activations for ZeRO stages 0-3, with and without opti
 CPU and with and without activation checkpointing. It marks the configurations that fit and
 recommends the cheapest one with room to spare.
 
+    hataori plan PRESET.yaml [key=value ...] [--machine PROFILE.yaml ...] [plan.KEY=VALUE ...]
+        [--gpus N] [--gpu-mem G] [--gpus-per-node K] [--overhead O] [--cpu-mem C]
+        [--seq-len L] [--micro-batch B] [--precision P]
+
+    hataori plan configs/train/30b.yaml --machine configs/plan/8xh100-80gb.yaml --gpus 64
+
+Two configs meet here, as in ``hataori slurm submit``. The preset (a model preset from
+``configs/model/`` or a train preset) takes ``key=value`` overrides as in ``hataori pretrain``.
+The plan's own config (:class:`PlanConfig`: the GPUs, their memory, GPUs per node, the allowance,
+host memory and, for a model preset, the batch shape) comes from machine profiles (``--machine``,
+presets in ``configs/plan/`` with ``base:`` chains like any other) and ``plan.KEY=VALUE``
+overrides. Each flag is a shortcut for one key (``--gpus 64`` is ``plan.gpus=64``; :data:`FLAGS`),
+and a key set both by its flag and by an override is refused. A train preset fixes its own batch
+shape, so there ``--seq-len``, ``--micro-batch`` and ``--precision`` are shortcuts for its
+``data.seq_len``, ``zero.micro_batch_size`` and ``zero.precision`` (:data:`TRAIN_KEYS`), checked
+as pretraining checks them, and the plan's keys of the same meaning are refused.
+
 Model states (bytes per parameter, P parameters, N GPUs; after the ZeRO paper and DeepSpeed's
 ``estimate_zero{2,3}_model_states_mem_needs``)
 
@@ -150,7 +167,7 @@ Assumptions: the attention kernel never materialises the T x T scores (flash or 
 SDPA; the CPU flash kernel that the test measures saves the same tensors); the rotary tables stay
 fp32 buffers (DeepSpeed casts parameters, not buffers); the gradients of activations in flight
 during the backward pass are small beside the saved ones and are left to the allowance. A fixed
-allowance (``--overhead``, 3 GiB by default) covers the CUDA context, the caching allocator's
+allowance (``plan.overhead``, 3 GiB by default) covers the CUDA context, the caching allocator's
 fragmentation and kernels' workspaces.
 
 Checkpoints: one DeepSpeed ``save_checkpoint`` (hataori.train.checkpoint) holds, per trained
@@ -173,7 +190,7 @@ Recommendation: the cheapest configuration that fits with a tenth of the GPU's m
 (or, if none does, the cheapest that fits, marked tight), ranked by what it costs in speed:
 CPU offload (slowest; parameter offload worst), then activation checkpointing (one more forward
 pass per step), then ZeRO-3 (1.5x the communication of stages 0-2), then the lower stage. Memory
-in GiB (2**30 bytes); ``--gpu-mem 80`` means 80 GiB.
+in GiB (2**30 bytes); ``plan.gpu_mem=80`` (``--gpu-mem 80``) means 80 GiB.
 """
 
 from __future__ import annotations
@@ -183,9 +200,9 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Sequence
 
-from hataori.config import file_keys, load
+from hataori.config import build, check_keys, command_items, file_keys, load, merged, require
 from hataori.errors import ConfigError, InputError
 from hataori.kernels.cross_entropy import DEFAULT_CHUNK_SIZE
 from hataori.model import ModelConfig
@@ -525,7 +542,8 @@ SETUPS = tuple(Setup(stage, offload, ckpt)
 
 @dataclass(frozen=True, slots=True)
 class Workload:
-    """What is trained and on what: the model, the batch shape and the machines."""
+    """What is trained and on what: the model, the batch shape and the machines, as checked by the
+    configs they come from (:func:`load_workload`)."""
 
     model: Any
     """A ModelConfig."""
@@ -541,22 +559,6 @@ class Workload:
     """Host memory per node; None: not checked."""
     lora: Trainable | None = None
     """A LoRA run: what trains (:func:`trainable`); None: every weight trains."""
-
-    def __post_init__(self) -> None:
-        if self.num_gpus < 1:
-            raise ConfigError("--gpus", f"must be a positive number of GPUs, got {self.num_gpus}")
-        if self.gpus_per_node < 1 or self.gpus_per_node > self.num_gpus or self.num_gpus % self.gpus_per_node:
-            raise ConfigError("--gpus-per-node", f"must divide the number of GPUs ({self.num_gpus}) and be >= 1, "
-                              f"got {self.gpus_per_node}")
-        for option, gib, zero_ok in (("--gpu-mem", self.gpu_mem_gib, False), ("--overhead", self.overhead_gib, True),
-                                     ("--cpu-mem", self.cpu_mem_gib, False)):
-            if gib is not None and not (math.isfinite(gib) and (gib >= 0 if zero_ok else gib > 0)):
-                raise ConfigError(option, f"must be a finite number of GiB, {'>= 0' if zero_ok else '> 0'}, got {gib}")
-        if self.micro_batch < 1:
-            raise ConfigError("--micro-batch", f"must be >= 1, got {self.micro_batch}")
-        if not 1 <= self.seq_len <= self.model.max_seq_len:
-            raise ConfigError("--seq-len", f"must be between 1 and the model's max_seq_len={self.model.max_seq_len}, "
-                              f"got {self.seq_len}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -726,38 +728,136 @@ def _training_lines(work: Workload, *, stage: int, recommended: bool) -> list[st
 # ----------------------------------------------------------------------------- `hataori plan`
 
 
-def load_workload(config: str, overrides: list[str], args: argparse.Namespace) -> Workload:
-    """A Workload from a model preset or a train preset, with the command line's options."""
+@dataclass(kw_only=True, slots=True)
+class PlanConfig:
+    """What a plan is for besides the model: the machines and, for a model preset, the batch shape
+    (a train preset has its own: its data.seq_len, zero.micro_batch_size and zero.precision)."""
+
+    gpus: int
+    """GPUs of the run, one data-parallel rank each."""
+    gpu_mem: float = 80.0
+    """Memory of one GPU in GiB (2**30 bytes), as nvidia-smi reports it."""
+    gpus_per_node: int | None = None
+    """GPUs per node, whose host memory holds their offloaded states; a job of fewer GPUs runs on one node.
+    None: all of them up to 8, else the largest count of at most 8 that divides gpus."""
+    overhead: float = DEFAULT_OVERHEAD_GIB
+    """Fixed GiB per GPU for the CUDA context, the allocator's fragmentation and kernels' workspaces."""
+    cpu_mem: float | None = None
+    """Host memory per node in GiB, checked against the offloaded states; None: not checked."""
+    seq_len: int | None = None
+    """Model presets: tokens per sequence; None: the model's max_seq_len."""
+    micro_batch: int = 1
+    """Model presets: sequences per GPU per forward pass."""
+    precision: Precision = "bf16"
+    """Model presets: the training precision."""
+
+    def __post_init__(self) -> None:
+        require(self.gpus >= 1, "gpus", f"must be a positive number of GPUs, got {self.gpus}")
+        if self.gpus_per_node is not None:
+            require(self.gpus_per_node >= 1 and self.gpus % self.node_gpus == 0, "gpus_per_node",
+                    f"must divide the number of GPUs ({self.gpus}) and be >= 1, got {self.gpus_per_node}")
+        for key, gib, zero_ok in (("gpu_mem", self.gpu_mem, False), ("overhead", self.overhead, True),
+                                  ("cpu_mem", self.cpu_mem, False)):
+            require(gib is None or (math.isfinite(gib) and (gib >= 0 if zero_ok else gib > 0)), key,
+                    f"must be a finite number of GiB, {'>= 0' if zero_ok else '> 0'}, got {gib}")
+        require(self.micro_batch >= 1, "micro_batch", f"must be >= 1, got {self.micro_batch}")
+
+    @property
+    def node_gpus(self) -> int:
+        """GPUs per node as planned: gpus_per_node, or gpus where the job is smaller than a node."""
+        if self.gpus_per_node is None:
+            return default_gpus_per_node(self.gpus)
+        return min(self.gpus, self.gpus_per_node)
+
+
+PLAN_PREFIX = "plan."
+"""The prefix of the plan's ``KEY=VALUE`` overrides among the preset's."""
+FLAGS = {"--gpus": "gpus", "--gpu-mem": "gpu_mem", "--gpus-per-node": "gpus_per_node", "--overhead": "overhead",
+         "--cpu-mem": "cpu_mem", "--seq-len": "seq_len", "--micro-batch": "micro_batch", "--precision": "precision"}
+"""Each flag and the PlanConfig key it sets; with a train preset, those of TRAIN_KEYS set the train config's key."""
+TRAIN_KEYS = {"seq_len": "data.seq_len", "micro_batch": "zero.micro_batch_size", "precision": "zero.precision"}
+"""The plan's batch keys, for model presets, and the train config's keys that a train preset has for them."""
+
+
+def load_workload(config: str | Path, items: Sequence[str] = (), *, machines: Sequence[str | Path] = (),
+                  flags: dict[str, Any] | None = None) -> Workload:
+    """A Workload from a model preset or a train preset (``config``), the command line's ``key=value``
+    ``items`` for it and for the plan (``plan.KEY=VALUE``), machine profiles and ``flags`` (``{"--gpus": 8}``;
+    a flag that is absent or None sets nothing)."""
     path = Path(config)
     if not path.is_file():
         raise InputError(path, "no such config; pass a model preset (configs/model/*.yaml) or a train preset")
-    micro_batch, seq_len, precision = 1, None, "bf16"
+    train, flags = _is_train_preset(path), flags or {}
+    plan_flags, preset_flags = {}, {}
+    for flag, key in FLAGS.items():
+        value = flags.get(flag)
+        if train and key in TRAIN_KEYS:
+            preset_flags[flag] = (TRAIN_KEYS[key], value)
+        else:
+            plan_flags[flag] = (key, value)
+    machine = load_plan_config(machines, [item for item in items if _is_plan_item(item)], plan_flags,
+                               train_preset=train)
+    files, overrides = command_items([item for item in items if not _is_plan_item(item)], preset_flags)
     bucket, lora = DEFAULT_BUCKET_ELEMENTS, None
-    if _is_train_preset(path):
+    if train:
         # The plan reads no data and writes no run: placeholders for what a preset leaves to the command
         # line. An init source (init.from_hf=DIR) gives the model's shape, as in pretrain.
         placeholders = ["run_dir=unused-by-plan", "data.datasets=[{path: unused-by-plan}]"]
-        cfg = load_train_config([path], [*placeholders, *overrides])
+        try:
+            cfg = load_train_config([path, *files], [*placeholders, *overrides])
+        except ConfigError as err:
+            raise _naming_flag(err, preset_flags) from None
         model, zero, seq_len, lora = cfg.model, cfg.zero, cfg.data.seq_len, cfg.lora
         micro_batch, precision, bucket = zero.micro_batch_size, zero.precision, zero.bucket_elements
     else:
-        model = load(ModelConfig, [path], overrides)
-    if args.micro_batch is not None:
-        micro_batch = args.micro_batch
-    if args.precision is not None:
-        precision = args.precision
-    seq_len = args.seq_len if args.seq_len is not None else seq_len or model.max_seq_len
-    # A job of fewer GPUs than a node has runs on one node, with as many processes as GPUs.
-    gpus_per_node = (default_gpus_per_node(args.gpus) if args.gpus_per_node is None
-                     else min(args.gpus, args.gpus_per_node))
+        model = load(ModelConfig, [path, *files], overrides)
+        micro_batch, precision = machine.micro_batch, machine.precision
+        seq_len = model.max_seq_len if machine.seq_len is None else machine.seq_len
+        require(1 <= seq_len <= model.max_seq_len, f"{PLAN_PREFIX}seq_len (--seq-len)",
+                f"must be between 1 and the model's max_seq_len={model.max_seq_len}, got {seq_len}")
     return Workload(model=model, micro_batch=micro_batch, seq_len=seq_len, precision=precision,
-                    num_gpus=args.gpus, gpu_mem_gib=args.gpu_mem, gpus_per_node=gpus_per_node,
-                    overhead_gib=args.overhead, bucket_elements=bucket, cpu_mem_gib=args.cpu_mem,
+                    num_gpus=machine.gpus, gpu_mem_gib=machine.gpu_mem, gpus_per_node=machine.node_gpus,
+                    overhead_gib=machine.overhead, bucket_elements=bucket, cpu_mem_gib=machine.cpu_mem,
                     lora=None if lora is None else trainable(model, lora))
 
 
+def load_plan_config(machines: Sequence[str | Path], items: Sequence[str], flags: dict[str, tuple[str, Any]], *,
+                     train_preset: bool) -> PlanConfig:
+    """The PlanConfig of machine profiles, ``plan.KEY=VALUE`` ``items`` and ``flags`` (flag: (key, value),
+    as :func:`hataori.config.command_items` takes them). Errors name ``plan.KEY`` and the flag that sets it."""
+    for item in items:  # an unknown key named as written, with the closest plan.KEY
+        key = item.split("=", 1)[0].strip().removeprefix(PLAN_PREFIX).split(".")[0]
+        check_keys(PlanConfig, {key: None}, f"override {item!r}", PLAN_PREFIX)
+    files, overrides = command_items([item.removeprefix(PLAN_PREFIX) for item in items], flags, prefix=PLAN_PREFIX)
+    try:
+        data = merged(PlanConfig, [*machines, *files], overrides)
+        if data.get("gpus") is None:
+            raise ConfigError("gpus", "the number of GPUs is not set; pass --gpus N, plan.gpus=N or set gpus: in a "
+                              "--machine profile")
+        for key, train_key in TRAIN_KEYS.items():
+            if train_preset and key in data:
+                flag = next(flag for flag, name in FLAGS.items() if name == key)
+                raise ConfigError(key, f"is a model preset's; a train preset has its own {train_key}: set that "
+                                  f"(or {flag}) instead")
+        return build(PlanConfig, data)
+    except ConfigError as err:
+        raise _naming_flag(ConfigError(f"{PLAN_PREFIX}{err.key}", err.message),
+                           {flag: (f"{PLAN_PREFIX}{key}", value) for flag, (key, value) in flags.items()}) from None
+
+
+def _naming_flag(err: ConfigError, flags: dict[str, tuple[str, Any]]) -> ConfigError:
+    """``err`` with the flag that sets its key, if one does, after the key: ``plan.gpus (--gpus): ...``."""
+    flag = next((flag for flag, (key, _) in flags.items() if key == err.key), None)
+    return ConfigError(f"{err.key} ({flag})", err.message) if flag else err
+
+
+def _is_plan_item(item: str) -> bool:
+    """A ``plan.KEY=VALUE`` override (a file such as plan.yaml is the preset's)."""
+    return "=" in item and item.startswith(PLAN_PREFIX)
+
+
 def default_gpus_per_node(gpus: int) -> int:
-    """GPUs per node when ``--gpus-per-node`` is not given: all of them up to 8 (one node), else the
+    """GPUs per node when ``plan.gpus_per_node`` is not set: all of them up to 8 (one node), else the
     largest count of at most 8 that divides ``gpus`` (8 for 64, 5 for 10, 6 for 12)."""
     return max(n for n in range(1, min(gpus, 8) + 1) if gpus % n == 0) if gpus >= 1 else gpus
 
@@ -768,25 +868,40 @@ def _is_train_preset(path: Path) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    default = {f.name: f.default for f in dataclasses.fields(PlanConfig)}
     parser.add_argument("config", metavar="CONFIG", help="a model preset (configs/model/*.yaml) or a train preset")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. n_layers=40")
-    parser.add_argument("--gpus", type=int, required=True, help="number of GPUs (data-parallel ranks)")
-    parser.add_argument("--gpu-mem", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
-    parser.add_argument("--gpus-per-node", type=int, help="GPUs per node, for CPU memory (default: 8, or the "
-                                                          "largest divisor of --gpus below 8); a job of "
-                                                          "fewer GPUs runs on one node")
-    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the train preset's, "
-                                                    "else the model's max_seq_len)")
-    parser.add_argument("--micro-batch", type=int, help="sequences per GPU per forward pass (default: the train "
-                                                        "preset's, else 1)")
-    parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: the train preset's, else bf16")
-    parser.add_argument("--overhead", type=float, default=DEFAULT_OVERHEAD_GIB,
-                        help="fixed GiB per GPU for the CUDA context and fragmentation (default 3)")
-    parser.add_argument("--cpu-mem", type=float, help="host memory per node in GiB; checked when given")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="overrides of the preset, e.g. n_layers=40 or lora.rank=16 (more YAML files layer on it "
+                             "in order); plan.KEY=VALUE sets the plan's own keys, e.g. plan.gpus=64")
+    parser.add_argument("--machine", action="append", default=[], metavar="PROFILE.yaml",
+                        help="a machine profile (configs/plan/): plan keys such as gpu_mem and gpus_per_node "
+                             "(repeatable, applied in order; plan.KEY=VALUE and the flags override it)")
+    parser.add_argument("--gpus", type=int, help="number of GPUs, one data-parallel rank each (shortcut for plan.gpus, "
+                                                 "which has no default: set it one way or another)")
+    parser.add_argument("--gpu-mem", type=float, help=f"memory of one GPU in GiB (default {default['gpu_mem']:g}; "
+                                                      "shortcut for plan.gpu_mem)")
+    parser.add_argument("--gpus-per-node", type=int,
+                        help="GPUs per node, for CPU memory (default: 8, or the largest divisor of the GPUs up to 8; "
+                             "a job of fewer GPUs runs on one node; shortcut for plan.gpus_per_node)")
+    parser.add_argument("--overhead", type=float,
+                        help="fixed GiB per GPU for the CUDA context and fragmentation (default "
+                             f"{default['overhead']:g}; shortcut for plan.overhead)")
+    parser.add_argument("--cpu-mem", type=float,
+                        help="host memory per node in GiB; checked when set (shortcut for plan.cpu_mem)")
+    batch = "shortcut for plan.{} with a model preset, for a train preset's {}"
+    parser.add_argument("--seq-len", type=int,
+                        help="tokens per sequence (a model preset's default: its max_seq_len; "
+                             f"{batch.format('seq_len', TRAIN_KEYS['seq_len'])})")
+    parser.add_argument("--micro-batch", type=int,
+                        help=f"sequences per GPU per forward pass (a model preset's default: {default['micro_batch']}; "
+                             f"{batch.format('micro_batch', TRAIN_KEYS['micro_batch'])})")
+    parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
+                        help=f"the training precision (a model preset's default: {default['precision']}; "
+                             f"{batch.format('precision', TRAIN_KEYS['precision'])})")
 
 
 def main(args: argparse.Namespace) -> int:
-    work = load_workload(args.config, args.overrides, args)
+    flags = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in FLAGS}
+    work = load_workload(args.config, args.overrides, machines=args.machine, flags=flags)
     print(format_report(work, plan(work), source=args.config))
     return 0
-
