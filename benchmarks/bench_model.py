@@ -20,7 +20,8 @@ MFU against ``--peak-tflops`` (default 989.4: H100 SXM dense bf16), the peak mem
 the steps (model, optimizer and activations; AdamW keeps its states in bf16 like the parameters,
 with no fp32 master copy, so a DeepSpeed run of the same model needs more), and the loss at the
 first and at the last step. A variant that runs out of memory says so and the others still run.
-It times, it never asserts a time.
+It times, it never asserts a time. ``--json PATH`` also writes the settings and one row per variant
+as JSON.
 
 Without a GPU (``--device cpu``, the default when CUDA is absent) it is a smoke test: fp32, the
 toy preset (configs/model/toy.yaml, unless ``--preset`` says otherwise) at ``--seq-len 128``, and
@@ -29,7 +30,7 @@ only the variants that run on a CPU: ``sdpa+torch``, ``sdpa+torch+chunked`` and 
 
     python benchmarks/bench_model.py [--preset configs/model/1b.yaml] [--micro-batch 4] [--seq-len 2048]
         [--steps 10] [--warmup 3] [--doc-len 0] [--checkpointing] [--variants sdpa+torch,auto+auto]
-        [--peak-tflops 989.4] [--device cuda] [KEY=VALUE ...]
+        [--peak-tflops 989.4] [--device cuda] [--json PATH] [KEY=VALUE ...]
 
 KEY=VALUE pairs override the preset (e.g. ``n_layers=4``), as on hataori's command line.
 """
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -269,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", help="comma-separated subset of the variants (default: all)")
     parser.add_argument("--peak-tflops", type=float, default=989.4,
                         help="the GPU's dense bf16 peak for MFU (default 989.4, H100 SXM)")
+    parser.add_argument("--json", metavar="PATH", help="also write the settings and rows to PATH as JSON")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -310,8 +313,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"auto chooses attention {auto_choice(device, dtype, base.head_dim)}, fused kernels "
               f"{'triton' if use_triton('auto', device) else 'torch'} here")
     print(HEADER)
+    peak = args.peak_tflops if cuda else None
+    rows = []
     for result in run_variants(base, variants, shape, device, dtype, args.checkpointing):
-        print(format_row(result, args.peak_tflops if cuda else None), flush=True)
+        print(format_row(result, peak), flush=True)
+        row = {key: None if isinstance(value, float) and math.isnan(value) else value  # JSON has no NaN
+               for key, value in dataclasses.asdict(result).items()}
+        rows.append({**row, "mfu": result.tflops / peak if peak and result.ran else None})
+    if args.json:
+        from hataori.fsutil import atomic_write_text
+
+        settings = {"preset": preset.name, "overrides": args.overrides, "params": base.num_params(),
+                    "dtype": str(dtype).removeprefix("torch."), **dataclasses.asdict(shape),
+                    "checkpointing": args.checkpointing, "peak_tflops": peak}
+        text = json.dumps({"benchmark": "model_step", "device": torch.cuda.get_device_name(device) if cuda else "CPU",
+                           "versions": _versions(), "settings": settings, "rows": rows}, indent=1, allow_nan=False,
+                          default=str)
+        atomic_write_text(args.json, text + "\n")
     return 0
 
 

@@ -1,37 +1,48 @@
 """Throughput of the Triton attention kernel against torch SDPA (and flash-attn when installed).
 
-Prints forward and forward+backward TFLOP/s for causal grouped-query attention at sequence lengths
-1k-16k and head dims 64 and 128, plus the bandwidth of the unavoidable traffic (reading q, k, v and
-writing the output; for the backward also reading dO and writing dQ, dK, dV). FLOPs count the causal
-half of the score matrix: forward ``2 * 2 * B * H * T^2 * Dh / 2``, backward 2.5 times that.
-Needs a CUDA GPU; elsewhere it says so and exits 0. It times, it never asserts a time.
+Prints forward, backward and forward+backward TFLOP/s for causal grouped-query attention at sequence
+lengths 1k-16k and head dims 64 and 128, plus the bandwidth of the unavoidable traffic (reading q, k,
+v and writing the output; for the backward also reading dO and writing dQ, dK, dV). FLOPs count the
+causal half of the score matrix: forward ``2 * 2 * B * H * T^2 * Dh / 2``, backward 2.5 times that;
+the backward's time is the forward+backward's less the forward's. ``--json PATH`` also writes the
+rows as JSON. It times, it never asserts a time.
+
+On a CUDA GPU every provider runs, timed by ``triton.testing.do_bench``. On a CPU (``--device cpu``)
+only SDPA runs, timed with a wall clock, as a rehearsal of the script and its output; without
+``--device cpu`` and without a GPU it says so and exits 0.
 
     python kernels/bench_attention.py [--dtype bf16] [--heads 32] [--kv-heads 8] [--tokens 16384]
+        [--seq-lens 1024,2048,4096,8192,16384] [--head-dims 64,128] [--json PATH] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 
 SEQ_LENS = (1024, 2048, 4096, 8192, 16384)
 HEAD_DIMS = (64, 128)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _providers(dtype: torch.dtype):
+def _sdpa(q, k, v):
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=True, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def _providers(device: torch.device):
     """name -> fn(q, k, v) on (B, T, H, Dh) / (B, T, H_kv, Dh), causal."""
+    if device.type != "cuda":
+        return {"sdpa": _sdpa}
     from hataori.kernels.attention import flash_attention
 
-    def sdpa(q, k, v):
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, enable_gqa=True)
-        return out.transpose(1, 2)
-
-    providers = {"triton": flash_attention, "sdpa": sdpa}
+    providers = {"triton": flash_attention, "sdpa": _sdpa}
     try:
         from flash_attn import flash_attn_func
     except ImportError:
@@ -40,10 +51,76 @@ def _providers(dtype: torch.dtype):
     return providers
 
 
-def _time_ms(fn) -> float:
-    import triton.testing
+def _time_ms(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=25, rep=100)
+        return triton.testing.do_bench(fn, warmup=25, rep=100)
+    fn()  # warm-up
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _tuned_configs() -> dict[str, str]:
+    """The block sizes the autotuner chose for the Triton kernels (its key leaves out the sequence
+    length: the choice made at the first length measured holds for the others)."""
+    from hataori.kernels import attention
+
+    return {name: str(getattr(kernel, "best_config", None))
+            for name, kernel in (("fwd", attention._fwd), ("dkdv", attention._bwd_dkdv), ("dq", attention._bwd_dq))}
+
+
+def int_list(minimum: int = 1):
+    """An argparse type: comma-separated integers, each at least ``minimum``."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(part) for part in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"expected integers of at least {minimum}, got {text!r}")
+        return values
+
+    return parse
+
+
+def measure(provider: str, fn, *, batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int,
+            dtype: torch.dtype, device: torch.device) -> dict:
+    """One row: the provider's times and rates at one shape, or ``"note"`` when it ran out of memory."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(batch, seq_len, heads, head_dim, device=device, dtype=dtype, generator=gen)
+    k = torch.randn(batch, seq_len, kv_heads, head_dim, device=device, dtype=dtype, generator=gen)
+    v = torch.randn(k.shape, device=device, dtype=dtype, generator=gen)
+    dout = torch.randn(q.shape, device=device, dtype=dtype, generator=gen)
+    fwd_flops = 2 * 2 * batch * heads * seq_len * seq_len * head_dim / 2
+    q_bytes, kv_bytes = q.numel() * q.element_size(), k.numel() * k.element_size()
+    fwd_bytes = 2 * q_bytes + 2 * kv_bytes  # q, k, v in; out
+    bwd_bytes = 3 * q_bytes + 4 * kv_bytes  # q, k, v, out, dO in; dQ, dK, dV out (delta aside)
+    row = {"provider": provider, "head_dim": head_dim, "seq_len": seq_len, "batch": batch}
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+    try:
+        fwd_ms = _time_ms(lambda: fn(q, k, v), device)
+        both_ms = _time_ms(lambda: fn(qg, kg, vg).backward(dout), device)
+    except torch.OutOfMemoryError:
+        return {**row, "note": "out of memory"}
+    bwd_ms = both_ms - fwd_ms
+    if provider == "triton":
+        row["configs"] = _tuned_configs()
+    return {**row, "fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_bwd_ms": both_ms,
+            "fwd_tflops": fwd_flops / fwd_ms / 1e9, "bwd_tflops": 2.5 * fwd_flops / bwd_ms / 1e9 if bwd_ms > 0 else None,
+            "fwd_bwd_tflops": 3.5 * fwd_flops / both_ms / 1e9, "fwd_gbps": fwd_bytes / fwd_ms / 1e6,
+            "fwd_bwd_gbps": (fwd_bytes + bwd_bytes) / both_ms / 1e6}
+
+
+def format_row(row: dict) -> str:
+    head = f"{row['provider']:>10} {row['head_dim']:>4} {row['seq_len']:>6} {row['batch']:>3}"
+    if "note" in row:
+        return f"{head}  {row['note']}"
+    bwd = "-" if row["bwd_tflops"] is None else f"{row['bwd_tflops']:.1f}"
+    return (f"{head} {row['fwd_tflops']:>12.1f} {bwd:>12} {row['fwd_bwd_tflops']:>16.1f} {row['fwd_gbps']:>9.0f} "
+            f"{row['fwd_bwd_gbps']:>13.0f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,41 +129,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=32, help="query heads")
     parser.add_argument("--kv-heads", type=int, default=8, help="key/value heads (grouped-query)")
     parser.add_argument("--tokens", type=int, default=16384, help="tokens per batch: B = tokens // T")
+    parser.add_argument("--seq-lens", type=int_list(), default=SEQ_LENS, help="comma-separated (default 1k-16k)")
+    parser.add_argument("--head-dims", type=int_list(), default=HEAD_DIMS, help="comma-separated (default 64,128)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                        help="cpu: SDPA alone, a rehearsal of the script (default cuda)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows to PATH as JSON")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_attention needs a CUDA GPU; none found, nothing measured")
+    if args.heads % args.kv_heads:
+        parser.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_attention needs a CUDA GPU; none found, nothing measured (--device cpu rehearses it)")
         return 0
 
     dtype = DTYPES[args.dtype]
-    providers = _providers(dtype)
-    print(f"{torch.cuda.get_device_name()}  {args.dtype}  causal  H={args.heads} H_kv={args.kv_heads}  "
-          f"{args.tokens} tokens per batch")
-    print(f"{'provider':>10} {'Dh':>4} {'T':>6} {'B':>3} {'fwd TFLOP/s':>12} {'fwd GB/s':>9} "
-          f"{'fwd+bwd TFLOP/s':>16} {'fwd+bwd GB/s':>13}")
-    for head_dim in HEAD_DIMS:
-        for seq_len in SEQ_LENS:
-            batch = max(1, args.tokens // seq_len)
-            gen = torch.Generator(device="cuda").manual_seed(0)
-            q = torch.randn(batch, seq_len, args.heads, head_dim, device="cuda", dtype=dtype, generator=gen)
-            k = torch.randn(batch, seq_len, args.kv_heads, head_dim, device="cuda", dtype=dtype, generator=gen)
-            v = torch.randn_like(k)
-            dout = torch.randn_like(q)
-            fwd_flops = 2 * 2 * batch * args.heads * seq_len * seq_len * head_dim / 2
-            q_bytes, kv_bytes = q.numel() * q.element_size(), k.numel() * k.element_size()
-            fwd_bytes = 2 * q_bytes + 2 * kv_bytes  # q, k, v in; out
-            bwd_bytes = 3 * q_bytes + 4 * kv_bytes  # q, k, v, out, dO in; dQ, dK, dV out (delta aside)
-            for name, fn in providers.items():
-                qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-                try:
-                    fwd_ms = _time_ms(lambda: fn(q, k, v))
-                    both_ms = _time_ms(lambda: fn(qg, kg, vg).backward(dout))
-                except torch.OutOfMemoryError:
-                    print(f"{name:>10} {head_dim:>4} {seq_len:>6} {batch:>3}  out of memory")
-                    continue
-                print(f"{name:>10} {head_dim:>4} {seq_len:>6} {batch:>3} "
-                      f"{fwd_flops / fwd_ms / 1e9:>12.1f} {fwd_bytes / fwd_ms / 1e6:>9.0f} "
-                      f"{3.5 * fwd_flops / both_ms / 1e9:>16.1f} "
-                      f"{(fwd_bytes + bwd_bytes) / both_ms / 1e6:>13.0f}")
+    providers = _providers(device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"{name}  {args.dtype}  causal  H={args.heads} H_kv={args.kv_heads}  {args.tokens} tokens per batch")
+    print(f"{'provider':>10} {'Dh':>4} {'T':>6} {'B':>3} {'fwd TFLOP/s':>12} {'bwd TFLOP/s':>12} "
+          f"{'fwd+bwd TFLOP/s':>16} {'fwd GB/s':>9} {'fwd+bwd GB/s':>13}")
+    rows = []
+    for head_dim in args.head_dims:
+        for seq_len in args.seq_lens:
+            for provider, fn in providers.items():
+                rows.append(measure(provider, fn, batch=max(1, args.tokens // seq_len), seq_len=seq_len,
+                                    heads=args.heads, kv_heads=args.kv_heads, head_dim=head_dim, dtype=dtype,
+                                    device=device))
+                print(format_row(rows[-1]), flush=True)
+                if "configs" in rows[-1]:
+                    print(f"{'':>26}autotuned: {rows[-1]['configs']}")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    if args.json:
+        from hataori.fsutil import atomic_write_text
+
+        settings = {"dtype": args.dtype, "heads": args.heads, "kv_heads": args.kv_heads, "tokens": args.tokens,
+                    "causal": True}
+        atomic_write_text(args.json, json.dumps({"benchmark": "attention", "device": name, "settings": settings,
+                                                 "rows": rows}, indent=1) + "\n")
     return 0
 
 

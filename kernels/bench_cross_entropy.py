@@ -11,15 +11,20 @@ vocabulary of V (defaults: N=8192, D=4096, V = 32k, 64k, 100k, bf16 inputs).
   and the time of forward + backward with its TFLOP/s (``6 * N * V * D`` useful FLOPs; the chunked
   path does ``8 * N * V * D``, recomputing the logits). It prints, it never asserts.
 
+``--json PATH`` also writes the figures as JSON rows, one per vocabulary and loss.
+
     python kernels/bench_cross_entropy.py [--tokens 8192] [--width 4096] [--chunk 2048] [--dtype bf16]
+        [--vocabs 32000,64000,100000] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 
+from hataori.kernels.bench_attention import int_list
 from hataori.kernels.cross_entropy import (DEFAULT_CHUNK_SIZE, ChunkedCrossEntropyFunction,
                                            cross_entropy_ref)
 
@@ -83,32 +88,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=4096)
     parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_SIZE)
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
+    parser.add_argument("--vocabs", type=int_list(2), default=VOCABS, help="comma-separated (default 32k, 64k, 100k)")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
     args = parser.parse_args(argv)
+    if min(args.tokens, args.width, args.chunk) < 1:
+        parser.error("--tokens, --width and --chunk must be positive")
     dtype, n, d = DTYPES[args.dtype], args.tokens, args.width
     providers = _providers(args.chunk)
+    rows = {(vocab, name): {"vocab": vocab, "loss": name} for vocab in args.vocabs for name in providers}
 
     print(f"saved for backward (exact, from shapes): N={n} D={d} {args.dtype} chunk={args.chunk}")
-    for vocab in VOCABS:
-        row = []
+    for vocab in args.vocabs:
+        line = []
         for name, fn in providers.items():
-            row.append(f"{name} {saved_bytes(fn, *_inputs(n, d, vocab, dtype, 'meta')) / GIB:7.3f} GiB")
-        print(f"  V={vocab:>6}: " + "   ".join(row))
+            saved = saved_bytes(fn, *_inputs(n, d, vocab, dtype, 'meta'))
+            rows[vocab, name]["saved_gib"] = saved / GIB
+            line.append(f"{name} {saved / GIB:7.3f} GiB")
+        print(f"  V={vocab:>6}: " + "   ".join(line))
 
-    if not torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if not cuda:
         print("no CUDA device: peak memory and time are measured on a GPU only")
-        return 0
-    print(f"GPU ({torch.cuda.get_device_name()}): peak allocated above inputs over forward + backward, "
-          f"time of forward + backward")
-    for vocab in VOCABS:
-        row = []
-        for name, fn in providers.items():
-            inputs = _inputs(n, d, vocab, dtype, "cuda")
-            peak, ms = _gpu_peak_and_time(fn, *inputs)
-            tflops = 6 * n * vocab * d / (ms * 1e-3) / 1e12
-            row.append(f"{name} {peak / GIB:7.3f} GiB {ms:7.2f} ms {tflops:6.1f} TFLOP/s")
-            del inputs
-            torch.cuda.empty_cache()
-        print(f"  V={vocab:>6}: " + "   ".join(row))
+    else:
+        print(f"GPU ({torch.cuda.get_device_name()}): peak allocated above inputs over forward + backward, "
+              f"time of forward + backward")
+        for vocab in args.vocabs:
+            line = []
+            for name, fn in providers.items():
+                inputs = _inputs(n, d, vocab, dtype, "cuda")
+                try:
+                    peak, ms = _gpu_peak_and_time(fn, *inputs)
+                except torch.OutOfMemoryError:
+                    rows[vocab, name]["note"] = "out of memory"
+                    line.append(f"{name} out of memory")
+                    continue
+                finally:
+                    del inputs
+                    torch.cuda.empty_cache()
+                tflops = 6 * n * vocab * d / (ms * 1e-3) / 1e12
+                rows[vocab, name].update(peak_gib=peak / GIB, ms=ms, tflops=tflops)
+                line.append(f"{name} {peak / GIB:7.3f} GiB {ms:7.2f} ms {tflops:6.1f} TFLOP/s")
+            print(f"  V={vocab:>6}: " + "   ".join(line))
+    if args.json:
+        from hataori.fsutil import atomic_write_text
+
+        settings = {"tokens": n, "width": d, "chunk": args.chunk, "dtype": args.dtype}
+        atomic_write_text(args.json, json.dumps({
+            "benchmark": "cross_entropy", "device": torch.cuda.get_device_name() if cuda else "CPU",
+            "settings": settings, "rows": list(rows.values())}, indent=1) + "\n")
     return 0
 
 
