@@ -50,6 +50,7 @@ from typing import Iterator
 import torch
 
 from hataori.config import load
+from hataori.fsutil import atomic_write_text
 from hataori.model import ModelConfig
 from hataori.model.attention import BACKENDS, auto_choice
 from hataori.model.model import fused_kernels_unavailable, use_triton
@@ -321,8 +322,6 @@ def main(argv: list[str] | None = None) -> int:
                for key, value in dataclasses.asdict(result).items()}
         rows.append({**row, "mfu": result.tflops / peak if peak and result.ran else None})
     if args.json:
-        from hataori.fsutil import atomic_write_text
-
         settings = {"preset": preset.name, "overrides": args.overrides, "params": base.num_params(),
                     "dtype": str(dtype).removeprefix("torch."), **dataclasses.asdict(shape),
                     "checkpointing": args.checkpointing, "peak_tflops": peak}

@@ -25,6 +25,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from hataori.fsutil import atomic_write_text
+
 SEQ_LENS = (1024, 2048, 4096, 8192, 16384)
 HEAD_DIMS = (64, 128)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -40,7 +42,7 @@ def _providers(device: torch.device):
     """name -> fn(q, k, v) on (B, T, H, Dh) / (B, T, H_kv, Dh), causal."""
     if device.type != "cuda":
         return {"sdpa": _sdpa}
-    from hataori.kernels.attention import flash_attention
+    from hataori.kernels.attention import flash_attention  # Triton compiles it for the GPU: on CUDA only
 
     providers = {"triton": flash_attention, "sdpa": _sdpa}
     try:
@@ -65,7 +67,7 @@ def _time_ms(fn, device: torch.device) -> float:
 def _tuned_configs() -> dict[str, str]:
     """The block sizes the autotuner chose for the Triton kernels (its key leaves out the sequence
     length: the choice made at the first length measured holds for the others)."""
-    from hataori.kernels import attention
+    from hataori.kernels import attention  # as in _providers: on CUDA only
 
     return {name: str(getattr(kernel, "best_config", None))
             for name, kernel in (("fwd", attention._fwd), ("dkdv", attention._bwd_dkdv), ("dq", attention._bwd_dq))}
@@ -161,8 +163,6 @@ def main(argv: list[str] | None = None) -> int:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     if args.json:
-        from hataori.fsutil import atomic_write_text
-
         settings = {"dtype": args.dtype, "heads": args.heads, "kv_heads": args.kv_heads, "tokens": args.tokens,
                     "causal": True}
         atomic_write_text(args.json, json.dumps({"benchmark": "attention", "device": name, "settings": settings,

@@ -24,6 +24,7 @@ import json
 
 import torch
 
+from hataori.fsutil import atomic_write_text
 from hataori.kernels.bench_attention import int_list
 from hataori.kernels.cross_entropy import (DEFAULT_CHUNK_SIZE, ChunkedCrossEntropyFunction,
                                            cross_entropy_ref)
@@ -130,8 +131,6 @@ def main(argv: list[str] | None = None) -> int:
                 line.append(f"{name} {peak / GIB:7.3f} GiB {ms:7.2f} ms {tflops:6.1f} TFLOP/s")
             print(f"  V={vocab:>6}: " + "   ".join(line))
     if args.json:
-        from hataori.fsutil import atomic_write_text
-
         settings = {"tokens": n, "width": d, "chunk": args.chunk, "dtype": args.dtype}
         atomic_write_text(args.json, json.dumps({
             "benchmark": "cross_entropy", "device": torch.cuda.get_device_name() if cuda else "CPU",

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from hataori.errors import InputError
 from hataori.slurm.submit import JOBS_FILE, TRAIN_CONFIG
+from hataori.train.layout import CHECKPOINTS, CONFIG_FILE, METRICS_FILE, complete_steps, tag
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,9 +52,7 @@ def main(args: argparse.Namespace) -> int:
     if checkpoint is None:
         print("last complete checkpoint: none")
     else:
-        from hataori.train.checkpoint import tag  # loads torch (~1.2 s): kept out of --help
-
-        print(f"last complete checkpoint: step {checkpoint} ({run_dir / 'checkpoints' / tag(checkpoint)})")
+        print(f"last complete checkpoint: step {checkpoint} ({run_dir / CHECKPOINTS / tag(checkpoint)})")
     return 0
 
 
@@ -90,8 +89,6 @@ def describe_job(job_id: str) -> str:
 
 def last_step(run_dir: Path) -> tuple[int | None, float | None]:
     """The step and loss of the last training record of ``metrics.jsonl``."""
-    from hataori.train.metrics import METRICS_FILE  # loads torch (~1.2 s): kept out of --help
-
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return None, None
@@ -106,20 +103,14 @@ def last_step(run_dir: Path) -> tuple[int | None, float | None]:
 
 def last_checkpoint(run_dir: Path) -> int | None:
     """The step of the newest complete checkpoint of the run."""
-    from hataori.train.checkpoint import COMPLETE  # loads torch (~1.2 s): kept out of --help
-
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return None
-    steps = [int(m.group(1)) for p in folder.iterdir() if (m := COMPLETE.match(p.name)) and p.is_dir()]
-    return max(steps, default=None)
+    return max(complete_steps(run_dir / CHECKPOINTS), default=None)
 
 
 def planned_steps(run_dir: Path) -> int | None:
     """``trainer.max_steps`` of the submitted (or else the recorded) config."""
     from omegaconf import OmegaConf
 
-    for path in (run_dir / "slurm" / TRAIN_CONFIG, run_dir / "config.yaml"):
+    for path in (run_dir / "slurm" / TRAIN_CONFIG, run_dir / CONFIG_FILE):
         if path.is_file():
             return int(OmegaConf.load(path).trainer.max_steps)
     return None

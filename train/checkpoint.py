@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 import zlib
 from dataclasses import dataclass, field
@@ -43,8 +42,8 @@ import torch.distributed as dist
 from hataori.config import require
 from hataori.errors import HataoriError, InputError
 from hataori.fsutil import atomic_path, atomic_write_text, fsync_dir
+from hataori.train.layout import CHECKPOINTS, COMPLETE, complete_steps, tag
 
-COMPLETE = re.compile(r"^step_(\d{8})$")
 INCOMPLETE_SUFFIX = ".incomplete"
 DAMAGED_SUFFIX = ".damaged"
 DELETING_PREFIX = ".deleting-"
@@ -82,19 +81,6 @@ class Resumed:
     """The client state saved with it (step, tokens_seen, world_size and the caller's extras)."""
     loader_state: Any = None
     """This rank's data-loader state dict."""
-
-
-def complete_steps(folder: str | os.PathLike) -> list[int]:
-    """Steps of the complete checkpoints in ``folder``, oldest first."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := COMPLETE.match(p.name)) and p.is_dir())
-
-
-def tag(step: int) -> str:
-    """The folder name of the complete checkpoint after ``step`` optimizer steps."""
-    return f"step_{step:08d}"
 
 
 class CheckpointDamaged(HataoriError):
@@ -509,7 +495,7 @@ def main(args: argparse.Namespace) -> int:
     if run.name.startswith("step_"):
         paths = [run]
     else:
-        folder = run / "checkpoints"
+        folder = run / CHECKPOINTS
         if not folder.is_dir():
             raise InputError(run, "no checkpoints/ folder here; pass a run folder or a checkpoints/step_N folder")
         # Complete and set-aside checkpoints; not a save in progress (.incomplete).

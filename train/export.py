@@ -47,6 +47,7 @@ from hataori.errors import ConfigError, InputError
 from hataori.fsutil import atomic_path, atomic_write_text, check_output
 from hataori.tokenizer.hf import exact, write_hf_tokenizer
 from hataori.tokenizer.proto import model_type_name, parse
+from hataori.train.layout import CONFIG_FILE, METRICS_FILE, PROVENANCE_FILE
 
 DTYPES = ("bf16", "fp16", "fp32")
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*$", re.IGNORECASE)
@@ -91,7 +92,7 @@ def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, d
     config = read_config(run_dir)
     cfg = model_config(config)
     if cfg.qk_norm:
-        raise InputError(run_dir / "config.yaml", "model.qk_norm: a model with qk-norm has no Llama equivalent in "
+        raise InputError(run_dir / CONFIG_FILE, "model.qk_norm: a model with qk-norm has no Llama equivalent in "
                          "transformers and cannot be exported")
     tok = run_tokenizer(run_dir, config, tokenizer, cfg.vocab_size)
     weights = run_weights(run_dir, checkpoint, config, tok)
@@ -171,8 +172,6 @@ def _id(value: int) -> int | None:
 
 def final_validation(run_dir: Path, step: int | None) -> dict | None:
     """The last validation record at or before ``step`` in the run's metrics.jsonl."""
-    from hataori.train.metrics import METRICS_FILE  # torch: see export_hf
-
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return None
@@ -188,8 +187,6 @@ def model_card(run_dir: Path, checkpoint: Path, config: dict, cfg, tok, client_s
                lora: str | None = None) -> str:
     """The README.md of an export: what the model is, how it was trained, and from what data. ``lora``:
     ``merged`` (a LoRA run's adapters folded in) or ``base`` (its frozen base, the adapter beside)."""
-    from hataori.train.run import PROVENANCE_FILE  # torch: see export_hf
-
     step = client_state.get("step")
     tokens = client_state.get("tokens_seen")
     val = final_validation(run_dir, step)

@@ -39,12 +39,10 @@ import torch
 from hataori.config import require
 from hataori.eval.runner import summary
 from hataori.fsutil import atomic_write_text
-from hataori.train.checkpoint import tag
+from hataori.train.layout import EVAL_DIR, METRICS_FILE, tag
 from hataori.train.trainer import StepMetrics
 from hataori.train.validate import ValResult
 
-METRICS_FILE = "metrics.jsonl"
-EVAL_DIR = "eval"
 """The folder of the eval tasks' results files, in the run folder."""
 
 PEAK_FLOPS = (

@@ -44,11 +44,12 @@ from hataori.sourcespec import parse_source
 from hataori.tokenizer.model import Tokenizer
 from hataori.tokenizer.shards import Dataset
 from hataori.train.checkpoint import (LORA_BASE, CheckpointDamaged, Checkpointer, broadcast, check_identity,
-                                      complete_steps, read_manifest, remove_incomplete, seed_all, tag)
+                                      read_manifest, remove_incomplete, seed_all)
 from hataori.train.config import TrainConfig, load_train_config
 from hataori.train.init import SHAPE_FIELDS, load_initial_weights, open_source
+from hataori.train.layout import CHECKPOINTS, METRICS_FILE, complete_steps, tag
 from hataori.train.lock import LAUNCHER_PID_VAR, claim, die_with_launcher
-from hataori.train.metrics import METRICS_FILE, MetricsLogger, peak_flops
+from hataori.train.metrics import MetricsLogger, peak_flops
 from hataori.train.run import record_provenance, record_run
 from hataori.train.signals import stop_on_signals
 from hataori.train.trainer import Trainer
@@ -103,7 +104,7 @@ def check(cfg: TrainConfig, *, world_size: int) -> None:
     tokenizer = open_tokenizer(cfg)
     init = open_source(cfg.init, cfg.model, tokenizer)
     check_lora(cfg, init)
-    folder = Path(cfg.run_dir) / "checkpoints"
+    folder = Path(cfg.run_dir) / CHECKPOINTS
     if cfg.checkpoint.resume and (steps := complete_steps(folder)):
         latest = folder / tag(steps[-1])
         try:
@@ -171,7 +172,7 @@ def take_run_folder(cfg: TrainConfig):
     what interrupted saves left: on a full disk they may hold the space the run needs."""
     lock = claim(cfg.run_dir)
     try:
-        remove_incomplete(Path(cfg.run_dir) / "checkpoints")
+        remove_incomplete(Path(cfg.run_dir) / CHECKPOINTS)
         lock.record()
         if not lock.recorded:
             raise HataoriError(f"{lock.path}: the disk is full, even after removing interrupted checkpoint saves; "
@@ -215,7 +216,7 @@ def train(cfg: TrainConfig) -> int:
     seed_all(cfg.seed)
 
     model = cfg.zero.build_model(cfg.model, env.device, seq_len=cfg.data.seq_len, grad_clip=cfg.optim.grad_clip)
-    resuming = cfg.checkpoint.resume and bool(complete_steps(run_dir / "checkpoints"))
+    resuming = cfg.checkpoint.resume and bool(complete_steps(run_dir / CHECKPOINTS))
     # A resumed run loads its own checkpoint instead, but for the frozen base of a LoRA run, which its
     # checkpoints do not hold.
     if init is not None and (not resuming or cfg.lora is not None):
@@ -241,7 +242,7 @@ def train(cfg: TrainConfig) -> int:
     logger = MetricsLogger(cfg.logging, run_dir, is_main=env.is_main, max_steps=cfg.trainer.max_steps,
                            flops_per_token=cfg.model.flops_per_token(cfg.data.seq_len),
                            peak_flops_total=None if peak is None else peak * env.world_size)
-    checkpointer = Checkpointer(cfg.checkpoint, run_dir / "checkpoints", engine,
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir / CHECKPOINTS, engine,
                                 identity=run_identity(cfg, tokenizer, base=base), frozen=cfg.lora is not None)
 
     def validate(step: int) -> None:

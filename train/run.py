@@ -39,13 +39,13 @@ from omegaconf import OmegaConf
 from hataori.config import build, to_yaml
 from hataori.errors import ConfigError, InputError
 from hataori.fsutil import atomic_write_text
+from hataori.train.layout import CONFIG_FILE, PROVENANCE_FILE
 from hataori.model import ModelConfig
 from hataori.tokenizer.model import Tokenizer
 from hataori.tokenizer.proto import model_type_name, parse
 from hataori.tokenizer.shards import Dataset
 
 PACKAGES = ("torch", "deepspeed", "sentencepiece", "numpy", "hataori")
-PROVENANCE_FILE = "provenance.json"
 """Packages whose versions each run records."""
 
 
@@ -53,7 +53,7 @@ def record_run(run_dir: str | os.PathLike, config: Any, *, world_size: int = 1) 
     """Write ``config.yaml`` and ``environment.json`` into ``run_dir`` (created if missing)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", config_yaml(config))
+    atomic_write_text(run_dir / CONFIG_FILE, config_yaml(config))
     atomic_write_text(run_dir / "environment.json", json.dumps(environment(world_size), indent=2) + "\n")
     return run_dir
 
@@ -182,7 +182,7 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     """The run's recorded config (``config.yaml``) as a plain dict."""
     from omegaconf import OmegaConf
 
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise InputError(path, "missing; the run folder records its config there before step 0")
     config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
@@ -207,7 +207,7 @@ def tokenizer_path(config: dict[str, Any], override: str | None) -> str:
         manifest = Path(datasets[0]["path"]) / "dataset.json"
         if manifest.is_file():
             return json.loads(manifest.read_text())["tokenizer"]["path"]
-    raise InputError("config.yaml", "names no tokenizer and no readable dataset manifest; pass --tokenizer DIR")
+    raise InputError(CONFIG_FILE, "names no tokenizer and no readable dataset manifest; pass --tokenizer DIR")
 
 
 def run_tokenizer(run_dir: Path, config: dict, override: str | None, vocab_size: int):

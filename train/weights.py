@@ -31,8 +31,9 @@ from hataori.config import build
 from hataori.errors import InputError
 from hataori.model.lora import LoRAConfig, apply_lora
 from hataori.model.model import Transformer
-from hataori.train.checkpoint import COMPLETE, LORA_BASE, complete_steps, read_manifest, tag, verify
+from hataori.train.checkpoint import LORA_BASE, read_manifest, verify
 from hataori.train.init import InitConfig, open_source, target_rows
+from hataori.train.layout import CHECKPOINTS, COMPLETE, CONFIG_FILE, complete_steps, tag
 from hataori.train.run import model_config, run_tokenizer
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -49,14 +50,14 @@ def resolve_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path,
     if COMPLETE.match(path.name) and path.is_dir():
         found = path.parent.parent, path
     else:
-        steps = complete_steps(path / "checkpoints")
+        steps = complete_steps(path / CHECKPOINTS)
         if not steps:
             raise InputError(path, "no complete checkpoint here; pass a run folder with checkpoints/step_N "
                                    "or a checkpoints/step_N folder")
         if step is not None and step not in steps:
-            raise InputError(path / "checkpoints", f"no complete checkpoint of step {step}; it has steps "
+            raise InputError(path / CHECKPOINTS, f"no complete checkpoint of step {step}; it has steps "
                                                    f"{', '.join(map(str, steps))}")
-        found = path, path / "checkpoints" / tag(steps[-1] if step is None else step)
+        found = path, path / CHECKPOINTS / tag(steps[-1] if step is None else step)
     if problems := verify(found[1]):
         raise InputError(found[1], "is damaged:\n  " + "\n  ".join(problems) + "\nuse an earlier checkpoint "
                          "(see `hataori checkpoint verify`)")
@@ -209,7 +210,7 @@ class LoRAWeights:
         self.trained = CheckpointWeights(checkpoint)
         self.config = model_config(config)
         self.lora = build(LoRAConfig, config["lora"], "lora.")
-        recorded = Path(run_dir) / "config.yaml"
+        recorded = Path(run_dir) / CONFIG_FILE
         tokenizer = tokenizer or run_tokenizer(Path(run_dir), config, None, self.config.vocab_size)
         self.base = open_source(build(InitConfig, config.get("init") or {}, "init."), self.config, tokenizer)
         if self.base is None:
