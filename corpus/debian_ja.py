@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import gzip
-import hashlib
 import io
-import json
 import os
 import re
 import shutil
@@ -46,9 +44,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
 
-from hataori.corpus.extract import dedup_key, has_kana, markup_paragraphs, plain_paragraphs, troff_paragraphs
+from hataori.corpus.extract import markup_paragraphs, plain_paragraphs, troff_paragraphs
+from hataori.corpus.output import (CORPUS_FILE, Counts, Deduplicator, corpus_entry, current_manifest, write_document,
+                                  write_manifest)
 from hataori.errors import HataoriError
-from hataori.fsutil import atomic_path, atomic_write_text, check_output, remove_stale_temps
+from hataori.fsutil import atomic_path, check_output, remove_stale_temps
 
 MANIFEST_FORMAT = 1
 EXTRACTOR_VERSION = 1
@@ -349,68 +349,11 @@ def _read_package_job(args: tuple[str, str, str]) -> PackageResult:
 # ----------------------------------------------------------------------------- building
 
 
-@dataclass
-class Counts:
-    """Per-package (and total) counts written to the manifest."""
-
-    files: int = 0
-    documents: int = 0
-    paragraphs: int = 0
-    dropped_no_kana: int = 0
-    dropped_duplicates: int = 0
-    chars: int = 0
-    bytes: int = 0
-
-    def add(self, other: "Counts") -> None:
-        for key, value in asdict(other).items():
-            setattr(self, key, getattr(self, key) + value)
-
-
-class Deduplicator:
-    """Keeps the first copy of each paragraph (by :func:`dedup_key`) and those with kana."""
-
-    def __init__(self):
-        self.seen: set[bytes] = set()
-
-    def keep(self, paragraphs: list[str], counts: Counts) -> list[str]:
-        kept = []
-        for paragraph in paragraphs:
-            if not has_kana(paragraph):
-                counts.dropped_no_kana += 1
-                continue
-            key = dedup_key(paragraph)
-            if key in self.seen:
-                counts.dropped_duplicates += 1
-                continue
-            self.seen.add(key)
-            kept.append(paragraph)
-        counts.paragraphs += len(kept)
-        return kept
-
-
 def up_to_date(out: Path, versions: dict[str, str]) -> dict | None:
     """The manifest, when it describes exactly these packages and versions and the corpus is intact."""
-    manifest_path, corpus_path = out / "manifest.json", out / "corpus.jsonl"
-    if not (manifest_path.is_file() and corpus_path.is_file()):
-        return None
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        recorded = [(p["name"], p["version"]) for p in manifest["packages"]]
-        same = (manifest["format"] == MANIFEST_FORMAT and manifest["extractor_version"] == EXTRACTOR_VERSION
-                and recorded == list(versions.items())
-                and manifest["corpus"]["bytes"] == corpus_path.stat().st_size
-                and manifest["corpus"]["sha256"] == sha256_file(corpus_path))
-    except (ValueError, KeyError, TypeError):
-        return None
-    return manifest if same else None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return current_manifest(out, lambda manifest: (
+        manifest["format"] == MANIFEST_FORMAT and manifest["extractor_version"] == EXTRACTOR_VERSION
+        and [(p["name"], p["version"]) for p in manifest["packages"]] == list(versions.items())))
 
 
 def build(out: Path, names: list[str], jobs: int = 1, progress: bool = True,
@@ -445,7 +388,7 @@ def build(out: Path, names: list[str], jobs: int = 1, progress: bool = True,
 
     dedup = Deduplicator()
     entries, totals = [], Counts()
-    corpus_path = out / "corpus.jsonl"
+    corpus_path = out / CORPUS_FILE
     try:
         with atomic_path(corpus_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for result in results:  # in the order of ``names``, whatever order the workers finish in
@@ -454,12 +397,7 @@ def build(out: Path, names: list[str], jobs: int = 1, progress: bool = True,
                     kept = dedup.keep(paragraphs, counts)
                     if not kept:
                         continue
-                    text = "\n\n".join(kept)
-                    line = json.dumps({"text": text, "source": result.name, "path": path}, ensure_ascii=False)
-                    f.write(line + "\n")
-                    counts.documents += 1
-                    counts.chars += len(text)
-                    counts.bytes += len(text.encode("utf-8"))
+                    write_document(f, "\n\n".join(kept), result.name, path, counts)
                 totals.add(counts)
                 entries.append({"name": result.name, "version": result.version, "licenses": result.licenses,
                                 "counts": asdict(counts)})
@@ -478,10 +416,10 @@ def build(out: Path, names: list[str], jobs: int = 1, progress: bool = True,
         "document_unit": "file: its kept paragraphs joined by a blank line",
         "packages": entries,
         "totals": asdict(totals),
-        "corpus": {"path": "corpus.jsonl", "bytes": corpus_path.stat().st_size, "sha256": sha256_file(corpus_path)},
+        "corpus": corpus_entry(out),
         "build_seconds": round(time.monotonic() - start, 2),
     }
-    atomic_write_text(out / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
+    write_manifest(out, manifest)
     return manifest, True
 
 

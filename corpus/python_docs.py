@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import platform
 import sysconfig
 import time
 from pathlib import Path
 
-from hataori.corpus.debian_ja import sha256_file
-from hataori.fsutil import atomic_path, atomic_write_text, check_output, remove_stale_temps
+from hataori.corpus.output import CORPUS_FILE, Counts, corpus_entry, current_manifest, write_document, write_manifest
+from hataori.fsutil import atomic_path, check_output, remove_stale_temps
 
 MANIFEST_FORMAT = 1
 MIN_CHARS = 200
@@ -55,37 +54,28 @@ def build(out: Path, replace: bool = False) -> tuple[dict, bool]:
     ``out`` holding anything but an up-to-date corpus is refused unless ``replace``."""
     start = time.monotonic()
     remove_stale_temps(out)
-    corpus_path, manifest_path = out / "corpus.jsonl", out / "manifest.json"
-    if corpus_path.is_file() and manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            if (manifest["format"] == MANIFEST_FORMAT and manifest["python"] == platform.python_version()
-                    and manifest["corpus"]["sha256"] == sha256_file(corpus_path)):
-                return manifest, False
-        except (ValueError, KeyError, TypeError):
-            pass
+    manifest = current_manifest(out, lambda manifest: (manifest["format"] == MANIFEST_FORMAT
+                                                       and manifest["python"] == platform.python_version()))
+    if manifest is not None:
+        return manifest, False
     check_output(out, replace, "OUT")
     root = Path(sysconfig.get_paths()["stdlib"])
-    documents = chars = 0
-    with atomic_path(corpus_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    counts = Counts()
+    with atomic_path(out / CORPUS_FILE) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for path in module_files():
             text = docstrings(path)
-            if len(text) < MIN_CHARS:
-                continue
-            f.write(json.dumps({"text": text, "source": "python-stdlib", "path": str(path.relative_to(root))},
-                               ensure_ascii=False) + "\n")
-            documents += 1
-            chars += len(text)
+            if len(text) >= MIN_CHARS:
+                write_document(f, text, "python-stdlib", str(path.relative_to(root)), counts)
     manifest = {
         "format": MANIFEST_FORMAT,
         "document_unit": "module file: its docstrings joined by a blank line",
         "python": platform.python_version(),
         "packages": [{"name": "python-stdlib", "version": platform.python_version(), "licenses": ["PSF-2.0"],
-                      "counts": {"documents": documents, "chars": chars}}],
-        "corpus": {"path": "corpus.jsonl", "bytes": corpus_path.stat().st_size, "sha256": sha256_file(corpus_path)},
+                      "counts": {"documents": counts.documents, "chars": counts.chars}}],
+        "corpus": corpus_entry(out),
         "build_seconds": round(time.monotonic() - start, 2),
     }
-    atomic_write_text(manifest_path, json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
+    write_manifest(out, manifest)
     return manifest, True
 
 

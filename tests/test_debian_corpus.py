@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from hataori.cli import main as hataori_main
-from hataori.corpus.debian_ja import Counts, Deduplicator, file_documents, license_names, package_list
+from hataori.corpus.debian_ja import file_documents, license_names, package_list
+from hataori.corpus.output import Counts, Deduplicator
 from hataori.corpus.extract import has_kana, markup_paragraphs, plain_paragraphs, troff_paragraphs
 from hataori.errors import HataoriError
 
