@@ -30,6 +30,7 @@ under ``slurm/``:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import shutil
@@ -37,8 +38,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hataori.config import command_items, load, to_yaml
-from hataori.errors import ConfigError, HataoriError
+from hataori.config import command_items, file_keys, load, to_yaml
+from hataori.errors import ConfigError, HataoriError, InputError
 from hataori.fsutil import atomic_write_text
 from hataori.slurm.config import TIME_FORMATS, SlurmConfig
 from hataori.slurm.sbatch import render
@@ -107,6 +108,17 @@ def job_config(args: argparse.Namespace, overrides: list[str]) -> SlurmConfig:
         raise ConfigError(f"{SLURM_PREFIX}{err.key}" if err.key else "slurm", err.message) from None
 
 
+def refuse_cluster_profiles(files: list[str]) -> None:
+    """A cluster profile passed among the training presets is named, with ``--cluster``, instead of
+    meeting the training config's unknown-key error."""
+    job_keys = {field.name for field in dataclasses.fields(SlurmConfig)}
+    for path in files:
+        keys = file_keys(path) - {"base"}
+        if keys and keys <= job_keys:
+            raise InputError(path, f"is a cluster profile (it sets {', '.join(sorted(keys))}); pass it with "
+                                   f"--cluster {path}")
+
+
 def main(args: argparse.Namespace) -> int:
     # torch (~1.2 s) loads with the training config: not for `hataori slurm submit --help`
     from hataori.train.config import load_train_config
@@ -117,6 +129,7 @@ def main(args: argparse.Namespace) -> int:
     files, overrides = command_items([item for item in args.config if not item.startswith(SLURM_PREFIX)], {
         "--data": ("data.datasets", [parse_source(item) for item in args.data] if args.data else None),
         "--run-dir": ("run_dir", args.run_dir)})
+    refuse_cluster_profiles(files)
     cfg = load_train_config(files, overrides)
     check(cfg, world_size=slurm.world_size)
 

@@ -158,6 +158,10 @@ def test_cluster_profile_composes_with_flags_and_job_overrides(ja_shards, tmp_pa
     assert "slurm.time: the job's time limit is not set; pass --time" in capsys.readouterr().err
     assert hataori_main([*common, "--cluster", str(TEST_CLUSTER), "--time", "9", "slurm.nodez=2"]) == 2
     assert "slurm.nodez: unknown key" in capsys.readouterr().err and not run_dir.exists()
+    # a profile among the training presets: named, with the option it belongs to
+    assert hataori_main(["slurm", "submit", str(TOY), str(profile), *common[3:], "--time", "9"]) == 2
+    err = capsys.readouterr().err
+    assert f"{profile}: is a cluster profile (it sets account, " in err and f"pass it with --cluster {profile}" in err
 
 
 # Every sbatch --time format, the seconds worked out by hand, and the D-HH:MM:SS the script is given.
