@@ -7,8 +7,11 @@ causal half of the score matrix: forward ``2 * 2 * B * H * T^2 * Dh / 2``, backw
 the backward's time is the forward+backward's less the forward's. ``--json PATH`` also writes the
 rows as JSON. It times, it never asserts a time.
 
-On a CUDA GPU every provider runs, timed by ``triton.testing.do_bench``. On a CPU (``--device cpu``)
-only SDPA runs, timed with a wall clock, as a rehearsal of the script and its output; without
+On a CUDA GPU every provider runs, timed by ``triton.testing.do_bench``: our Triton kernel, SDPA as
+torch dispatches it and held to each of its backends (flash, cuDNN, memory-efficient), and flash-attn
+when installed. The byte counts are those of grouped-query inputs for every provider. On a CPU (``--device cpu``)
+SDPA alone runs (as dispatched, held to flash, and to cuDNN, which says it cannot run there), timed with
+a wall clock, as a rehearsal of the script and its output; without
 ``--device cpu`` and without a GPU it says so and exits 0.
 
     python kernels/bench_attention.py [--dtype bf16] [--heads 32] [--kv-heads 8] [--tokens 16384]
@@ -38,13 +41,33 @@ def _sdpa(q, k, v):
     return out.transpose(1, 2)
 
 
+def _sdpa_with(backend):
+    """SDPA held to one backend, on k and v expanded to every query head beforehand (outside the
+    timing; some backends take no grouped-query inputs)."""
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q, k, v):
+        with sdpa_kernel(backend):
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True)
+        return out.transpose(1, 2)
+
+    run.expand_kv = True
+    return run
+
+
 def _providers(device: torch.device):
-    """name -> fn(q, k, v) on (B, T, H, Dh) / (B, T, H_kv, Dh), causal."""
-    if device.type != "cuda":
-        return {"sdpa": _sdpa}
+    """name -> fn(q, k, v) on (B, T, H, Dh) / (B, T, H_kv, Dh), causal. On CUDA SDPA runs as torch
+    dispatches it (``sdpa``) and held to each of its backends in turn, so that the best of them is known."""
+    from torch.nn.attention import SDPBackend
+
+    sdpa = {"sdpa": _sdpa, "sdpa-flash": _sdpa_with(SDPBackend.FLASH_ATTENTION),
+            "sdpa-cudnn": _sdpa_with(SDPBackend.CUDNN_ATTENTION)}
+    if device.type != "cuda":  # cuDNN's backend cannot run there: its row says so
+        return sdpa
     from hataori.kernels.attention import flash_attention  # Triton compiles it for the GPU: on CUDA only
 
-    providers = {"triton": flash_attention, "sdpa": _sdpa}
+    providers = {"triton": flash_attention, **sdpa, "sdpa-efficient": _sdpa_with(SDPBackend.EFFICIENT_ATTENTION)}
     try:
         from flash_attn import flash_attn_func
     except ImportError:
@@ -101,12 +124,16 @@ def measure(provider: str, fn, *, batch: int, seq_len: int, heads: int, kv_heads
     fwd_bytes = 2 * q_bytes + 2 * kv_bytes  # q, k, v in; out
     bwd_bytes = 3 * q_bytes + 4 * kv_bytes  # q, k, v, out, dO in; dQ, dK, dV out (delta aside)
     row = {"provider": provider, "head_dim": head_dim, "seq_len": seq_len, "batch": batch}
+    if getattr(fn, "expand_kv", False):
+        k, v = (x.repeat_interleave(heads // kv_heads, dim=2) for x in (k, v))  # (B, T, H, Dh)
     qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
     try:
         fwd_ms = _time_ms(lambda: fn(q, k, v), device)
         both_ms = _time_ms(lambda: fn(qg, kg, vg).backward(dout), device)
     except torch.OutOfMemoryError:
         return {**row, "note": "out of memory"}
+    except RuntimeError as err:  # a backend held to shapes or a build it does not support
+        return {**row, "note": f"cannot run: {str(err).splitlines()[0][:200]}"}
     bwd_ms = both_ms - fwd_ms
     if provider == "triton":
         row["configs"] = _tuned_configs()
@@ -117,7 +144,7 @@ def measure(provider: str, fn, *, batch: int, seq_len: int, heads: int, kv_heads
 
 
 def format_row(row: dict) -> str:
-    head = f"{row['provider']:>10} {row['head_dim']:>4} {row['seq_len']:>6} {row['batch']:>3}"
+    head = f"{row['provider']:>14} {row['head_dim']:>4} {row['seq_len']:>6} {row['batch']:>3}"
     if "note" in row:
         return f"{head}  {row['note']}"
     bwd = "-" if row["bwd_tflops"] is None else f"{row['bwd_tflops']:.1f}"
@@ -148,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     providers = _providers(device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"{name}  {args.dtype}  causal  H={args.heads} H_kv={args.kv_heads}  {args.tokens} tokens per batch")
-    print(f"{'provider':>10} {'Dh':>4} {'T':>6} {'B':>3} {'fwd TFLOP/s':>12} {'bwd TFLOP/s':>12} "
+    print(f"{'provider':>14} {'Dh':>4} {'T':>6} {'B':>3} {'fwd TFLOP/s':>12} {'bwd TFLOP/s':>12} "
           f"{'fwd+bwd TFLOP/s':>16} {'fwd GB/s':>9} {'fwd+bwd GB/s':>13}")
     rows = []
     for head_dim in args.head_dims:
@@ -159,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                                     device=device))
                 print(format_row(rows[-1]), flush=True)
                 if "configs" in rows[-1]:
-                    print(f"{'':>26}autotuned: {rows[-1]['configs']}")
+                    print(f"{'':>30}autotuned: {rows[-1]['configs']}")
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     if args.json:

@@ -17,7 +17,7 @@ from hataori.model import ModelConfig
 
 
 def _load_benchmark(path: Path):
-    """Import a script of benchmarks/ (a folder of scripts, not a package) by its path."""
+    """Import a script of benchmarks/ or scripts/ (folders of scripts, not packages) by its path."""
     spec = importlib.util.spec_from_file_location(f"benchmarks_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built

@@ -42,8 +42,10 @@ def test_rehearsal_writes_every_stage_and_figure(tmp_path):
     assert [record["step"] for record in pretrain["train"]] == [1, 2]
     assert pretrain["val"]["loss"] == pytest.approx(pretrain["reference_val_loss"], rel=1e-5)
     # each benchmark's rows, with the keys the targets read
-    assert {(r["provider"], r["seq_len"]) for r in results["attention"]["rows"]} == {("sdpa", 64), ("sdpa", 128)}
-    assert all(r["fwd_tflops"] > 0 for r in results["attention"]["rows"])
+    rows = {(r["provider"], r["seq_len"]): r for r in results["attention"]["rows"]}
+    assert set(rows) == {(provider, t) for provider in ("sdpa", "sdpa-flash", "sdpa-cudnn") for t in (64, 128)}
+    assert all(rows[provider, t]["fwd_tflops"] > 0 for provider in ("sdpa", "sdpa-flash") for t in (64, 128))
+    assert rows["sdpa-cudnn", 64]["note"].startswith("cannot run: ")  # a backend that cannot run is a row saying so
     assert {(r["vocab"], r["loss"]) for r in results["cross_entropy"]["rows"]} == {
         (v, loss) for v in (1000, 64000) for loss in ("plain", "chunked")}
     model_rows = results["model_step"]["rows"]
@@ -76,3 +78,30 @@ def test_only_runs_the_stages_named(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((tmp_path / "gpu-check.json").read_text())
     assert list(results["stages"]) == ["cross_entropy"] and "attention" not in results
+
+
+def test_targets_read_the_right_figures():
+    """The targets on made-up GPU figures, worked out by hand: attention at head dim 128 and 4k-8k only,
+    SDPA's best backend (a backend that could not run left out), the fastest 1b variant, the 64k loss."""
+    from test_bench_model import _load_benchmark
+
+    gpu_check = _load_benchmark(REPO / "scripts" / "gpu_check.py")
+
+    def row(provider, head_dim, seq_len, fwd, bwd):
+        return {"provider": provider, "head_dim": head_dim, "seq_len": seq_len, "fwd_tflops": fwd, "bwd_tflops": bwd}
+
+    attention = [row("triton", 128, 4096, 400.0, 280.0), row("triton", 128, 8192, 460.0, 250.0),
+                 row("triton", 128, 16384, 999.0, 999.0), row("triton", 64, 8192, 999.0, 999.0),
+                 row("sdpa", 128, 8192, 300.0, 200.0), row("sdpa-flash", 128, 4096, 500.0, 240.0),
+                 {"provider": "sdpa-cudnn", "head_dim": 128, "seq_len": 8192, "note": "cannot run: no"}]
+    model = [{"name": "sdpa+torch", "tokens_per_s": 40_000.0, "mfu": 0.4},
+             {"name": "triton+triton", "tokens_per_s": 50_000.0, "mfu": 0.5}, {"name": "flash", "tokens_per_s": None}]
+    ce = [{"vocab": 64000, "loss": "plain", "peak_gib": 4.0}, {"vocab": 64000, "loss": "chunked", "peak_gib": 0.9},
+          {"vocab": 32000, "loss": "chunked", "peak_gib": 0.1}]
+    got = {row["what"].split(" (")[0]: row for row in gpu_check.targets(
+        {"attention": {"rows": attention}, "model_step": {"rows": model}, "cross_entropy": {"rows": ce}})}
+    assert [(r["measured"], r["met"]) for r in got.values()] == [
+        (460.0, True), (280.0, False), (460.0 / 500.0, False), (280.0 / 240.0, True), (50_000.0, True),
+        (0.9 / 4.0, True)]
+    assert "triton+triton, MFU 50.0%" in got["1b preset, seq 4096, bf16, one GPU"]["note"]
+    assert all(r["measured"] is None and r["met"] is None for r in gpu_check.targets({}))
