@@ -92,7 +92,10 @@ on_usr1() {
 }
 trap on_usr1 USR1
 trap 'forward TERM' TERM
-( sleep $((TIME_LIMIT_S - STOP_BEFORE_S - SECONDS)) && kill -USR1 $$ ) &
+# The timer: its sleep is killed with it, so that nothing of the job outlives the job.
+( trap 'kill "$sleep_pid" 2>/dev/null; exit 0' TERM
+  sleep $((TIME_LIMIT_S - STOP_BEFORE_S - SECONDS)) & sleep_pid=$!
+  wait "$sleep_pid" && kill -USR1 $$ ) &
 timer_pid=$!
 
 srun --kill-on-bad-exit=1 {{srun_options}}"$PYTHON" -m hataori.cli pretrain {{train_args}} &

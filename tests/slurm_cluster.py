@@ -96,7 +96,7 @@ class SlurmCluster:
         """Cancel every job, shut the daemons down, kill what is left and stop munged."""
         if self.conf.exists() and any(p.poll() is None for p in self._daemons):
             self.run(["scancel", "--full", "--user", "root"], check=False)
-            self._wait(lambda: not self._job_processes(), "job processes to end", timeout=30, fail=False)
+            self._wait(lambda: not self.job_processes(), "job processes to end", timeout=30, fail=False)
             self.run(["scontrol", "shutdown"], check=False)
         deadline = time.monotonic() + STOP_TIMEOUT_S
         for proc in self._daemons:
@@ -105,7 +105,7 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        for pid in self._job_processes():
+        for pid in self.job_processes():
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -222,7 +222,7 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
         states = re.findall(r"State=(\S+)", result.stdout)
         return len(states) == len(NODES) and all(s.split("+")[0] == "IDLE" for s in states)
 
-    def _job_processes(self) -> list[int]:
+    def job_processes(self) -> list[int]:
         """Processes of this cluster's jobs (batch shells and tasks): their environment names this
         cluster's config and a job id. The daemons' own helpers (slurmscriptd) carry no job id."""
         marker = f"SLURM_CONF={self.conf}".encode()

@@ -289,6 +289,12 @@ def test_two_node_job_pretrains_to_completion(slurm_cluster, uninterrupted):
     assert f"last step: {STEPS} of {STEPS}" in shown.stdout
     assert f"last complete checkpoint: step {STEPS}" in shown.stdout
     assert status(slurm_cluster, run_dir, "--finished").returncode == 0
+    # nothing of the job outlives it: the batch script's timer and its sleep end with the script
+    deadline = time.monotonic() + 10
+    while slurm_cluster.job_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not slurm_cluster.job_processes(), [Path(f"/proc/{pid}/cmdline").read_bytes()
+                                               for pid in slurm_cluster.job_processes()]
 
 
 @pytest.mark.timeout(600)
