@@ -18,6 +18,7 @@ under HATAORI_GPU_REHEARSAL=1, the benchmarks' CPU modes) to check the script it
 its stages' command lines and the files it writes. Exit status 0 when every stage passed, 1 otherwise.
 
     python scripts/gpu_check.py [--out DIR] [--only tests,attention] [--rehearse] [--workers N]
+        [--time-budget SECONDS]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import datetime
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import platform
 import shutil
@@ -42,6 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 KERNEL_TESTS = ["tests/test_kernel_attention.py", "tests/test_kernel_cross_entropy.py", "tests/test_kernel_rmsnorm.py",
                 "tests/test_kernel_rope.py", "tests/test_kernel_swiglu.py", "tests/test_kernel_model.py",
                 "tests/test_model.py", "tests/test_gpu.py"]
+MIN_STAGE_S = 20
+"""Under --time-budget, a stage with less time than this left is not started."""
 STAGES = ("tests", "attention", "cross_entropy", "model_step")
 """The stages, in the order they run."""
 PACKAGES = ("torch", "triton", "deepspeed", "flash-attn", "transformers", "sentencepiece", "numpy", "hataori")
@@ -334,7 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rehearse", action="store_true", help="run every stage on the CPU at toy sizes")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="pytest-xdist processes for the tests, when pytest-xdist is installed (default 8)")
+    parser.add_argument("--time-budget", type=float, metavar="SECONDS",
+                        help="the whole check's time: each stage's limit is cut to what is left, and a stage with "
+                             f"less than {MIN_STAGE_S} s left is not run (default: each stage's own limit)")
     args = parser.parse_args(argv)
+    began = time.monotonic()
     import torch
 
     if not args.rehearse and not torch.cuda.is_available():
@@ -342,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                      "run with --rehearse to check the script on the CPU")
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
+    if args.time_budget is not None and not args.time_budget > 0:
+        parser.error(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
     wanted = STAGES
     if args.only:
         wanted = tuple(name.strip() for name in args.only.split(","))
@@ -366,6 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     write(out, results)
     with open(out / "gpu-check.log", "w", encoding="utf-8") as log:
         for stage in plan:
+            left = math.inf if args.time_budget is None else args.time_budget - (time.monotonic() - began)
+            if left < MIN_STAGE_S:
+                results["stages"][stage.name] = {"status": "not run", "seconds": 0,
+                                                 "note": f"{max(left, 0):.0f} s of --time-budget left"}
+                write(out, results)
+                continue
+            stage = dataclasses.replace(stage, timeout_s=int(min(stage.timeout_s, left)))
             results["stages"][stage.name] = run_stage(stage, log)
             if stage.name == "tests":
                 results["tests"] = read_tests(work / "tests.xml")

@@ -12,8 +12,8 @@
 #                  when a folder .whl is at the repository root.
 #   --no-install   use the environment as it is (hataori and its dependencies installed already).
 #   otherwise      pip install -e . from the package index.
-# gpu_check.py options: --out DIR, --only STAGES, --workers N, --rehearse (every stage on the CPU at
-# toy sizes: checks this script before GPU time is spent on it).
+# gpu_check.py options: --out DIR, --only STAGES, --workers N, --time-budget SECONDS, --rehearse (every
+# stage on the CPU at toy sizes: checks this script before GPU time is spent on it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

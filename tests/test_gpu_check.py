@@ -67,17 +67,27 @@ def test_options_are_checked_before_anything_runs(tmp_path):
     assert result.returncode == 2 and f"--wheels {tmp_path}: no .whl files there" in result.stderr
     result = gpu_check("--rehearse", "--workers", "0", "--out", str(tmp_path / "b"))
     assert result.returncode == 2 and "--workers must be at least 1" in result.stderr
+    result = gpu_check("--rehearse", "--time-budget", "-5", "--out", str(tmp_path / "b"))
+    assert result.returncode == 2 and "--time-budget must be a positive number of seconds, got -5" in result.stderr
     if not ON_GPU:
         result = gpu_check("--out", str(tmp_path / "c"))
         assert result.returncode == 2 and "no CUDA device here" in result.stderr and "--rehearse" in result.stderr
     assert not any((tmp_path / name).exists() for name in "abc")  # nothing written for a refused run
 
 
-def test_only_runs_the_stages_named(tmp_path):
-    result = gpu_check("--rehearse", "--only", "cross_entropy", "--out", str(tmp_path))
+def test_only_runs_the_stages_named_and_the_budget_stops_stages(tmp_path):
+    result = gpu_check("--rehearse", "--only", "cross_entropy", "--out", str(tmp_path / "a"))
     assert result.returncode == 0, result.stderr[-2000:]
-    results = json.loads((tmp_path / "gpu-check.json").read_text())
+    results = json.loads((tmp_path / "a" / "gpu-check.json").read_text())
     assert list(results["stages"]) == ["cross_entropy"] and "attention" not in results
+    # 10 s for the whole check: no stage has the 20 s a stage needs to start, each says so, and the check fails
+    result = gpu_check("--rehearse", "--only", "attention,cross_entropy", "--time-budget", "10",
+                       "--out", str(tmp_path / "b"))
+    assert result.returncode == 1
+    stages = json.loads((tmp_path / "b" / "gpu-check.json").read_text())["stages"]
+    assert [(name, stage["status"]) for name, stage in stages.items()] == [("attention", "not run"),
+                                                                           ("cross_entropy", "not run")]
+    assert stages["attention"]["note"].endswith(" s of --time-budget left")
 
 
 def test_targets_read_the_right_figures():
