@@ -608,6 +608,16 @@ def test_cli_errors_with_a_train_preset(capsys, argv, message):
     assert status == 2 and message in err and not out
 
 
+def test_cli_train_preset_must_start_on_the_gpus_planned(capsys):
+    """The 7b preset's 4,194,304 tokens a step are 2 x 4096 x 10 x 51.2 on 10 GPUs: pretrain would refuse to
+    start, so the plan does too, naming the key and the GPU count; on 16 GPUs they are 32 micro-batches."""
+    status, out, err = run_plan(capsys, str(CONFIGS / "train" / "7b.yaml"), "--gpus", "10")
+    assert status == 2 and not out
+    assert "zero.global_batch_tokens: 4194304 tokens is not a whole number of micro-batches" in err
+    assert "(planned on 10 GPUs: plan.gpus, --gpus)" in err
+    assert run_plan(capsys, str(CONFIGS / "train" / "7b.yaml"), "--gpus", "16")[0] == 0
+
+
 def test_cli_plan_keys_and_machine_files_are_the_flags(capsys, tmp_path):
     """Every flag, its plan.KEY=VALUE and a machine profile with the key give one report; profiles apply in
     order, with plan.KEY=VALUE and the flags over them."""

@@ -809,6 +809,10 @@ def load_workload(config: str | Path, items: Sequence[str] = (), *, machines: Se
             raise _naming_flag(err, preset_flags) from None
         model, zero, seq_len, lora = cfg.model, cfg.zero, cfg.data.seq_len, cfg.lora
         micro_batch, precision, bucket = zero.micro_batch_size, zero.precision, zero.bucket_elements
+        try:  # the run must be able to start on these GPUs, as pretrain checks before any rank starts
+            zero.grad_accum_steps(seq_len=seq_len, world_size=machine.gpus)
+        except ConfigError as err:
+            raise ConfigError(err.key, f"{err.message} (planned on {machine.gpus} GPUs: plan.gpus, --gpus)") from None
     else:
         model = load(ModelConfig, [path, *files], overrides)
         micro_batch, precision = machine.micro_batch, machine.precision
