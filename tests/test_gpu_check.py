@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
-ON_GPU = __import__("torch").cuda.is_available()
+ON_GPU = torch.cuda.is_available()
 
 
 def gpu_check(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
