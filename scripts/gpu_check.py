@@ -17,7 +17,7 @@ keeps what it measured. ``--rehearse`` runs every stage on the CPU at toy sizes 
 under HATAORI_GPU_REHEARSAL=1, the benchmarks' CPU modes) to check the script itself: its arguments,
 its stages' command lines and the files it writes. Exit status 0 when every stage passed, 1 otherwise.
 
-    python scripts/gpu_check.py [--out DIR] [--only tests,attention] [--rehearse] [--workers N]
+    python scripts/gpu_check.py [--out DIR [--replace]] [--only tests,attention] [--rehearse] [--workers N]
         [--time-budget SECONDS]
 """
 
@@ -39,6 +39,9 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+from hataori.errors import InputError
+from hataori.fsutil import check_output
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_TESTS = ["tests/test_kernel_attention.py", "tests/test_kernel_cross_entropy.py", "tests/test_kernel_rmsnorm.py",
@@ -336,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="folder for the results (default benchmarks/results/gpu-check-DATE)")
     parser.add_argument("--only", help="comma-separated stages to run (default: all, in order)")
     parser.add_argument("--rehearse", action="store_true", help="run every stage on the CPU at toy sizes")
+    parser.add_argument("--replace", action="store_true", help="write over the results an earlier check left in --out")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="pytest-xdist processes for the tests, when pytest-xdist is installed (default 8)")
     parser.add_argument("--time-budget", type=float, metavar="SECONDS",
@@ -359,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"--only: unknown stage {', '.join(unknown)}; choose from {', '.join(STAGES)}")
     out = args.out or REPO / "benchmarks" / "results" / f"gpu-check-{datetime.date.today().isoformat()}"
+    try:  # a GPU's figures are not written over unasked
+        check_output(out, args.replace, "--out")
+    except InputError as err:
+        parser.error(str(err))
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="hataori-gpu-check-"))
     env = environment()

@@ -74,10 +74,17 @@ def test_options_are_checked_before_anything_runs(tmp_path):
         result = gpu_check("--out", str(tmp_path / "c"))
         assert result.returncode == 2 and "no CUDA device here" in result.stderr and "--rehearse" in result.stderr
     assert not any((tmp_path / name).exists() for name in "abc")  # nothing written for a refused run
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "gpu-check.json").write_text("{}")  # an earlier check's results
+    result = gpu_check("--rehearse", "--only", "cross_entropy", "--out", str(tmp_path / "d"))
+    assert result.returncode == 2 and "output folder exists and is not empty; pass --replace" in result.stderr
+    assert (tmp_path / "d" / "gpu-check.json").read_text() == "{}"
 
 
 def test_only_runs_the_stages_named_and_the_budget_stops_stages(tmp_path):
-    result = gpu_check("--rehearse", "--only", "cross_entropy", "--out", str(tmp_path / "a"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "gpu-check.json").write_text("{}")
+    result = gpu_check("--rehearse", "--only", "cross_entropy", "--out", str(tmp_path / "a"), "--replace")
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((tmp_path / "a" / "gpu-check.json").read_text())
     assert list(results["stages"]) == ["cross_entropy"] and "attention" not in results
