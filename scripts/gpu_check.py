@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -171,8 +172,6 @@ class _Deadline:
     """Kills a stage's whole process group once its time is up."""
 
     def __init__(self, proc: subprocess.Popen, seconds: float):
-        import threading
-
         self.fired = False
         self._proc = proc
         self._timer = threading.Timer(seconds, self._kill)
