@@ -1,8 +1,9 @@
 """hataori: a pretraining framework for Japanese decoder-only language models.
 
-The top-level folders (corpus/, model/, tokenizer/, train/, kernels/, slurm/, eval/) install as subpackages of the
-``hataori`` import namespace, so nothing lands in site-packages under a bare name that other
-distributions already own (``kernels``, ``tokenizer`` and ``train`` are taken on PyPI).
+Every stage's folder (corpus/, tokenizer/, train/, model/, kernels/, eval/, slurm/) lives inside hataori/, so
+neither an install nor a Python started in the repository (whose folder is then on sys.path) has a bare
+``kernels``, ``tokenizer`` or ``train`` that could hide the distributions of those names: transformers
+imports Hugging Face's ``kernels``.
 """
 
 from setuptools import setup
@@ -17,8 +18,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["hataori", *(f"hataori.{name}" for name in SUBPACKAGES)],
-    package_dir={"hataori": "hataori", **{f"hataori.{name}": name for name in SUBPACKAGES}},
-    # The JGLUE files evaluation reads offline (CC BY-SA 4.0; eval/jglue/README.md and LICENSE go with them).
+    # The JGLUE files evaluation reads offline (CC BY-SA 4.0; hataori/eval/jglue/README.md and LICENSE go with them).
     package_data={"hataori.eval": ["jglue/*.json", "jglue/LICENSE", "jglue/README.md"]},
     install_requires=[
         "torch>=2.4",

@@ -41,8 +41,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   exit 2
 fi
 
-# The repository's own hataori/ folder holds only the top-level modules (setup.py maps the subpackages in):
-# keep the current folder off sys.path (Python >= 3.11) so that the installed package is the one imported.
+# Keep the current folder off sys.path (Python >= 3.11), so that the copy installed above is the one imported
+# and its check below sees what is missing from the install, not the repository's hataori/.
 export PYTHONSAFEPATH=1
 start=$(date +%s)
 if [ "$INSTALL" = 1 ]; then

@@ -1,19 +1,19 @@
-"""The import graph between hataori's top-level folders; exits 1 when two folders import each other.
+"""The import graph between hataori's folders; exits 1 when two folders import each other.
 
     python scripts/import_graph.py [--root DIR]
     python -m scripts.import_graph [--root DIR]
 
-Every top-level folder of the repository with an ``__init__.py`` is a subpackage (``hataori.NAME``,
-setup.py's SUBPACKAGES) and a node of the graph. Each of its ``.py`` files is parsed with ``ast``,
+Every folder of hataori/ with an ``__init__.py`` is a subpackage (``hataori.NAME``, setup.py's
+SUBPACKAGES) and a node of the graph. Each of its ``.py`` files is parsed with ``ast``,
 and every import of a hataori module counts: ``import hataori.X...``, ``from hataori.X... import``,
 ``from hataori import X``, relative imports, and ``importlib.import_module("hataori.X...")`` with a
 literal (or an f-string whose literal start names the folder); at module level and inside
 functions alike. An edge ``train -> model (12)`` says that 12 import statements of train/ import
 model/. Imports inside a folder are no edge.
 
-The hataori/ package itself is two nodes:
+The modules directly in hataori/ are two nodes:
 
-- ``hataori``: config.py, errors.py, fsutil.py and ``__init__.py``, shared by all. Every folder may
+- ``hataori``: config.py, errors.py, fsutil.py, sourcespec.py and ``__init__.py``, shared by all. Every folder may
   import them; they import no folder.
 - ``cli``: hataori/cli.py, the command map. It names the module of each command as a string
   (``COMMANDS``) and imports only the chosen one (``importlib``), so its edges are the module paths
@@ -71,15 +71,15 @@ class Import:
 
 
 def subpackages(root: Path) -> list[str]:
-    """The top-level folders of ``root`` that are packages, hataori/ itself aside."""
-    return sorted(p.name for p in root.iterdir()
-                  if p.is_dir() and p.name != PACKAGE and (p / "__init__.py").is_file())
+    """The folders of ``root``/hataori that are packages."""
+    return sorted(p.name for p in (root / PACKAGE).iterdir() if p.is_dir() and (p / "__init__.py").is_file())
 
 
 def node_of_file(rel: Path) -> str:
-    if rel.parts[0] == PACKAGE:
-        return CLI if rel.parts[1:] == ("cli.py",) else SHARED
-    return rel.parts[0]
+    """The node of a file of hataori/, by its path from the root (``hataori/train/zero.py``: train)."""
+    if len(rel.parts) == 2:
+        return CLI if rel.parts[1] == "cli.py" else SHARED
+    return rel.parts[1]
 
 
 def node_of_module(module: str, folders: set[str]) -> str | None:
@@ -94,10 +94,7 @@ def node_of_module(module: str, folders: set[str]) -> str | None:
 
 def package_of(rel: Path) -> list[str]:
     """The dotted package a file's relative imports start from, as its parts."""
-    parts = list(rel.with_suffix("").parts)
-    if parts[0] != PACKAGE:
-        parts.insert(0, PACKAGE)
-    return parts[:-1]  # a module's package; for __init__.py the package itself
+    return list(rel.with_suffix("").parts)[:-1]  # a module's package; for __init__.py the package itself
 
 
 def imported_modules(tree: ast.AST, package: list[str]) -> Iterator[tuple[list[str], int, bool]]:
@@ -149,8 +146,7 @@ def scan(root: Path) -> tuple[list[str], list[Import]]:
     """The nodes (folders, then cli and hataori) and every import of a hataori module among them."""
     folders = subpackages(root)
     known = set(folders)
-    files = [p for folder in (*folders, PACKAGE) for p in sorted((root / folder).rglob("*.py"))
-             if "__pycache__" not in p.parts]
+    files = [p for p in sorted((root / PACKAGE).rglob("*.py")) if "__pycache__" not in p.parts]
     imports = []
     for path in files:
         rel = path.relative_to(root)
@@ -256,10 +252,10 @@ def breaches(edges: dict[tuple[str, str], list[Import]]) -> list[tuple[str, list
     found = []
     for (a, b), imps in sorted(edges.items()):
         if a == SHARED:
-            found.append((f"hataori/ (config, errors, fsutil, sourcespec) imports {b}/: only hataori/cli.py may import the "
-                          "folders; move the code that needs it into a folder", imps))
+            found.append((f"hataori/'s shared modules (config, errors, fsutil, sourcespec) import hataori/{b}/: only "
+                          "hataori/cli.py may import the folders; move the code that needs it into a folder", imps))
         elif b == CLI:
-            found.append((f"{a}/ imports hataori.cli: the command map sits above every folder; "
+            found.append((f"hataori/{a}/ imports hataori.cli: the command map sits above every folder; "
                           "import the command's own module instead", imps))
     return found
 
@@ -273,8 +269,8 @@ def report(root: Path, out=sys.stdout) -> int:
     order = [v for layer in layers(nodes, edges) for v in layer] if not found_cycles else nodes
     rank = {v: i for i, v in enumerate(order)}
 
-    print(f"folders: {', '.join(n for n in nodes if n not in (CLI, SHARED))}; "
-          f"hataori/ as {CLI} (cli.py, the command map) and {SHARED} (config, errors, fsutil, sourcespec: shared)", file=out)
+    print(f"folders of hataori/: {', '.join(n for n in nodes if n not in (CLI, SHARED))}; its own modules as {CLI} "
+          f"(cli.py, the command map) and {SHARED} (config, errors, fsutil, sourcespec: shared)", file=out)
     print("\nimports between folders: importer -> imported (import statements, and how many inside functions)",
           file=out)
     for (a, b) in sorted(edges, key=lambda e: (rank[e[0]], rank[e[1]])):

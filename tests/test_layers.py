@@ -45,15 +45,15 @@ def test_a_cycle_through_an_import_inside_a_function_fails(tmp_path):
     root = write_tree(tmp_path, {
         "hataori/errors.py": "",
         "hataori/cli.py": 'COMMANDS = {"run": "hataori.low.b"}\n',
-        "high/a.py": "from hataori.errors import Oops\nfrom hataori.low.b import f\n",
-        "low/b.py": "import os\n\n\ndef f():\n    from hataori.high import a\n    return a\n",
+        "hataori/high/a.py": "from hataori.errors import Oops\nfrom hataori.low.b import f\n",
+        "hataori/low/b.py": "import os\n\n\ndef f():\n    from hataori.high import a\n    return a\n",
     })
     result = import_graph("--root", str(root))
     assert result.returncode == 1, result.stdout + result.stderr
     out = result.stdout
     assert "CYCLE: high -> low -> high" in out
-    assert "high/a.py:2 hataori.low.b" in out
-    assert "low/b.py:5 hataori.high (inside a function)" in out
+    assert "hataori/high/a.py:2 hataori.low.b" in out
+    assert "hataori/low/b.py:5 hataori.high (inside a function)" in out
     assert "  low -> high (1, 1 inside functions)" in out and "  cli -> low (1)" in out
     assert "imports of hataori modules inside functions: 1 (low 1)" in out
     assert "allowed direction" not in out  # there is none
@@ -64,12 +64,12 @@ def test_layers_edges_and_counts_of_an_acyclic_tree(tmp_path):
     root = write_tree(tmp_path, {
         "hataori/config.py": "",
         "hataori/cli.py": 'COMMANDS = {"go": "hataori.top.run", "help": "not a module path"}\n',
-        "top/run.py": ("from hataori import config, mid\nimport hataori.low.c\n\n\n"
+        "hataori/top/run.py": ("from hataori import config, mid\nimport hataori.low.c\n\n\n"
                        "def main():\n    from . import other\n    from hataori.mid.m import g\n"),
-        "top/other.py": "",
-        "mid/m.py": ("import importlib\nfrom ..low import c\n\n\n"
+        "hataori/top/other.py": "",
+        "hataori/mid/m.py": ("import importlib\nfrom ..low import c\n\n\n"
                      "def g(name):\n    return importlib.import_module(f'hataori.low.{name}')\n"),
-        "low/c.py": "from hataori.config import load\n",
+        "hataori/low/c.py": "from hataori.config import load\n",
     })
     result = import_graph("--root", str(root))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -79,7 +79,7 @@ def test_layers_edges_and_counts_of_an_acyclic_tree(tmp_path):
         assert f"\n  {edge}\n" in out, edge
     assert "\n  cli\n  top\n  mid\n  low\n  hataori\n" in out
     assert "imports of hataori modules inside functions: 3 (mid 1, top 2)" in out
-    assert "top/run.py (2): 6 hataori.top, 7 hataori.mid.m [mid]" in out
+    assert "hataori/top/run.py (2): 6 hataori.top, 7 hataori.mid.m [mid]" in out
 
 
 @pytest.mark.timeout(120)
@@ -87,12 +87,12 @@ def test_shared_modules_importing_a_folder_and_a_folder_importing_cli_are_refuse
     root = write_tree(tmp_path, {
         "hataori/config.py": "from hataori.low.c import X\n",
         "hataori/cli.py": "",
-        "low/c.py": "X = 1\n",
-        "other/d.py": "from hataori.cli import main\n",
+        "hataori/low/c.py": "X = 1\n",
+        "hataori/other/d.py": "from hataori.cli import main\n",
     })
     result = import_graph("--root", str(root))
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "NOT ALLOWED: hataori/ (config, errors, fsutil, sourcespec) imports low/" in result.stdout
+    assert "NOT ALLOWED: hataori/'s shared modules (config, errors, fsutil, sourcespec) import hataori/low/" in result.stdout
     assert "hataori/config.py:1 hataori.low.c" in result.stdout
-    assert "NOT ALLOWED: other/ imports hataori.cli" in result.stdout
-    assert "other/d.py:1 hataori.cli" in result.stdout
+    assert "NOT ALLOWED: hataori/other/ imports hataori.cli" in result.stdout
+    assert "hataori/other/d.py:1 hataori.cli" in result.stdout

@@ -14,7 +14,7 @@ SDPA alone runs (as dispatched, held to flash, and to cuDNN, which says it canno
 a wall clock, as a rehearsal of the script and its output; without
 ``--device cpu`` and without a GPU it says so and exits 0.
 
-    python kernels/bench_attention.py [--dtype bf16] [--heads 32] [--kv-heads 8] [--tokens 16384]
+    python -m hataori.kernels.bench_attention [--dtype bf16] [--heads 32] [--kv-heads 8] [--tokens 16384]
         [--seq-lens 1024,2048,4096,8192,16384] [--head-dims 64,128] [--json PATH] [--device cuda]
 """
 

@@ -13,7 +13,7 @@ vocabulary of V (defaults: N=8192, D=4096, V = 32k, 64k, 100k, bf16 inputs).
 
 ``--json PATH`` also writes the figures as JSON rows, one per vocabulary and loss.
 
-    python kernels/bench_cross_entropy.py [--tokens 8192] [--width 4096] [--chunk 2048] [--dtype bf16]
+    python -m hataori.kernels.bench_cross_entropy [--tokens 8192] [--width 4096] [--chunk 2048] [--dtype bf16]
         [--vocabs 32000,64000,100000] [--json PATH]
 """
 

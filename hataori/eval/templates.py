@@ -24,7 +24,7 @@ from hataori.config import load, require
 from hataori.errors import ConfigError
 from hataori.eval.tasks import TASKS, Example, Task
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "configs" / "eval"
+TEMPLATES = Path(__file__).resolve().parents[2] / "configs" / "eval"
 """configs/eval/ of the checkout hataori runs from (templates are configs, like the other presets)."""
 
 
