@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up the environment and run the whole test suite (CPU only; no GPU needed).
 # Builds the Debian Japanese corpus on first use into ~/.cache/hataori-tests and reuses it after.
+# HATAORI_VENV and HATAORI_UNLOCKED are setup.sh's (scripts/lock.sh runs the suite on the newest versions so).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -9,4 +10,4 @@ bash scripts/setup.sh
 if [ "$(id -u)" = 0 ] && ! { command -v sbatch && command -v munged; } >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
 fi
-exec .venv/bin/python -m pytest "$@"
+exec "${HATAORI_VENV:-.venv}/bin/python" -m pytest "$@"

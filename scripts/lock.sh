@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Refresh requirements.lock: install the newest versions setup.py's ranges allow into a fresh .venv-lock
+# (torch kept at the lock's version: a torch upgrade is a change of its own; edit the lock's torch line
+# first), run the whole test suite with them, and only when it passes write them as the new lock,
+# printing what changed. On a failure the lock is left as it was.
+#
+#   bash scripts/lock.sh [pytest options]
+#
+# Then `bash scripts/setup.sh` installs the new lock into .venv; commit requirements.lock on its own.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export HATAORI_VENV=.venv-lock HATAORI_UNLOCKED=1
+rm -rf "$HATAORI_VENV"
+if ! bash scripts/test.sh "$@"; then
+  echo "lock.sh: the suite failed on the newest versions ($HATAORI_VENV holds them); requirements.lock is unchanged" >&2
+  exit 1
+fi
+"$HATAORI_VENV/bin/python" scripts/requirements_lock.py freeze requirements.lock
