@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Wheels for a GPU machine without a package index: what hataori needs beyond a CUDA PyTorch image
 # (torch, triton, numpy, sentencepiece, tensorboard, transformers, safetensors, tokenizers, protobuf,
-# tqdm, pytest and setuptools are assumed there), at the versions installed in this checkout's .venv,
-# which the tests passed with. scripts/gpu_check.sh --wheels DIR installs them there.
+# tqdm, pytest and setuptools are assumed there), at the versions requirements.lock pins, which the
+# tests passed with. scripts/gpu_check.sh --wheels DIR installs them there.
 #
 #   bash scripts/gpu_wheels.sh [DIR] [--python-version 3.12]
 #
@@ -26,17 +26,17 @@ done
 PIP=(.venv/bin/python -m pip)
 [ -x .venv/bin/python ] || { echo "gpu_wheels.sh: no .venv here; run scripts/setup.sh first" >&2; exit 2; }
 
-version() { "${PIP[@]}" show "$1" 2>/dev/null | sed -n 's/^Version: //p'; }
+version() { .venv/bin/python scripts/requirements_lock.py version "$1"; }
 pins=()
 for name in hjson omegaconf pydantic pydantic-core annotated-types typing-inspection zstandard; do
   v=$(version "$name")
-  [ -n "$v" ] || { echo "gpu_wheels.sh: $name is not installed in .venv; run scripts/setup.sh" >&2; exit 2; }
   pins+=("$name==$v")
 done
+deepspeed=$(version deepspeed)
 mkdir -p "$DIR"
 "${PIP[@]}" download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d "$DIR" "${pins[@]}"
-"${PIP[@]}" wheel -q --no-deps --no-build-isolation -w "$DIR" "deepspeed==$(version deepspeed)"
+"${PIP[@]}" wheel -q --no-deps --no-build-isolation -w "$DIR" "deepspeed==$deepspeed"
 ls -1 "$DIR"
 du -sh "$DIR"

@@ -13,7 +13,8 @@ model/. Imports inside a folder are no edge.
 
 The modules directly in hataori/ are two nodes:
 
-- ``hataori``: config.py, errors.py, fsutil.py, sourcespec.py and ``__init__.py``, shared by all. Every folder may
+- ``hataori``: config.py, errors.py, fsutil.py, precision.py, sourcespec.py and ``__init__.py``, shared by
+  all. Every folder may
   import them; they import no folder.
 - ``cli``: hataori/cli.py, the command map. It names the module of each command as a string
   (``COMMANDS``) and imports only the chosen one (``importlib``), so its edges are the module paths
@@ -42,7 +43,7 @@ from typing import Iterator
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "hataori"
 SHARED = "hataori"
-"""The node of hataori/'s shared modules (config, errors, fsutil, sourcespec)."""
+"""The node of hataori/'s shared modules (config, errors, fsutil, precision, sourcespec)."""
 CLI = "cli"
 """The node of hataori/cli.py."""
 MODULE_PATH = re.compile(rf"{PACKAGE}(\.\w+)+")
@@ -252,8 +253,9 @@ def breaches(edges: dict[tuple[str, str], list[Import]]) -> list[tuple[str, list
     found = []
     for (a, b), imps in sorted(edges.items()):
         if a == SHARED:
-            found.append((f"hataori/'s shared modules (config, errors, fsutil, sourcespec) import hataori/{b}/: only "
-                          "hataori/cli.py may import the folders; move the code that needs it into a folder", imps))
+            found.append((f"hataori/'s shared modules (config, errors, fsutil, precision, sourcespec) import "
+                          f"hataori/{b}/: only hataori/cli.py may import the folders; move the code that needs it "
+                          "into a folder", imps))
         elif b == CLI:
             found.append((f"hataori/{a}/ imports hataori.cli: the command map sits above every folder; "
                           "import the command's own module instead", imps))
@@ -270,7 +272,7 @@ def report(root: Path, out=sys.stdout) -> int:
     rank = {v: i for i, v in enumerate(order)}
 
     print(f"folders of hataori/: {', '.join(n for n in nodes if n not in (CLI, SHARED))}; its own modules as {CLI} "
-          f"(cli.py, the command map) and {SHARED} (config, errors, fsutil, sourcespec: shared)", file=out)
+          f"(cli.py, the command map) and {SHARED} (config, errors, fsutil, precision, sourcespec: shared)", file=out)
     print("\nimports between folders: importer -> imported (import statements, and how many inside functions)",
           file=out)
     for (a, b) in sorted(edges, key=lambda e: (rank[e[0]], rank[e[1]])):

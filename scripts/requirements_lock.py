@@ -1,9 +1,9 @@
 """requirements.lock: every package the main job and the test suite install, at the versions the suite passed with.
 
-    python scripts/requirements_lock.py python [LOCK]        exit 2 unless this Python is the lock's (major.minor)
+    python scripts/requirements_lock.py python [LOCK]        exit 2 unless this Python is the lock's (M.N)
     python scripts/requirements_lock.py version NAME [LOCK]  print NAME's locked version
-    python scripts/requirements_lock.py check [LOCK]         exit 1 unless this environment holds exactly the lock's versions
-    python scripts/requirements_lock.py freeze [LOCK]        write this environment's packages as the lock (atomically)
+    python scripts/requirements_lock.py check [LOCK]         exit 1 unless this environment holds the lock exactly
+    python scripts/requirements_lock.py freeze [LOCK]        write this environment's packages as the lock
 
 scripts/setup.sh installs the lock into .venv (``pip install -r``, its build dependencies constrained by it
 too) and checks it with ``check``; scripts/lock.sh makes a new one from the newest versions setup.py's ranges
@@ -171,7 +171,8 @@ def main(argv: list[str]) -> int:
             found = differences(read(path)[1], installed())
             if found:
                 print(f"{sys.prefix} does not hold {path}'s versions:\n  " + "\n  ".join(found)
-                      + "\nrun `bash scripts/setup.sh` (or make a new lock with `bash scripts/lock.sh`)", file=sys.stderr)
+                      + "\nrun `bash scripts/setup.sh` (or make a new lock with `bash scripts/lock.sh`)",
+                      file=sys.stderr)
                 return 1
         else:
             changed = freeze(path)

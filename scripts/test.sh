@@ -10,4 +10,5 @@ bash scripts/setup.sh
 if [ "$(id -u)" = 0 ] && ! { command -v sbatch && command -v munged; } >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
 fi
+# pytest's header gives the versions and the CPU flags that decide which tests skip (tests/conftest.py).
 exec "${HATAORI_VENV:-.venv}/bin/python" -m pytest "$@"

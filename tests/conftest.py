@@ -146,3 +146,38 @@ def triton_interpreter():
 
     with interpreter_env():
         yield
+
+
+HEADER_PACKAGES = ("torch", "triton", "deepspeed", "transformers", "kernels", "peft", "tokenizers", "safetensors",
+                   "sentencepiece", "numpy", "omegaconf", "tensorboard", "pytest")
+
+
+def pytest_report_header(config) -> list[str]:
+    """What decides which tests run: the versions of the main packages (and whether the environment is
+    requirements.lock's), the CPU and its bf16/fp16 flags, and the precisions DeepSpeed's ranks can run."""
+    import importlib.metadata
+    import sys
+
+    from hataori.precision import cpu_flags, cpu_name, supported
+    from hataori.train.zero import rank_device
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from requirements_lock import LockError, differences, installed, read
+
+    versions = []
+    for name in HEADER_PACKAGES:
+        try:
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{name} absent")
+    try:
+        differ = differences(read()[1], installed())
+        lock = ("every package at requirements.lock's version" if not differ
+                else f"{len(differ)} difference(s) from requirements.lock: {'; '.join(differ[:5])}")
+    except LockError as err:
+        lock = str(err)
+    flags = cpu_flags()
+    device = rank_device()
+    return [f"packages: {', '.join(versions)}", f"lock: {lock}",
+            f"cpu: {cpu_name()}; " + ", ".join(f"{flag} {'yes' if on else 'no'}" for flag, on in flags.items()),
+            f"precisions on {device.type}: {', '.join(supported(device))}"]

@@ -18,6 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from capabilities import needs
+
 from hataori.cli import main as hataori_main
 from hataori.errors import ConfigError, InputError
 from hataori.eval.tasks import JGLUE, TASKS, read_examples
@@ -138,6 +140,33 @@ def test_choice_loglikelihoods_match_transformers(folders, hf_model, tokenizer, 
     labels = [example["label"] for example in ours["examples"]]
     assert ours["scores"]["acc"] == sum(e["prediction"] == y for e, y in zip(ours["examples"], labels)) / 5
     assert ours["scores"]["acc_norm"] == sum(e["prediction_norm"] == y for e, y in zip(ours["examples"], labels)) / 5
+
+
+@needs("bf16")
+def test_bf16_eval_scores_the_model_in_bf16(folders, hf_model, tokenizer, tmp_path, capsys):
+    """``--dtype bf16`` runs the model in bf16 and records the dtype: its log-likelihoods are off the fp32
+    reference (transformers in fp32) by at most twice as much as transformers' own in bf16."""
+    run, hf_folder = folders
+    found = {}
+    for name, path in (("run", run), ("hf", hf_folder)):
+        out = tmp_path / f"{name}.json"
+        assert hataori_main(["eval", str(path), "--task", "jcommonsenseqa", "--limit", "5", "--output", str(out),
+                             "--device", "cpu", "--dtype", "bf16"]) == 0
+        found[name] = json.loads(out.read_text(encoding="utf-8"))
+    capsys.readouterr()
+    assert found["run"]["model"]["dtype"] == found["hf"]["model"]["dtype"] == "bf16"
+    from transformers import LlamaForCausalLM
+
+    hf_bf16 = LlamaForCausalLM.from_pretrained(hf_folder, local_files_only=True, torch_dtype=torch.bfloat16,
+                                               attn_implementation="eager").eval()
+    ours, theirs = [], []
+    for example, exported in zip(found["run"]["examples"], found["hf"]["examples"]):
+        assert example["loglikelihoods"] == exported["loglikelihoods"]  # the same bf16 weights either way
+        for choice, got in zip(example["choices"], example["loglikelihoods"]):
+            exact = reference_loglikelihood(hf_model, tokenizer, example["prompt"], choice)
+            ours.append(abs(got - exact))
+            theirs.append(abs(reference_loglikelihood(hf_bf16, tokenizer, example["prompt"], choice) - exact))
+    assert 1e-4 < max(ours) <= 2 * max(theirs), (max(ours), max(theirs))  # bf16, and no worse than bf16 is
 
 
 def test_token_boundary_where_prompt_and_choice_merge(model, hf_model, tokenizer):

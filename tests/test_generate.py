@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from capabilities import needs
 from ranks import launch_ranks, log_tails
 
 from hataori.cli import main as hataori_main
@@ -243,6 +244,36 @@ def test_only_the_tokenizer_the_run_was_trained_with_is_used(tokenizer_dir, othe
         run_tokenizer(run, config, None, ours.vocab_size + 1)
     assert str(err.value) == (f"tokenizer: {ours.path} has {ours.vocab_size} pieces but the run's model.vocab_size "
                               f"is {ours.vocab_size + 1}; pass the tokenizer the run was trained with")
+
+
+@needs("bf16")
+def test_generate_in_bf16_is_the_model_built_in_bf16(tokenizer_dir, tmp_path, capsys):
+    """``--dtype bf16`` decodes as a model built in bf16 (parameters in bf16, rotary tables in fp32, as
+    DeepSpeed trains it) holding the checkpoint's weights rounded to bf16."""
+    from hataori.config import to_dict
+    from hataori.tokenizer.model import Tokenizer
+    from hataori.train.checkpoint import adopt
+    from hataori.train.run import record_run
+
+    tokenizer = Tokenizer(tokenizer_dir)
+    torch.manual_seed(4)
+    model = tiny_config(tokenizer.vocab_size).build()
+    run = record_run(tmp_path / "run", {"model": to_dict(model.config), "tokenizer": str(tokenizer_dir)})
+    checkpoint = run / "checkpoints" / "step_00000001"
+    checkpoint.mkdir(parents=True)
+    torch.save({"module": model.state_dict(), "step": 1, "world_size": 1}, checkpoint / "mp_rank_00_model_states.pt")
+    adopt(checkpoint)
+
+    half = model.config.build("cpu", torch.bfloat16)
+    half.load_state_dict({k: v.bfloat16() for k, v in model.state_dict().items() if not k.startswith("rope_")},
+                         strict=False)
+    prompt_text = "吾輩は猫"
+    prompt = [tokenizer.eos_id] + tokenizer.encode([prompt_text])[0]
+    new = generate(half.eval(), prompt, max_new_tokens=12, eos_id=tokenizer.eos_id, sampling=Sampling(greedy=True))
+    capsys.readouterr()
+    assert hataori_main(["generate", str(run), prompt_text, "--greedy", "--max-new-tokens", "12", "--device", "cpu",
+                         "--dtype", "bf16"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == prompt_text + tokenizer.decode([t for t in new if t != tokenizer.eos_id])
 
 
 def launch(args: list[str], log_dir: Path, nproc: int = 2) -> None:

@@ -17,13 +17,14 @@ SCRIPT = REPO / "scripts" / "requirements_lock.py"
 sys.path.insert(0, str(REPO / "scripts"))
 from requirements_lock import LockError, differences, installed, normalise, public, read  # noqa: E402
 
-NOT_LOCKED = {"flash-attn": "the gpu extra's flash-attn builds only where CUDA is (PLATFORM: its setup needs CUDA_HOME)"}
+NOT_LOCKED = {"flash-attn": "the gpu extra's flash-attn builds only where CUDA is (its setup needs CUDA_HOME)"}
 
 
 def setup_requirements() -> dict[str, list[Requirement]]:
     """setup.py's requirements by group (``install`` and each extra), read from its ``setup()`` call."""
     tree = ast.parse((REPO / "setup.py").read_text(encoding="utf-8"))
-    call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup")
+    call = next(node for node in ast.walk(tree)
+                if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup")
     keywords = {k.arg: k.value for k in call.keywords}
     groups = {"install": ast.literal_eval(keywords["install_requires"])}
     groups.update(ast.literal_eval(keywords["extras_require"]))
@@ -70,7 +71,8 @@ def test_the_lock_has_its_header_and_plain_pins():
     assert fields["python"].count(".") == 1 and fields["command"] == "bash scripts/lock.sh"
     assert "hataori" not in pins and pins["torch"] == public(pins["torch"])
     assert {"torch", "triton", "deepspeed", "transformers", "kernels", "peft", "tokenizers", "safetensors",
-            "sentencepiece", "numpy", "omegaconf", "pydantic", "tensorboard", "pytest", "pip", "setuptools"} <= set(pins)
+            "sentencepiece", "numpy", "omegaconf", "pydantic", "tensorboard", "pytest", "pip",
+            "setuptools"} <= set(pins)
 
 
 def test_differences_name_what_is_missing_different_or_extra():

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from capabilities import needs
 from ranks import launch_ranks, log_tails
 
 WORKER = str(Path(__file__).with_name("reshard_worker.py"))
@@ -32,8 +33,9 @@ STEPS, MORE = 4, 3
 
 CASES = [pytest.param(stage, "fp32", "none", saved_on, resumed_on, False, id=f"stage{stage}-{saved_on}to{resumed_on}")
          for stage in (0, 1, 2, 3) for saved_on, resumed_on in ((2, 1), (1, 2))]
-CASES += [pytest.param(3, "bf16", "none", 2, 1, False, id="stage3-bf16-2to1"),
-          pytest.param(2, "fp16", "none", 2, 1, False, id="stage2-fp16-2to1"),  # the dynamic loss scaler's state
+CASES += [pytest.param(3, "bf16", "none", 2, 1, False, id="stage3-bf16-2to1", marks=needs("bf16")),
+          # the dynamic loss scaler's state
+          pytest.param(2, "fp16", "none", 2, 1, False, id="stage2-fp16-2to1", marks=needs("fp16")),
           pytest.param(3, "fp32", "cpu+params", 1, 2, False, id="stage3-offload-params-1to2"),
           # LoRA: the checkpoint holds the adapters only; the frozen base is the engine's own
           pytest.param(0, "fp32", "none", 2, 1, True, id="lora-stage0-2to1"),

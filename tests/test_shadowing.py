@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "hataori"
 SCRIPT_FOLDERS = ("tests", "scripts", "benchmarks")
 """Folders whose files run as scripts (``python tests/test_x.py``), which puts the folder on sys.path."""
+METADATA_FOLDERS = (".dist-info", ".egg-info", ".data")
 
 
 def importable_names(folder: Path) -> dict[str, str]:
@@ -47,7 +48,7 @@ def installed_top_level() -> dict[str, str]:
             continue
         for file in dist.files or ():
             parts = file.parts
-            if not parts or parts[0] in ("..", "__pycache__") or parts[0].endswith((".dist-info", ".egg-info", ".data")):
+            if not parts or parts[0] in ("..", "__pycache__") or parts[0].endswith(METADATA_FOLDERS):
                 continue
             if len(parts) > 1:
                 owners.setdefault(parts[0], name)
@@ -113,7 +114,8 @@ def test_transformers_and_peft_work_in_a_python_started_at_the_root(hf_kernels, 
     assert result.returncode == 0, result.stderr[-3000:]
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen["path0"] in ("", str(REPO)), f"the repository's root was not first on sys.path: {seen['path0']}"
-    assert Path(seen["kernels"]).is_relative_to(seen["dist"]) and not Path(seen["kernels"]).is_relative_to(REPO / PACKAGE)
+    imported = Path(seen["kernels"])
+    assert imported.is_relative_to(seen["dist"]) and not imported.is_relative_to(REPO / PACKAGE), imported
     assert seen["finite"] and seen["same"]
     # Rank 4 on q (32 -> 32) and v (32 -> 16: 2 KV heads of 8) in each of 2 layers: A is 4 x in, B out x 4.
     assert seen["trainable"] == 2 * ((4 * 32 + 32 * 4) + (4 * 32 + 16 * 4))

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from capabilities import needs
 from ranks import launch_ranks, log_tails
 
 SEQ_LEN = 32
@@ -178,7 +179,7 @@ class TokenStream:
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=needs("bf16"))])
 def test_zero3_model_built_partitioned_equals_the_whole_model(precision, tmp_path):
     """ZeroConfig.build_model against ModelConfig.build() (fp32 on the CPU, cast by DeepSpeed): under
     ZeRO-3 each of the two processes holds half the parameters from the start; the weights equal bit
@@ -205,6 +206,7 @@ def test_zero3_model_built_partitioned_equals_the_whole_model(precision, tmp_pat
             assert held == [total, total]
 
 
+@needs("bf16")
 def test_stage1_model_is_built_in_the_training_precision():
     from hataori.train.zero import ZeroConfig
 

@@ -2,15 +2,17 @@
 
     hataori eval MODEL --task NAME [--template NAME] [--shots K] [--seed S] [--data FILE]
         [--train FILE] [--limit N] [--batch-size B] [--output results.json [--replace]] [--device cpu]
+        [--dtype fp32|bf16|fp16]
 
 MODEL is a run folder (its latest complete checkpoint), one of its ``checkpoints/step_N`` folders,
 or a model folder in transformers' layout with its ``tokenizer.model`` (what ``hataori export hf``
 writes; recognised by its ``config.json``). The tasks, templates and scoring are
-:mod:`hataori.eval`'s; this command loads the model in fp32 and calls
-:func:`hataori.eval.runner.run_task`.
+:mod:`hataori.eval`'s; this command loads the model in ``--dtype`` (fp32 by default; a precision the
+device cannot run is refused, :mod:`hataori.precision`) and calls :func:`hataori.eval.runner.run_task`,
+which scores in fp32 whatever the model computes in.
 
 The results (``--output``, JSON) hold what :func:`~hataori.eval.runner.run_task` returns and the
-model: its path, kind, checkpoint and step, and a fingerprint. A run's fingerprint hashes the
+model: its path, kind, checkpoint and step, the dtype it computed in, and a fingerprint. A run's fingerprint hashes the
 tokenizer's fingerprint and the checkpoint manifest's CRC (which covers every file of the
 checkpoint); a Hugging Face folder's hashes the tokenizer's fingerprint, the SHA-256 of
 ``config.json`` and the CRC-32 of each weights file. One line goes to stdout: the scores and the
@@ -31,6 +33,8 @@ import torch
 
 from hataori.errors import ConfigError, InputError
 from hataori.fsutil import atomic_write_text
+from hataori.precision import DTYPES, PRECISIONS
+from hataori.precision import check as check_precision
 from hataori.tokenizer.model import Tokenizer
 
 
@@ -39,7 +43,7 @@ def fingerprint(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_run(path: Path, device: torch.device):
+def load_run(path: Path, device: torch.device, dtype: torch.dtype):
     """(model, tokenizer, model record) of a run folder or checkpoint folder."""
     # omegaconf and the model code load in ~0.15 s: when a model is loaded, not for `hataori eval --help`
     from hataori.train.checkpoint import read_manifest
@@ -51,7 +55,7 @@ def load_run(path: Path, device: torch.device):
     config = read_config(run_dir)
     tokenizer = run_tokenizer(run_dir, config, None, model_config(config).vocab_size)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's prints; stdout carries the summary
-        model = checkpoint_model(checkpoint, config, device)
+        model = checkpoint_model(checkpoint, config, device, dtype)
     manifest = read_manifest(checkpoint)
     parts = {"tokenizer": tokenizer.fingerprint, "checkpoint_crc32": manifest["crc32"]}
     record = {"path": str(path.resolve()), "kind": "run", "checkpoint": str(checkpoint.resolve()),
@@ -59,12 +63,13 @@ def load_run(path: Path, device: torch.device):
     return model, tokenizer, record
 
 
-def load_hf(folder: Path, device: torch.device):
+def load_hf(folder: Path, device: torch.device, dtype: torch.dtype):
     """(model, tokenizer, model record) of a model folder in transformers' layout."""
     # omegaconf and the model code: see load_run
     from hataori.model import ModelConfig
     from hataori.model.hf import CONFIG_FILE
     from hataori.train.checkpoint import checksum
+    from hataori.train.generate import inference_model
     from hataori.train.init import HFSource, InitConfig, load_initial_weights, open_source
 
     source = HFSource(str(folder))
@@ -82,21 +87,22 @@ def load_hf(folder: Path, device: torch.device):
              "weights_crc32": {name: checksum(folder / name, sync=False)["crc32"] for name in files}}
     record = {"path": str(folder.resolve()), "kind": "hf", "checkpoint": None, "step": None,
               "fingerprint": fingerprint(parts), **parts}
-    return model.to(device).eval(), tokenizer, record
+    return inference_model(model, device, dtype), tokenizer, record
 
 
-def load(path: str | Path, device: torch.device | str = "cpu"):
-    """(model, tokenizer, model record) of MODEL (see the module docstring); the model in fp32, eval mode."""
+def load(path: str | Path, device: torch.device | str = "cpu", dtype: str = "fp32"):
+    """(model, tokenizer, model record) of MODEL (see the module docstring); the model in eval mode,
+    computing in ``dtype``."""
     from hataori.model.hf import CONFIG_FILE  # omegaconf and the model code: see load_run
 
     path = Path(path)
     device = torch.device(device)
-    if (path / CONFIG_FILE).is_file():
-        return load_hf(path, device)
-    return load_run(path, device)
+    model, tokenizer, record = (load_hf if (path / CONFIG_FILE).is_file() else load_run)(path, device, DTYPES[dtype])
+    return model, tokenizer, {**record, "dtype": dtype}
 
 
-def evaluate(model_path: str | Path, task: str, *, device: torch.device | str = "cpu", **options) -> dict:
+def evaluate(model_path: str | Path, task: str, *, device: torch.device | str = "cpu", dtype: str = "fp32",
+             **options) -> dict:
     """Load MODEL and run ``task`` on it (``options``: those of :func:`hataori.eval.runner.run_task`);
     the results with the model's record."""
     # omegaconf and the model code: see load_run
@@ -104,7 +110,8 @@ def evaluate(model_path: str | Path, task: str, *, device: torch.device | str = 
     from hataori.eval.tasks import get_task
 
     get_task(task)  # an unknown task is refused before the model is loaded
-    model, tokenizer, record = load(model_path, device)
+    check_precision(dtype, device, "--dtype")
+    model, tokenizer, record = load(model_path, device, dtype)
     return {"model": record, **run_task(model, tokenizer, task, **options)}
 
 
@@ -128,6 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replace", action="store_true", help="replace an existing --output file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda where there is one)")
+    parser.add_argument("--dtype", default="fp32", choices=PRECISIONS, help="the precision the model computes in")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -136,7 +144,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.output and Path(args.output).exists() and not args.replace:
         raise ConfigError("--output", f"{args.output} exists; pass --replace to replace it, or choose another file")
-    results = evaluate(args.model, args.task, device=torch_device(args.device), template=args.template,
+    results = evaluate(args.model, args.task, device=torch_device(args.device), dtype=args.dtype,
+                       template=args.template,
                        shots=args.shots, seed=args.seed, data=args.data, train=args.train, limit=args.limit,
                        batch_size=args.batch_size)
     if args.output:

@@ -2,6 +2,7 @@
 
     hataori generate RUN_DIR_OR_CHECKPOINT "プロンプト" [--max-new-tokens N] [--temperature T]
         [--top-k K] [--top-p P] [--seed S] [--greedy] [--tokenizer DIR] [--device cpu|cuda]
+        [--dtype fp32|bf16|fp16]
 
 CHECKPOINT is a run folder (its latest complete checkpoint is used) or one ``checkpoints/step_N``
 folder of it. The model's shape comes from the run folder's ``config.yaml`` (its ``model`` section);
@@ -17,6 +18,9 @@ documents are preceded by the previous one's EOS). Each new token takes one full
 the context (no key/value cache; the model has none, and for the small models this runs on a full
 recompute is fast enough); contexts longer than ``max_seq_len`` keep their last ``max_seq_len``
 tokens. Generation stops at EOS or after ``--max-new-tokens``.
+
+The model computes in ``--dtype`` (fp32 by default; a precision the device cannot run is refused,
+:mod:`hataori.precision`), its rotary tables in fp32 as in training; sampling reads fp32 logits.
 
 Sampling (:func:`next_token`): logits / temperature, then top-k, then top-p (nucleus), then a draw
 from the softmax with a seeded generator. ``--greedy`` or temperature 0 take the argmax.
@@ -34,6 +38,8 @@ from pathlib import Path
 import torch
 
 from hataori.errors import ConfigError, InputError
+from hataori.precision import DTYPES, PRECISIONS
+from hataori.precision import check as check_precision
 from hataori.train.run import model_config, read_config, run_tokenizer
 from hataori.train.weights import resolve_checkpoint, run_weights
 
@@ -110,7 +116,7 @@ def generate(model: torch.nn.Module, prompt: list[int], *, max_new_tokens: int, 
     new: list[int] = []
     for _ in range(max_new_tokens):
         context = torch.tensor([tokens[-max_len:]], device=device)  # (1, T)
-        logits = model(context)[0, -1]  # (V,)
+        logits = model(context)[0, -1].float()  # (V,)
         token = int(next_token(logits, sampling, generator))
         tokens.append(token)
         new.append(token)
@@ -129,9 +135,11 @@ def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu"):
     return checkpoint_model(checkpoint, config, device), config
 
 
-def checkpoint_model(checkpoint: Path, config: dict, device: str | torch.device = "cpu"):
+def checkpoint_model(checkpoint: Path, config: dict, device: str | torch.device = "cpu",
+                     dtype: torch.dtype = torch.float32):
     """The model of checkpoint folder ``checkpoint`` (already resolved and verified by
-    :func:`~hataori.train.weights.resolve_checkpoint`) of a run whose config is ``config``."""
+    :func:`~hataori.train.weights.resolve_checkpoint`) of a run whose config is ``config``, in eval mode,
+    its parameters in ``dtype`` (see :func:`inference_model`)."""
     model = model_config(config).build()
     state = run_weights(checkpoint.parent.parent, checkpoint, config).state_dict()
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -139,7 +147,16 @@ def checkpoint_model(checkpoint: Path, config: dict, device: str | torch.device 
     if set(missing) - tied or unexpected:
         raise InputError(checkpoint, f"weights do not match the recorded model config: missing {sorted(missing)}, "
                                      f"unexpected {sorted(unexpected)}")
-    return model.to(device).eval()
+    return inference_model(model, device, dtype)
+
+
+def inference_model(model: torch.nn.Module, device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """``model`` on ``device`` in eval mode, its parameters in ``dtype`` and its rotary tables in fp32, as
+    training computes them (DeepSpeed casts the parameters only)."""
+    model = model.to(device=device, dtype=dtype).eval()
+    if dtype != torch.float32:
+        model.reset_rope_tables()
+    return model
 
 
 def torch_device(text: str) -> torch.device:
@@ -178,6 +195,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="tokenizer folder or .model file (default: the run's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda where there is one)")
+    parser.add_argument("--dtype", default="fp32", choices=PRECISIONS, help="the precision the model computes in")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -185,11 +203,12 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--max-new-tokens", f"must be >= 1, got {args.max_new_tokens}")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)
     device = torch_device(args.device)
+    check_precision(args.dtype, device, "--dtype")
     run_dir, checkpoint = resolve_checkpoint(args.checkpoint)
     config = read_config(run_dir)
     tokenizer = run_tokenizer(run_dir, config, args.tokenizer, model_config(config).vocab_size)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress prints; stdout carries only the text
-        model = checkpoint_model(checkpoint, config, device)
+        model = checkpoint_model(checkpoint, config, device, DTYPES[args.dtype])
     prompt = [tokenizer.eos_id] + tokenizer.encode([args.prompt])[0]
     generator = torch.Generator(device=device).manual_seed(args.seed)
     new = generate(model, prompt, max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id, sampling=sampling,

@@ -15,14 +15,15 @@ recommends the cheapest one with room to spare.
 
 Two configs meet here, as in ``hataori slurm submit``. The preset (a model preset from
 ``configs/model/`` or a train preset) takes ``key=value`` overrides as in ``hataori pretrain``.
-The plan's own config (:class:`PlanConfig`: the GPUs, their memory, GPUs per node, the allowance,
-host memory and, for a model preset, the batch shape) comes from machine profiles (``--machine``,
+The plan's own config (:class:`PlanConfig`: the GPUs, their memory and compute capability, GPUs per
+node, the allowance, host memory and, for a model preset, the batch shape) comes from machine profiles (``--machine``,
 presets in ``configs/plan/`` with ``base:`` chains like any other) and ``plan.KEY=VALUE``
 overrides. Each flag is a shortcut for one key (``--gpus 64`` is ``plan.gpus=64``; :data:`FLAGS`),
 and a key set both by its flag and by an override is refused. A train preset fixes its own batch
 shape, so there ``--seq-len``, ``--micro-batch`` and ``--precision`` are shortcuts for its
 ``data.seq_len``, ``zero.micro_batch_size`` and ``zero.precision`` (:data:`TRAIN_KEYS`), checked
-as pretraining checks them, and the plan's keys of the same meaning are refused.
+as pretraining checks them, and the plan's keys of the same meaning are refused. A precision the
+GPUs of ``compute_capability`` cannot run is refused (:func:`hataori.precision.check_gpu`).
 
 Model states (bytes per parameter, P parameters, N GPUs; after the ZeRO paper and DeepSpeed's
 ``estimate_zero{2,3}_model_states_mem_needs``)
@@ -208,6 +209,7 @@ from hataori.kernels.cross_entropy import DEFAULT_CHUNK_SIZE
 from hataori.model import ModelConfig
 from hataori.model.lora import apply_lora
 from hataori.model.model import Transformer
+from hataori.precision import check_gpu
 from hataori.train.config import load_train_config
 from hataori.train.zero import DEFAULT_BUCKET_ELEMENTS
 
@@ -750,9 +752,15 @@ class PlanConfig:
     """Model presets: sequences per GPU per forward pass."""
     precision: Precision = "bf16"
     """Model presets: the training precision."""
+    compute_capability: float | None = None
+    """The GPUs' CUDA compute capability as ``nvidia-smi --query-gpu=compute_cap`` prints it (9.0 for H100 and
+    H200); a precision they cannot run (bf16 below 8.0) is refused. None: not checked."""
 
     def __post_init__(self) -> None:
         require(self.gpus >= 1, "gpus", f"must be a positive number of GPUs, got {self.gpus}")
+        require(self.compute_capability is None or (math.isfinite(self.compute_capability)
+                                                    and self.compute_capability >= 1), "compute_capability",
+                f"must be a CUDA compute capability such as 9.0 or 8.6, got {self.compute_capability}")
         if self.gpus_per_node is not None:
             require(self.gpus_per_node >= 1 and self.gpus % self.node_gpus == 0, "gpus_per_node",
                     f"must divide the number of GPUs ({self.gpus}) and be >= 1, got {self.gpus_per_node}")
@@ -761,6 +769,14 @@ class PlanConfig:
             require(gib is None or (math.isfinite(gib) and (gib >= 0 if zero_ok else gib > 0)), key,
                     f"must be a finite number of GiB, {'>= 0' if zero_ok else '> 0'}, got {gib}")
         require(self.micro_batch >= 1, "micro_batch", f"must be >= 1, got {self.micro_batch}")
+
+    @property
+    def capability(self) -> tuple[int, int] | None:
+        """compute_capability as (major, minor): 8.6 is (8, 6)."""
+        if self.compute_capability is None:
+            return None
+        major = int(self.compute_capability)
+        return major, round((self.compute_capability - major) * 10)
 
     @property
     def node_gpus(self) -> int:
@@ -819,6 +835,13 @@ def load_workload(config: str | Path, items: Sequence[str] = (), *, machines: Se
         seq_len = model.max_seq_len if machine.seq_len is None else machine.seq_len
         require(1 <= seq_len <= model.max_seq_len, f"{PLAN_PREFIX}seq_len (--seq-len)",
                 f"must be between 1 and the model's max_seq_len={model.max_seq_len}, got {seq_len}")
+    if machine.capability is not None:  # as pretrain refuses it on GPUs that cannot run it
+        key = "zero.precision" if train else f"{PLAN_PREFIX}precision (--precision)"
+        try:
+            check_gpu(precision, machine.capability, key)
+        except ConfigError as err:
+            raise ConfigError(err.key, f"{err.message} (the GPUs planned: {PLAN_PREFIX}compute_capability="
+                              f"{machine.compute_capability})") from None
     return Workload(model=model, micro_batch=micro_batch, seq_len=seq_len, precision=precision,
                     num_gpus=machine.gpus, gpu_mem_gib=machine.gpu_mem, gpus_per_node=machine.node_gpus,
                     overhead_gib=machine.overhead, bucket_elements=bucket, cpu_mem_gib=machine.cpu_mem,

@@ -54,7 +54,7 @@ from hataori.train.run import record_provenance, record_run
 from hataori.train.signals import stop_on_signals
 from hataori.train.trainer import Trainer
 from hataori.train.validate import EvalTasks, Validator
-from hataori.train.zero import init_distributed, ranks_from_env, shutdown_distributed
+from hataori.train.zero import init_distributed, rank_device, ranks_from_env, shutdown_distributed
 
 LAUNCHER_VARS = ("WORLD_SIZE", "SLURM_NTASKS")
 """Set by a launcher: the process is one rank of a group and must not launch others."""
@@ -80,6 +80,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--nproc", f"must be at least 1, got {args.nproc}")
     if any(name in os.environ for name in LAUNCHER_VARS) or args.nproc == 1:
         return pretrain(cfg)
+    cfg.zero.check_device(rank_device())  # before the run folder is taken and any rank starts
     lock = take_run_folder(cfg)  # held on by the launcher this process becomes, and inherited by its ranks
     try:
         check(cfg, world_size=args.nproc)
@@ -184,7 +185,9 @@ def take_run_folder(cfg: TrainConfig):
 
 
 def pretrain(cfg: TrainConfig) -> int:
-    """Take the run folder (rank 0) and train; the same on every rank."""
+    """Take the run folder (rank 0) and train; the same on every rank. A precision this process's device
+    cannot run is refused first, before the run folder is touched."""
+    cfg.zero.check_device(rank_device(ranks_from_env()[2]))
     die_with_launcher()
     if ranks_from_env()[0] != 0:
         return train(cfg)

@@ -54,6 +54,8 @@ from hataori.config import require
 from hataori.errors import ConfigError
 from hataori.fsutil import atomic_write_text
 from hataori.model.model import Transformer
+from hataori.precision import DTYPES
+from hataori.precision import check as check_precision
 
 DEFAULT_BUCKET_ELEMENTS = 500_000_000
 """DeepSpeed's default reduce and all-gather bucket, in elements."""
@@ -99,7 +101,12 @@ class ZeroConfig:
     @property
     def dtype(self) -> torch.dtype:
         """The working precision as a torch dtype (the parameters' dtype in training)."""
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
+        return DTYPES[self.precision]
+
+    def check_device(self, device: torch.device | str) -> None:
+        """Refuse a precision ``device`` cannot run (:mod:`hataori.precision`), with the key, what the
+        device runs and what to use, instead of DeepSpeed's error in every rank."""
+        check_precision(self.precision, device, "zero.precision")
 
     def grad_accum_steps(self, *, seq_len: int, world_size: int) -> int:
         """Micro-batches each process accumulates per optimizer step; raises if the batch does not divide."""
@@ -110,6 +117,7 @@ class ZeroConfig:
         """``model`` (a ModelConfig) built on ``device`` in the training precision, partitioned as it
         is built for ZeRO-3 (see the module docstring); the same weights as ``model.build(device,
         dtype)`` with the same seed. Call :func:`init_distributed` and seed the generators first."""
+        self.check_device(device)
         if self.stage != 3:
             return model.build(device, self.dtype)
         import deepspeed
@@ -249,17 +257,21 @@ def init_distributed(timeout: timedelta = timedelta(minutes=10)) -> DistEnv:
     # DeepSpeed's helpers read these back.
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
 
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        backend, device = "nccl", torch.device("cuda", local_rank)
-    else:
-        backend, device = "gloo", torch.device("cpu")
+    device = rank_device(local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     if get_accelerator().device_name() == "cpu":
         skip_shm_comm_build()
     deepspeed.comm.init_distributed(dist_backend=backend, timeout=timeout, dist_init_required=False)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def rank_device(local_rank: int = 0) -> torch.device:
+    """The device of the rank with ``local_rank`` on its machine: its GPU where there are GPUs, else the CPU."""
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def shutdown_distributed(timeout_s: float = 60.0) -> None:
