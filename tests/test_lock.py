@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from hataori.train.lock import EMPTY_STALE_S, LOCK_FILE, RunFolderBusy, claim, holder
+from hataori.locks import EMPTY_STALE_S, holder, process_start
+from hataori.train.lock import LOCK_FILE, RunFolderBusy, claim
 
 
 def write_lock(run_dir, **fields) -> dict:
@@ -76,8 +77,6 @@ def test_ranks_inherit_their_launchers_lock_and_rank_0_releases_it(tmp_path):
 def test_a_live_process_on_this_host_that_did_not_launch_us_keeps_its_lock(tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        from hataori.train.lock import process_start
-
         write_lock(tmp_path, pid=sleeper.pid, start=process_start(sleeper.pid))
         with pytest.raises(RunFolderBusy, match=f"in use by PID {sleeper.pid}"):
             claim(tmp_path)
