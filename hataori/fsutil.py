@@ -64,18 +64,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             os.fsync(f.fileno())
 
 
-def check_output(path: str | os.PathLike, replace: bool, option: str = "--output", cache: str = "") -> None:
-    """Refuse to write over ``path`` when it holds anything (besides ``cache``, a download cache the
-    command keeps) unless ``replace``: nothing is overwritten silently. A file where the output
-    folder belongs is always refused."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise InputError(path, f"exists and is not a folder; choose another output folder ({option})")
-    if not replace and path.is_dir() and any(p.name != cache for p in path.iterdir()):
-        raise InputError(path, "output folder exists and is not empty; pass --replace to replace it (the old "
-                         f"output stays until the new one is complete), or choose another output folder ({option})")
-
-
 @contextlib.contextmanager
 def disk_full_error(path: str | os.PathLike, option: str = "--output") -> Iterator[None]:
     """Report a full disk (or an exhausted quota) while writing ``path`` as an error naming it."""

@@ -41,8 +41,8 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from hataori.errors import InputError
-from hataori.fsutil import check_output
+from hataori.errors import HataoriError
+from hataori.outputs import claim
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_TESTS = ["tests/test_kernel_attention.py", "tests/test_kernel_cross_entropy.py", "tests/test_kernel_rmsnorm.py",
@@ -363,10 +363,21 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--only: unknown stage {', '.join(unknown)}; choose from {', '.join(STAGES)}")
     out = args.out or REPO / "benchmarks" / "results" / f"gpu-check-{datetime.date.today().isoformat()}"
     try:  # a GPU's figures are not written over unasked
-        check_output(out, args.replace, "--out")
-    except InputError as err:
+        held = claim(out, "gpu-check", option="--out")
+    except HataoriError as err:
         parser.error(str(err))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        held.check_replace(args.replace)
+    except HataoriError as err:
+        held.release()
+        parser.error(str(err))
+    with held:
+        held.mark()
+        return check(args, out, wanted, began)
+
+
+def check(args: argparse.Namespace, out: Path, wanted: tuple[str, ...], began: float) -> int:
+    """Run the stages ``wanted`` into the held results folder ``out``; 0 when every one passed."""
     work = Path(tempfile.mkdtemp(prefix="hataori-gpu-check-"))
     env = environment()
     peak = None

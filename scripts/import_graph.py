@@ -13,8 +13,8 @@ model/. Imports inside a folder are no edge.
 
 The modules directly in hataori/ are two nodes:
 
-- ``hataori``: config.py, errors.py, fsutil.py, precision.py, sourcespec.py and ``__init__.py``, shared by
-  all. Every folder may
+- ``hataori``: every module of hataori/ itself but cli.py (config, errors, fsutil, locks, outputs,
+  precision, sourcespec, ``__init__``), shared by all. Every folder may
   import them; they import no folder.
 - ``cli``: hataori/cli.py, the command map. It names the module of each command as a string
   (``COMMANDS``) and imports only the chosen one (``importlib``), so its edges are the module paths
@@ -43,7 +43,7 @@ from typing import Iterator
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "hataori"
 SHARED = "hataori"
-"""The node of hataori/'s shared modules (config, errors, fsutil, precision, sourcespec)."""
+"""The node of hataori/'s shared modules (hataori/*.py but cli.py)."""
 CLI = "cli"
 """The node of hataori/cli.py."""
 MODULE_PATH = re.compile(rf"{PACKAGE}(\.\w+)+")
@@ -253,7 +253,7 @@ def breaches(edges: dict[tuple[str, str], list[Import]]) -> list[tuple[str, list
     found = []
     for (a, b), imps in sorted(edges.items()):
         if a == SHARED:
-            found.append((f"hataori/'s shared modules (config, errors, fsutil, precision, sourcespec) import "
+            found.append((f"hataori/'s shared modules (hataori/*.py but cli.py) import "
                           f"hataori/{b}/: only hataori/cli.py may import the folders; move the code that needs it "
                           "into a folder", imps))
         elif b == CLI:
@@ -272,7 +272,7 @@ def report(root: Path, out=sys.stdout) -> int:
     rank = {v: i for i, v in enumerate(order)}
 
     print(f"folders of hataori/: {', '.join(n for n in nodes if n not in (CLI, SHARED))}; its own modules as {CLI} "
-          f"(cli.py, the command map) and {SHARED} (config, errors, fsutil, precision, sourcespec: shared)", file=out)
+          f"(cli.py, the command map) and {SHARED} (the modules of hataori/ but cli.py, shared by all)", file=out)
     print("\nimports between folders: importer -> imported (import statements, and how many inside functions)",
           file=out)
     for (a, b) in sorted(edges, key=lambda e: (rank[e[0]], rank[e[1]])):

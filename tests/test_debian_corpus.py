@@ -278,7 +278,7 @@ def test_corpus_commands_refuse_another_corpus_unless_replace(command, request, 
             f.write('{"text": "手で足した行です"}\n')
     before = files()
     assert build(*other) == 2
-    assert f"{out}: output folder exists and is not empty; pass --replace" in capsys.readouterr().err
+    assert f"{out}: holds a corpus folder (hataori corpus); pass --replace" in capsys.readouterr().err
     assert files() == before
     assert build(*other, "--replace") == 0
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))

@@ -116,7 +116,19 @@ def test_choice_loglikelihoods_match_transformers(folders, hf_model, tokenizer, 
     written = out.read_bytes()
     assert hataori_main(["eval", str(hf_folder), "--task", "jcommonsenseqa", "--limit", "2", "--output", str(out),
                          "--device", "cpu"]) == 2
-    assert f"--output: {out} exists; pass --replace" in capsys.readouterr().err and out.read_bytes() == written
+    assert f"{out}: holds an eval results file (hataori eval --output); pass --replace" in capsys.readouterr().err
+    assert out.read_bytes() == written
+    # A folder, a file that is not a results file, and the model itself: refused before any scoring.
+    for target, message in ((tmp_path, "is a folder; --output names a file to write"),
+                            (hf_folder, f"is {hf_folder}, an input of this command"),
+                            (hf_folder / "config.json", "holds a file that no hataori command wrote, not an eval"),
+                            (tmp_path / "notes.json", "holds a file that no hataori command wrote, not an eval")):
+        if target.name == "notes.json":
+            target.write_text("[]")
+        assert hataori_main(["eval", str(hf_folder), "--task", "jcommonsenseqa", "--limit", "2", "--output",
+                             str(target), "--device", "cpu", "--replace"]) == 2
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "notes.json").read_text() == "[]"
     assert hataori_main(["eval", str(hf_folder), "--task", "jcommonsenseqa", "--limit", "2", "--output", str(out),
                          "--device", "cpu", "--replace"]) == 0
     assert json.loads(out.read_text(encoding="utf-8"))["counts"]["examples"] == 2

@@ -127,7 +127,7 @@ def test_export_errors(stage_runs, ja_tokenizer, ja_bpe_tokenizer, tmp_path, cap
     (occupied / "notes.txt").write_text("keep me")
     for replace in ([], ["--replace"]):
         assert hataori_main(["export", "hf", str(run), "--output", str(occupied), *replace]) == 2
-        assert "is not empty and holds no earlier export" in capsys.readouterr().err
+        assert "holds files that no hataori command wrote (notes.txt), not a model folder" in capsys.readouterr().err
     assert [p.name for p in occupied.iterdir()] == ["notes.txt"] and (occupied / "notes.txt").read_text() == "keep me"
 
     # Another tokenizer of the run's size: refused by its fingerprint, naming both tokenizers.

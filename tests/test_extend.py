@@ -134,13 +134,28 @@ def test_existing_output_is_refused_unless_replace(ja_tokenizer, english_unigram
     assert hataori_main([*extend, "max_pieces=100"]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert hataori_main([*extend, "max_pieces=200"]) == 2
-    assert f"{out}: output folder exists and is not empty; pass --replace" in capsys.readouterr().err
+    assert f"{out}: holds a tokenizer folder (hataori tokenizer train or extend); pass --replace" in \
+        capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert hataori_main([*extend, "max_pieces=200", "--replace"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert 100 < summary["added"] <= 200
     assert Tokenizer(out).vocab_size == Tokenizer(english_unigram).vocab_size + summary["added"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+    # Its own base as the output, and a run folder: refused with --replace too, and left as they were.
+    again = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert hataori_main(["tokenizer", "extend", str(out / "tokenizer.model"), "--add", str(ja_tokenizer), "--output",
+                         str(out), "--replace"]) == 2
+    assert f"{out}: holds {out / 'tokenizer.model'}, an input of this command" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == again
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000010").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {d_model: 64}\n")
+    (run / "metrics.jsonl").write_text("{}\n")
+    assert hataori_main([*extend[:-1], str(run), "--replace"]) == 2
+    assert f"{run}: holds a run folder (config.yaml, checkpoints/), not a tokenizer folder" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl"]
 
 
 def test_new_embedding_rows_are_the_mean_of_their_base_pieces_rows(en_corpus, ja_tokenizer, tmp_path):

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hataori.outputs import MARKER
+
 REPO = Path(__file__).resolve().parents[1]
 ON_GPU = torch.cuda.is_available()
 
@@ -28,7 +30,7 @@ def test_rehearsal_writes_every_stage_and_figure(tmp_path):
     out = tmp_path / "results"
     result = gpu_check("--rehearse", "--out", str(out))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["gpu-check.json", "gpu-check.log", "gpu-check.md"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "gpu-check.json", "gpu-check.log", "gpu-check.md"]
     results = json.loads((out / "gpu-check.json").read_text())
 
     assert results["mode"] == "rehearsal on the CPU"
@@ -77,7 +79,8 @@ def test_options_are_checked_before_anything_runs(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "gpu-check.json").write_text("{}")  # an earlier check's results
     result = gpu_check("--rehearse", "--only", "cross_entropy", "--out", str(tmp_path / "d"))
-    assert result.returncode == 2 and "output folder exists and is not empty; pass --replace" in result.stderr
+    assert result.returncode == 2 and "holds a GPU check's results folder (scripts/gpu_check.sh); pass --replace" in \
+        result.stderr
     assert (tmp_path / "d" / "gpu-check.json").read_text() == "{}"
 
 

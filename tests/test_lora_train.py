@@ -149,13 +149,14 @@ def test_lora_checkpoint_is_a_small_fraction_of_a_full_one(lora_run, full_run, b
     assert only_bytes < with_embeddings < full_bytes
 
 
-def test_export_merged_and_peft_adapter_give_hataoris_logits(lora_run, tmp_path):
+def test_export_merged_and_peft_adapter_give_hataoris_logits(lora_run, tmp_path, capsys):
     """The merged export (transformers), the exported base with the PEFT adapter (peft), and hataori's
     model read from the run (base + adapters, merged in fp32) give the same logits in fp32."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from hataori.train.generate import load_model
+    from hataori.train.run import read_config
 
     merged, base, adapter = tmp_path / "merged", tmp_path / "base", tmp_path / "adapter"
     assert hataori_main(["export", "hf", str(lora_run), "--output", str(merged), "--dtype", "fp32"]) == 0
@@ -181,6 +182,23 @@ def test_export_merged_and_peft_adapter_give_hataoris_logits(lora_run, tmp_path)
     assert (from_base - reference).abs().max() > 1e-2 * scale, "the adapters changed nothing"
     torch.testing.assert_close(from_merged, reference, rtol=0, atol=1e-5 * scale)
     torch.testing.assert_close(from_adapter, reference, rtol=0, atol=1e-5 * scale)
+
+    # --replace writes over the earlier export and adapter, but never over the run itself, its base or a
+    # model folder that hataori did not export: each refused, named, and left byte for byte.
+    assert hataori_main(["export", "hf", str(lora_run), "--output", str(base), "--adapter", str(adapter),
+                         "--dtype", "bf16", "--replace"]) == 0
+    assert json.loads((base / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    hf_base = Path(read_config(lora_run)["init"]["from_hf"])
+    files = {root: {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} for root in (lora_run, hf_base)}
+    for argv, message in (
+            (["--output", str(tmp_path / "x"), "--adapter", str(lora_run)], f"is {lora_run}, an input of this command"),
+            (["--output", str(hf_base)], f"is {hf_base}, an input of this command"),
+            (["--output", str(tmp_path / "y"), "--adapter", str(lora_run.parent)], "an input of this command"),
+            (["--output", str(base), "--adapter", str(base / "adapter")], "must be a folder apart from --output")):
+        assert hataori_main(["export", "hf", str(lora_run), *argv, "--replace"]) == 2
+        assert message in capsys.readouterr().err
+    assert files == {root: {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} for root in (lora_run, hf_base)}
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)

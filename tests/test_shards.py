@@ -20,6 +20,7 @@ import pytest
 from hataori.cli import main as hataori_main
 from hataori.corpus.sources import SourceConfig
 from hataori.errors import ConfigError, HataoriError, InputError
+from hataori.outputs import MARKER
 from hataori.tokenizer import proto as spm_proto
 from hataori.tokenizer.model import Tokenizer
 from hataori.tokenizer.prepare import PrepareConfig, prepare
@@ -174,7 +175,7 @@ def test_prepare_matches_the_tokenizers_own_encoding(prepared, corpus_slice, tok
     assert len(shards) > 3
     for entry in shards:  # full shards stay within the limit unless one document alone exceeds it
         assert entry["tokens"] <= 20_000 or entry["documents"] == 1
-    assert not [p for p in prepared.iterdir() if p.name.startswith(".")]
+    assert [p.name for p in prepared.iterdir() if p.name.startswith(".")] == [MARKER]  # no temporary file
 
 
 def test_two_workers_write_identical_bytes(prepared, corpus_slice, tokenizer, tmp_path):
@@ -217,7 +218,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(prepared, corpus_slic
     assert hataori_main(args) == 0
     assert "resuming" in capsys.readouterr().err
     assert shard_bytes(out) == shard_bytes(prepared)
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [MARKER]
     # a third run finds the dataset complete and leaves it alone
     assert hataori_main(args) == 0
     assert "nothing to do" in capsys.readouterr().err
@@ -375,10 +376,21 @@ def test_prepare_refuses_another_dataset_or_other_files_unless_replace(prepared,
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "keep.txt").write_text("mine")
-    assert hataori_main([*args[:-3], str(notes), "progress=false"]) == 2
-    err = capsys.readouterr().err
-    assert f"{notes}: output folder exists and is not empty; pass --replace" in err
+    for replace in ([], ["--replace"]):
+        assert hataori_main([*args[:-3], str(notes), "progress=false", *replace]) == 2
+        err = capsys.readouterr().err
+        assert f"{notes}: holds files that no hataori command wrote (keep.txt), not a dataset folder" in err
     assert [p.name for p in notes.iterdir()] == ["keep.txt"]
+
+    # A dataset whose dataset.json is damaged: named, and replaced with --replace (prepare repairs its own folder).
+    (out / "dataset.json").write_text("{not json", encoding="utf-8")
+    assert hataori_main([*args, "shard_tokens=20000"]) == 2
+    assert f"{out} already holds a dataset whose dataset.json is damaged (" in capsys.readouterr().err
+    assert hataori_main([*args, "shard_tokens=20000", "--replace"]) == 0
+    assert shard_bytes(out) == shard_bytes(prepared)
+    # The corpus's own folder is never the output.
+    assert hataori_main([*args[:-3], str(corpus_slice.parent), "progress=false", "--replace"]) == 2
+    assert f"holds {corpus_slice}, an input of this command" in capsys.readouterr().err
 
 
 def test_disk_full_is_an_error_naming_the_output_and_leaves_nothing(prepared, corpus_slice, tokenizer, tmp_path,

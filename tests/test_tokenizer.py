@@ -292,7 +292,7 @@ def test_failed_training_leaves_previous_output_intact(ja_docs, tmp_path, capsys
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("x")
     err = train_fails(capsys, "--input", good, "--output", tmp_path / "notes")
-    assert "not empty; pass --replace" in err and (tmp_path / "notes" / "keep.txt").exists()
+    assert "holds files that no hataori command wrote (keep.txt)" in err and (tmp_path / "notes" / "keep.txt").exists()
 
 
 def test_existing_output_is_refused_unless_replace(ja_docs, tmp_path, capsys):
@@ -304,12 +304,22 @@ def test_existing_output_is_refused_unless_replace(ja_docs, tmp_path, capsys):
     for output in (["--output", out], [f"output={out}"]):
         assert run("tokenizer", "train", *common, *output, "vocab_size=2100") == 2
         err = capsys.readouterr().err
-        assert f"{out}: output folder exists and is not empty; pass --replace" in err and "config key output" in err
+        assert f"{out}: holds a tokenizer folder (hataori tokenizer train or extend); pass --replace" in err
+        assert "config key output" in err
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert run("tokenizer", "train", *common, "--output", out, "vocab_size=2100", "--replace") == 0
     assert spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model")).get_piece_size() == 2100
     assert json.loads((out / "summary.json").read_text())["vocab_size"] == 2100
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+    # A folder of the input corpus, and one of a user's: refused with --replace too.
+    assert run("tokenizer", "train", *common, "--output", tmp_path, "--replace") == 2
+    assert f"{tmp_path}: holds {tmp_path / 'good.jsonl'}, an input of this command" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert run("tokenizer", "train", *common, "--output", mine, "--replace") == 2
+    assert "holds files that no hataori command wrote (notes.txt), not a tokenizer folder" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
 # ----------------------------------------------------------------------------- fingerprint

@@ -48,7 +48,8 @@ from hataori.corpus.extract import markup_paragraphs, plain_paragraphs, troff_pa
 from hataori.corpus.output import (CORPUS_FILE, Counts, Deduplicator, corpus_entry, current_manifest, write_document,
                                   write_manifest)
 from hataori.errors import HataoriError
-from hataori.fsutil import atomic_path, check_output, remove_stale_temps
+from hataori.fsutil import atomic_path, remove_stale_temps
+from hataori.outputs import Output, claim
 
 MANIFEST_FORMAT = 1
 EXTRACTOR_VERSION = 1
@@ -360,6 +361,12 @@ def build(out: Path, names: list[str], jobs: int = 1, progress: bool = True,
           replace: bool = False) -> tuple[dict, bool]:
     """Build (or find up to date) the corpus in ``out``; returns (manifest, whether it was built). An
     ``out`` holding anything but an up-to-date corpus and the .debs is refused unless ``replace``."""
+    with claim(out, "corpus", option="OUT") as held:
+        return _build(out, names=names, jobs=jobs, progress=progress, replace=replace, held=held)
+
+
+def _build(out: Path, *, names: list[str], jobs: int, progress: bool, replace: bool,
+           held: Output) -> tuple[dict, bool]:
     start = time.monotonic()
     debs = out / "debs"
     remove_stale_temps(out)
@@ -368,7 +375,8 @@ def build(out: Path, names: list[str], jobs: int = 1, progress: bool = True,
     manifest = up_to_date(out, versions)
     if manifest is not None:
         return manifest, False
-    check_output(out, replace, "OUT", cache=debs.name)
+    held.check_replace(replace, keep=(debs.name,))
+    held.mark()
     debs.mkdir(parents=True, exist_ok=True)
 
     from tqdm import tqdm

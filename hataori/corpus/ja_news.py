@@ -33,7 +33,8 @@ from pathlib import Path
 from hataori.corpus.output import (CORPUS_FILE, Counts, Deduplicator, corpus_entry, current_manifest, write_document,
                                   write_manifest)
 from hataori.errors import HataoriError, InputError
-from hataori.fsutil import atomic_path, check_output, remove_stale_temps
+from hataori.fsutil import atomic_path, remove_stale_temps
+from hataori.outputs import Output, claim
 
 PACKAGE = "hironsancorpus"
 VERSION = "0.1.2"
@@ -92,13 +93,19 @@ def sentences(archive: Path) -> tuple[list[str], str]:
 def build(out: Path, replace: bool = False) -> tuple[dict, bool]:
     """Build (or find up to date) the corpus in ``out``; returns (manifest, whether it was built). An
     ``out`` holding anything but an up-to-date corpus and the download is refused unless ``replace``."""
+    with claim(out, "corpus", option="OUT") as held:
+        return _build(out, replace=replace, held=held)
+
+
+def _build(out: Path, *, replace: bool, held: Output) -> tuple[dict, bool]:
     start = time.monotonic()
     remove_stale_temps(out)
     manifest = current_manifest(out, lambda manifest: (manifest["format"] == MANIFEST_FORMAT
                                                        and manifest["package"]["version"] == VERSION))
     if manifest is not None:
         return manifest, False
-    check_output(out, replace, "OUT", cache="downloads")
+    held.check_replace(replace, keep=("downloads",))
+    held.mark()
     archive = fetch(out / "downloads")
     texts, license_name = sentences(archive)
     counts = Counts(files=1)

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from hataori.corpus.output import CORPUS_FILE, Counts, corpus_entry, current_manifest, write_document, write_manifest
-from hataori.fsutil import atomic_path, check_output, remove_stale_temps
+from hataori.fsutil import atomic_path, remove_stale_temps
+from hataori.outputs import Output, claim
 
 MANIFEST_FORMAT = 1
 MIN_CHARS = 200
@@ -52,13 +53,19 @@ def docstrings(path: Path) -> str:
 def build(out: Path, replace: bool = False) -> tuple[dict, bool]:
     """Build (or find up to date) the corpus in ``out``; returns (manifest, whether it was built). An
     ``out`` holding anything but an up-to-date corpus is refused unless ``replace``."""
+    with claim(out, "corpus", option="OUT") as held:
+        return _build(out, replace=replace, held=held)
+
+
+def _build(out: Path, *, replace: bool, held: Output) -> tuple[dict, bool]:
     start = time.monotonic()
     remove_stale_temps(out)
     manifest = current_manifest(out, lambda manifest: (manifest["format"] == MANIFEST_FORMAT
                                                        and manifest["python"] == platform.python_version()))
     if manifest is not None:
         return manifest, False
-    check_output(out, replace, "OUT")
+    held.check_replace(replace)
+    held.mark()
     root = Path(sysconfig.get_paths()["stdlib"])
     counts = Counts()
     with atomic_path(out / CORPUS_FILE) as tmp, open(tmp, "w", encoding="utf-8") as f:

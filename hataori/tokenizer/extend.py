@@ -49,7 +49,7 @@ from pathlib import Path
 
 from hataori.config import load, override, require, split_items
 from hataori.errors import InputError
-from hataori.fsutil import check_output
+from hataori.outputs import Output, claim
 from hataori.tokenizer import proto as spm_proto
 from hataori.tokenizer.charsets import is_japanese
 from hataori.tokenizer.evaluate import load_texts, measure
@@ -225,10 +225,16 @@ def report(base_tok: Tokenizer, merged_tok: Tokenizer, corpora: list[tuple[str, 
 
 
 def extend(cfg: ExtendConfig, replace: bool = False) -> dict:
-    """Merge, check, measure and write; the summary (also summary.json). An existing non-empty output
-    folder is refused unless ``replace``, and then replaced once the new one is complete."""
+    """Merge, check, measure and write; the summary (also summary.json). The output is held under
+    :mod:`hataori.outputs`' contract: a non-empty one is refused unless ``replace`` and it holds an earlier
+    tokenizer, which is replaced once the new one is complete; BASE, NEW and the report's texts never are."""
+    with claim(cfg.output, "tokenizer", inputs=[cfg.base, cfg.add, *cfg.ja_text, *cfg.other_text]) as out:
+        out.check_replace(replace)
+        return _extend(cfg, out)
+
+
+def _extend(cfg: ExtendConfig, out: Output) -> dict:
     started = time.perf_counter()
-    check_output(cfg.output, replace)
     corpora = report_texts(cfg)
     base_tok, new_tok = Tokenizer(cfg.base), Tokenizer(cfg.add)
     base = spm_proto.parse(base_tok.proto, base_tok.path)
@@ -258,7 +264,7 @@ def extend(cfg: ExtendConfig, replace: bool = False) -> dict:
         "seconds": 0.0,
     }
     summary["seconds"] = round(time.perf_counter() - started, 2)
-    write_output(cfg, proto, summary)
+    write_output(out, cfg, proto, summary)
     return summary
 
 

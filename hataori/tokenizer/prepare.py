@@ -20,9 +20,11 @@ Output: ``train-NNNNN`` and ``val-NNNNN`` shards (see :mod:`hataori.tokenizer.sh
 temporary name and renamed when complete, and ``dataset.json`` last. A rerun after a crash or a
 kill keeps the complete shards, re-reads the inputs without encoding the documents they hold, and
 writes the rest; if the inputs or settings changed in between, it starts over. A complete dataset
-from the same inputs and settings is left alone; a folder holding anything else is refused unless
-``--replace``, which swaps the new dataset in only once it is complete. A full disk is reported as
-such and leaves no shards behind.
+from the same inputs and settings is left alone. The output folder is held under
+:mod:`hataori.outputs`' contract (one prepare at a time; the inputs and the tokenizer are never the
+output): another dataset, or one whose ``dataset.json`` is damaged, is refused unless ``--replace``,
+which swaps the new dataset in only once it is complete, and anything but a dataset is refused either
+way. A full disk is reported as such and leaves no shards behind.
 
 Source weights given with ``--input PATH:WEIGHT`` are recorded in the manifest; a dataset stores
 each document once, and blending happens when training reads datasets (:mod:`hataori.train.data`).
@@ -51,8 +53,8 @@ import numpy as np
 from hataori.config import command_items, load, require, to_dict
 from hataori.corpus.sources import ReadStats, SourceConfig, expand, iter_documents, split_key
 from hataori.errors import ConfigError, HataoriError
-from hataori.fsutil import (DISK_FULL, atomic_path, atomic_write_text, check_output, disk_full_error,
-                            remove_stale_temps)
+from hataori.fsutil import DISK_FULL, atomic_write_text, disk_full_error, remove_stale_temps
+from hataori.outputs import MARKER, claim
 from hataori.sourcespec import parse_source
 from hataori.tokenizer.model import Tokenizer
 from hataori.tokenizer.shards import (FORMAT_VERSION, MANIFEST, SPLITS, Shard, ShardError, ShardWriter,
@@ -296,24 +298,37 @@ def prepare(cfg: PrepareConfig, replace: bool = False) -> dict:
     folder = Path(cfg.output)
     plan = _plan(cfg, tokenizer, dtype, files)
 
-    manifest_path = folder / MANIFEST
-    interrupted = (folder / PLAN).is_file() and not manifest_path.is_file()
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if manifest.get("plan") == plan:
-            print(f"{folder}: already prepared from these inputs and settings; nothing to do", file=sys.stderr)
-            return manifest
-        if not replace:
-            raise HataoriError(f"{folder} already holds a dataset prepared from other inputs or settings; pass "
-                               "--replace to replace it once the new one is complete, or choose another --output")
-    elif not interrupted:  # an interrupted prepare is resumed in place; anything else is not ours
-        check_output(folder, replace)
-    val_limit = _val_limit(cfg, files)
-    with disk_full_error(folder):
-        if replace and folder.exists() and not interrupted:
-            with atomic_path(folder, is_dir=True) as staging:
-                return _encode(cfg, tokenizer, dtype, files, plan, val_limit, staging)
-        return _encode(cfg, tokenizer, dtype, files, plan, val_limit, folder)
+    with claim(folder, "dataset", inputs=[cfg.tokenizer, *(path for _, path in files)]) as out:
+        manifest_path = folder / MANIFEST
+        interrupted = (folder / PLAN).is_file() and not manifest_path.is_file()
+        if manifest_path.is_file():
+            manifest, damage = read_manifest(manifest_path)
+            if manifest is not None and manifest.get("plan") == plan:
+                print(f"{folder}: already prepared from these inputs and settings; nothing to do", file=sys.stderr)
+                return manifest
+            if not replace:
+                held = (f"a dataset whose {MANIFEST} is damaged ({damage})" if damage
+                        else "a dataset prepared from other inputs or settings")
+                raise HataoriError(f"{folder} already holds {held}; pass --replace to replace it once the new one is "
+                                   "complete, or choose another --output")
+        if not interrupted:  # an interrupted prepare is resumed in place; anything else must be a dataset
+            out.check_replace(replace)
+        val_limit = _val_limit(cfg, files)
+        with disk_full_error(folder):
+            if out.occupied and not interrupted:
+                with out.folder() as staging:
+                    return _encode(cfg, tokenizer, dtype, files, plan, val_limit, staging)
+            out.mark()
+            return _encode(cfg, tokenizer, dtype, files, plan, val_limit, folder)
+
+
+def read_manifest(path: Path) -> tuple[dict | None, str | None]:
+    """(an existing output's dataset.json, None), or (None, what is wrong with it)."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return None, str(err)
+    return (manifest, None) if isinstance(manifest, dict) else (None, "not a JSON object")
 
 
 def _encode(cfg: PrepareConfig, tokenizer: Tokenizer, dtype: np.dtype, files: list[tuple[int, Path]], plan: dict,
@@ -377,7 +392,8 @@ def _abandon(folder: Path, writers: dict[str, "_SplitWriter"], err: BaseExceptio
         for _, _, path in _shard_files(folder) if folder.is_dir() else ():
             path.unlink()
         (folder / PLAN).unlink(missing_ok=True)
-        if folder.is_dir() and not any(folder.iterdir()):
+        if folder.is_dir() and all(p.name == MARKER for p in folder.iterdir()):
+            (folder / MARKER).unlink(missing_ok=True)
             folder.rmdir()
 
 

@@ -52,7 +52,7 @@ from hataori import __version__
 from hataori.config import command_items, load, require, to_yaml
 from hataori.corpus.sources import ReadStats, SourceConfig, expand, in_validation, iter_documents
 from hataori.errors import HataoriError, InputError
-from hataori.fsutil import atomic_path, check_output
+from hataori.outputs import Output, claim
 from hataori.sourcespec import parse_source
 from hataori.tokenizer import charsets
 from hataori.tokenizer import proto as spm_proto
@@ -455,15 +455,15 @@ def _escape(piece: str) -> str:
     return piece.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
 
 
-def write_output(cfg, proto: bytes, summary: dict) -> None:
-    """The tokenizer folder ``cfg.output``, written whole or not at all: tokenizer.model, tokenizer.vocab
+def write_output(out: Output, cfg, proto: bytes, summary: dict) -> None:
+    """The tokenizer folder ``out`` (held), written whole or not at all: tokenizer.model, tokenizer.vocab
     (a piece and its score a line), config.yaml (``cfg``) and summary.json."""
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_proto=proto)
     # One piece a line, tab, score; the newline and tab pieces are written escaped.
     vocab = "".join(f"{_escape(sp.id_to_piece(i))}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
-    with atomic_path(cfg.output, is_dir=True) as tmp:
+    with out.folder() as tmp:
         (tmp / "tokenizer.model").write_bytes(proto)
         (tmp / "tokenizer.vocab").write_text(vocab, encoding="utf-8")
         (tmp / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
@@ -472,12 +472,19 @@ def write_output(cfg, proto: bytes, summary: dict) -> None:
 
 
 def train(cfg: TokenizerTrainConfig, replace: bool = False) -> dict:
-    """Train and write the tokenizer folder; the summary (also written as summary.json). An existing
-    non-empty output folder is refused unless ``replace``, and then replaced once the new one is complete."""
+    """Train and write the tokenizer folder; the summary (also written as summary.json). The output is held
+    under :mod:`hataori.outputs`' contract: a non-empty one is refused unless ``replace`` and it holds an
+    earlier tokenizer, which is replaced once the new one is complete; an input is never replaced."""
+    require(bool(cfg.output), "output", "no output folder; pass --output DIR or output=DIR")
+    with claim(cfg.output, "tokenizer", option="--output DIR, or the config key output",
+               inputs=[source.path for source in cfg.sources]) as out:
+        out.check_replace(replace)
+        return _train(cfg, out)
+
+
+def _train(cfg: TokenizerTrainConfig, out: Output) -> dict:
     import sentencepiece as spm
 
-    require(bool(cfg.output), "output", "no output folder; pass --output DIR or output=DIR")
-    check_output(cfg.output, replace, "--output DIR, or the config key output")
     started = time.perf_counter()
     samples, files = count_sources(cfg)
     text = build_training_text(cfg, sample_documents(cfg, samples, files))
@@ -513,7 +520,7 @@ def train(cfg: TokenizerTrainConfig, replace: bool = False) -> dict:
         "seconds_total": round(time.perf_counter() - started, 2),
         "versions": {"hataori": __version__, "sentencepiece": spm.__version__, "python": platform.python_version()},
     }
-    write_output(cfg, proto, summary)
+    write_output(out, cfg, proto, summary)
     return summary
 
 

@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 
-from hataori.errors import ConfigError, InputError
-from hataori.fsutil import atomic_write_text
+from hataori.errors import InputError
+from hataori.fsutil import disk_full_error
+from hataori.outputs import claim
 from hataori.precision import DTYPES, PRECISIONS
 from hataori.precision import check as check_precision
 from hataori.tokenizer.model import Tokenizer
@@ -142,15 +143,17 @@ def main(args: argparse.Namespace) -> int:
     from hataori.eval.runner import summary  # omegaconf and the model code: see load_run
     from hataori.train.generate import torch_device
 
-    if args.output and Path(args.output).exists() and not args.replace:
-        raise ConfigError("--output", f"{args.output} exists; pass --replace to replace it, or choose another file")
-    results = evaluate(args.model, args.task, device=torch_device(args.device), dtype=args.dtype,
-                       template=args.template,
-                       shots=args.shots, seed=args.seed, data=args.data, train=args.train, limit=args.limit,
-                       batch_size=args.batch_size)
-    if args.output:
-        output = Path(args.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(output, json.dumps(results, ensure_ascii=False, indent=1) + "\n")
+    with contextlib.ExitStack() as held:
+        out = None
+        if args.output:  # held from the start: a results file that cannot be written fails before the work
+            out = held.enter_context(claim(args.output, "eval-results", is_dir=False,
+                                           inputs=[p for p in (args.model, args.data, args.train) if p]))
+            out.check_replace(args.replace)
+        results = evaluate(args.model, args.task, device=torch_device(args.device), dtype=args.dtype,
+                           template=args.template, shots=args.shots, seed=args.seed, data=args.data, train=args.train,
+                           limit=args.limit, batch_size=args.batch_size)
+        if out is not None:
+            with disk_full_error(out.path), out.file() as tmp:
+                tmp.write_text(json.dumps(results, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     print(summary(results))
     return 0

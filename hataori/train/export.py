@@ -26,14 +26,17 @@ receives the unmerged base instead and ADIR the adapter in PEFT's layout (``adap
 The tokenizer (the run's, or ``--tokenizer``) must be the one the run was trained with: its
 fingerprint is checked against the run's record (:func:`hataori.train.run.run_tokenizer`).
 
-The folder is written under a temporary name and renamed when complete. A non-empty DIR is refused
-unless ``--replace`` is given and it holds an earlier export (config.json and the safetensors index),
-which then stays until the new export is complete; any other non-empty folder is refused either way.
+DIR and ADIR are outputs under :mod:`hataori.outputs`' contract: held by one export at a time, written
+under a temporary name and renamed when complete, marked as an export (or an adapter). A non-empty one
+is refused unless ``--replace`` is given and it holds an earlier output of the same kind, which then
+stays until the new one is complete; a folder that is or holds the run, its tokenizer or a LoRA run's
+base, a run folder, a model hataori did not export and any other folder are refused either way.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
@@ -44,7 +47,8 @@ from typing import Any
 
 from hataori import __version__
 from hataori.errors import ConfigError, InputError
-from hataori.fsutil import atomic_path, atomic_write_text, check_output
+from hataori.fsutil import atomic_write_text
+from hataori.outputs import Output, claim
 from hataori.tokenizer.hf import exact, write_hf_tokenizer
 from hataori.tokenizer.proto import model_type_name, parse
 from hataori.train.layout import CONFIG_FILE, METRICS_FILE, PROVENANCE_FILE
@@ -67,29 +71,48 @@ def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, d
     """Write the Hugging Face folder of a run's checkpoint (see the module docstring); a summary.
     With ``adapter`` (a LoRA run) ``output`` gets the frozen base and ``adapter`` the PEFT adapter."""
     # torch and the model code load in ~1.3 s: when an export runs, not for `hataori export hf --help`
-    import torch
-
     from hataori.model import hf
-    from hataori.train.run import model_config, read_config, run_tokenizer
-    from hataori.train.weights import LoRAWeights, resolve_checkpoint, run_weights
+    from hataori.train.run import read_config
+    from hataori.train.weights import resolve_checkpoint
 
     started = time.perf_counter()
     if dtype not in DTYPES:
         raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
     torch_dtype = hf.DTYPES[dtype]
     output = Path(output)
-    if output.is_dir() and any(output.iterdir()) and not (
-            (output / hf.CONFIG_FILE).is_file() and (output / hf.INDEX_FILE).is_file()):
-        raise InputError(output, "is not empty and holds no earlier export; refusing to replace it, "
-                         "choose another --output")
-    check_output(output, replace)
     if adapter is not None:
         adapter = Path(adapter)
-        if adapter.resolve() == output.resolve():
-            raise ConfigError("--adapter", "must be another folder than --output, which receives the base model")
-        check_output(adapter, replace, "--adapter")
+        apart = (adapter.resolve(), output.resolve())
+        if apart[0] == apart[1] or apart[0].is_relative_to(apart[1]) or apart[1].is_relative_to(apart[0]):
+            raise ConfigError("--adapter", "must be a folder apart from --output (neither inside the other): "
+                              "--output receives the base model")
     run_dir, checkpoint = resolve_checkpoint(run, step)
     config = read_config(run_dir)
+    init = config.get("init") or {}
+    # What the export reads: the run, its tokenizer and a LoRA run's base. None of them may be replaced.
+    inputs = [run_dir, *(p for p in (tokenizer, config.get("tokenizer"), init.get("from_hf"), init.get("from_run"))
+                         if p)]
+    with contextlib.ExitStack() as held:
+        out = held.enter_context(claim(output, "hf-model", inputs=inputs))
+        out.check_replace(replace)
+        ad = None
+        if adapter is not None:
+            ad = held.enter_context(claim(adapter, "peft-adapter", option="--adapter", inputs=inputs))
+            ad.check_replace(replace)
+        return _export(run_dir, checkpoint, config, out, ad, started=started, dtype=dtype, torch_dtype=torch_dtype,
+                       max_shard_bytes=max_shard_bytes, tokenizer=tokenizer)
+
+
+def _export(run_dir: Path, checkpoint: Path, config: dict, out: Output, ad: Output | None, *, started: float,
+            dtype: str, torch_dtype, max_shard_bytes: int, tokenizer: str | None) -> dict[str, Any]:
+    """export_hf's work, with its outputs held."""
+    import torch  # torch and the model code: see export_hf
+
+    from hataori.model import hf
+    from hataori.train.run import model_config, run_tokenizer
+    from hataori.train.weights import LoRAWeights, run_weights
+
+    output, adapter = out.path, None if ad is None else ad.path
     cfg = model_config(config)
     if cfg.qk_norm:
         raise InputError(run_dir / CONFIG_FILE, "model.qk_norm: a model with qk-norm has no Llama equivalent in "
@@ -118,7 +141,7 @@ def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, d
         value = weights.base_tensor(ours) if adapter is not None else weights.tensor(ours)
         return hf.to_hf_tensor(cfg, ours, value).to(torch_dtype)
 
-    with atomic_path(output, is_dir=True) as tmp:
+    with out.folder() as tmp:
         index = hf.write_safetensors(tmp, hf.plan_shards(sizes, max_shard_bytes), tensor)
         special = {"bos_id": _id(tok.bos_id), "eos_id": _id(tok.eos_id), "pad_id": _id(tok.pad_id)}
         config_json = hf.hf_config(cfg, dtype=torch_dtype, **special)
@@ -130,8 +153,8 @@ def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, d
         card = model_card(run_dir, checkpoint, config, cfg, tok, weights.client_state, dtype=dtype,
                           lora=None if not lora else ("base" if adapter is not None else "merged"))
         atomic_write_text(tmp / "README.md", card)
-    if adapter is not None:
-        write_adapter(weights, adapter, base=output, dtype=torch_dtype)
+    if ad is not None:
+        write_adapter(weights, ad, base=output, dtype=torch_dtype)
     return {
         "output": str(output), "run": str(run_dir), "checkpoint": str(checkpoint), "dtype": dtype,
         "shards": len(set(index["weight_map"].values())), "bytes": index["metadata"]["total_size"],
@@ -143,9 +166,9 @@ def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, d
     }
 
 
-def write_adapter(weights, folder: Path, *, base: Path, dtype) -> None:
-    """The PEFT adapter of a LoRA run (``adapter_config.json``, ``adapter_model.safetensors``) into
-    ``folder``, written under a temporary name; its ``base_model_name_or_path`` is ``base``."""
+def write_adapter(weights, folder: Output, *, base: Path, dtype) -> None:
+    """The PEFT adapter of a LoRA run (``adapter_config.json``, ``adapter_model.safetensors``) into the
+    held output ``folder``, written under a temporary name; its ``base_model_name_or_path`` is ``base``."""
     from safetensors.torch import save_file
 
     from hataori.model.lora import peft_config, peft_state_dict  # torch: see export_hf
@@ -158,7 +181,7 @@ def write_adapter(weights, folder: Path, *, base: Path, dtype) -> None:
 
     state = {key: t.to(dtype).contiguous() for key, t in peft_state_dict(weights.model, weights.lora, value).items()}
     config = peft_config(weights.model, weights.lora, base_model_name_or_path=str(Path(base).resolve()))
-    with atomic_path(folder, is_dir=True) as tmp:
+    with folder.folder() as tmp:
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         atomic_write_text(tmp / "adapter_config.json", json.dumps(config, indent=2) + "\n")
 
