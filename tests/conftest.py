@@ -99,6 +99,25 @@ def llama_style_tokenizer(en_corpus, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def jcqa_tokenizer(tmp_path_factory) -> Path:
+    """A 2,000-piece unigram tokenizer of the bundled JCommonsenseQA train questions and choices (small and
+    quick to train, for tests that need a real Japanese tokenizer but no corpus)."""
+    import json
+
+    from hataori.eval.tasks import JGLUE, TASKS, read_examples
+
+    folder = tmp_path_factory.mktemp("jcqa-tokenizer")
+    corpus = folder / "jcqa.jsonl"
+    with open(corpus, "w", encoding="utf-8") as f:
+        for example in read_examples(TASKS["jcommonsenseqa"], JGLUE / "jcommonsenseqa-train.json"):
+            f.write(json.dumps({"text": "\n".join(example.fields.values())}, ensure_ascii=False) + "\n")
+    out = folder / "tok"
+    assert hataori_main(["tokenizer", "train", "--input", str(corpus), "--output", str(out), "vocab_size=2000",
+                         "required_chars=kana", "progress=false"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def ja_shards(ja_corpus: Path, ja_tokenizer: Path, tmp_path_factory) -> Path:
     """A prepared dataset (dataset.json, train and val shards) of every 12th corpus document (about
     480), encoded with ``ja_tokenizer``; 12 documents in the validation split."""

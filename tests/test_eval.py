@@ -35,17 +35,8 @@ def tiny_config(vocab_size: int) -> ModelConfig:
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    """A 2,000-piece unigram tokenizer of the JCommonsenseQA train questions and choices."""
-    folder = tmp_path_factory.mktemp("tokenizer")
-    corpus = folder / "jcqa.jsonl"
-    with open(corpus, "w", encoding="utf-8") as f:
-        for example in read_examples(TASKS["jcommonsenseqa"], JGLUE / "jcommonsenseqa-train.json"):
-            f.write(json.dumps({"text": "\n".join(example.fields.values())}, ensure_ascii=False) + "\n")
-    out = folder / "tok"
-    assert hataori_main(["tokenizer", "train", "--input", str(corpus), "--output", str(out), "vocab_size=2000",
-                         "required_chars=kana", "progress=false"]) == 0
-    return out
+def tokenizer_dir(jcqa_tokenizer) -> Path:
+    return jcqa_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,7 @@ Shots
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from hataori.errors import ConfigError
+from hataori.errors import ConfigError, HataoriError
 from hataori.eval.tasks import Example
 from hataori.eval.templates import Template
 from hataori.tokenizer.model import Tokenizer
@@ -203,6 +204,13 @@ def evaluate_choice(model: Callable[..., torch.Tensor], prepared: ChoiceSet, *, 
                                        world_size=world_size, max_len=max_len, device=device)
     if world_size > 1:
         scores = sum_over_ranks(scores, device)
+    bad = [i for i, score in enumerate(scores) if not math.isfinite(score)]
+    if bad:  # every rank has the same scores and stops alike
+        owner = next(e for e, end in zip(prepared.examples, np.cumsum([len(c) for c in prepared.choices]))
+                     if bad[0] < end)
+        raise HataoriError(f"the model's log-likelihoods are not finite (NaN or inf) for {len(bad):,} of "
+                           f"{len(scores):,} choices, the first in the example of line {owner.line}: its weights "
+                           "or activations overflow, so no score is reported")
     details, at = [], 0
     for example, prompt, choice_texts in zip(prepared.examples, prepared.prompts, prepared.choices):
         n = len(choice_texts)

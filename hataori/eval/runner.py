@@ -16,6 +16,7 @@ due at, on every rank: the ranks share the batches and every rank gets the resul
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from hataori.config import require
-from hataori.errors import ConfigError
+from hataori.errors import ConfigError, HataoriError
 from hataori.eval.bpc import read_documents, score_documents
 from hataori.eval.choice import ChoiceSet, evaluate_choice, prepare_choices
 from hataori.eval.tasks import TASKS, get_task, read_examples
@@ -177,6 +178,9 @@ def _run_bpc(model, tokenizer, spec, *, template, shots, data, train, limit, bat
     began = time.perf_counter()
     texts = read_documents(data, limit)
     result = score_documents(model, tokenizer, texts, batch_size=batch_size)
+    if not math.isfinite(result.nll):
+        raise HataoriError(f"the model's negative log-likelihood of {data} is not finite ({result.nll}): its weights "
+                           "or activations overflow, so no bits per character are reported")
     seconds = time.perf_counter() - began
     return {"task": spec.name, "template": None, "shots": 0, "seed": None, "data": str(data), "limit": limit,
             "batch_size": batch_size, "seq_len": model.config.max_seq_len,

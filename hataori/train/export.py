@@ -109,6 +109,7 @@ def _export(run_dir: Path, checkpoint: Path, config: dict, out: Output, ad: Outp
     import torch  # torch and the model code: see export_hf
 
     from hataori.model import hf
+    from hataori.train.init import check_finite
     from hataori.train.run import model_config, run_tokenizer
     from hataori.train.weights import LoRAWeights, run_weights
 
@@ -139,6 +140,7 @@ def _export(run_dir: Path, checkpoint: Path, config: dict, out: Output, ad: Outp
     def tensor(their: str):
         ours = theirs[their]
         value = weights.base_tensor(ours) if adapter is not None else weights.tensor(ours)
+        check_finite(value, ours, checkpoint, "this checkpoint is not healthy: export an earlier one (--step N)")
         return hf.to_hf_tensor(cfg, ours, value).to(torch_dtype)
 
     with out.folder() as tmp:
@@ -154,7 +156,7 @@ def _export(run_dir: Path, checkpoint: Path, config: dict, out: Output, ad: Outp
                           lora=None if not lora else ("base" if adapter is not None else "merged"))
         atomic_write_text(tmp / "README.md", card)
     if ad is not None:
-        write_adapter(weights, ad, base=output, dtype=torch_dtype)
+        write_adapter(weights, ad, base=output, dtype=torch_dtype, checkpoint=checkpoint)
     return {
         "output": str(output), "run": str(run_dir), "checkpoint": str(checkpoint), "dtype": dtype,
         "shards": len(set(index["weight_map"].values())), "bytes": index["metadata"]["total_size"],
@@ -166,12 +168,13 @@ def _export(run_dir: Path, checkpoint: Path, config: dict, out: Output, ad: Outp
     }
 
 
-def write_adapter(weights, folder: Output, *, base: Path, dtype) -> None:
+def write_adapter(weights, folder: Output, *, base: Path, dtype, checkpoint: Path) -> None:
     """The PEFT adapter of a LoRA run (``adapter_config.json``, ``adapter_model.safetensors``) into the
     held output ``folder``, written under a temporary name; its ``base_model_name_or_path`` is ``base``."""
     from safetensors.torch import save_file
 
     from hataori.model.lora import peft_config, peft_state_dict  # torch: see export_hf
+    from hataori.train.init import check_finite
 
     def value(name: str):
         if name.endswith((".lora_A", ".lora_B")):
@@ -179,7 +182,8 @@ def write_adapter(weights, folder: Output, *, base: Path, dtype) -> None:
             return a if name.endswith(".lora_A") else b
         return weights.tensor(name)  # a train_also module's weight, as trained
 
-    state = {key: t.to(dtype).contiguous() for key, t in peft_state_dict(weights.model, weights.lora, value).items()}
+    state = {key: check_finite(t, key, checkpoint, "this checkpoint is not healthy: export an earlier one (--step N)")
+             .to(dtype).contiguous() for key, t in peft_state_dict(weights.model, weights.lora, value).items()}
     config = peft_config(weights.model, weights.lora, base_model_name_or_path=str(Path(base).resolve()))
     with folder.folder() as tmp:
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -40,6 +40,7 @@ import torch
 from hataori.errors import ConfigError, InputError
 from hataori.precision import DTYPES, PRECISIONS
 from hataori.precision import check as check_precision
+from hataori.train.init import check_finite
 from hataori.train.run import model_config, read_config, run_tokenizer
 from hataori.train.weights import resolve_checkpoint, run_weights
 
@@ -142,6 +143,9 @@ def checkpoint_model(checkpoint: Path, config: dict, device: str | torch.device 
     its parameters in ``dtype`` (see :func:`inference_model`)."""
     model = model_config(config).build()
     state = run_weights(checkpoint.parent.parent, checkpoint, config).state_dict()
+    for name, value in state.items():
+        check_finite(value, name, checkpoint, "this checkpoint is not healthy: use an earlier one "
+                     "(its checkpoints/step_N folder)")
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if model.config.tie_embeddings else set()
     if set(missing) - tied or unexpected:

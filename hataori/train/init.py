@@ -57,6 +57,7 @@ SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn
 """Model fields a source fixes; besides these it gives vocab_size (which may grow) and max_seq_len."""
 SOURCE_FIELDS = (*SHAPE_FIELDS, "vocab_size", "max_seq_len")
 SPACE_PIECE = "\u2581"
+NONFINITE_SOURCE = "the source is damaged or its training diverged: start from another init source"
 
 
 @dataclass(kw_only=True, slots=True)
@@ -342,14 +343,26 @@ def open_source(init: InitConfig, model, tokenizer) -> Plan | None:
     return Plan(source=source, growth=growth, vocab_size=model.vocab_size)
 
 
+def check_finite(tensor: torch.Tensor, name: str, where: str | Path, advice: str) -> torch.Tensor:
+    """``tensor``, or an InputError naming ``where`` and the weight ``name`` when it holds a NaN or an inf."""
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise InputError(where, f"weight {name} holds {bad:,} non-finite value{'s' * (bad != 1)} (NaN or inf) of "
+                         f"{tensor.numel():,}; {advice}")
+    return tensor
+
+
 def target_rows(plan: Plan, name: str, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Rows ``start:stop`` of the weight ``name`` the model starts from (fp32)."""
+    """Rows ``start:stop`` of the weight ``name`` the model starts from (fp32); a non-finite source weight is
+    an error naming it."""
     if not name.endswith(("tok_embeddings.weight", "lm_head.weight")):
-        return plan.source.rows(name, start, stop)
+        return check_finite(plan.source.rows(name, start, stop), name, plan.source.path, NONFINITE_SOURCE)
     base, vocab = plan.source.fields["vocab_size"], plan.vocab_size
     parts = []
     if start < min(stop, base):  # the source's own rows
-        parts.append(plan.source.rows(name, start, min(stop, base)))
+        parts.append(check_finite(plan.source.rows(name, start, min(stop, base)), name, plan.source.path,
+                                  NONFINITE_SOURCE))
     if max(start, base) < min(stop, vocab):  # the pieces the run's tokenizer adds
         parts.append(plan.growth.new_rows(plan.source, name, max(start, base), min(stop, vocab)))
     if max(start, vocab) < stop:  # padding rows
