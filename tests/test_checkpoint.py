@@ -62,8 +62,12 @@ def test_damaged_checkpoints_fall_back_to_the_previous_one(tmp_path):
     results = json.loads(out.read_text())
     reference = results.pop("reference")
     adopted = results.pop("adopted")
-    assert adopted["codes"] == [1, 0] and adopted["same"] == [True, True, True], adopted
+    assert adopted["codes"] == [1, 0, 2] and adopted["same"] == [True, True, True], adopted
     assert "had no manifest; one was written from its files as they are now" in adopted["printed"]
+    lost = tmp_path / "runs" / "lost" / "checkpoints" / "step_00000002"
+    assert adopted["lost"].startswith(f"hataori: error: {lost}: was saved by 2 processes but has no rank_00001.pt, "
+                                      "zero_pp_rank_1_mp_rank_00_optim_states.pt: a manifest would vouch"), adopted
+    assert "manifest.json" not in adopted["lost_files"]
     every = results.pop("all-damaged")
     assert every["error"] == (f"{tmp_path}/runs/all-damaged/checkpoints: no checkpoint verifies; set aside as damaged: "
                               "step_00000002.damaged, step_00000004.damaged. Run `hataori checkpoint verify` on the "
@@ -236,8 +240,19 @@ def worker_faults(args) -> None:
             refused = hataori_main(["checkpoint", "verify", str(old)])
             adopted = hataori_main(["checkpoint", "verify", str(old), "--adopt"])
         written, original = (json.loads((p / "manifest.json").read_text()) for p in (old, saved / "step_00000002"))
-        results["adopted"] = {"codes": [refused, adopted], "printed": printed.getvalue(),
-                              "same": [written[k] == original[k] for k in ("step", "world_size", "files")]}
+        # One rank's files gone as well: no manifest is written for what cannot be resumed.
+        lost = root / "lost" / "checkpoints" / "step_00000002"
+        shutil.copytree(saved / "step_00000002", lost)
+        (lost / "manifest.json").unlink()
+        (lost / "rank_00001.pt").unlink()
+        for name in [p.name for p in lost.iterdir() if "zero_pp_rank_1_" in p.name]:
+            (lost / name).unlink()
+        errors = io.StringIO()
+        with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
+            lost_code = hataori_main(["checkpoint", "verify", str(lost), "--adopt"])
+        results["adopted"] = {"codes": [refused, adopted, lost_code], "printed": printed.getvalue(),
+                              "same": [written[k] == original[k] for k in ("step", "world_size", "files")],
+                              "lost": errors.getvalue(), "lost_files": sorted(p.name for p in lost.iterdir())}
     if rank == 0:
         Path(args.out).write_text(json.dumps(results))
 

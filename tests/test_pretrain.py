@@ -9,9 +9,12 @@ killed runs against an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -291,6 +294,22 @@ def test_pretrain_two_processes_end_to_end(ja_shards, ja_tokenizer, tmp_path):
     log = (tmp_path / "launch.log").read_text()
     assert f"validation bits per character: {vals[0]['bpc']:.4f} at step 0 -> {vals[30]['bpc']:.4f}" in log
     assert "kernels: attention sdpa (auto), RMSNorm/RoPE/SwiGLU torch (auto)" in log  # auto on a CPU
+
+    # config.yaml edited after training: the checkpoint's manifest records what trained, and readers refuse.
+    from hataori.cli import main as hataori_main
+
+    recorded = (run / "config.yaml").read_text()
+    edited = re.sub(r"(?m)^  norm_eps: .*$", "  norm_eps: 0.1", re.sub(r"(?m)^  rope_base: .*$", "  rope_base: 500000.0",
+                                                                        recorded))
+    assert edited.count("rope_base: 500000.0") == 1 and edited.count("norm_eps: 0.1") == 1
+    (run / "config.yaml").write_text(edited)
+    for argv in (["export", "hf", str(run), "--output", str(tmp_path / "hf")], ["generate", str(run), "吾輩は"]):
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            assert hataori_main(argv) == 2
+        assert (f"{run / 'config.yaml'}: does not describe the model that step_00000030 was trained as "
+                f"(model.rope_base: config.yaml 500000.0, the checkpoint {cfg.model.rope_base!r}; model.norm_eps: "
+                f"config.yaml 0.1, the checkpoint {cfg.model.norm_eps!r})") in err.getvalue(), err.getvalue()
+    assert not (tmp_path / "hf").exists()
 
 
 # ----------------------------------------------------------------------------- resume

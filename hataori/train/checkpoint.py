@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import zlib
 from dataclasses import dataclass, field
@@ -449,6 +450,28 @@ def _rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
 
 
+RANKED_FILES = (re.compile(r"^rank_(?P<rank>\d{5})\.pt$"),
+                re.compile(r"^(?P<bf16>bf16_)?zero_pp_rank_(?P<rank>\d+)_mp_rank_00_optim_states\.pt$"),
+                re.compile(r"^(?P<bf16>bf16_)?zero_pp_rank_(?P<rank>\d+)_mp_rank_00_model_states\.pt$"))
+"""The files a checkpoint holds one of per process: hataori's loader and RNG state, and DeepSpeed's ZeRO
+optimizer and ZeRO-3 model states."""
+
+
+def missing_rank_files(path: Path, world_size: int) -> list[str]:
+    """The per-process files that ``path``, a checkpoint of ``world_size`` processes, lacks: each rank's of
+    every kind it holds one of."""
+    missing = []
+    for pattern in RANKED_FILES:
+        found = {int(m["rank"]): m for p in path.iterdir() if (m := pattern.match(p.name))}
+        if not found:
+            continue
+        example = next(iter(found.values()))
+        for rank in sorted(set(range(world_size)) - set(found)):
+            digits = f"{rank:05d}" if len(example["rank"]) == 5 and pattern is RANKED_FILES[0] else str(rank)
+            missing.append(example.string[:example.start("rank")] + digits + example.string[example.end("rank"):])
+    return missing
+
+
 def _save_file(obj: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -481,6 +504,12 @@ def adopt(path: Path) -> None:
     world_size = CheckpointWeights(path).client_state.get("world_size")
     if world_size is None:
         raise InputError(path, "records no world size; it is not a checkpoint hataori saved")
+    missing = missing_rank_files(path, world_size)
+    if missing:
+        raise InputError(path, f"was saved by {world_size} processes but has no {', '.join(missing[:4])}"
+                         f"{f' and {len(missing) - 4} more' if len(missing) > 4 else ''}: a manifest would vouch for a "
+                         "checkpoint that cannot be resumed; restore the files, or move the folder away so that "
+                         "resuming falls back to the checkpoint before it")
     files = {str(p.relative_to(path)): checksum(p) for p in sorted(path.rglob("*")) if p.is_file()}
     manifest = {"format": MANIFEST_FORMAT, "step": int(COMPLETE.match(path.name).group(1)), "world_size": world_size,
                 "identity": {}, "files": files}

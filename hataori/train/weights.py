@@ -32,7 +32,7 @@ from hataori.errors import InputError
 from hataori.model.lora import LoRAConfig, apply_lora
 from hataori.model.model import Transformer
 from hataori.train.checkpoint import LORA_BASE, read_manifest, verify
-from hataori.train.init import InitConfig, open_source, target_rows
+from hataori.train.init import SHAPE_FIELDS, InitConfig, open_source, target_rows
 from hataori.train.layout import CHECKPOINTS, COMPLETE, CONFIG_FILE, complete_steps, tag
 from hataori.train.run import model_config, run_tokenizer
 
@@ -187,10 +187,26 @@ class CheckpointWeights:
 def run_weights(run_dir: str | Path, checkpoint: str | Path, config: dict, tokenizer=None):
     """The plain model's weights of ``checkpoint`` of the run whose recorded config is ``config``: the
     checkpoint's own (:class:`CheckpointWeights`), or for a LoRA run its base's with the adapters
-    folded in (:class:`LoRAWeights`). ``tokenizer``: the run's, where the caller has it already."""
+    folded in (:class:`LoRAWeights`). ``tokenizer``: the run's, where the caller has it already. A config
+    whose model differs from the one the checkpoint's manifest records is refused (the manifest is what
+    trained)."""
+    check_recorded_model(Path(run_dir), Path(checkpoint), config)
     if config.get("lora"):
         return LoRAWeights(run_dir, checkpoint, config, tokenizer)
     return CheckpointWeights(checkpoint)
+
+
+def check_recorded_model(run_dir: Path, checkpoint: Path, config: dict) -> None:
+    """Refuse a run's config.yaml whose model fields differ from those ``checkpoint``'s manifest recorded."""
+    saved = read_manifest(checkpoint).get("identity", {})
+    cfg = model_config(config)
+    differences = [f"model.{key}: config.yaml {getattr(cfg, key)!r}, the checkpoint {saved[f'model.{key}']!r}"
+                   for key in ("vocab_size", *SHAPE_FIELDS)
+                   if f"model.{key}" in saved and saved[f"model.{key}"] != getattr(cfg, key)]
+    if differences:
+        raise InputError(run_dir / CONFIG_FILE, f"does not describe the model that {checkpoint.name} was trained as "
+                         f"({'; '.join(differences)}): it was edited after training; restore it (the checkpoint's "
+                         "manifest.json records what trained)")
 
 
 class LoRAWeights:
