@@ -214,8 +214,10 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             try:
                 return _convert(arg, value, key)
             except ConfigError as err:
-                errors.append(err.message)
-        raise ConfigError(key, " / ".join(errors))
+                errors.append(err)
+        if len(errors) == 1:  # an optional section: its own error, with the key inside it (lora.rank)
+            raise errors[0]
+        raise ConfigError(key, " / ".join(err.message for err in errors))
     if origin is Literal:
         # By type too: True == 1 and 1.0 == 1, but zero.stage=true or 1.0 is a mistake, not stage 1.
         if any(value == arg and type(value) is type(arg) for arg in args):

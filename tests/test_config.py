@@ -36,6 +36,8 @@ class Job:
     steps: int = 10
     name: Optional[str] = None
     tags: dict[str, float] = field(default_factory=dict)
+    warmup: Optim | None = None
+    """An optional section, as the training config's lora is."""
 
 
 def write(path: Path, text: str) -> Path:
@@ -104,6 +106,7 @@ def test_unknown_key_in_a_file_names_the_file(tmp_path: Path):
     ("steps=1.5", "steps", "must be an integer"),
     ("optim.betas=0.9", "optim.betas", "must be a list"),
     ("sources=[{weight: 2}]", "sources[0].path", "is required"),
+    ("warmup.lr=0", "warmup.lr", "must be positive"),  # inside an optional section: its own key
 ])
 def test_invalid_values_say_what_to_change(override, key, needle):
     with pytest.raises(ConfigError) as err:

@@ -263,6 +263,12 @@ def test_lora_needs_a_base_and_patterns_that_match(ja_shards, ja_tokenizer, base
                          f"init.from_hf={base_model}", f"data.seq_len={SEQ_LEN}", "lora={targets: [attn.wo_proj]}"]) == 2
     assert ("lora.targets: pattern 'attn.wo_proj' matches no linear module of the model; its linear modules are: "
             "blocks.*.attn.wq, blocks.*.attn.wk") in capsys.readouterr().err
+    # A rank past the layers' width (64), and no rank: named by their key before anything is allocated.
+    for rank, message in (("100000", "lora.rank: 100000 is above the width of blocks.0.attn.wq (64 in, 64 out, and "),
+                          ("0", "lora.rank: must be a positive integer, got 0")):
+        assert hataori_main(["pretrain", str(REPO / "configs/train/continue-toy.yaml"), *common,
+                             f"init.from_hf={base_model}", f"data.seq_len={SEQ_LEN}", f"lora.rank={rank}"]) == 2
+        assert message in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

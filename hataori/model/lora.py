@@ -131,7 +131,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     but the adapters and those of ``cfg.train_also``; returns the adapted module names in module order.
 
     Raises a ConfigError, leaving ``model`` untouched, for a pattern that matches nothing (naming
-    the candidates), for a ``train_also`` module that holds an adapted weight, and, on a
+    the candidates), for a rank above an adapted layer's smaller width, for a ``train_also`` module
+    that holds an adapted weight, and, on a
     :class:`Transformer`, for adapting ``lm_head`` where its weight is not its own (tied embeddings)
     or is read directly (chunked_loss).
     """
@@ -146,6 +147,13 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
             if id(p) in adapted_weights:
                 raise ConfigError("train_also", f"{name!r} holds {pname}, the weight LoRA adapts in "
                                   f"{adapted_weights[id(p)]!r}; leave one of them out of targets or train_also")
+    narrow = [(name, m.in_features, m.out_features) for name in adapted
+              if cfg.rank > min((m := model.get_submodule(name)).in_features, m.out_features)]
+    if narrow:  # a rank past a layer's smaller side adds parameters and no expressiveness (and may not fit)
+        name, fan_in, fan_out = narrow[0]
+        raise ConfigError("rank", f"{cfg.rank} is above the width of {name} ({fan_in} in, {fan_out} out"
+                          f"{f', and {len(narrow) - 1} more layers' if len(narrow) > 1 else ''}): a LoRA rank is at most "
+                          f"the smaller of a layer's widths, {min(fan_in, fan_out)} here; choose a smaller rank")
     if isinstance(model, Transformer) and "lm_head" in adapted:
         require(not model.config.tie_embeddings, "targets",
                 "lm_head shares its weight with tok_embeddings (tie_embeddings), so no plain model could hold "
