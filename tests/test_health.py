@@ -1,5 +1,7 @@
-"""No NaN success: a non-finite weight in a checkpoint or an import source is an error naming the tensor
-(generate, eval, export hf, init.from_hf), and eval reports no score from non-finite log-likelihoods.
+"""Trust what is read. No NaN success: a non-finite weight in a checkpoint or an import source is an error
+naming the tensor (generate, eval, export hf, init.from_hf), and eval reports no score from non-finite
+log-likelihoods. No skipped identity check: an init source's tokenizer.json, or a run's provenance.json when
+its tokenizer files are gone, must be the run's tokenizer.
 
 Run folders are made in-process (a ZeRO-0 checkpoint file and its manifest, as tests/test_eval.py does); the
 tokenizer is conftest's ``jcqa_tokenizer``.
@@ -7,13 +9,14 @@ tokenizer is conftest's ``jcqa_tokenizer``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from hataori.cli import main as hataori_main
-from hataori.errors import InputError
+from hataori.errors import ConfigError, InputError
 from hataori.model import ModelConfig
 
 
@@ -103,3 +106,69 @@ def test_eval_reports_no_score_from_overflowing_activations(tokenizer_dir, tmp_p
     corpus.write_text("吾輩は猫である。\n\n名前はまだ無い。\n", encoding="utf-8")
     assert hataori_main(["eval", str(run), "--task", "bpc", "--data", str(corpus), "--device", "cpu"]) == 2
     assert f"negative log-likelihood of {corpus} is not finite (nan)" in capsys.readouterr().err
+
+
+def other_tokenizer(tokenizer_dir: Path, folder: Path) -> Path:
+    """A tokenizer of as many pieces as ``tokenizer_dir``'s, trained as BPE on the same text: other pieces."""
+    import sentencepiece as spm
+
+    from hataori.tokenizer.model import Tokenizer
+
+    folder.mkdir(exist_ok=True)
+    text = folder / "text.txt"
+    pieces = (tokenizer_dir / "tokenizer.vocab").read_text(encoding="utf-8")
+    text.write_text(pieces.replace("\t", " "), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(folder / "tokenizer"), model_type="bpe",
+                                   vocab_size=Tokenizer(tokenizer_dir).vocab_size, character_coverage=1.0,
+                                   hard_vocab_limit=False, minloglevel=2)
+    return folder / "tokenizer.model"
+
+
+def test_an_init_source_with_only_tokenizer_json_is_checked_against_the_runs_tokenizer(tokenizer_dir, tmp_path):
+    from hataori.tokenizer.model import Tokenizer
+    from hataori.train.init import InitConfig, open_source
+    from hataori.train.run import model_config, read_config
+
+    run, _ = make_run(tmp_path / "run", tokenizer_dir)
+    hf = tmp_path / "hf"
+    assert hataori_main(["export", "hf", str(run), "--output", str(hf), "--dtype", "fp32"]) == 0
+    (hf / "tokenizer.model").unlink()  # transformers' usual layout: tokenizer.json only
+    cfg = model_config(read_config(run))
+    ours = Tokenizer(tokenizer_dir)
+    assert open_source(InitConfig(from_hf=str(hf)), cfg, ours) is not None
+    other = Tokenizer(other_tokenizer(tokenizer_dir, tmp_path / "bpe"))
+    if other.vocab_size != ours.vocab_size:
+        pytest.skip(f"the BPE tokenizer came out with {other.vocab_size} pieces, not {ours.vocab_size}")
+    with pytest.raises(ConfigError) as err:
+        open_source(InitConfig(from_hf=str(hf)), cfg, other)
+    assert str(err.value).startswith(f"tokenizer: {other.path} is not the tokenizer init.from_hf={hf} was trained "
+                                     "with: id ")
+    # A tokenizer.json of fewer tokens than the run's tokenizer: refused by the first id it lacks.
+    fast = json.loads((hf / "tokenizer.json").read_text(encoding="utf-8"))
+    fast["model"]["vocab"] = fast["model"]["vocab"][:1000]
+    (hf / "tokenizer.json").write_text(json.dumps(fast, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"id 1000 is .* and None in tokenizer.json"):
+        open_source(InitConfig(from_hf=str(hf)), cfg, ours)
+
+
+def test_init_from_run_checks_the_tokenizer_its_provenance_records(tokenizer_dir, tmp_path):
+    """The source run's tokenizer files are gone; its provenance.json still says which it trained with."""
+    import shutil
+
+    from hataori.tokenizer.model import Tokenizer
+    from hataori.train.init import InitConfig, open_source
+    from hataori.train.run import model_config, read_config, record_provenance
+
+    copy = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, copy)
+    run, _ = make_run(tmp_path / "run", copy)
+    record_provenance(run, tokenizer=Tokenizer(copy), datasets=[])
+    shutil.rmtree(copy)
+    cfg = model_config(read_config(run))
+    assert open_source(InitConfig(from_run=str(run)), cfg, Tokenizer(tokenizer_dir)) is not None  # the same bytes
+    other = Tokenizer(other_tokenizer(tokenizer_dir, tmp_path / "bpe"))
+    if other.vocab_size != cfg.vocab_size:
+        pytest.skip(f"the BPE tokenizer came out with {other.vocab_size} pieces, not {cfg.vocab_size}")
+    with pytest.raises(ConfigError, match=rf"is not the tokenizer init.from_run={run} was trained with \(fingerprint "
+                                        rf"{Tokenizer(tokenizer_dir).fingerprint}, in {run / 'provenance.json'}\)"):
+        open_source(InitConfig(from_run=str(run)), cfg, other)

@@ -50,6 +50,7 @@ from hataori.model.hf import CONFIG_FILE, HFCheckpoint, hf_name, hf_names, model
 from hataori.tokenizer import proto as spm_proto
 from hataori.tokenizer.model import Tokenizer
 from hataori.train.checkpoint import checksum, read_manifest
+from hataori.train.layout import PROVENANCE_FILE
 from hataori.train.run import model_config, read_config, tokenizer_path
 
 SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "rope_base", "norm_eps",
@@ -102,6 +103,10 @@ class Source:
     def default_tokenizer(self) -> str | None:
         raise NotImplementedError
 
+    def check_vocabulary(self, tokenizer: Tokenizer) -> None:
+        """Refuse a run ``tokenizer`` that is not the one the source was trained with, by what the source
+        records of its tokenizer besides a tokenizer.model (which open_source compares itself)."""
+
     def describe(self) -> dict[str, Any]:
         """What provenance.json records of the source."""
         return {"from": self.kind, "path": str(self.path.resolve())}
@@ -152,6 +157,30 @@ class HFSource(Source):
         path = self.path / "tokenizer.model"
         return str(path) if path.is_file() else None
 
+    def check_vocabulary(self, tokenizer: Tokenizer) -> None:
+        """A folder with a tokenizer.json (transformers' usual layout) and no tokenizer.model: its tokens must
+        fit the embedding and be the run's tokenizer's pieces, id for id."""
+        path = self.path / "tokenizer.json"
+        if not path.is_file():
+            return
+        from tokenizers import Tokenizer as FastTokenizer
+
+        try:
+            fast = FastTokenizer.from_file(str(path))
+        except Exception as err:  # the library's own parse errors
+            raise InputError(path, f"cannot be read as a tokenizer.json ({err})") from None
+        tokens = {i: token for token, i in fast.get_vocab(with_added_tokens=True).items()}
+        rows = self.fields["vocab_size"]
+        if len(tokens) > rows:
+            raise InputError(path, f"has {len(tokens):,} tokens but its model {rows:,} embedding rows: the "
+                             "tokenizer does not belong to the model")
+        for i in range(min(rows, tokenizer.vocab_size)):
+            ours = tokenizer.sp.id_to_piece(i)
+            if tokens.get(i) != ours:
+                raise ConfigError("tokenizer", f"{tokenizer.path} is not the tokenizer {self.key}={self.path} was "
+                                  f"trained with: id {i} is {ours!r} there and {tokens.get(i)!r} in {path.name}; "
+                                  "prepare the shards with the source's tokenizer")
+
     def describe(self) -> dict[str, Any]:
         config_bytes = (self.path / CONFIG_FILE).read_bytes()
         return {**super().describe(), "config_sha256": hashlib.sha256(config_bytes).hexdigest(),
@@ -196,10 +225,24 @@ class RunSource(Source):
         return self._last[1][start:stop]
 
     def default_tokenizer(self) -> str | None:
+        """The run's tokenizer, where its files still are (else :meth:`check_vocabulary` checks by provenance)."""
         try:
-            return tokenizer_path(self.config, None)
+            path = Path(tokenizer_path(self.config, None))
         except InputError:
             return None
+        return str(path) if path.is_file() or (path / "tokenizer.model").is_file() else None
+
+    def check_vocabulary(self, tokenizer: Tokenizer) -> None:
+        """The run's provenance.json names the tokenizer it trained with, also when its files are gone."""
+        path = self.run_dir / PROVENANCE_FILE
+        if not path.is_file():
+            return
+        recorded = (json.loads(path.read_text(encoding="utf-8")).get("tokenizer") or {}).get("fingerprint")
+        if recorded and recorded != tokenizer.fingerprint:
+            raise ConfigError("tokenizer", f"{tokenizer.path} (fingerprint {tokenizer.fingerprint}) is not the "
+                              f"tokenizer {self.key}={self.path} was trained with (fingerprint {recorded}, in {path}); "
+                              "prepare the shards with that tokenizer, or name it as init.base_tokenizer if the "
+                              "run's tokenizer extends it")
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "checkpoint": str(self.checkpoint_dir.resolve()),
@@ -336,6 +379,8 @@ def open_source(init: InitConfig, model, tokenizer) -> Plan | None:
     if base is not None:
         growth = VocabGrowth(base, tokenizer)  # also checks the run's tokenizer extends the base
         growth = growth if growth.added else None
+    elif tokenizer is not None and model.vocab_size == base_size:
+        source.check_vocabulary(tokenizer)
     elif model.vocab_size > base_size:
         raise ConfigError("init.base_tokenizer", f"the run's tokenizer has {model.vocab_size} pieces and "
                           f"{source.key} {base_size}: name the tokenizer the source was trained with, whose pieces "
