@@ -230,6 +230,8 @@ def claim(path: str | os.PathLike, kind: str, *, option: str = "--output", input
     if kind not in KINDS or (not is_dir and kind not in FILE_KINDS):
         raise ValueError(f"unknown output kind {kind!r}")
     path = Path(path)
+    if path.name in ("", ".", ".."):  # "." or "..": the folder's own name, for the lock and temporaries beside it
+        path = path.resolve()
     target = path.resolve()
     for item in inputs:
         source = Path(item).resolve()

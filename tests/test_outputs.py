@@ -159,3 +159,11 @@ def test_the_lock_of_a_writer_killed_with_sigkill_is_taken_over(tmp_path, capsys
         assert out.lock.owned
     assert f"held by PID {holder.pid} on this host, which is no longer running; taking the output over" in \
         capsys.readouterr().err
+
+
+def test_the_current_folder_as_the_output_is_named_not_a_traceback(tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("keep me")
+    monkeypatch.chdir(tmp_path)
+    with claim(".", "tokenizer") as out, pytest.raises(InputError, match=rf"^{tmp_path}: holds files that no "):
+        out.check_replace(replace=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
