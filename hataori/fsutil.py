@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from hataori.errors import HataoriError, InputError
+from hataori.errors import HataoriError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 """The ``errno`` values of a write that found no room: the disk is full, or the quota is spent."""
