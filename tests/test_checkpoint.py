@@ -5,7 +5,8 @@ partition, a rank's loader and RNG state, the manifest) each damage (truncated, 
 emptied, deleted). Resuming must name the file, set the checkpoint aside without deleting a byte,
 fall back to the previous one, and finish with the losses of an uninterrupted run from there.
 NaN injected into the loss (ZeRO-0: the update is applied) or into a gradient (ZeRO-1: the step
-is skipped) must stop the run with an error and leave the last good checkpoint intact.
+is skipped) must stop the run with an error and leave the last good checkpoint intact; a NaN weight under
+ZeRO-2 and -3 (every step skipped) must stop it by the skip limit or at the final save, naming the weight.
 
 The worker is this file: ``python tests/test_checkpoint.py <mode> ...`` on two processes.
 """
@@ -102,10 +103,34 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(stage, inject, tmp
     stopped_at = 5 if inject == "loss" else 7
     assert found["error"].startswith(f"step {stopped_at}: loss"), found["error"]
     assert "training stopped without saving; checkpoint step 4 holds the last good weights" in found["error"]
+    health = "holds NaN or inf" if inject == "loss" else "the weights are finite: the loss or the gradients overflowed"
+    assert health in found["error"], found["error"]
     assert found["steps"] == list(range(1, stopped_at + 1))
     assert found["checkpoints"] == ["step_00000002", "step_00000004"]
     assert found["problems"] == []
     assert found["weights_at_4_equal_reference"]
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
+@pytest.mark.parametrize("stage, inject", [(3, "weight"), (3, "weight-last"), (2, "weight")])
+def test_a_nan_weight_stops_the_run_under_every_zero_stage_and_is_never_saved(stage, inject, tmp_path):
+    """A weight turned NaN after step 4: ZeRO-2 and -3 skip every step from then on. The skip limit stops the
+    run, or (a run that ends first) its final save is refused; both name the weight, and no checkpoint after
+    step 4 is written."""
+    out = tmp_path / "nan.json"
+    codes = launch_ranks(__file__, ["nan", "--dir", str(tmp_path / "run"), "--out", str(out), "--stage", str(stage),
+                                    "--inject", inject], tmp_path / "logs", 2, LAUNCH_TIMEOUT_S)
+    assert codes == [0, 0], log_tails(tmp_path / "logs")
+    found = json.loads(out.read_text())
+    stopped_at = 6 if inject == "weight-last" else 7
+    assert found["steps"] == list(range(1, stopped_at + 1))
+    assert found["error"].startswith(f"step {stopped_at}: "), found["error"]
+    assert f"weight {found['weight']} holds NaN or inf" in found["error"], found["error"]
+    assert "training stopped without saving; checkpoint step 4 holds the last good weights" in found["error"]
+    if inject == "weight":
+        assert "3 steps in a row skipped for non-finite gradients" in found["error"], found["error"]
+    assert found["checkpoints"] == ["step_00000002", "step_00000004"]
+    assert found["problems"] == []
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
@@ -265,6 +290,8 @@ def worker_nan(args) -> None:
     from hataori.train.weights import CheckpointWeights
 
     run = Path(args.dir)
+    if args.inject.startswith("weight"):
+        return worker_nan_weight(args)
     train(run.with_name("reference"), stage=args.stage, max_steps=4)
 
     def inject(trainer) -> None:
@@ -301,6 +328,47 @@ def worker_nan(args) -> None:
             "error": str(failed.value), "checkpoints": names, "steps": sorted(steps),
             "problems": [problem for name in names for problem in verify(folder / name)],
             "weights_at_4_equal_reference": equal}))
+
+
+def worker_nan_weight(args) -> None:
+    """From step 5 on one weight holds NaN (in rank 0's partition under ZeRO-3): every step overflows
+    and is skipped. ``weight``: 8 steps, the skip limit (3) stops step 7; ``weight-last``: 6 steps, the run
+    ends within the limit and its final save is refused. Both name the weight and save nothing after step 4."""
+    import torch.distributed as dist
+
+    from hataori.train.checkpoint import verify
+    from hataori.train.trainer import TrainingFailed
+
+    run = Path(args.dir)
+
+    def inject(trainer) -> None:
+        engine, forward = trainer.engine, trainer.engine.forward
+        name, weight = next((n, p) for n, p in engine.module.named_parameters() if n.endswith("mlp.w_gate.weight"))
+        local = getattr(weight, "ds_tensor", weight)
+
+        def poisoned(*a, **k):
+            if trainer.step == 4:
+                with torch.no_grad():
+                    if weight.data.numel():  # ZeRO-0/1/2, and a small ZeRO-3 parameter that stays gathered
+                        weight.data.view(-1)[0] = float("nan")
+                    if local is not weight and dist.get_rank() == 0:
+                        local.view(-1)[0] = float("nan")
+            return forward(*a, **k)
+
+        engine.forward = poisoned
+        found["weight"] = name
+
+    found: dict = {}
+    with pytest.raises(TrainingFailed) as failed:
+        train(run, stage=args.stage, max_steps=6 if args.inject == "weight-last" else 8, max_skipped=3,
+              before=inject, losses=(steps := {}))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        folder = run / "checkpoints"
+        names = sorted(p.name for p in folder.iterdir() if p.name.startswith("step_"))
+        Path(args.out).write_text(json.dumps({
+            **found, "error": str(failed.value), "checkpoints": names, "steps": sorted(steps),
+            "problems": [problem for name in names for problem in verify(folder / name)]}))
 
 
 def main() -> None:

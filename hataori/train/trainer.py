@@ -26,8 +26,10 @@ weights as they were; ``max_skipped_steps`` such steps in a row stop the run the
 checkpoint is written while skipped steps are running, so weights that only overflow are never
 saved: a checkpoint that falls due, and a stop that is requested, wait for the next applied step
 (at most ``max_skipped_steps``). After the last step the run saves whatever it holds: skipped steps
-leave the weights of the last applied one. ``spike_factor`` warns when a loss
-jumps above that multiple of the recent mean.
+leave the weights of the last applied one, and a save finds them finite or refuses (weights that were
+non-finite before any step, or that an update damaged without a non-finite loss, are never saved). Each
+stop names the first non-finite weight, or says the weights are finite and the gradients overflowed.
+``spike_factor`` warns when a loss jumps above that multiple of the recent mean.
 
 :meth:`Trainer.request_stop` (e.g. from a signal handler) ends training after the current step
 with a checkpoint; the request is shared between ranks at each step, so it may reach any of them.
@@ -166,15 +168,15 @@ class Trainer:
         too long; warn on a loss spike. The metrics are the same on every rank, and so is the verdict."""
         where = f"step {metrics.step}: loss {metrics.loss}, gradient norm {metrics.grad_norm}"
         if metrics.applied and not metrics.finite:
-            raise TrainingFailed(f"{where}, applied to the weights: training stopped without saving; "
-                                 f"{self._last_good()}. Lower optim.lr, raise schedule.warmup_steps or check the "
-                                 "data, then launch again")
+            raise TrainingFailed(f"{where}, applied to the weights ({self._weights_health()}): training stopped "
+                                 f"without saving; {self._last_good()}. Lower optim.lr, raise schedule.warmup_steps "
+                                 "or check the data, then launch again")
         self.skipped_in_a_row = 0 if metrics.applied else self.skipped_in_a_row + 1
         if self.skipped_in_a_row >= self.cfg.max_skipped_steps:
             raise TrainingFailed(f"{where}: {self.skipped_in_a_row} steps in a row skipped for non-finite gradients "
-                                 f"(trainer.max_skipped_steps={self.cfg.max_skipped_steps}); training stopped "
-                                 f"without saving; {self._last_good()}. Lower optim.lr or check the data, then "
-                                 "launch again")
+                                 f"(trainer.max_skipped_steps={self.cfg.max_skipped_steps}), and "
+                                 f"{self._weights_health()}; training stopped without saving; {self._last_good()}. "
+                                 "Lower optim.lr or check the data, then launch again")
         if metrics.applied and self.cfg.spike_factor:
             recent = self._recent_losses
             if len(recent) >= 10 and metrics.loss > self.cfg.spike_factor * (mean := sum(recent) / len(recent)):
@@ -183,6 +185,11 @@ class Trainer:
                           f"{metrics.loss / mean:.1f} x the mean of the previous {len(recent)} steps", flush=True)
             recent.append(metrics.loss)
             del recent[:-SPIKE_WINDOW]
+
+    def _weights_health(self) -> str:
+        name = first_nonfinite(self.engine.module, self.device)
+        return ("the weights are finite: the loss or the gradients overflowed" if name is None
+                else f"weight {name} holds NaN or inf")
 
     def _last_good(self) -> str:
         last = self.checkpointer.latest()
@@ -199,6 +206,11 @@ class Trainer:
         return True
 
     def save(self) -> None:
+        """Save a checkpoint of the current state, which must be finite (all ranks)."""
+        if (name := first_nonfinite(self.engine.module, self.device)) is not None:
+            raise TrainingFailed(f"step {self.step}: weight {name} holds NaN or inf; training stopped without "
+                                 f"saving; {self._last_good()}. Check the init source and the data, lower optim.lr, "
+                                 "then launch again")
         self.checkpointer.save(self.step, loader_state=self.loader.state_dict(),
                                client_state={"tokens_seen": self.tokens_seen})
 
@@ -237,3 +249,19 @@ class Trainer:
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, dtype=torch.long, non_blocking=True)
+
+
+def first_nonfinite(module: torch.nn.Module, device: torch.device) -> str | None:
+    """The name of the first parameter that holds NaN or inf on any rank, or None; all ranks must call it
+    (``device``: the one collectives run on). Under ZeRO-3 each rank looks at its own partition
+    (``ds_tensor``), so nothing is gathered."""
+    names, finite = [], []
+    for name, param in module.named_parameters():
+        names.append(name)
+        finite.append(torch.isfinite(getattr(param, "ds_tensor", param).detach()).all().to(device))
+    flags = torch.stack(finite).tolist() if finite else []
+    first = torch.tensor([next((i for i, ok in enumerate(flags) if not ok), len(names))], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    index = int(first.item())
+    return names[index] if index < len(names) else None
