@@ -15,6 +15,7 @@ from capabilities import needs
 from ranks import launch_ranks, log_tails
 
 from hataori.cli import main as hataori_main
+from hataori.errors import HataoriError
 from hataori.model import ModelConfig
 from hataori.train.generate import (Sampling, filtered_probs, generate, load_model, next_token, resolve_checkpoint,
                                     top_k_filter, top_p_filter)
@@ -171,6 +172,21 @@ def test_greedy_generation_is_argmax_decoding():
     first = generate(model, long_prompt, max_new_tokens=1, eos_id=None, sampling=Sampling(greedy=True))
     with torch.no_grad():
         assert first == [int(model(torch.tensor([long_prompt[-SEQ_LEN:]]))[0, -1].argmax())]
+
+
+@pytest.mark.parametrize("sampling", [Sampling(greedy=True), Sampling(top_k=20)], ids=["greedy", "sampled"])
+def test_generation_refuses_non_finite_logits(sampling):
+    """One NaN in a query projection makes every query of that head NaN: generation stops with an error at
+    the first new token instead of printing tokens (SDPA's CPU kernel returned finite rows for NaN queries,
+    and normal-looking text, until the sdpa backend checked its inputs)."""
+    torch.manual_seed(0)
+    model = tiny_config().build().eval()
+    with torch.no_grad():
+        model.blocks[0].attn.wq.weight[0, 0] = float("nan")
+        assert not torch.isfinite(model(torch.tensor([[3, 14, 15, 92, 65]]))[0, -1]).any()
+    with pytest.raises(HataoriError, match="logits for new token 1 hold NaN or inf"):
+        generate(model, [3, 14, 15, 92, 65], max_new_tokens=4, eos_id=None, sampling=sampling,
+                 generator=torch.Generator().manual_seed(0))
 
 
 def test_seeded_sampling_repeats():

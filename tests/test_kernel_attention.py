@@ -21,7 +21,7 @@ from triton_tests import (DEVICE, DTYPES, ON_GPU, SLACK, compile_for_hopper, imp
                           reference_dtype, run_without_interpreter)
 
 from hataori.model import ModelConfig
-from hataori.model.attention import attention, cu_seqlens_from_doc_ids
+from hataori.model.attention import BACKENDS, attention, cu_seqlens_from_doc_ids
 
 kernels = import_kernel("attention")
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
@@ -180,6 +180,51 @@ def test_triton_backend_matches_sdpa_with_documents():
     for name, grad in triton_grads.items():
         torch.testing.assert_close(grad, sdpa_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     assert cu_seqlens_from_doc_ids(doc_ids).tolist() == [0, 20, 21, 48, 95, 96]
+
+
+def reads_nonfinite_by_loops(q, k, v, layout: list[int]) -> torch.Tensor:
+    """(T, H) bool: whether fp64 attention, position by position over the keys each query may see, is
+    non-finite there (q, k, v of one row)."""
+    T, H, Dh = q.shape[1:]
+    group = H // k.shape[2]
+    out = torch.zeros(T, H, dtype=torch.bool)
+    for t in range(T):
+        first = t
+        while first > 0 and layout[first - 1] == layout[t]:
+            first -= 1
+        for h in range(H):
+            keys, values = k[0, first:t + 1, h // group].double(), v[0, first:t + 1, h // group].double()
+            weights = torch.softmax(keys @ q[0, t, h].double() / Dh ** 0.5, dim=0)
+            out[t, h] = not torch.isfinite(weights @ values).all()
+    return out
+
+
+NONFINITE_BACKENDS = ["sdpa", "triton", pytest.param("flash_attn", marks=pytest.mark.skipif(
+    not ON_GPU or BACKENDS["flash_attn"].unavailable() is not None, reason="flash-attn runs on a GPU, when installed"))]
+
+
+@pytest.mark.parametrize("backend", NONFINITE_BACKENDS)
+def test_no_backend_hides_a_non_finite_input(backend):
+    """NaN, inf or -inf at each position of q, k or v, with and without documents: wherever fp64 attention
+    over the keys a query sees is non-finite, the backend's output is too (SDPA's fused CPU kernel returned
+    finite rows for a NaN query until the sdpa backend checked)."""
+    dtype = torch.bfloat16 if backend == "flash_attn" else torch.float32
+    T, layout = 12, [0] * 5 + [1] * 7
+    hidden = []
+    for docs in (None, torch.tensor([layout], device=DEVICE)):
+        for where in "qkv":
+            for value in (float("nan"), float("inf"), float("-inf")):
+                for position in range(T):
+                    q, k, v = random_inputs((1, T), 4, 2, 16, dtype, seed=position)
+                    with torch.no_grad():
+                        {"q": q, "k": k, "v": v}[where][0, position, 0, 3] = value
+                    expected = reads_nonfinite_by_loops(q.cpu(), k.cpu(), v.cpu(), layout if docs is not None
+                                                        else [0] * T)
+                    out = attention(q, k, v, doc_ids=docs, backend=backend).detach().cpu()
+                    found = ~torch.isfinite(out).all(-1)  # (1, T, H)
+                    if (missed := (expected & ~found[0]).nonzero().tolist()):
+                        hidden.append((where, value, position, docs is not None, missed))
+    assert hidden == []
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the CPU-only error")

@@ -11,7 +11,10 @@ Every backend computes what :func:`attention` does::
              starts wherever the id changes along T; a token attends only to earlier tokens of its
              own document. None: one document per row.
 
-Attention is always causal and the softmax scale is ``1 / sqrt(head_dim)``. Document boundaries
+Attention is always causal and the softmax scale is ``1 / sqrt(head_dim)``. No backend hides a
+non-finite input: an output position whose query, or a key or value it attends to, holds NaN or inf
+is non-finite (it may also spread to positions that do not read it, a zero weight times NaN, as
+fused kernels compute whole tiles), so a damaged model cannot produce normal-looking output. Document boundaries
 can also be given as flash-attn style cumulative lengths over the flattened batch; convert them
 with :func:`doc_ids_from_cu_seqlens` (and back with :func:`cu_seqlens_from_doc_ids`). The model
 wraps its doc_ids in one :class:`Documents` per forward pass, so every layer shares the positions
@@ -185,15 +188,39 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     accepts a mask, does not take grouped heads and SDPA would otherwise fall back to its unfused
     math path.
     """
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, T, D) and (B, H_kv, T, D)
+    out = _sdpa(*(x.transpose(1, 2) for x in (q, k, v)), docs=docs).transpose(1, 2)  # (B, T, H, D)
+    with torch.no_grad():
+        if q.device.type == "cpu" and all(torch.isfinite(x).all() for x in (q, k, v)):
+            return out  # the usual case, told apart at the cost of one read (a GPU would wait for it)
+        bad = reads_nonfinite(q, k, v, docs=docs)[..., None]  # (B, T, H, 1)
+    return out.masked_fill(bad, float("nan"))
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, docs: Documents | None) -> torch.Tensor:
+    """SDPA on (B, H, T, D) queries and (B, H_kv, T, D) keys and values."""
     if docs is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    else:
-        group = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(group, dim=1)  # (B, H, T, D)
-        v = v.repeat_interleave(group, dim=1)  # (B, H, T, D)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=docs.mask())
-    return out.transpose(1, 2)  # (B, T, H, D)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)  # (B, H, T, D)
+    v = v.repeat_interleave(group, dim=1)  # (B, H, T, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=docs.mask())
+
+
+def reads_nonfinite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, docs: Documents | None) -> torch.Tensor:
+    """(B, T, H) bool: True where a query, or a key or value of its document at or before it, is not finite.
+
+    SDPA's fused CPU kernels return finite rows for some of these (a NaN query among them), so the
+    ``sdpa`` backend sets them to NaN; the check costs a pass over q, k and v, no T^2 mask.
+    """
+    group = q.shape[2] // k.shape[2]
+    bad_kv = (~torch.isfinite(k).all(-1) | ~torch.isfinite(v).all(-1)).long()  # (B, T, H_kv)
+    before = bad_kv.cumsum(1)  # (B, T, H_kv): non-finite keys/values at or before each position
+    if docs is not None:  # less those before the position's document began
+        index = torch.arange(q.shape[1], device=q.device).expand_as(docs.doc_ids)
+        start = torch.where(document_starts(docs.doc_ids), index, 0).cummax(dim=1).values  # (B, T)
+        earlier = torch.cat([torch.zeros_like(before[:, :1]), before[:, :-1]], dim=1)  # (B, T, H_kv)
+        before = before - earlier.gather(1, start[..., None].expand_as(before))
+    return ~torch.isfinite(q).all(-1) | (before > 0).repeat_interleave(group, dim=2)  # (B, T, H)
 
 
 register_backend("sdpa", sdpa_attention)

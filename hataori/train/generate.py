@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from hataori.errors import ConfigError, InputError
+from hataori.errors import ConfigError, HataoriError, InputError
 from hataori.precision import DTYPES, PRECISIONS
 from hataori.precision import check as check_precision
 from hataori.train.init import check_finite
@@ -118,6 +118,10 @@ def generate(model: torch.nn.Module, prompt: list[int], *, max_new_tokens: int, 
     for _ in range(max_new_tokens):
         context = torch.tensor([tokens[-max_len:]], device=device)  # (1, T)
         logits = model(context)[0, -1].float()  # (V,)
+        if not torch.isfinite(logits).all():
+            raise HataoriError(f"the model's logits for new token {len(new) + 1} hold NaN or inf: its activations "
+                               f"overflowed in {next(model.parameters()).dtype}, or its weights are damaged; run in "
+                               "a wider dtype (--dtype fp32), and check the checkpoint (hataori checkpoint verify)")
         token = int(next_token(logits, sampling, generator))
         tokens.append(token)
         new.append(token)
