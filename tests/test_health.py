@@ -3,7 +3,7 @@ naming the tensor (generate, eval, export hf, init.from_hf), and eval reports no
 log-likelihoods. No skipped identity check: an init source's tokenizer.json, or a run's provenance.json when
 its tokenizer files are gone, must be the run's tokenizer.
 
-Run folders are made in-process (a ZeRO-0 checkpoint file and its manifest, as tests/test_eval.py does); the
+Run folders are made in-process (helpers.make_run: a ZeRO-0 checkpoint file and its manifest); the
 tokenizer is conftest's ``jcqa_tokenizer``.
 """
 
@@ -13,37 +13,16 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from hataori.cli import main as hataori_main
 from hataori.errors import ConfigError, InputError
-from hataori.model import ModelConfig
+
+from helpers import make_run
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(jcqa_tokenizer) -> Path:
     return jcqa_tokenizer
-
-
-def make_run(root: Path, tokenizer_dir: Path, change=None) -> tuple[Path, Path]:
-    """(run folder, its checkpoint) of a tiny model whose state dict ``change`` edits in place first."""
-    from hataori.config import to_dict
-    from hataori.tokenizer.model import Tokenizer
-    from hataori.train.checkpoint import adopt
-    from hataori.train.run import record_run
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=Tokenizer(tokenizer_dir).vocab_size, d_model=32, n_layers=2, n_heads=4,
-                      ffn_hidden=64, max_seq_len=128)
-    state = cfg.build().state_dict()
-    if change is not None:
-        change(state)
-    run = record_run(root, {"model": to_dict(cfg), "tokenizer": str(tokenizer_dir)})
-    checkpoint = run / "checkpoints" / "step_00000001"
-    checkpoint.mkdir(parents=True)
-    torch.save({"module": state, "step": 1, "world_size": 1}, checkpoint / "mp_rank_00_model_states.pt")
-    adopt(checkpoint)
-    return run, checkpoint
 
 
 def poke_nan(state: dict) -> None:
@@ -172,3 +151,57 @@ def test_init_from_run_checks_the_tokenizer_its_provenance_records(tokenizer_dir
     with pytest.raises(ConfigError, match=rf"is not the tokenizer init.from_run={run} was trained with \(fingerprint "
                                         rf"{Tokenizer(tokenizer_dir).fingerprint}, in {run / 'provenance.json'}\)"):
         open_source(InitConfig(from_run=str(run)), cfg, other)
+
+
+def damage_hf(folder: Path, how: str) -> Path:
+    """Damage a model folder in transformers' layout; the file a message must name."""
+    (shard,) = folder.glob("model-*.safetensors")
+    if how == "config-list":
+        (folder / "config.json").write_text("[1, 2]\n")
+        return folder / "config.json"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) // 2] if how == "truncated" else data[:8] + b"\xff" * 32 + data[40:])
+    return shard
+
+
+@pytest.mark.parametrize("how, message", [
+    ("config-list", "holds a JSON list, not the object of model settings transformers writes"),
+    ("truncated", "not a readable safetensors file (Error while deserializing header: incomplete metadata"),
+    ("garbage", "not a readable safetensors file (Error while deserializing header: invalid UTF-8 in header"),
+])
+def test_a_damaged_import_source_is_named_not_a_traceback(how, message, tokenizer_dir, tmp_path, capsys):
+    """A model folder whose config.json is a JSON list, or whose safetensors file is cut in half or has garbage
+    in its header: init.from_hf and eval of the folder name the file."""
+    from hataori.tokenizer.model import Tokenizer
+    from hataori.train.init import InitConfig, open_source
+    from hataori.train.run import model_config, read_config
+
+    run, _ = make_run(tmp_path / "run", tokenizer_dir)
+    hf = tmp_path / "hf"
+    assert hataori_main(["export", "hf", str(run), "--output", str(hf), "--dtype", "fp32"]) == 0
+    named = damage_hf(hf, how)
+    capsys.readouterr()
+    with pytest.raises(InputError) as err:
+        open_source(InitConfig(from_hf=str(hf)), model_config(read_config(run)), Tokenizer(tokenizer_dir))
+    assert str(err.value).startswith(f"{named}: {message}"), str(err.value)
+    assert hataori_main(["eval", str(hf), "--task", "jcommonsenseqa", "--limit", "2", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith(f"hataori: error: {named}: {message}")
+
+
+@pytest.mark.parametrize("how", ["malformed", "other-shape"])
+def test_a_run_config_that_does_not_describe_its_checkpoint_is_named(how, tokenizer_dir, tmp_path, capsys):
+    """config.yaml cut into invalid YAML, or edited to another width where the manifest records no model
+    (a checkpoint adopted by `checkpoint verify --adopt`): export hf, generate and eval name the file."""
+    run, checkpoint = make_run(tmp_path / "run", tokenizer_dir)
+    config = run / "config.yaml"
+    text = config.read_text()
+    config.write_text("model: [unclosed\n" if how == "malformed" else text.replace("d_model: 32", "d_model: 64"))
+    expected = (f"{config}: not valid YAML (while parsing a flow sequence); hataori pretrain wrote it" if how == "malformed"
+                else f"{checkpoint}: weight tok_embeddings.weight has shape (2048, 32), the config makes (2048, 64) "
+                     f"(and 20 more): the checkpoint and {config} do not belong together")
+    for argv in (["export", "hf", str(run), "--output", str(tmp_path / "hf")],
+                 ["generate", str(run), "吾輩は", "--device", "cpu"],
+                 ["eval", str(run), "--task", "jcommonsenseqa", "--limit", "2", "--device", "cpu"]):
+        assert hataori_main(argv) == 2, argv
+        assert capsys.readouterr().err.startswith(f"hataori: error: {expected}"), argv
+    assert not (tmp_path / "hf").exists()

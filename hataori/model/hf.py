@@ -256,6 +256,17 @@ def _umask() -> int:
     return mask
 
 
+def open_safetensors(path: Path):
+    """``safe_open`` of ``path``; a truncated or damaged file is an :class:`InputError` naming it."""
+    from safetensors import SafetensorError, safe_open  # heavy: imported by the readers that need it
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise InputError(path, f"not a readable safetensors file ({err}): it is truncated or damaged; copy it "
+                         "again from where the model came from") from None
+
+
 class HFCheckpoint:
     """A model folder in transformers' layout: ``config.json`` and safetensors weights."""
 
@@ -271,6 +282,9 @@ class HFCheckpoint:
                              "weights") from None
         except json.JSONDecodeError as err:
             raise InputError(config_path, f"not valid JSON: {err}") from None
+        if not isinstance(self.config, dict):
+            raise InputError(config_path, f"holds a JSON {type(self.config).__name__}, not the object of model "
+                             "settings transformers writes; restore the model folder's own config.json")
         self.weight_map = self._weight_map()
         self._files: dict[str, Any] = {}
 
@@ -281,6 +295,8 @@ class HFCheckpoint:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise InputError(index, f"not a safetensors index ({err!r})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise InputError(index, "weight_map: must map each weight's name to its shard file's name")
             missing = sorted({f for f in weight_map.values() if not (self.folder / f).is_file()})
             if missing:
                 raise InputError(index, f"names shard files that are not there: {', '.join(missing[:3])}")
@@ -292,19 +308,15 @@ class HFCheckpoint:
             what = "no" if not files else f"{len(files)} .safetensors files but no {INDEX_FILE} for"
             raise InputError(self.folder, f"{what} model weights{hint}; expected {SINGLE_FILE} or {INDEX_FILE} with "
                              "its shards")
-        from safetensors import safe_open
-
-        with safe_open(str(files[0]), framework="pt") as f:
+        with open_safetensors(files[0]) as f:
             return dict.fromkeys(f.keys(), files[0].name)
 
     def _open(self, name: str):
-        from safetensors import safe_open
-
         if name not in self.weight_map:
             raise InputError(self.folder, f"holds no weight {name!r}")
         filename = self.weight_map[name]
         if filename not in self._files:
-            self._files[filename] = safe_open(str(self.folder / filename), framework="pt")
+            self._files[filename] = open_safetensors(self.folder / filename)
         return self._files[filename]
 
     def shape(self, name: str) -> tuple[int, ...]:

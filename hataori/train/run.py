@@ -180,12 +180,19 @@ def _cpu_model() -> str:
 
 def read_config(run_dir: Path) -> dict[str, Any]:
     """The run's recorded config (``config.yaml``) as a plain dict."""
+    import yaml
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise InputError(path, "missing; the run folder records its config there before step 0")
-    config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(path, f"not valid YAML ({first}); hataori pretrain wrote it when the run began: restore "
+                         "that file (or write it again from the launch's --config files and overrides)") from None
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise InputError(path, "has no model section; is this a `hataori pretrain` run folder?")
     return config

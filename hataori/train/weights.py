@@ -30,7 +30,7 @@ import torch
 from hataori.config import build
 from hataori.errors import InputError
 from hataori.model.lora import LoRAConfig, apply_lora
-from hataori.model.model import Transformer
+from hataori.model.model import ModelConfig, Transformer
 from hataori.train.checkpoint import LORA_BASE, read_manifest, verify
 from hataori.train.init import SHAPE_FIELDS, InitConfig, open_source, target_rows
 from hataori.train.layout import CHECKPOINTS, COMPLETE, CONFIG_FILE, complete_steps, tag
@@ -191,9 +191,25 @@ def run_weights(run_dir: str | Path, checkpoint: str | Path, config: dict, token
     whose model differs from the one the checkpoint's manifest records is refused (the manifest is what
     trained)."""
     check_recorded_model(Path(run_dir), Path(checkpoint), config)
-    if config.get("lora"):
-        return LoRAWeights(run_dir, checkpoint, config, tokenizer)
-    return CheckpointWeights(checkpoint)
+    weights = LoRAWeights(run_dir, checkpoint, config, tokenizer) if config.get("lora") else CheckpointWeights(checkpoint)
+    check_weight_shapes(weights, model_config(config), Path(run_dir), Path(checkpoint))
+    return weights
+
+
+def check_weight_shapes(weights: CheckpointWeights | LoRAWeights, cfg: ModelConfig, run_dir: Path,
+                        checkpoint: Path) -> None:
+    """Refuse weights that are not those of the model ``cfg`` builds: a missing, unexpected or
+    differently shaped one (a config.yaml from another run, or edited where the manifest records nothing)."""
+    expected = cfg.weight_shapes()
+    found = {name: weights.shapes.get(weights.tied.get(name, name)) for name in expected}
+    problems = [f"weight {name} is missing" if shape is None else f"weight {name} has shape {shape}, the "
+                f"config makes {expected[name]}" for name, shape in found.items() if shape != expected[name]]
+    problems += [f"it holds a weight {name} the config's model has not" for name in weights.shapes
+                 if name not in expected]
+    if problems:
+        raise InputError(checkpoint, f"{problems[0]}{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}"
+                         f": the checkpoint and {run_dir / CONFIG_FILE} do not belong together; restore the "
+                         "config.yaml the run trained with")
 
 
 def check_recorded_model(run_dir: Path, checkpoint: Path, config: dict) -> None:

@@ -1,0 +1,59 @@
+"""Helpers that more than one test module uses (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+from hataori.model import ModelConfig
+
+
+def make_run(root: Path, tokenizer_dir: Path, change=None) -> tuple[Path, Path]:
+    """(run folder, its checkpoint) of a tiny model whose state dict ``change`` edits in place first."""
+    from hataori.config import to_dict
+    from hataori.tokenizer.model import Tokenizer
+    from hataori.train.checkpoint import adopt
+    from hataori.train.run import record_run
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=Tokenizer(tokenizer_dir).vocab_size, d_model=32, n_layers=2, n_heads=4,
+                      ffn_hidden=64, max_seq_len=128)
+    state = cfg.build().state_dict()
+    if change is not None:
+        change(state)
+    run = record_run(root, {"model": to_dict(cfg), "tokenizer": str(tokenizer_dir)})
+    checkpoint = run / "checkpoints" / "step_00000001"
+    checkpoint.mkdir(parents=True)
+    torch.save({"module": state, "step": 1, "world_size": 1}, checkpoint / "mp_rank_00_model_states.pt")
+    adopt(checkpoint)
+    return run, checkpoint
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str) -> Iterator[Path]:
+    """``folder`` as the mount point of a tmpfs of ``size`` (e.g. ``64k``): a real full disk. Skips the test
+    where mounting is not allowed (it needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    folder.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True,
+                           text=True)
+    if mount.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)])
+
+
+def fill(folder: Path) -> None:
+    """Write into ``folder`` until its filesystem has no room left."""
+    with open(folder / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"x" * 4096)
