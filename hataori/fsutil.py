@@ -64,16 +64,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             os.fsync(f.fileno())
 
 
+def disk_full(err: BaseException) -> str | None:
+    """Why ``err`` is a write that found no room (the OS's words), or None. Libraries that write through
+    their own code (safetensors, torch.save) raise their own errors, with the OS's words in the message."""
+    if isinstance(err, OSError) and err.errno in DISK_FULL:
+        return err.strerror or os.strerror(err.errno)
+    text = str(err)
+    return next((os.strerror(code) for code in DISK_FULL if os.strerror(code) in text), None)
+
+
+def disk_full_message(path: str | os.PathLike, why: str, option: str = "--output") -> str:
+    return (f"{path}: the disk is full ({why}); nothing half-written was kept; free space, or choose another "
+            f"output ({option}) on a disk with room")
+
+
 @contextlib.contextmanager
 def disk_full_error(path: str | os.PathLike, option: str = "--output") -> Iterator[None]:
     """Report a full disk (or an exhausted quota) while writing ``path`` as an error naming it."""
     try:
         yield
-    except OSError as err:
-        if err.errno not in DISK_FULL:
+    except Exception as err:
+        if (why := disk_full(err)) is None:
             raise
-        raise HataoriError(f"{path}: the disk is full ({err.strerror}); nothing half-written was kept; free "
-                           f"space, or choose another output folder ({option}) on a disk with room") from None
+        raise HataoriError(disk_full_message(path, why, option)) from None
 
 
 def remove_stale_temps(folder: Path) -> None:

@@ -18,7 +18,8 @@
    user's files: each is refused, naming what is there. An empty folder, or nothing, is written into
    without ``--replace``.
 4. **Written whole or not at all** (:func:`hataori.fsutil.atomic_path`): the new output is renamed into
-   place when complete, and a replaced one stays until then.
+   place when complete, and a replaced one stays until then. A full disk is an error naming the output,
+   with nothing half-written left.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from hataori import __version__
 from hataori.errors import HataoriError, InputError
-from hataori.fsutil import atomic_path, atomic_write_text, fsync_dir
+from hataori.fsutil import atomic_path, atomic_write_text, disk_full, disk_full_message, fsync_dir
 from hataori.locks import Lock, describe
 from hataori.locks import claim as claim_lock
 
@@ -218,8 +219,10 @@ class Output:
     def __enter__(self) -> Output:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, err, traceback) -> None:
         self.release()
+        if err is not None and (why := disk_full(err)) is not None:  # the temporary output is gone already
+            raise HataoriError(disk_full_message(self.path, why, self.option)) from None
 
 
 def claim(path: str | os.PathLike, kind: str, *, option: str = "--output", inputs: Iterable[str | os.PathLike] = (),

@@ -167,3 +167,31 @@ def test_the_current_folder_as_the_output_is_named_not_a_traceback(tmp_path, mon
     with claim(".", "tokenizer") as out, pytest.raises(InputError, match=rf"^{tmp_path}: holds files that no "):
         out.check_replace(replace=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("command", ["export hf", "tokenizer extend", "eval --output"])
+def test_a_full_disk_is_an_error_naming_the_output_and_leaves_nothing(command, jcqa_tokenizer, ja_tokenizer,
+                                                                     tmp_path, capsys):
+    """Each command writes onto a 64 KiB tmpfs (the export, the extended tokenizer) or a full one (the eval
+    results): exit 2 with one line naming the output, and the disk holds nothing the command wrote."""
+    from helpers import fill, make_run, small_disk
+
+    from hataori.cli import main as hataori_main
+
+    run, _ = make_run(tmp_path / "run", jcqa_tokenizer)
+    with small_disk(tmp_path / "disk", "64k") as disk:
+        out, argv = {
+            "export hf": (disk / "hf", ["export", "hf", str(run), "--output", str(disk / "hf"), "--dtype", "fp32"]),
+            "tokenizer extend": (disk / "tok", ["tokenizer", "extend", str(jcqa_tokenizer), "--add", str(ja_tokenizer),
+                                                "--output", str(disk / "tok")]),
+            "eval --output": (disk / "scores.json", ["eval", str(run), "--task", "jcommonsenseqa", "--limit", "2",
+                                                     "--device", "cpu", "--output", str(disk / "scores.json")]),
+        }[command]
+        if command == "eval --output":
+            fill(disk)
+        capsys.readouterr()
+        assert hataori_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"hataori: error: {out}: the disk is full (No space left on device); nothing "
+                              "half-written was kept"), err
+        assert sorted(p.name for p in disk.iterdir()) == (["filler"] if command == "eval --output" else [])

@@ -449,6 +449,33 @@ def test_disk_full_during_a_checkpoint_save_loses_nothing(ja_shards, tmp_path):
         sp.run(["umount", "-l", str(run)])
 
 
+@pytest.mark.timeout(3 * LAUNCH_TIMEOUT_S)
+def test_disk_full_while_the_run_is_recorded_is_an_error_naming_the_run_folder(ja_shards, tmp_path):
+    """The run folder on a tmpfs with pages for the lock, config.yaml and environment.json only: writing
+    provenance.json fails with a message naming the run folder and leaves no temporary file."""
+    import subprocess as sp
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    common = ["trainer.max_steps=1", "schedule.warmup_steps=0", "validation.every_steps=0"]
+    reference = tmp_path / "reference"
+    assert launch(reference, ja_shards, common, tmp_path / "reference.log", nproc=1) == 0
+    page = 4096
+    pages = 1 + sum(-(-(reference / name).stat().st_size // page) for name in ("config.yaml", "environment.json"))
+    run = tmp_path / "run"
+    run.mkdir()
+    if sp.run(["mount", "-t", "tmpfs", "-o", f"size={pages * page}", "tmpfs", str(run)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        log = tmp_path / "full.log"
+        assert launch(run, ja_shards, common, log, nproc=1) == 2, tail(log)
+        assert f"hataori: error: {run}: the disk is full (No space left on device)" in log.read_text(), tail(log)
+        assert "Traceback" not in log.read_text()
+        assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "environment.json"]
+    finally:
+        sp.run(["umount", "-l", str(run)])
+
+
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S)
 def test_resuming_with_another_shape_says_what_differs(ja_shards, tmp_path, capsys):
     """Checked before any rank starts (--nproc 2, in this process) and by the rank itself (one process)."""

@@ -53,7 +53,7 @@ import numpy as np
 from hataori.config import command_items, load, require, to_dict
 from hataori.corpus.sources import ReadStats, SourceConfig, expand, iter_documents, split_key
 from hataori.errors import ConfigError, HataoriError
-from hataori.fsutil import DISK_FULL, atomic_write_text, disk_full_error, remove_stale_temps
+from hataori.fsutil import atomic_write_text, disk_full, disk_full_error, remove_stale_temps
 from hataori.outputs import MARKER, claim
 from hataori.sourcespec import parse_source
 from hataori.tokenizer.model import Tokenizer
@@ -387,8 +387,7 @@ def _abandon(folder: Path, writers: dict[str, "_SplitWriter"], err: BaseExceptio
     (a full disk, or no complete train shard)."""
     for writer in writers.values():
         writer.abort()
-    disk_full = isinstance(err, OSError) and err.errno in DISK_FULL
-    if disk_full or "train" not in writers or not writers["train"].shards:
+    if disk_full(err) is not None or "train" not in writers or not writers["train"].shards:
         for _, _, path in _shard_files(folder) if folder.is_dir() else ():
             path.unlink()
         (folder / PLAN).unlink(missing_ok=True)

@@ -32,7 +32,6 @@ from typing import Any
 import torch
 
 from hataori.errors import InputError
-from hataori.fsutil import disk_full_error
 from hataori.outputs import claim
 from hataori.precision import DTYPES, PRECISIONS
 from hataori.precision import check as check_precision
@@ -153,7 +152,7 @@ def main(args: argparse.Namespace) -> int:
                            template=args.template, shots=args.shots, seed=args.seed, data=args.data, train=args.train,
                            limit=args.limit, batch_size=args.batch_size)
         if out is not None:
-            with disk_full_error(out.path), out.file() as tmp:
+            with out.file() as tmp:  # a full disk: an error naming the output (hataori.outputs)
                 tmp.write_text(json.dumps(results, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     print(summary(results))
     return 0

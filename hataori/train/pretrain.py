@@ -38,6 +38,7 @@ from pathlib import Path
 
 from hataori.config import command_items
 from hataori.errors import ConfigError, HataoriError, InputError
+from hataori.fsutil import disk_full_error
 from hataori.model.lora import apply_lora
 from hataori.model.model import Transformer
 from hataori.sourcespec import parse_source
@@ -213,9 +214,10 @@ def train(cfg: TrainConfig) -> int:
     cfg.zero.grad_accum_steps(seq_len=cfg.data.seq_len, world_size=env.world_size)
     run_dir = Path(cfg.run_dir)
     if env.is_main:
-        record_run(run_dir, cfg, world_size=env.world_size)
-        record_provenance(run_dir, tokenizer=tokenizer, datasets=cfg.data.datasets,
-                          init=None if init is None else init.describe())
+        with disk_full_error(run_dir, option="run_dir"):
+            record_run(run_dir, cfg, world_size=env.world_size)
+            record_provenance(run_dir, tokenizer=tokenizer, datasets=cfg.data.datasets,
+                              init=None if init is None else init.describe())
     seed_all(cfg.seed)
 
     model = cfg.zero.build_model(cfg.model, env.device, seq_len=cfg.data.seq_len, grad_clip=cfg.optim.grad_clip)
