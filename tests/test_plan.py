@@ -27,7 +27,7 @@ from hataori.model.attention import document_starts
 from hataori.model.lora import LoRAConfig, apply_lora
 from hataori.train.plan import (GIB, SETUPS, PlanConfig, Workload, activation_bytes, activation_bytes_per_token,
                                 checkpoint_bytes, largest_layer_params, loss_backward_bytes, model_states, plan,
-                                recommend, trainable)
+                                recommend, states_shortfall, trainable)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -400,6 +400,29 @@ def test_lora_model_states_closed_forms():
         full = model_states(P, stage=stage, num_gpus=N, gpus_per_node=8, largest_layer_params=largest)
         assert model_states(P, stage=stage, num_gpus=N, gpus_per_node=8, largest_layer_params=largest,
                             trainable_params=P, largest_trainable_params=largest) == full
+
+
+def test_a_run_whose_states_cannot_fit_is_found_before_it_starts():
+    """The 7b preset with LoRA adapters of rank 16 (bf16, ZeRO-1 on 8 GPUs): 2 bytes per weight of the base and
+    the adapters, 2 + 16 / 8 per adapter weight, counted by hand; refused on a GPU one byte too small, let be on
+    one that holds it exactly; on a CPU run the 8 processes share the host."""
+    from hataori.train.config import load_train_config
+
+    train = load_train_config([CONFIGS / "train" / "7b.yaml"], ["run_dir=unused", "data.datasets=[{path: unused}]",
+                                                                  "lora.rank=16", "zero.stage=1", "zero.precision=bf16"])
+    model = train.model
+    adapters = adapter_params(model, 16, ["wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"])
+    per_gpu = 2 * (model.num_params() + adapters) + 2 * adapters + 16 * adapters / 8
+    kw = dict(world_size=8, local_ranks=8, host_bytes=None)
+    assert states_shortfall(train, device_type="cuda", device_bytes=int(per_gpu), **kw) is None
+    why = states_shortfall(train, device_type="cuda", device_bytes=int(per_gpu) - 1, **kw)
+    assert why.startswith(f"the weights, gradients and optimizer states of {adapters:,} trained parameters (LoRA "
+                          f"adapters of lora.rank=16) and a frozen base of {model.num_params():,} under ZeRO-1 in bf16 "
+                          f"on 8 processes need {per_gpu / GIB:,.1f} GiB on each GPU"), why
+    on_cpu = dict(world_size=8, local_ranks=8, device_type="cpu", device_bytes=None)
+    assert states_shortfall(train, host_bytes=int(8 * per_gpu), **on_cpu) is None
+    assert "on this host (8 processes on it), which has available" in states_shortfall(
+        train, host_bytes=int(8 * per_gpu) - 1, **on_cpu)
 
 
 def test_lora_plan_recommends_less_than_full_training():

@@ -476,6 +476,22 @@ def test_disk_full_while_the_run_is_recorded_is_an_error_naming_the_run_folder(j
         sp.run(["umount", "-l", str(run)])
 
 
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_model_whose_states_cannot_fit_is_refused_before_the_run_folder_is_touched(nproc, ja_shards, tmp_path,
+                                                                                    capsys):
+    """Width 32768 and 128 layers (1.6e12 parameters, 16 bytes each in fp32 before ZeRO shards anything):
+    refused in this process, before any rank starts, the run folder never made."""
+    run = tmp_path / "run"
+    huge = ["model.d_model=32768", "model.n_heads=256", "model.n_kv_heads=256", "model.n_layers=128"]
+    argv = ["pretrain", str(TOY), *TINY, *huge, "--data", str(ja_shards), "--run-dir", str(run), "--nproc", str(nproc)]
+    assert hataori_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hataori: error: zero.stage: the weights, gradients and optimizer states of "), err
+    assert f"under ZeRO-1 in fp32 on {nproc} process" in err and "GiB on this host" in err
+    assert "`hataori plan` with this config shows what fits" in err
+    assert not run.exists()
+
+
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S)
 def test_resuming_with_another_shape_says_what_differs(ja_shards, tmp_path, capsys):
     """Checked before any rank starts (--nproc 2, in this process) and by the rank itself (one process)."""

@@ -589,17 +589,25 @@ class Estimate:
         return self.fits and self.gpu_total <= (1 - RECOMMEND_HEADROOM) * self.gpu_mem
 
 
-def estimate(work: Workload, setup: Setup) -> Estimate:
-    cfg, lora = work.model, work.lora
+def states_of(cfg: Any, lora: Trainable | None, *, stage: int, offload: Offload, precision: Precision,
+              num_gpus: int, gpus_per_node: int) -> ModelStates:
+    """The model states of ModelConfig ``cfg`` (with LoRA adapters, ``lora``) in one setup."""
     if lora is None:
         num_params = trained = cfg.num_params()
         largest = largest_trainable = largest_layer_params(cfg)
     else:
         num_params, trained = lora.total, lora.params
         largest, largest_trainable = lora.largest_layer, lora.largest_trainable_layer
-    states = model_states(num_params, stage=setup.stage, num_gpus=work.num_gpus, gpus_per_node=work.gpus_per_node,
-                          precision=work.precision, offload=setup.offload, largest_layer_params=largest,
-                          trainable_params=trained, largest_trainable_params=largest_trainable)
+    return model_states(num_params, stage=stage, num_gpus=num_gpus, gpus_per_node=gpus_per_node, precision=precision,
+                        offload=offload, largest_layer_params=largest, trainable_params=trained,
+                        largest_trainable_params=largest_trainable)
+
+
+def estimate(work: Workload, setup: Setup) -> Estimate:
+    cfg, lora = work.model, work.lora
+    states = states_of(cfg, lora, stage=setup.stage, offload=setup.offload, precision=work.precision,
+                       num_gpus=work.num_gpus, gpus_per_node=work.gpus_per_node)
+    trained = cfg.num_params() if lora is None else lora.params
     bucket = min(work.bucket_elements, trained)  # the buckets carry gradients and updated weights
     buffers = 2.0 * bucket * bytes_per_param(work.precision).params if setup.stage in (1, 2) else 0.0
     activations = activation_bytes(cfg, micro_batch=work.micro_batch, seq_len=work.seq_len,
@@ -607,6 +615,41 @@ def estimate(work: Workload, setup: Setup) -> Estimate:
     return Estimate(setup=setup, states=states, buffers=buffers, activations=activations,
                     overhead=work.overhead_gib * GIB, gpu_mem=work.gpu_mem_gib * GIB,
                     cpu_mem=None if work.cpu_mem_gib is None else work.cpu_mem_gib * GIB)
+
+
+def zero_offload(zero: Any) -> Offload:
+    """What a ZeroConfig offloads, as the plan names it."""
+    if zero.offload_optimizer == "none":
+        return "none"
+    return "optimizer+params" if zero.offload_params == "cpu" else "optimizer"
+
+
+def states_shortfall(cfg: Any, *, world_size: int, local_ranks: int, device_type: str, device_bytes: int | None,
+                     host_bytes: int | None) -> str | None:
+    """Why the model states of the run of TrainConfig ``cfg`` cannot fit, or None: weights, gradients and
+    optimizer states, which are certain (unlike activations), against the memory there is. ``device_bytes``:
+    one GPU's memory (``device_type`` cuda); ``host_bytes``: the memory the host can give (on a CPU run its
+    ``local_ranks`` processes each hold a rank's states there, besides what is offloaded). None: not known."""
+    lora = None if cfg.lora is None else trainable(cfg.model, cfg.lora)
+    zero = cfg.zero
+    states = states_of(cfg.model, lora, stage=zero.stage, offload=zero_offload(zero), precision=zero.precision,
+                       num_gpus=world_size, gpus_per_node=local_ranks)
+    trained = cfg.model.num_params() if lora is None else lora.params
+    what = (f"the weights, gradients and optimizer states of {trained:,} trained parameters"
+            + ("" if lora is None else f" (LoRA adapters of lora.rank={cfg.lora.rank}) and a frozen base of "
+               f"{lora.total - trained:,}") + f" under ZeRO-{zero.stage} in {zero.precision} on {world_size} "
+            f"process{'es' * (world_size != 1)}")
+    if device_type == "cuda":
+        needs = [(states.gpu, device_bytes, "each GPU", "has"),
+                 (states.cpu_states, host_bytes, "this host (offloaded)", "has available")]
+    else:
+        needs = [(states.gpu * local_ranks + states.cpu_states, host_bytes,
+                  f"this host ({local_ranks} process{'es' * (local_ranks != 1)} on it)", "has available")]
+    for need, have, where, has in needs:
+        if have is not None and need > have:
+            return (f"{what} need {need / GIB:,.1f} GiB on {where}, which {has} {have / GIB:,.1f} GiB: the run "
+                    "cannot fit, before its first step")
+    return None
 
 
 def plan(work: Workload) -> list[Estimate]:

@@ -51,6 +51,7 @@ from hataori.train.init import SHAPE_FIELDS, load_initial_weights, open_source
 from hataori.train.layout import CHECKPOINTS, METRICS_FILE, complete_steps, tag
 from hataori.train.lock import LAUNCHER_PID_VAR, claim, die_with_launcher
 from hataori.train.metrics import MetricsLogger, peak_flops
+from hataori.train.plan import states_shortfall
 from hataori.train.run import record_provenance, record_run
 from hataori.train.signals import stop_on_signals
 from hataori.train.trainer import Trainer
@@ -82,6 +83,7 @@ def main(args: argparse.Namespace) -> int:
     if any(name in os.environ for name in LAUNCHER_VARS) or args.nproc == 1:
         return pretrain(cfg)
     cfg.zero.check_device(rank_device())  # before the run folder is taken and any rank starts
+    check_memory(cfg, world_size=args.nproc, local_ranks=args.nproc)
     lock = take_run_folder(cfg)  # held on by the launcher this process becomes, and inherited by its ranks
     try:
         check(cfg, world_size=args.nproc)
@@ -130,6 +132,40 @@ def check_lora(cfg: TrainConfig, init) -> None:
             apply_lora(Transformer(cfg.model), cfg.lora)
         except ConfigError as err:
             raise ConfigError(f"lora.{err.key}", err.message) from None
+
+
+def check_memory(cfg: TrainConfig, *, world_size: int | None = None, local_ranks: int | None = None) -> None:
+    """Refuse a run whose model states (weights, gradients, optimizer states: :mod:`hataori.train.plan`) cannot
+    fit in this process's device, or in the host's available memory, before the run folder is touched or
+    anything allocated. ``world_size`` and ``local_ranks`` (the processes on this host): from the launcher's
+    environment unless given."""
+    import torch
+
+    _, env_world, local_rank = ranks_from_env()
+    world_size = world_size or env_world
+    local_ranks = local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE")
+                                     or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+    device = rank_device(local_rank)
+    device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    why = states_shortfall(cfg, world_size=world_size, local_ranks=local_ranks, device_type=device.type,
+                           device_bytes=device_bytes, host_bytes=available_host_memory())
+    if why is not None:
+        key = "lora.rank" if cfg.lora is not None else "zero.stage"
+        raise ConfigError(key, f"{why}; {'lower lora.rank, ' if cfg.lora is not None else ''}raise zero.stage, "
+                          "offload (zero.offload_optimizer=cpu) or use more processes: `hataori plan` with this "
+                          "config shows what fits")
+
+
+def available_host_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def lora_base(cfg: TrainConfig, init) -> str | None:
@@ -187,8 +223,9 @@ def take_run_folder(cfg: TrainConfig):
 
 def pretrain(cfg: TrainConfig) -> int:
     """Take the run folder (rank 0) and train; the same on every rank. A precision this process's device
-    cannot run is refused first, before the run folder is touched."""
+    cannot run, and model states it cannot hold, are refused first, before the run folder is touched."""
     cfg.zero.check_device(rank_device(ranks_from_env()[2]))
+    check_memory(cfg)
     die_with_launcher()
     if ranks_from_env()[0] != 0:
         return train(cfg)
