@@ -42,8 +42,10 @@ setup(
         # rejects the sm_90 compile checks, so newer releases wait until they pass.
         "gpu": ["flash-attn>=2.6", "triton>=3.0,<3.8"],
         # Triton runs the kernel tests on the CPU through its interpreter; PEFT loads the exported
-        # LoRA adapter onto transformers' Llama in tests/test_lora.py (the independent reference).
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "build>=1.0", "triton>=3.0,<3.8", "peft>=0.11"],
+        # LoRA adapter onto transformers' Llama in tests/test_lora.py (the independent reference); ruff is
+        # the lint tests/test_lint.py runs (ruff.toml).
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "build>=1.0", "triton>=3.0,<3.8", "peft>=0.11",
+                "ruff>=0.6"],
     },
     entry_points={"console_scripts": ["hataori = hataori.cli:main"]},
 )
