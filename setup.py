@@ -8,7 +8,8 @@ imports Hugging Face's ``kernels``.
 
 from setuptools import setup
 
-SUBPACKAGES = ("corpus", "model", "tokenizer", "train", "kernels", "slurm", "eval")
+SUBPACKAGES = ("corpus", "tokenizer", "data", "model", "kernels", "checkpoint", "interop", "train", "eval", "plan",
+               "slurm")
 
 setup(
     name="hataori",
@@ -44,8 +45,8 @@ setup(
         # Triton runs the kernel tests on the CPU through its interpreter; PEFT loads the exported
         # LoRA adapter onto transformers' Llama in tests/test_lora.py (the independent reference); ruff is
         # the lint tests/test_lint.py runs (ruff.toml).
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "build>=1.0", "triton>=3.0,<3.8", "peft>=0.11",
-                "ruff>=0.6"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "build>=1.0", "triton>=3.0,<3.8",
+                "peft>=0.11", "ruff>=0.6"],
     },
     entry_points={"console_scripts": ["hataori = hataori.cli:main"]},
 )

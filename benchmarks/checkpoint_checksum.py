@@ -4,7 +4,7 @@ CRC-32 of files just written) and when a resume verifies (read and CRC-32 of fil
     python benchmarks/checkpoint_checksum.py [--dir DIR] [--gb 2] [--files 4]
 
 Writes ``--files`` files of random bytes, ``--gb`` GB in all, into ``DIR`` (default: a temporary
-folder on the same disk as /tmp), then times :func:`hataori.train.checkpoint.checksum` over them
+folder on the same disk as /tmp), then times :func:`hataori.checkpoint.checkpointer.checksum` over them
 three ways: just after writing (what :meth:`Checkpointer.save` does: the fsync flushes the dirty
 pages to the disk, so this includes the disk's write speed); again with the files in the page cache
 (a resume soon after a save); and after dropping the page cache where that is allowed (root on
@@ -22,7 +22,7 @@ import time
 import zlib
 from pathlib import Path
 
-from hataori.train.checkpoint import checksum
+from hataori.checkpoint.manifest import checksum
 
 
 def timed(paths: list[Path], *, sync: bool) -> float:

@@ -59,11 +59,11 @@ def setup(preset: str, work: Path) -> None:
     """The HF folder and the hataori run (in bf16), unless already there."""
     import torch
 
+    from hataori.checkpoint.checkpointer import CheckpointConfig, Checkpointer
+    from hataori.checkpoint.record import record_run
     from hataori.config import to_dict
-    from hataori.model.hf import hf_config_kwargs
-    from hataori.train.checkpoint import CheckpointConfig, Checkpointer
+    from hataori.interop.hf import hf_config_kwargs
     from hataori.train.optim import OptimConfig
-    from hataori.train.run import record_run
     from hataori.train.zero import ZeroConfig, init_distributed
 
     cfg = model_config(preset)
@@ -92,9 +92,9 @@ def setup(preset: str, work: Path) -> None:
 def measure_import(work: Path) -> dict:
     import torch
 
+    from hataori.interop.hf import HFCheckpoint, model_fields
+    from hataori.interop.load import InitConfig, load_initial_weights, open_source
     from hataori.model import ModelConfig
-    from hataori.model.hf import HFCheckpoint, model_fields
-    from hataori.train.init import InitConfig, load_initial_weights, open_source
 
     with PeakMemory() as peak:
         started = time.perf_counter()
@@ -105,12 +105,13 @@ def measure_import(work: Path) -> dict:
         built = time.perf_counter()
         load_initial_weights(model, plan)
         seconds = time.perf_counter() - started
-    return {"what": "import (build + load, bf16 model)", "seconds": seconds, "load_seconds": time.perf_counter() - built,
+    return {"what": "import (build + load, bf16 model)", "seconds": seconds,
+            "load_seconds": time.perf_counter() - built,
             "params": cfg.num_params(), "anon": peak.anon, "file": peak.file}
 
 
 def measure_export(work: Path, max_shard_size: str) -> dict:
-    from hataori.train.export import export_hf, parse_size
+    from hataori.interop.export import export_hf, parse_size
 
     with PeakMemory() as peak:
         summary = export_hf(work / "run", work / "export", dtype="bf16", max_shard_bytes=parse_size(max_shard_size),

@@ -47,7 +47,8 @@ def run(name: str, args: argparse.Namespace, extra: list[str]) -> tuple[float, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--init", required=True, help="init.from_run=RUN or init.from_hf=DIR: the weights both start from")
+    parser.add_argument("--init", required=True,
+                        help="init.from_run=RUN or init.from_hf=DIR: the weights both start from")
     parser.add_argument("--data", required=True, help="a prepared dataset folder")
     parser.add_argument("--config", default="configs/train/toy.yaml")
     parser.add_argument("--steps", type=int, default=20)

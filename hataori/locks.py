@@ -10,7 +10,7 @@ earlier attempt of the taker's own Slurm job (a requeued job restarts under the 
 job is never taken over: only the user can know that it is stale. A process started by the holder
 (a launcher's ranks, a command's workers) shares the holder's lock.
 
-Run folders (:mod:`hataori.train.lock`, ``run.lock``) and every command's outputs
+Run folders (:mod:`hataori.checkpoint.lock`, ``run.lock``) and every command's outputs
 (:mod:`hataori.outputs`) are held so.
 """
 
@@ -74,7 +74,7 @@ def claim(path: str | os.PathLike, busy: Callable[[Path, dict[str, Any] | None],
                 return Lock(path, found, owned=False)
             reason = _stale(path, found, me)
             if reason is None:
-                raise busy(path, found)
+                raise busy(path, found) from None
             print(f"{path}: {reason}; taking {what} over", file=sys.stderr, flush=True)
             _remove_if_unchanged(path, found)
             continue

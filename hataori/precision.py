@@ -122,3 +122,24 @@ def check_gpu(precision: str, capability: tuple[int, int], key: str) -> None:
     if precision not in runs:
         major, minor = capability
         raise ConfigError(key, why_not(precision, f"GPUs of compute capability {major}.{minor}", runs, gpu=True))
+
+
+def torch_device(text: str) -> torch.device:
+    """The device ``--device`` names, refused unless this build of torch can run on it."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ConfigError("--device", f"{text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError("--device", f"{text}: use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            cuda = torch.version.cuda
+            built = f"built for CUDA {cuda} but finds no GPU" if cuda else "built without CUDA"
+            raise ConfigError("--device", f"{text}: this torch {torch.__version__} is {built} "
+                                          "(torch.cuda.is_available() is False); use --device cpu")
+        count = torch.cuda.device_count()
+        if (device.index or 0) >= count:
+            raise ConfigError("--device", f"{text}: this machine has {count} CUDA device(s), "
+                                          f"cuda:0 to cuda:{count - 1}")
+    return device

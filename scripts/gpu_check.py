@@ -92,8 +92,8 @@ def stages(work: Path, rehearse: bool, workers: int, peak_tflops: float | None) 
                         "--junitxml", str(work / "tests.xml")], 300, results),
         Stage("attention", [py, "-m", "hataori.kernels.bench_attention", "--json", str(work / "attention.json")], 150,
               figures="attention.json"),
-        Stage("cross_entropy", [py, "-m", "hataori.kernels.bench_cross_entropy", "--json", str(work / "cross_entropy.json")],
-              60, figures="cross_entropy.json"),
+        Stage("cross_entropy", [py, "-m", "hataori.kernels.bench_cross_entropy", "--json",
+                                str(work / "cross_entropy.json")], 60, figures="cross_entropy.json"),
         Stage("model_step", [py, "benchmarks/bench_model.py", "--preset", "configs/model/1b.yaml", "--seq-len", "4096",
                              "--micro-batch", "4", "max_seq_len=4096", *peak, "--json",
                              str(work / "model_step.json")], 200, figures="model_step.json"),
@@ -266,7 +266,8 @@ def markdown(results: dict) -> str:
     env = results["environment"]
     packages = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
     lines = [f"# GPU check, {env['date']}", "",
-             f"{env['device'] or 'no GPU (rehearsal on the CPU)'}; driver {env['driver'] or '-'}, CUDA {env['cuda'] or '-'}; "
+             f"{env['device'] or 'no GPU (rehearsal on the CPU)'}; driver {env['driver'] or '-'}, "
+             f"CUDA {env['cuda'] or '-'}; "
              f"Python {env['python']}; {packages}; commit {env['commit'] or 'unknown'}. Mode: {results['mode']}.", "",
              "| stage | status | seconds |", "|---|---|---|"]
     lines += [f"| {name} | {stage['status']} | {stage['seconds']} |" for name, stage in results["stages"].items()]
@@ -285,7 +286,8 @@ def markdown(results: dict) -> str:
     pretrain = results.get("pretrain")
     if pretrain:
         step = pretrain["train"][-1]
-        lines += ["", f"125m pretrain, step 2: loss {step['loss']:.4f}, {step['tokens'] / step['seconds']:,.0f} tokens/s; "
+        lines += ["", f"125m pretrain, step 2: loss {step['loss']:.4f}, "
+                      f"{step['tokens'] / step['seconds']:,.0f} tokens/s; "
                       f"validation loss {pretrain['val']['loss']:.4f} against {pretrain['reference_val_loss']:.4f} "
                       "from the checkpoint in fp32."]
     attention = results.get("attention")
@@ -317,7 +319,8 @@ def markdown(results: dict) -> str:
             else:
                 lines.append(f"| {r['name']} | {r['attention']} | {r['kernels']} | {_num(r['tokens_per_s'], '.0f')} | "
                              f"{_num(r['step_ms'])} | {_num(r['tflops'])} | "
-                             f"{_num(r['mfu'] and 100 * r['mfu'])}{'%' if r['mfu'] else ''} | {_num(r['peak_gib'], '.2f')} |")
+                             f"{_num(r['mfu'] and 100 * r['mfu'])}{'%' if r['mfu'] else ''} | "
+                             f"{_num(r['peak_gib'], '.2f')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,4 @@
-"""The import graph between hataori's folders; exits 1 when two folders import each other.
+"""The import graph between hataori's folders and modules; exits 1 on a cycle between either.
 
     python scripts/import_graph.py [--root DIR]
     python -m scripts.import_graph [--root DIR]
@@ -21,7 +21,9 @@ The modules directly in hataori/ are two nodes:
   written in it. It sits above every folder: it may import them all, and nothing may import it.
 
 The check fails (exit 1) on a cycle between nodes, naming the cycle and the files and lines of
-every import between its folders, and on a breach of the two rules above. Otherwise it prints the
+every import between its folders; on a cycle between modules (a package's ``__init__`` counts as
+the package, and a ``from`` import that names a submodule reaches it), counting the imports inside
+functions, which Python's own import never trips over; and on a breach of the two rules above. Otherwise it prints the
 direction the graph allows: layers from the top, each importing only from the layers after it.
 
 It also lists the imports of hataori modules made inside functions: they run when the function is
@@ -65,6 +67,10 @@ class Import:
     line: int
     lazy: bool
     """Inside a function: it runs when the function is called."""
+    source_module: str = ""
+    """The importing module (dotted; a package's ``__init__`` as the package)."""
+    target_module: str = ""
+    """The hataori module it reaches: the imported module, or the submodule a ``from`` import names."""
 
     @property
     def where(self) -> str:
@@ -108,10 +114,8 @@ def imported_modules(tree: ast.AST, package: list[str]) -> Iterator[tuple[list[s
             elif isinstance(child, ast.ImportFrom):
                 base = package[:len(package) - child.level + 1] if child.level else []
                 module = ".".join(base + ([child.module] if child.module else []))
-                if module == PACKAGE:  # from hataori import train, config
-                    yield [f"{PACKAGE}.{alias.name}" for alias in child.names], child.lineno, lazy
-                else:
-                    yield [module], child.lineno, lazy
+                # from hataori import train, config; from hataori.interop import hf: each name may be a module
+                yield [module, *(f"{module}.{alias.name}" for alias in child.names)], child.lineno, lazy
             else:
                 if isinstance(child, ast.Call) and (module := dynamic_import(child)):
                     yield [module], child.lineno, lazy
@@ -148,29 +152,56 @@ def scan(root: Path) -> tuple[list[str], list[Import]]:
     folders = subpackages(root)
     known = set(folders)
     files = [p for p in sorted((root / PACKAGE).rglob("*.py")) if "__pycache__" not in p.parts]
+    modules_here = {module_of(path.relative_to(root)) for path in files}
     imports = []
     for path in files:
         rel = path.relative_to(root)
-        source = node_of_file(rel)
+        source, source_module = node_of_file(rel), module_of(rel)
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(rel))
         found = list(imported_modules(tree, package_of(rel)))
         if source == CLI:
             found += [([module], line, False) for module, line in command_modules(tree)]
         for modules, line, lazy in found:
             seen = set()
-            for module in modules:
+            for module in [*modules[1:], modules[0]]:  # a from-import's submodules before the module itself
+                if module not in modules_here and module != modules[0]:
+                    continue  # a name that a from-import takes out of a module, not a submodule
                 target = node_of_module(module, known)
-                if target is not None and target not in seen:  # one statement counts once per node
-                    seen.add(target)
-                    imports.append(Import(source, target, module, rel.as_posix(), line, lazy))
+                if target is None:
+                    continue
+                target_module = module
+                while target_module not in modules_here and "." in target_module:
+                    target_module = target_module.rpartition(".")[0]
+                if (target, target_module) not in seen:  # one statement counts once per node and module
+                    seen.add((target, target_module))
+                    imports.append(Import(source, target, module, rel.as_posix(), line, lazy, source_module,
+                                          target_module))
     return [*folders, CLI, SHARED], imports
 
 
+def module_of(rel: Path) -> str:
+    """The dotted module of a file of hataori/ (a package's ``__init__.py``: the package)."""
+    parts = list(rel.with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def edges_of(imports: list[Import]) -> dict[tuple[str, str], list[Import]]:
+    """Imports between folders, one list per (importer, imported) pair."""
+    edges: dict[tuple[str, str], list[Import]] = defaultdict(list)
+    seen = set()
+    for imp in imports:
+        if imp.source != imp.target and (imp.path, imp.line, imp.target) not in seen:
+            seen.add((imp.path, imp.line, imp.target))
+            edges[imp.source, imp.target].append(imp)
+    return edges
+
+
+def module_edges_of(imports: list[Import]) -> dict[tuple[str, str], list[Import]]:
+    """Imports between modules, inside functions too, one list per (importer, imported) pair."""
     edges: dict[tuple[str, str], list[Import]] = defaultdict(list)
     for imp in imports:
-        if imp.source != imp.target:
-            edges[imp.source, imp.target].append(imp)
+        if imp.source_module != imp.target_module:
+            edges[imp.source_module, imp.target_module].append(imp)
     return edges
 
 
@@ -248,6 +279,16 @@ def layers(nodes: list[str], edges: dict[tuple[str, str], list[Import]]) -> list
     return [sorted(by_height[k]) for k in sorted(by_height, reverse=True)]
 
 
+def edges_of_lazy(imports: list[Import]) -> list[Import]:
+    """The imports made inside functions, one per statement and folder."""
+    seen, found = set(), []
+    for imp in imports:
+        if imp.lazy and (imp.path, imp.line, imp.target) not in seen:
+            seen.add((imp.path, imp.line, imp.target))
+            found.append(imp)
+    return found
+
+
 def breaches(edges: dict[tuple[str, str], list[Import]]) -> list[tuple[str, list[Import]]]:
     """Imports against hataori/'s rules: the shared modules import no folder, nothing imports cli."""
     found = []
@@ -267,6 +308,8 @@ def report(root: Path, out=sys.stdout) -> int:
     nodes, imports = scan(root)
     edges = edges_of(imports)
     found_cycles = cycles(nodes, edges)
+    module_edges = module_edges_of(imports)
+    module_cycles = cycles(sorted({m for edge in module_edges for m in edge}), module_edges)
     found_breaches = breaches(edges)
     order = [v for layer in layers(nodes, edges) for v in layer] if not found_cycles else nodes
     rank = {v: i for i, v in enumerate(order)}
@@ -286,7 +329,11 @@ def report(root: Path, out=sys.stdout) -> int:
         for layer in layers(nodes, edges):
             print(f"  {' | '.join(layer)}", file=out)
 
-    lazy = [imp for imp in imports if imp.lazy]
+    print(f"\nmodules of hataori/: {len({m for edge in module_edges for m in edge})} importing one another, "
+          f"{'no cycle between them' if not module_cycles else f'{len(module_cycles)} cycles'} "
+          "(imports inside functions counted)", file=out)
+
+    lazy = [imp for imp in edges_of_lazy(imports)]
     per_folder = Counter(imp.source for imp in lazy)
     print(f"\nimports of hataori modules inside functions: {len(lazy)} "
           f"({', '.join(f'{n} {per_folder[n]}' for n in nodes if per_folder[n])})", file=out)
@@ -307,11 +354,19 @@ def report(root: Path, out=sys.stdout) -> int:
                 print(f"  {a} -> {b}:", file=out)
                 for imp in imps:
                     print(f"    {imp.where} {imp.module}{' (inside a function)' if imp.lazy else ''}", file=out)
+    for cycle, members in module_cycles:
+        others = sorted(members - set(cycle))
+        print(f"\nCYCLE between modules: {' -> '.join([*cycle, cycle[0]])}"
+              + (f" (and through {', '.join(others)})" if others else ""), file=out)
+        for (a, b), imps in sorted(module_edges.items()):
+            if a in members and b in members:
+                for imp in imps:
+                    print(f"    {imp.where} {imp.module}{' (inside a function)' if imp.lazy else ''}", file=out)
     for message, imps in found_breaches:
         print(f"\nNOT ALLOWED: {message}", file=out)
         for imp in imps:
             print(f"    {imp.where} {imp.module}", file=out)
-    return 1 if found_cycles or found_breaches else 0
+    return 1 if found_cycles or module_cycles or found_breaches else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,10 +16,10 @@ from hataori.model import ModelConfig
 
 def make_run(root: Path, tokenizer_dir: Path, change=None) -> tuple[Path, Path]:
     """(run folder, its checkpoint) of a tiny model whose state dict ``change`` edits in place first."""
+    from hataori.checkpoint.record import record_run
+    from hataori.checkpoint.verify import adopt
     from hataori.config import to_dict
     from hataori.tokenizer.model import Tokenizer
-    from hataori.train.checkpoint import adopt
-    from hataori.train.run import record_run
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=Tokenizer(tokenizer_dir).vocab_size, d_model=32, n_layers=2, n_heads=4,
@@ -57,3 +57,14 @@ def fill(folder: Path) -> None:
     with open(folder / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
         while True:
             f.write(b"x" * 4096)
+
+
+def after_each_step(fn):
+    """A training-loop callback that calls ``fn(metrics)`` after each optimizer step (to record or steer)."""
+    from hataori.train.trainer import Callback
+
+    class AfterEachStep(Callback):
+        def post_step(self, trainer, metrics) -> None:
+            fn(metrics)
+
+    return AfterEachStep()

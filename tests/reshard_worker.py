@@ -48,7 +48,7 @@ def build_engine(stage: int, precision: str, offload: str, total_steps: int, lor
     parameters too); ``lora``: rank-4 adapters on every attention and MLP projection, the rest frozen.
     Gradient clipping is off: its norm is summed in another order on another number of ranks, while
     the update is otherwise the same bits on one rank and on two."""
-    from hataori.train.checkpoint import seed_all
+    from hataori.checkpoint.checkpointer import seed_all
     from hataori.train.optim import OptimConfig, ScheduleConfig
     from hataori.train.zero import ZeroConfig
 
@@ -119,7 +119,7 @@ def whole_state(engine) -> dict:
 
 
 def worker_save(args) -> None:
-    from hataori.train.checkpoint import CheckpointConfig, Checkpointer
+    from hataori.checkpoint.checkpointer import CheckpointConfig, Checkpointer
     from hataori.train.zero import init_distributed
 
     env = init_distributed()
@@ -133,8 +133,9 @@ def worker_save(args) -> None:
 
 
 def worker_load(args) -> None:
-    from hataori.train.checkpoint import CheckpointConfig, Checkpointer, read_manifest
-    from hataori.train.reshard import load_resharded
+    from hataori.checkpoint.checkpointer import CheckpointConfig, Checkpointer
+    from hataori.checkpoint.manifest import read_manifest
+    from hataori.checkpoint.reshard import load_resharded
     from hataori.train.zero import init_distributed
 
     env = init_distributed()

@@ -25,8 +25,9 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import after_each_step
 from ranks import launch_ranks, log_tails
-from test_zero_resume import TokenStream, build_engine, SEQ_LEN
+from test_zero_resume import SEQ_LEN, TokenStream, build_engine
 
 LAUNCH_TIMEOUT_S = 240
 FILES = {"model": "mp_rank_00_model_states.pt", "optimizer": "zero_pp_rank_1_mp_rank_00_optim_states.pt",
@@ -134,6 +135,22 @@ def test_a_nan_weight_stops_the_run_under_every_zero_stage_and_is_never_saved(st
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
+def test_callbacks_are_called_at_their_points_and_closed_on_an_error(tmp_path):
+    """pre_train with the step a launch starts from (after resuming), post_step after every step,
+    post_checkpoint_saved once each checkpoint (every 2 steps) is complete, close at the end, by an error too."""
+    out = tmp_path / "events.json"
+    codes = launch_ranks(__file__, ["callbacks", "--dir", str(tmp_path / "run"), "--out", str(out)],
+                         tmp_path / "logs", 2, LAUNCH_TIMEOUT_S)
+    assert codes == [0, 0], log_tails(tmp_path / "logs")
+    saved = lambda step: ["post_checkpoint_saved", step, f"step_{step:08d}", True]
+    assert json.loads(out.read_text()) == [
+        ["pre_train", 0], ["post_step", 1], ["post_step", 2], saved(2), ["post_step", 3], ["post_step", 4], saved(4),
+        ["close", 4],
+        ["pre_train", 4], ["post_step", 5], ["post_step", 6], saved(6), ["close", 6],
+        ["pre_train", 6], ["post_step", 7], ["close", 7], ["raised", "a callback failed"]]
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
 def test_a_stop_during_skipped_steps_waits_for_the_next_applied_step(tmp_path):
     """ZeRO-1, NaN in a gradient in steps 5 and 6 (skipped), a stop requested after step 5 and a
     checkpoint due after step 6: both wait for step 7, the first applied one, which is saved."""
@@ -151,8 +168,8 @@ def test_verify_command_reports_each_checkpoint(tmp_path, capsys):
     """`hataori checkpoint verify` on a folder of plain files with manifests written as a save writes them."""
     import binascii
 
+    from hataori.checkpoint.manifest import MANIFEST, MANIFEST_FORMAT, checksum
     from hataori.cli import main
-    from hataori.train.checkpoint import MANIFEST, MANIFEST_FORMAT, checksum
 
     folder = tmp_path / "run" / "checkpoints"
     for step in (2, 4):
@@ -176,7 +193,7 @@ def test_verify_command_reports_each_checkpoint(tmp_path, capsys):
 def test_checksum_matches_an_independent_crc(tmp_path):
     import binascii
 
-    from hataori.train.checkpoint import CHUNK_BYTES, checksum
+    from hataori.checkpoint.manifest import CHUNK_BYTES, checksum
 
     data = np.random.default_rng(0).bytes(CHUNK_BYTES + 12345)  # more than one chunk
     (tmp_path / "f").write_bytes(data)
@@ -191,7 +208,7 @@ def train(run_dir: Path, *, stage: int, max_steps: int, max_skipped: int = 10, b
     """Train with checkpoints every 2 steps in ``run_dir``; the losses by step (into ``losses``)."""
     import torch.distributed as dist
 
-    from hataori.train.checkpoint import CheckpointConfig, Checkpointer
+    from hataori.checkpoint.checkpointer import CheckpointConfig, Checkpointer
     from hataori.train.trainer import Trainer, TrainerConfig
 
     engine = build_engine(stage, micro_batch=2, global_batch_tokens=2 * 2 * SEQ_LEN * dist.get_world_size(),
@@ -201,7 +218,8 @@ def train(run_dir: Path, *, stage: int, max_steps: int, max_skipped: int = 10, b
     losses = {} if losses is None else losses
     trainer = Trainer(TrainerConfig(max_steps=max_steps, max_skipped_steps=max_skipped),
                       engine=engine, loader=TokenStream(seed=7, rank=dist.get_rank(), rows=2),
-                      checkpointer=checkpointer, hooks=[lambda m: losses.__setitem__(m.step, m.loss)])
+                      checkpointer=checkpointer,
+                      callbacks=[after_each_step(lambda m: losses.__setitem__(m.step, m.loss))])
     if before is not None:
         before(trainer)
     try:
@@ -214,7 +232,7 @@ def train(run_dir: Path, *, stage: int, max_steps: int, max_skipped: int = 10, b
 def worker_faults(args) -> None:
     import torch.distributed as dist
 
-    from hataori.train.checkpoint import verify
+    from hataori.checkpoint.manifest import verify
 
     rank = dist.get_rank()
     root = Path(args.dir)
@@ -242,7 +260,7 @@ def worker_faults(args) -> None:
             "verified_after": sorted(p.name for p in folder.iterdir() if p.name.startswith("step_") and not verify(p))}
         dist.barrier()
     # Every checkpoint damaged: the run stops instead of starting again from step 0.
-    from hataori.train.checkpoint import CheckpointDamaged
+    from hataori.checkpoint.manifest import CheckpointDamaged
 
     run = root / "all-damaged"
     if rank == 0:
@@ -285,9 +303,9 @@ def worker_faults(args) -> None:
 def worker_nan(args) -> None:
     import torch.distributed as dist
 
-    from hataori.train.checkpoint import verify
+    from hataori.checkpoint.manifest import verify
+    from hataori.checkpoint.states import CheckpointWeights
     from hataori.train.trainer import TrainingFailed
-    from hataori.train.weights import CheckpointWeights
 
     run = Path(args.dir)
     if args.inject.startswith("weight"):
@@ -304,7 +322,7 @@ def worker_nan(args) -> None:
             weight = next(p for name, p in engine.module.named_parameters() if name.endswith("mlp.w_gate.weight"))
             weight.register_hook(lambda grad: grad * float("nan") if trainer.step in bad else grad)
             if args.inject == "stop":
-                trainer.hooks.append(lambda metrics: trainer.request_stop() if metrics.step == 5 else None)
+                trainer.callbacks.append(after_each_step(lambda m: trainer.request_stop() if m.step == 5 else None))
 
     steps: dict[int, float] = {}
     if args.inject == "stop":
@@ -330,13 +348,47 @@ def worker_nan(args) -> None:
             "weights_at_4_equal_reference": equal}))
 
 
+def worker_callbacks(args) -> None:
+    """Record every callback call over a fresh launch of 4 steps, a resumed one up to 6, and one whose callback
+    raises at step 7 of 8."""
+    import torch.distributed as dist
+
+    from hataori.train.trainer import Callback
+
+    events: list = []
+
+    class Record(Callback):
+        def pre_train(self, trainer, step):
+            events.append(["pre_train", step])
+
+        def post_step(self, trainer, metrics):
+            events.append(["post_step", metrics.step])
+            if metrics.step == 7:
+                raise RuntimeError("a callback failed")
+
+        def post_checkpoint_saved(self, trainer, step, path):
+            events.append(["post_checkpoint_saved", step, Path(path).name, (Path(path) / "manifest.json").is_file()])
+
+        def close(self, trainer):
+            events.append(["close", trainer.step])
+
+    run = Path(args.dir)
+    for max_steps in (4, 6, 8):
+        try:
+            train(run, stage=1, max_steps=max_steps, before=lambda trainer: trainer.callbacks.append(Record()))
+        except RuntimeError as err:
+            events.append(["raised", str(err)])
+    if dist.get_rank() == 0:
+        Path(args.out).write_text(json.dumps(events))
+
+
 def worker_nan_weight(args) -> None:
     """From step 5 on one weight holds NaN (in rank 0's partition under ZeRO-3): every step overflows
     and is skipped. ``weight``: 8 steps, the skip limit (3) stops step 7; ``weight-last``: 6 steps, the run
     ends within the limit and its final save is refused. Both name the weight and save nothing after step 4."""
     import torch.distributed as dist
 
-    from hataori.train.checkpoint import verify
+    from hataori.checkpoint.manifest import verify
     from hataori.train.trainer import TrainingFailed
 
     run = Path(args.dir)
@@ -375,7 +427,7 @@ def main() -> None:
     from hataori.train.zero import init_distributed, shutdown_distributed
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["faults", "nan"])
+    parser.add_argument("mode", choices=["faults", "nan", "callbacks"])
     parser.add_argument("--dir", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--stage", type=int, default=1)
@@ -383,7 +435,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
     init_distributed()
-    {"faults": worker_faults, "nan": worker_nan}[args.mode](args)
+    {"faults": worker_faults, "nan": worker_nan, "callbacks": worker_callbacks}[args.mode](args)
     shutdown_distributed()
 
 

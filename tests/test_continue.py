@@ -34,8 +34,8 @@ def test_import_extend_continue_export_generate(ja_corpus, en_bpe_tokenizer, ja_
     sys.path.insert(0, str(REPO / "scripts"))
     from small_llama import write_small_llama
 
+    from hataori.interop.load import load_model
     from hataori.tokenizer.model import Tokenizer
-    from hataori.train.generate import load_model
 
     base_model = write_small_llama(en_bpe_tokenizer, tmp_path / "small-llama", hidden=64, layers=2, heads=4,
                                    kv_heads=2, intermediate=128, max_positions=SEQ_LEN)
@@ -88,8 +88,8 @@ def test_import_extend_continue_export_generate(ja_corpus, en_bpe_tokenizer, ja_
     assert generated.shape[1] > inputs["input_ids"].shape[1]
     assert tokenizer.decode(generated[0], skip_special_tokens=True).startswith(prompt)
     # init.from_run: another run starting from this one gets exactly its weights.
-    from hataori.train.init import InitConfig, load_initial_weights, open_source
-    from hataori.train.run import model_config, read_config
+    from hataori.checkpoint.record import model_config, read_config
+    from hataori.interop.load import InitConfig, load_initial_weights, open_source
 
     cfg = model_config(read_config(run))
     plan = open_source(InitConfig(from_run=str(run)), cfg, Tokenizer(extended))

@@ -16,10 +16,10 @@ import pytest
 from hataori.cli import main as hataori_main
 from hataori.config import load
 from hataori.corpus.sources import SourceConfig
+from hataori.data.loader import DataConfig, DatasetSpec, PackedLoader
+from hataori.data.prepare import PrepareConfig, prepare
+from hataori.data.shards import Dataset
 from hataori.errors import ConfigError, HataoriError
-from hataori.tokenizer.prepare import PrepareConfig, prepare
-from hataori.tokenizer.shards import Dataset
-from hataori.train.data import DataConfig, DatasetSpec, PackedLoader
 
 SLICE_DOCS = 300
 
@@ -139,13 +139,14 @@ def test_order_is_determined_by_the_seed(datasets):
 RESUME_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from hataori.train.data import DataConfig, DatasetSpec
+    from hataori.data.loader import DataConfig, DatasetSpec
     args = json.loads(sys.argv[1])
     cfg = DataConfig(datasets=[DatasetSpec(**d) for d in args["datasets"]], seq_len=args["seq_len"], seed=args["seed"])
     ld = cfg.build(args["batch"], rank=args["rank"], world_size=args["world"])
     ld.load_state_dict(json.loads(open(args["state"]).read()))
     batches = [next(ld) for _ in range(args["more"])]
-    np.savez(args["out"], **{f: np.stack([getattr(b, f) for b in batches]) for f in ("inputs", "targets", "positions", "sources")})
+    np.savez(args["out"], **{f: np.stack([getattr(b, f) for b in batches])
+                             for f in ("inputs", "targets", "positions", "sources")})
 """)
 
 

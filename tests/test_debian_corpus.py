@@ -13,8 +13,8 @@ import pytest
 
 from hataori.cli import main as hataori_main
 from hataori.corpus.debian_ja import file_documents, license_names, package_list
-from hataori.corpus.output import Counts, Deduplicator
 from hataori.corpus.extract import has_kana, markup_paragraphs, plain_paragraphs, troff_paragraphs
+from hataori.corpus.output import Counts, Deduplicator
 from hataori.errors import HataoriError
 
 # From manpages-ja's ls.1 (help2man output), shortened.
@@ -74,7 +74,8 @@ def test_troff_paragraphs_drop_requests_escapes_and_code():
 
 def test_troff_so_redirect_and_mdoc():
     assert troff_paragraphs(".so man3/foo.3\n") == []
-    mdoc = ".Dd May 1, 2020\n.Dt CAL 1\n.Sh 名前\n.Nm cal\n.Nd カレンダーを表示する\n.Sh 説明\n.It Fl j\nユリウス日で表示する。\n"
+    mdoc = (".Dd May 1, 2020\n.Dt CAL 1\n.Sh 名前\n.Nm cal\n.Nd カレンダーを表示する\n"
+            ".Sh 説明\n.It Fl j\nユリウス日で表示する。\n")
     assert troff_paragraphs(mdoc) == ["名前", "cal カレンダーを表示する", "説明", "-j", "ユリウス日で表示する。"]
 
 
@@ -126,7 +127,8 @@ def test_file_documents_dispatch(tmp_path):
     import zipfile
 
     man = gzip.compress(b".TH X 1\n.SH \xe5\x90\x8d\xe5\x89\x8d\nx \\- \xe3\x83\x86\xe3\x82\xb9\xe3\x83\x88\n")
-    assert file_documents("usr/share/man/ja/man1/x.1.gz", man) == [("usr/share/man/ja/man1/x.1.gz", ["名前", "x - テスト"])]
+    assert file_documents("usr/share/man/ja/man1/x.1.gz", man) == [("usr/share/man/ja/man1/x.1.gz",
+                                                                     ["名前", "x - テスト"])]
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as jar:
         jar.writestr("help/b.html", "<p>ビー</p>")
@@ -210,7 +212,8 @@ def test_corpus_is_clean_and_matches_manifest(ja_corpus: Path):
         assert len(found) <= 5, (kind, found[:10])
     for package in manifest["packages"]:
         c = package["counts"]
-        assert per_source.get(package["name"], [0, 0, 0, 0]) == [c["documents"], c["paragraphs"], c["chars"], c["bytes"]]
+        assert per_source.get(package["name"], [0, 0, 0, 0]) == [c["documents"], c["paragraphs"], c["chars"],
+                                                                  c["bytes"]]
         assert package["version"] and package["licenses"]
     totals = manifest["totals"]
     assert [totals["documents"], totals["paragraphs"]] == [sum(v[0] for v in per_source.values()),

@@ -55,9 +55,9 @@ def model(tokenizer):
 @pytest.fixture(scope="module")
 def folders(model, tokenizer_dir, tmp_path_factory) -> tuple[Path, Path]:
     """(run folder with one ZeRO-0 checkpoint of ``model``, its `hataori export hf` folder in fp32)."""
+    from hataori.checkpoint.record import record_run
+    from hataori.checkpoint.verify import adopt
     from hataori.config import to_dict
-    from hataori.train.checkpoint import adopt
-    from hataori.train.run import record_run
 
     root = tmp_path_factory.mktemp("models")
     run = record_run(root / "run", {"model": to_dict(model.config), "tokenizer": str(tokenizer_dir)})
@@ -127,17 +127,18 @@ def test_choice_loglikelihoods_match_transformers(folders, hf_model, tokenizer, 
 
     ours = results["run"]
     assert (ours["counts"]["examples"], ours["counts"]["requests"], ours["counts"]["truncated"]) == (5, 25, 0)
-    assert (ours["task"], ours["template"], ours["shots"], ours["seed"]) == ("jcommonsenseqa", "jcommonsenseqa-v1", 1, 0)
+    assert (ours["task"], ours["template"], ours["shots"], ours["seed"]) == ("jcommonsenseqa", "jcommonsenseqa-v1",
+                                                                             1, 0)
     assert ours["model"]["kind"] == "run" and results["hf"]["model"]["kind"] == "hf"
     assert ours["model"]["tokenizer"] == results["hf"]["model"]["tokenizer"] == tokenizer.fingerprint
     assert len(ours["model"]["fingerprint"]) == 16 != results["hf"]["model"]["fingerprint"]
     for example, exported in zip(ours["examples"], results["hf"]["examples"]):
         expected = [reference_loglikelihood(hf_model, tokenizer, example["prompt"], choice)
                     for choice in example["choices"]]
-        torch.testing.assert_close(torch.tensor(example["loglikelihoods"], dtype=torch.float64), torch.tensor(expected, dtype=torch.float64),
-                                   rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(torch.tensor(exported["loglikelihoods"], dtype=torch.float64), torch.tensor(expected, dtype=torch.float64),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(example["loglikelihoods"], dtype=torch.float64),
+                                   torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(exported["loglikelihoods"], dtype=torch.float64),
+                                   torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)
         assert example["prediction"] == max(range(5), key=lambda c: example["loglikelihoods"][c])
         assert example["chars"] == [len(choice) for choice in example["choices"]]
     labels = [example["label"] for example in ours["examples"]]
@@ -181,7 +182,8 @@ def test_token_boundary_where_prompt_and_choice_merge(model, hf_model, tokenizer
         context, whole = tokenizer.encode([prompt, prompt + choice])
         return whole[:len(context)] != context
 
-    questions = [e.fields["question"] for e in read_examples(TASKS["jcommonsenseqa"], JGLUE / "jcommonsenseqa-valid.json")]
+    questions = [e.fields["question"]
+                 for e in read_examples(TASKS["jcommonsenseqa"], JGLUE / "jcommonsenseqa-valid.json")]
     prompt, choice = next((q[:i], q[i:]) for q in questions[:50] for i in range(1, len(q) - 1) if merged(q[:i], q[i:]))
     context, whole = tokenizer.encode([prompt, prompt + choice])
     (request,) = build_requests(tokenizer, [(prompt, choice)])
@@ -234,7 +236,8 @@ def test_shots_are_drawn_by_the_seed(tokenizer):
 def test_bpc_task_matches_documents_scored_window_by_window(model, tokenizer, tmp_path):
     from hataori.eval.runner import run_task
 
-    questions = [e.fields["question"] for e in read_examples(TASKS["jcommonsenseqa"], JGLUE / "jcommonsenseqa-valid.json")]
+    questions = [e.fields["question"]
+                 for e in read_examples(TASKS["jcommonsenseqa"], JGLUE / "jcommonsenseqa-valid.json")]
     texts = ["".join(questions[:40])] + questions[40:45]  # the first is longer than a window
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
@@ -310,7 +313,8 @@ def test_option_errors(model, tokenizer, tmp_path):
             run_task(model, tokenizer, task, **options)
         return str(err.value)
 
-    assert error(template="nope") == "--template: unknown template 'nope'; templates for jcommonsenseqa: jcommonsenseqa-v1"
+    assert error(template="nope") == ("--template: unknown template 'nope'; "
+                                      "templates for jcommonsenseqa: jcommonsenseqa-v1")
     assert error(template="jnli-v1").endswith("jnli-v1.yaml formats jnli examples, not jcommonsenseqa")
     bad = tmp_path / "bad.yaml"
     bad.write_text("task: jcommonsenseqa\nprompt: '{quesiton}'\n", encoding="utf-8")

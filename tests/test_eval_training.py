@@ -97,8 +97,8 @@ def test_ranks_share_the_batches_and_their_sum_is_one_process(ja_tokenizer):
                                  "set shots: 0"),
     ("[{task: jnli, limit: -5}]", "validation.tasks[0].limit: must be >= 0, got -5"),
     ("[{task: jnli, template: jcommonsenseqa-v1}]", "validation.tasks[0].template: "
-                                                    f"{REPO}/configs/eval/jcommonsenseqa-v1.yaml formats jcommonsenseqa "
-                                                    "examples, not jnli"),
+                                                    f"{REPO}/configs/eval/jcommonsenseqa-v1.yaml formats "
+                                                    "jcommonsenseqa examples, not jnli"),
     ("[{task: jnli}, {task: jnli, shots: 0}]", "validation.tasks[1].name: 'jnli' is the name of tasks[0] too"),
     ("[{task: jnli, every_steps: 3}]", "validation.tasks[0].every_steps: 3 is not a multiple of "
                                        "validation.every_steps=2"),

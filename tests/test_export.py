@@ -50,7 +50,7 @@ def export(run: Path, out: Path, *extra: str) -> None:
 def test_exports_of_every_stage_are_identical_and_hold_the_built_weights(stage_runs, ja_tokenizer, tmp_path):
     from safetensors.torch import load_file
 
-    from hataori.model.hf import to_hf_llama_state_dict
+    from hataori.interop.hf import to_hf_llama_state_dict
     from hataori.tokenizer.model import Tokenizer
 
     outputs = []
@@ -82,8 +82,8 @@ def test_exports_of_every_stage_are_identical_and_hold_the_built_weights(stage_r
 def test_transformers_loads_the_export_offline_with_our_logits(stage_runs, ja_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from hataori.interop.load import load_model
     from hataori.tokenizer.model import Tokenizer
-    from hataori.train.generate import load_model
 
     out = tmp_path / "export"
     export(stage_runs / "stage3", out, "--dtype", "fp32")
@@ -160,11 +160,11 @@ def test_export_errors(stage_runs, ja_tokenizer, ja_bpe_tokenizer, tmp_path, cap
 def worker_save(args) -> None:
     """For each stage: build the model as pretrain does (seed 7), take one AdamW step at learning rate
     0 so the optimizer holds its states, and save a checkpoint with the run's config beside it."""
+    from hataori.checkpoint.checkpointer import CheckpointConfig, Checkpointer
+    from hataori.checkpoint.record import record_run
     from hataori.config import to_dict
     from hataori.tokenizer.model import Tokenizer
-    from hataori.train.checkpoint import CheckpointConfig, Checkpointer
     from hataori.train.optim import OptimConfig
-    from hataori.train.run import record_run
     from hataori.train.zero import ZeroConfig, init_distributed, shutdown_distributed
 
     env = init_distributed()

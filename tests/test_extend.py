@@ -164,9 +164,9 @@ def test_new_embedding_rows_are_the_mean_of_their_base_pieces_rows(en_corpus, ja
     new rows the mean of the rows of the base pieces of their text, padding rows zero."""
     from test_import import hf_llama
 
+    from hataori.interop.hf import HFCheckpoint, model_fields
+    from hataori.interop.load import InitConfig, load_initial_weights, open_source
     from hataori.model import ModelConfig
-    from hataori.model.hf import HFCheckpoint, model_fields
-    from hataori.train.init import InitConfig, load_initial_weights, open_source
 
     base_dir = tmp_path / "base-tokenizer"
     assert hataori_main(["tokenizer", "train", "configs/tokenizer/ja-bpe-32k.yaml", "--input",
@@ -180,7 +180,8 @@ def test_new_embedding_rows_are_the_mean_of_their_base_pieces_rows(en_corpus, ja
     for tie in (False, True):
         folder = hf_llama(tmp_path / f"hf-{tie}", vocab_size=base.vocab_size, tie_word_embeddings=tie)
         (folder / "tokenizer.model").write_bytes(base.proto)
-        fields = {**model_fields(HFCheckpoint(folder).config, folder / "config.json"), "vocab_size": extended.vocab_size}
+        fields = {**model_fields(HFCheckpoint(folder).config, folder / "config.json"),
+                  "vocab_size": extended.vocab_size}
         cfg = ModelConfig(**fields)
         plan = open_source(InitConfig(from_hf=str(folder)), cfg, extended)
         assert plan.growth.added == extended.vocab_size - base.vocab_size > 1000
@@ -189,7 +190,8 @@ def test_new_embedding_rows_are_the_mean_of_their_base_pieces_rows(en_corpus, ja
         from safetensors.torch import load_file
 
         weights = load_file(folder / "model.safetensors")
-        for ours, theirs in (("tok_embeddings.weight", "model.embed_tokens.weight"), ("lm_head.weight", "lm_head.weight")):
+        for ours, theirs in (("tok_embeddings.weight", "model.embed_tokens.weight"),
+                             ("lm_head.weight", "lm_head.weight")):
             if tie and ours == "lm_head.weight":
                 assert model.lm_head.weight is model.tok_embeddings.weight
                 continue
@@ -203,7 +205,7 @@ def test_new_embedding_rows_are_the_mean_of_their_base_pieces_rows(en_corpus, ja
 
 
 def test_growth_leaves_out_the_base_dummy_prefix(llama_style_tokenizer, ja_bpe_tokenizer, tmp_path):
-    from hataori.train.init import VocabGrowth
+    from hataori.interop.load import VocabGrowth
 
     out = tmp_path / "extended"
     assert hataori_main(["tokenizer", "extend", str(llama_style_tokenizer), "--add", str(ja_bpe_tokenizer),

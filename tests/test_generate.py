@@ -14,17 +14,20 @@ import torch
 from capabilities import needs
 from ranks import launch_ranks, log_tails
 
+from hataori.checkpoint.states import resolve_checkpoint
 from hataori.cli import main as hataori_main
 from hataori.errors import HataoriError
+from hataori.eval.generate import Sampling, filtered_probs, generate, next_token, top_k_filter, top_p_filter
+from hataori.interop.load import load_model
 from hataori.model import ModelConfig
-from hataori.train.generate import (Sampling, filtered_probs, generate, load_model, next_token, resolve_checkpoint,
-                                    top_k_filter, top_p_filter)
 
 LAUNCH_TIMEOUT_S = 120
 SEQ_LEN = 32
 SENTENCES = [
-    "吾輩は猫である。名前はまだ無い。", "どこで生れたかとんと見当がつかぬ。", "何でも薄暗いじめじめした所で泣いていた事だけは記憶している。",
-    "このコマンドはファイルの一覧を表示します。", "設定ファイルを編集してから再起動してください。", "東京の天気は晴れのち曇りです。",
+    "吾輩は猫である。名前はまだ無い。", "どこで生れたかとんと見当がつかぬ。",
+    "何でも薄暗いじめじめした所で泣いていた事だけは記憶している。",
+    "このコマンドはファイルの一覧を表示します。", "設定ファイルを編集してから再起動してください。",
+    "東京の天気は晴れのち曇りです。",
     "日本語の文章を読み込んで学習します。", "モデルは次の単語を予測します。",
 ]
 
@@ -86,7 +89,8 @@ def test_temperature_towards_zero_is_greedy():
 
 
 @pytest.mark.parametrize("sampling", [Sampling(temperature=1.0), Sampling(temperature=0.7, top_k=5),
-                                      Sampling(temperature=1.3, top_p=0.8), Sampling(temperature=0.9, top_k=6, top_p=0.7)],
+                                      Sampling(temperature=1.3, top_p=0.8),
+                                      Sampling(temperature=0.9, top_k=6, top_p=0.7)],
                          ids=["plain", "top-k", "top-p", "top-k-top-p"])
 def test_sampling_frequencies_match_the_filtered_distribution(sampling):
     """One draw per seed over 4000 seeds; the counts against an independently computed distribution."""
@@ -230,11 +234,10 @@ def other_tokenizer_dir(tokenizer_dir, tmp_path_factory) -> Path:
 def test_only_the_tokenizer_the_run_was_trained_with_is_used(tokenizer_dir, other_tokenizer_dir, tmp_path):
     """The fingerprint recorded in provenance.json, else that of the run's config's tokenizer, must be the
     tokenizer's; and its size the model's."""
+    from hataori.checkpoint.record import read_config, record_provenance, record_run, run_tokenizer
     from hataori.config import to_dict
     from hataori.errors import ConfigError
     from hataori.tokenizer.model import Tokenizer
-    from hataori.train.run import run_tokenizer
-    from hataori.train.run import read_config, record_provenance, record_run
 
     ours, other = Tokenizer(tokenizer_dir), Tokenizer(other_tokenizer_dir)
     assert ours.vocab_size == other.vocab_size and ours.fingerprint != other.fingerprint
@@ -266,10 +269,10 @@ def test_only_the_tokenizer_the_run_was_trained_with_is_used(tokenizer_dir, othe
 def test_generate_in_bf16_is_the_model_built_in_bf16(tokenizer_dir, tmp_path, capsys):
     """``--dtype bf16`` decodes as a model built in bf16 (parameters in bf16, rotary tables in fp32, as
     DeepSpeed trains it) holding the checkpoint's weights rounded to bf16."""
+    from hataori.checkpoint.record import record_run
+    from hataori.checkpoint.verify import adopt
     from hataori.config import to_dict
     from hataori.tokenizer.model import Tokenizer
-    from hataori.train.checkpoint import adopt
-    from hataori.train.run import record_run
 
     tokenizer = Tokenizer(tokenizer_dir)
     torch.manual_seed(4)
@@ -289,7 +292,8 @@ def test_generate_in_bf16_is_the_model_built_in_bf16(tokenizer_dir, tmp_path, ca
     capsys.readouterr()
     assert hataori_main(["generate", str(run), prompt_text, "--greedy", "--max-new-tokens", "12", "--device", "cpu",
                          "--dtype", "bf16"]) == 0
-    assert capsys.readouterr().out.rstrip("\n") == prompt_text + tokenizer.decode([t for t in new if t != tokenizer.eos_id])
+    assert (capsys.readouterr().out.rstrip("\n")
+            == prompt_text + tokenizer.decode([t for t in new if t != tokenizer.eos_id]))
 
 
 def launch(args: list[str], log_dir: Path, nproc: int = 2) -> None:
@@ -307,7 +311,8 @@ def test_generate_from_a_deepspeed_checkpoint(stage, tokenizer_dir, other_tokeni
     from hataori.tokenizer.model import Tokenizer
 
     run = tmp_path / "run"
-    launch(["train", "--stage", str(stage), "--run-dir", str(run), "--tokenizer", str(tokenizer_dir)], tmp_path / "logs")
+    launch(["train", "--stage", str(stage), "--run-dir", str(run), "--tokenizer", str(tokenizer_dir)],
+           tmp_path / "logs")
     run_dir, checkpoint = resolve_checkpoint(run)
     assert checkpoint.name == "step_00000002" and resolve_checkpoint(checkpoint) == (run, checkpoint)
 
@@ -355,11 +360,11 @@ def worker_train(args) -> None:
     (rank 0) the weights as the engine holds them in memory."""
     import deepspeed
 
+    from hataori.checkpoint.checkpointer import CheckpointConfig, Checkpointer, seed_all
+    from hataori.checkpoint.record import record_run
     from hataori.config import to_dict
     from hataori.tokenizer.model import Tokenizer
-    from hataori.train.checkpoint import CheckpointConfig, Checkpointer, seed_all
     from hataori.train.optim import OptimConfig, ScheduleConfig
-    from hataori.train.run import record_run
     from hataori.train.zero import ZeroConfig, init_distributed, shutdown_distributed
 
     env = init_distributed()

@@ -29,13 +29,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_bench_model import bench_model
+from test_pretrain import bpc_one_by_one, records, tail, val_documents
 
 from hataori.cli import main as hataori_main
 from hataori.model import ModelConfig
 from hataori.model.attention import BACKENDS, auto_choice
 from hataori.model.model import use_triton
-from test_bench_model import bench_model
-from test_pretrain import bpc_one_by_one, records, tail, val_documents
 
 REPO = Path(__file__).resolve().parents[1]
 ON_GPU = torch.cuda.is_available()
@@ -150,8 +150,8 @@ def _run_overrides() -> list[str]:
 
 
 def test_pretrain_125m_preset_bf16_on_one_gpu(jglue_dataset, tmp_path):
+    from hataori.interop.load import load_model
     from hataori.tokenizer.model import Tokenizer
-    from hataori.train.generate import load_model
 
     tokenizer_dir, dataset = jglue_dataset
     run_dir = tmp_path / "run"

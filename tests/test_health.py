@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import make_run
+
 from hataori.cli import main as hataori_main
 from hataori.errors import ConfigError, InputError
-
-from helpers import make_run
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,8 @@ def test_a_nan_weight_in_an_import_source_is_named(tokenizer_dir, tmp_path, caps
     and the weight; eval of the folder too."""
     from safetensors.torch import load_file, save_file
 
+    from hataori.interop.load import InitConfig, load_initial_weights, open_source
     from hataori.tokenizer.model import Tokenizer
-    from hataori.train.init import InitConfig, load_initial_weights, open_source
 
     run, _ = make_run(tmp_path / "run", tokenizer_dir)
     hf = tmp_path / "hf"
@@ -58,7 +58,7 @@ def test_a_nan_weight_in_an_import_source_is_named(tokenizer_dir, tmp_path, caps
     save_file(tensors, str(shard), metadata={"format": "pt"})
     capsys.readouterr()
 
-    from hataori.train.run import model_config, read_config
+    from hataori.checkpoint.record import model_config, read_config
 
     cfg = model_config(read_config(run))
     plan = open_source(InitConfig(from_hf=str(hf)), cfg, Tokenizer(hf / "tokenizer.model"))
@@ -104,9 +104,9 @@ def other_tokenizer(tokenizer_dir: Path, folder: Path) -> Path:
 
 
 def test_an_init_source_with_only_tokenizer_json_is_checked_against_the_runs_tokenizer(tokenizer_dir, tmp_path):
+    from hataori.checkpoint.record import model_config, read_config
+    from hataori.interop.load import InitConfig, open_source
     from hataori.tokenizer.model import Tokenizer
-    from hataori.train.init import InitConfig, open_source
-    from hataori.train.run import model_config, read_config
 
     run, _ = make_run(tmp_path / "run", tokenizer_dir)
     hf = tmp_path / "hf"
@@ -134,9 +134,9 @@ def test_init_from_run_checks_the_tokenizer_its_provenance_records(tokenizer_dir
     """The source run's tokenizer files are gone; its provenance.json still says which it trained with."""
     import shutil
 
+    from hataori.checkpoint.record import model_config, read_config, record_provenance
+    from hataori.interop.load import InitConfig, open_source
     from hataori.tokenizer.model import Tokenizer
-    from hataori.train.init import InitConfig, open_source
-    from hataori.train.run import model_config, read_config, record_provenance
 
     copy = tmp_path / "tok"
     shutil.copytree(tokenizer_dir, copy)
@@ -172,9 +172,9 @@ def damage_hf(folder: Path, how: str) -> Path:
 def test_a_damaged_import_source_is_named_not_a_traceback(how, message, tokenizer_dir, tmp_path, capsys):
     """A model folder whose config.json is a JSON list, or whose safetensors file is cut in half or has garbage
     in its header: init.from_hf and eval of the folder name the file."""
+    from hataori.checkpoint.record import model_config, read_config
+    from hataori.interop.load import InitConfig, open_source
     from hataori.tokenizer.model import Tokenizer
-    from hataori.train.init import InitConfig, open_source
-    from hataori.train.run import model_config, read_config
 
     run, _ = make_run(tmp_path / "run", tokenizer_dir)
     hf = tmp_path / "hf"
@@ -196,7 +196,8 @@ def test_a_run_config_that_does_not_describe_its_checkpoint_is_named(how, tokeni
     config = run / "config.yaml"
     text = config.read_text()
     config.write_text("model: [unclosed\n" if how == "malformed" else text.replace("d_model: 32", "d_model: 64"))
-    expected = (f"{config}: not valid YAML (while parsing a flow sequence); hataori pretrain wrote it" if how == "malformed"
+    expected = (f"{config}: not valid YAML (while parsing a flow sequence); hataori pretrain wrote it"
+                if how == "malformed"
                 else f"{checkpoint}: weight tok_embeddings.weight has shape (2048, 32), the config makes (2048, 64) "
                      f"(and 20 more): the checkpoint and {config} do not belong together")
     for argv in (["export", "hf", str(run), "--output", str(tmp_path / "hf")],

@@ -44,9 +44,9 @@ def hf_llama(folder: Path, *, seed: int = 0, shard: str | None = None, vocab_siz
 
 def imported(folder: Path, **model_overrides):
     """Our model built from ``folder``'s config.json and loaded from its weights (no DeepSpeed)."""
+    from hataori.interop.hf import HFCheckpoint, model_fields
+    from hataori.interop.load import InitConfig, load_initial_weights, open_source
     from hataori.model import ModelConfig
-    from hataori.model.hf import HFCheckpoint, model_fields
-    from hataori.train.init import InitConfig, load_initial_weights, open_source
 
     fields = model_fields(HFCheckpoint(folder).config, folder / "config.json")
     cfg = ModelConfig(**{**fields, **model_overrides})
@@ -62,7 +62,7 @@ def test_hf_to_hataori_to_hf_is_bit_exact(shape, shard, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from hataori.model.hf import to_hf_llama_state_dict
+    from hataori.interop.hf import to_hf_llama_state_dict
 
     folder = hf_llama(tmp_path / "hf", shard=shard, **SHAPES[shape])
     files = sorted(folder.glob("*.safetensors"))
@@ -86,8 +86,8 @@ def test_the_source_fixes_the_models_shape(tmp_path):
     """A preset's model shape gives way to the imported config; a command-line override that
     contradicts it is an error naming the field."""
     from hataori.errors import ConfigError
+    from hataori.interop.load import open_source
     from hataori.train.config import TrainConfig, load_train_config
-    from hataori.train.init import open_source
 
     folder = hf_llama(tmp_path / "hf", **SHAPES["untied-mha-wide-heads"])
     toy = Path(__file__).resolve().parents[1] / "configs" / "train" / "toy.yaml"
@@ -146,10 +146,10 @@ def test_missing_and_extra_weights_are_errors(tmp_path):
 
 def test_a_tokenizer_that_does_not_belong_to_the_model_is_refused(ja_tokenizer, tmp_path):
     from hataori.errors import ConfigError
+    from hataori.interop.hf import HFCheckpoint, model_fields
+    from hataori.interop.load import InitConfig, open_source
     from hataori.model import ModelConfig
-    from hataori.model.hf import HFCheckpoint, model_fields
     from hataori.tokenizer.model import Tokenizer
-    from hataori.train.init import InitConfig, open_source
 
     folder = hf_llama(tmp_path / "hf")  # 300 rows
     (folder / "tokenizer.model").write_bytes(Tokenizer(ja_tokenizer).proto)  # 4,000 pieces
@@ -188,9 +188,9 @@ def worker_load(args) -> None:
     import deepspeed
     import torch.distributed as dist
 
+    from hataori.interop.hf import HFCheckpoint, model_fields
+    from hataori.interop.load import InitConfig, load_initial_weights, open_source
     from hataori.model import ModelConfig
-    from hataori.model.hf import HFCheckpoint, model_fields
-    from hataori.train.init import InitConfig, load_initial_weights, open_source
     from hataori.train.zero import ZeroConfig, init_distributed, shutdown_distributed
 
     env = init_distributed()

@@ -17,8 +17,8 @@ import dataclasses
 import pytest
 import torch
 
-from triton_tests import (DEVICE, DTYPES, ON_GPU, SLACK, compile_for_hopper, import_kernel, max_err,
-                          reference_dtype, run_without_interpreter)
+from triton_tests import (DEVICE, DTYPES, ON_GPU, SLACK, compile_for_hopper, import_kernel, max_err, reference_dtype,
+                          run_without_interpreter)
 
 from hataori.model import ModelConfig
 from hataori.model.attention import BACKENDS, attention, cu_seqlens_from_doc_ids

@@ -14,9 +14,10 @@ import dataclasses
 import pytest
 import torch
 
+from triton_tests import max_err
+
 from hataori.kernels import cross_entropy as ce
 from hataori.model import ModelConfig
-from triton_tests import max_err
 
 IGNORE = -100
 

@@ -13,10 +13,11 @@ import dataclasses
 
 import pytest
 import torch
+from test_plan import check_activation_formula
+
+from triton_tests import DEVICE, ON_GPU, import_kernel, run_without_interpreter
 
 from hataori.model import ModelConfig
-from test_plan import check_activation_formula
-from triton_tests import DEVICE, ON_GPU, import_kernel, run_without_interpreter
 
 for name in ("attention", "rmsnorm", "rope", "swiglu"):
     import_kernel(name)
@@ -61,7 +62,7 @@ def test_triton_model_step_matches_plain_pytorch(options):
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("fp16", torch.float16)])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_activation_formula_with_triton_kernels(precision, dtype, checkpointing):
-    """What the fused kernels keep for the backward pass (train/plan.py's "fused" terms), counted by autograd."""
+    """What the fused kernels keep for the backward pass (model/memory.py's "fused" terms), counted by autograd."""
     if ON_GPU:
         pytest.skip("the activation count runs the model on the CPU")
     check_activation_formula(precision, dtype, checkpointing, qk_norm=True, doc_masking=True,

@@ -11,12 +11,10 @@ while hataori.kernels.rmsnorm is imported and while this module's tests run, the
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from triton_tests import (DEVICE, DTYPES, ON_GPU, SLACK, compile_for_hopper, import_kernel, max_err,
-                          reference_dtype)
+from triton_tests import DEVICE, DTYPES, ON_GPU, SLACK, compile_for_hopper, import_kernel, max_err, reference_dtype
 
 kernels = import_kernel("rmsnorm")
 pytestmark = pytest.mark.usefixtures("triton_interpreter")

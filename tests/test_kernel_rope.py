@@ -10,14 +10,13 @@ while hataori.kernels.rope is imported and while this module's tests run, then r
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
+from triton_tests import DEVICE, DTYPES, ON_GPU, SLACK, compile_for_hopper, import_kernel, max_err, reference_dtype
+
 from hataori.model.attention import document_positions
 from hataori.model.model import apply_rope, rope_tables
-from triton_tests import (DEVICE, DTYPES, ON_GPU, SLACK, compile_for_hopper, import_kernel, max_err,
-                          reference_dtype)
 
 kernels = import_kernel("rope")
 pytestmark = pytest.mark.usefixtures("triton_interpreter")

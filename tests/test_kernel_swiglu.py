@@ -11,13 +11,11 @@ while hataori.kernels.swiglu is imported and while this module's tests run, then
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from triton_tests import (DEVICE, DTYPES, ON_GPU, SLACK, compile_for_hopper, import_kernel, max_err,
-                          reference_dtype)
+from triton_tests import DEVICE, DTYPES, ON_GPU, SLACK, compile_for_hopper, import_kernel, max_err, reference_dtype
 
 kernels = import_kernel("swiglu")
 pytestmark = pytest.mark.usefixtures("triton_interpreter")

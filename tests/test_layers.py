@@ -1,4 +1,4 @@
-"""The folders import one another in one direction: scripts/import_graph.py finds no cycle between them.
+"""The folders, and the modules, import one another in one direction: scripts/import_graph.py finds no cycle.
 
 The script runs as users run it; on synthetic trees it must find a cycle an import inside a function
 makes, and refuse hataori/'s shared modules importing a folder.
@@ -38,6 +38,7 @@ def test_the_repository_has_no_cycle_between_folders():
     assert "\n  train -> model (" in result.stdout
     assert "allowed direction" in result.stdout
     assert "imports of hataori modules inside functions: " in result.stdout
+    assert "no cycle between them (imports inside functions counted)" in result.stdout
 
 
 @pytest.mark.timeout(120)
@@ -53,10 +54,28 @@ def test_a_cycle_through_an_import_inside_a_function_fails(tmp_path):
     out = result.stdout
     assert "CYCLE: high -> low -> high" in out
     assert "hataori/high/a.py:2 hataori.low.b" in out
-    assert "hataori/low/b.py:5 hataori.high (inside a function)" in out
+    assert "hataori/low/b.py:5 hataori.high.a (inside a function)" in out
     assert "  low -> high (1, 1 inside functions)" in out and "  cli -> low (1)" in out
     assert "imports of hataori modules inside functions: 1 (low 1)" in out
     assert "allowed direction" not in out  # there is none
+
+
+@pytest.mark.timeout(120)
+def test_a_cycle_between_modules_of_one_folder_fails(tmp_path):
+    """No folder imports another, but two modules of one folder import each other, one of them inside a
+    function (and a from-import names the submodule): the module guard finds it."""
+    root = write_tree(tmp_path, {
+        "hataori/errors.py": "",
+        "hataori/cli.py": 'COMMANDS = {"run": "hataori.low.a"}\n',
+        "hataori/low/a.py": "from hataori.low import b\n",
+        "hataori/low/b.py": "def f():\n    from hataori.low.a import g\n    return g\n",
+    })
+    result = import_graph("--root", str(root))
+    assert result.returncode == 1, result.stdout + result.stderr
+    out = result.stdout
+    assert "CYCLE between modules: hataori.low.a -> hataori.low.b -> hataori.low.a" in out, out
+    assert "hataori/low/a.py:1 hataori.low.b" in out and "hataori/low/b.py:2 hataori.low.a (inside a function)" in out
+    assert "CYCLE: " not in out.replace("CYCLE between modules", "")  # no cycle between folders
 
 
 @pytest.mark.timeout(120)
@@ -79,7 +98,7 @@ def test_layers_edges_and_counts_of_an_acyclic_tree(tmp_path):
         assert f"\n  {edge}\n" in out, edge
     assert "\n  cli\n  top\n  mid\n  low\n  hataori\n" in out
     assert "imports of hataori modules inside functions: 3 (mid 1, top 2)" in out
-    assert "hataori/top/run.py (2): 6 hataori.top, 7 hataori.mid.m [mid]" in out
+    assert "hataori/top/run.py (2): 6 hataori.top.other, 7 hataori.mid.m [mid]" in out
 
 
 @pytest.mark.timeout(120)

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
+from hataori.checkpoint.lock import LOCK_FILE, RunFolderBusy, claim
 from hataori.locks import EMPTY_STALE_S, holder, process_start
-from hataori.train.lock import LOCK_FILE, RunFolderBusy, claim
 
 
 def write_lock(run_dir, **fields) -> dict:
@@ -66,7 +66,7 @@ def test_a_lock_whose_holder_is_gone_is_taken_over(case, tmp_path, capsys, monke
 
 def test_ranks_inherit_their_launchers_lock_and_rank_0_releases_it(tmp_path):
     claim(tmp_path)
-    child = "from hataori.train.lock import claim; lock = claim(r'%s'); print(lock.owned, lock.holder['pid'])"
+    child = "from hataori.checkpoint.lock import claim; lock = claim(r'%s'); print(lock.owned, lock.holder['pid'])"
     out = subprocess.run([sys.executable, "-c", child % tmp_path], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", str(os.getpid())]
     child += "; lock.release()"

@@ -8,12 +8,13 @@ import json
 
 import pytest
 import torch
+from test_model import built  # the model with weights far from init
 
 from hataori.errors import ConfigError
+from hataori.interop.hf import hf_llama_config, to_hf_llama_state_dict
+from hataori.interop.peft import peft_config, peft_state_dict
 from hataori.model import LoRAConfig, LoRALinear, ModelConfig, apply_lora, merged_state_dict
-from hataori.model.hf import hf_llama_config, to_hf_llama_state_dict
-from hataori.model.lora import lora_modules, peft_config, peft_state_dict
-from test_model import built  # the model with weights far from init
+from hataori.model.lora import lora_modules
 
 
 def tiny(**overrides) -> ModelConfig:

@@ -70,7 +70,7 @@ def train_records(run: Path) -> list[dict]:
 
 
 def checkpoint_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
-    from hataori.train.weights import CheckpointWeights
+    from hataori.checkpoint.states import CheckpointWeights
 
     weights = CheckpointWeights(checkpoint)
     return {name: weights.tensor(name) for name in weights.shapes}
@@ -155,8 +155,8 @@ def test_export_merged_and_peft_adapter_give_hataoris_logits(lora_run, tmp_path,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from hataori.train.generate import load_model
-    from hataori.train.run import read_config
+    from hataori.checkpoint.record import read_config
+    from hataori.interop.load import load_model
 
     merged, base, adapter = tmp_path / "merged", tmp_path / "base", tmp_path / "adapter"
     assert hataori_main(["export", "hf", str(lora_run), "--output", str(merged), "--dtype", "fp32"]) == 0
@@ -206,8 +206,8 @@ def test_lora_on_a_hataori_run_reads_back_as_its_weights_plus_the_adapters(full_
     """``init.from_run``: the base is another run's checkpoint (its manifest gives the fingerprint).
     The model read back from the LoRA run equals, weight for weight, the base run's weights with
     each adapter folded in by hand, W + alpha / r * B A."""
-    from hataori.train.generate import load_model
-    from hataori.train.weights import CheckpointWeights
+    from hataori.checkpoint.states import CheckpointWeights
+    from hataori.interop.load import load_model
 
     run = tmp_path / "run"
     result = pretrain(full_run, ja_shards, run, LORA, "optim.lr=2e-2", steps=2, source="from_run")
@@ -260,7 +260,8 @@ def test_lora_needs_a_base_and_patterns_that_match(ja_shards, ja_tokenizer, base
     assert hataori_main(["pretrain", str(REPO / "configs/train/toy.yaml"), *common, LORA, vocab]) == 2
     assert "lora: adapts a trained model, but no init source is set" in capsys.readouterr().err
     assert hataori_main(["pretrain", str(REPO / "configs/train/continue-toy.yaml"), *common,
-                         f"init.from_hf={base_model}", f"data.seq_len={SEQ_LEN}", "lora={targets: [attn.wo_proj]}"]) == 2
+                         f"init.from_hf={base_model}", f"data.seq_len={SEQ_LEN}",
+                         "lora={targets: [attn.wo_proj]}"]) == 2
     assert ("lora.targets: pattern 'attn.wo_proj' matches no linear module of the model; its linear modules are: "
             "blocks.*.attn.wq, blocks.*.attn.wk") in capsys.readouterr().err
     # A rank past the layers' width (64), and no rank: named by their key before anything is allocated.
@@ -273,7 +274,7 @@ def test_lora_needs_a_base_and_patterns_that_match(ja_shards, ja_tokenizer, base
 
 
 def test_export_adapter_of_a_full_run_is_refused(full_run, tmp_path):
-    from hataori.train.export import export_hf
+    from hataori.interop.export import export_hf
 
     with pytest.raises(ConfigError, match="trained no LoRA adapters"):
         export_hf(full_run, tmp_path / "out", adapter=tmp_path / "adapter")
@@ -306,8 +307,8 @@ def test_frozen_weights_stay_bitwise_inside_deepspeed(precision, tmp_path):
 def worker_frozen(args) -> None:
     import deepspeed
 
+    from hataori.checkpoint.checkpointer import seed_all
     from hataori.model import LoRAConfig, ModelConfig, apply_lora
-    from hataori.train.checkpoint import seed_all
     from hataori.train.optim import OptimConfig
     from hataori.train.zero import ZeroConfig, init_distributed
 

@@ -12,10 +12,10 @@ import torch
 
 from hataori.config import load
 from hataori.errors import ConfigError
+from hataori.interop.hf import hf_llama_config, to_hf_llama_state_dict
 from hataori.model import IGNORE_INDEX, ModelConfig, attention
-from hataori.model.attention import (BACKENDS, Backend, auto_choice, cu_seqlens_from_doc_ids,
-                                     doc_ids_from_cu_seqlens, document_positions)
-from hataori.model.hf import hf_llama_config, to_hf_llama_state_dict
+from hataori.model.attention import (BACKENDS, Backend, auto_choice, cu_seqlens_from_doc_ids, doc_ids_from_cu_seqlens,
+                                     document_positions)
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs" / "model"
 

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ["hataori", "hataori.model", "hataori.corpus", "hataori.tokenizer", "hataori.train", "hataori.kernels",
-               "hataori.slurm", "hataori.eval"]
+SUBPACKAGES = ["hataori", "hataori.corpus", "hataori.tokenizer", "hataori.data", "hataori.model", "hataori.kernels",
+               "hataori.checkpoint", "hataori.interop", "hataori.train", "hataori.eval", "hataori.plan",
+               "hataori.slurm"]
 # Names other distributions own on PyPI, and our own folder names: none may be installed bare.
-FORBIDDEN_TOP_LEVEL = {"model", "corpus", "tokenizer", "train", "kernels", "configs", "tests", "slurm", "eval"}
+FORBIDDEN_TOP_LEVEL = {"model", "corpus", "tokenizer", "data", "train", "kernels", "checkpoint", "interop", "configs",
+                       "tests", "slurm", "eval", "plan"}
 
 
 def source_files() -> list[str]:

@@ -25,9 +25,9 @@ from hataori.config import load
 from hataori.model import ModelConfig
 from hataori.model.attention import document_starts
 from hataori.model.lora import LoRAConfig, apply_lora
-from hataori.train.plan import (GIB, SETUPS, PlanConfig, Workload, activation_bytes, activation_bytes_per_token,
-                                checkpoint_bytes, largest_layer_params, loss_backward_bytes, model_states, plan,
-                                recommend, states_shortfall, trainable)
+from hataori.model.memory import (GIB, Trainable, activation_bytes, activation_bytes_per_token, checkpoint_bytes,
+                                  largest_layer_params, loss_backward_bytes, model_states, states_shortfall, trainable)
+from hataori.plan.planner import SETUPS, PlanConfig, Workload, plan, recommend
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -301,7 +301,6 @@ def test_lora_walk_with_every_weight_trained_is_the_full_formula(overrides):
     """The block-by-block LoRA terms with no adapter and every weight trained give the full-training
     terms, fused kernels included (which no CPU test can measure)."""
     from hataori.model.model import Transformer
-    from hataori.train.plan import Trainable
 
     cfg = toy(**overrides)
     with torch.device("meta"):
@@ -409,7 +408,8 @@ def test_a_run_whose_states_cannot_fit_is_found_before_it_starts():
     from hataori.train.config import load_train_config
 
     train = load_train_config([CONFIGS / "train" / "7b.yaml"], ["run_dir=unused", "data.datasets=[{path: unused}]",
-                                                                  "lora.rank=16", "zero.stage=1", "zero.precision=bf16"])
+                                                                  "lora.rank=16", "zero.stage=1",
+                                                                  "zero.precision=bf16"])
     model = train.model
     adapters = adapter_params(model, 16, ["wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"])
     per_gpu = 2 * (model.num_params() + adapters) + 2 * adapters + 16 * adapters / 8

@@ -9,13 +9,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from hataori.config import load, to_dict
+from hataori.data.prepare import PrepareConfig
 from hataori.eval.templates import TemplateConfig
 from hataori.model import ModelConfig
+from hataori.plan.planner import PlanConfig
 from hataori.slurm.config import SlurmConfig
-from hataori.tokenizer.prepare import PrepareConfig
 from hataori.tokenizer.trainer import TokenizerTrainConfig
 from hataori.train.config import TrainConfig
-from hataori.train.plan import PlanConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # configs/<folder>/ -> the config its presets build

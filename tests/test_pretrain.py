@@ -156,7 +156,7 @@ def bpc_one_by_one(model, docs: list[np.ndarray], eos_id: int, tokenizer, seq_le
 
 
 def val_documents(shards: Path, max_tokens: int) -> tuple[list[np.ndarray], int]:
-    from hataori.tokenizer.shards import Dataset
+    from hataori.data.shards import Dataset
 
     val = Dataset(shards, "val")
     docs, total = [], 0
@@ -299,8 +299,8 @@ def test_pretrain_two_processes_end_to_end(ja_shards, ja_tokenizer, tmp_path):
     from hataori.cli import main as hataori_main
 
     recorded = (run / "config.yaml").read_text()
-    edited = re.sub(r"(?m)^  norm_eps: .*$", "  norm_eps: 0.1", re.sub(r"(?m)^  rope_base: .*$", "  rope_base: 500000.0",
-                                                                        recorded))
+    edited = re.sub(r"(?m)^  norm_eps: .*$", "  norm_eps: 0.1",
+                    re.sub(r"(?m)^  rope_base: .*$", "  rope_base: 500000.0", recorded))
     assert edited.count("rope_base: 500000.0") == 1 and edited.count("norm_eps: 0.1") == 1
     (run / "config.yaml").write_text(edited)
     for argv in (["export", "hf", str(run), "--output", str(tmp_path / "hf")], ["generate", str(run), "吾輩は"]):
@@ -418,7 +418,7 @@ def test_disk_full_during_a_checkpoint_save_loses_nothing(ja_shards, tmp_path):
     the run resumes and steps 3-4 equal an uninterrupted run's."""
     import subprocess as sp
 
-    from hataori.train.checkpoint import verify
+    from hataori.checkpoint.manifest import verify
 
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
@@ -524,7 +524,8 @@ def test_resume_on_another_number_of_processes(ja_shards, tmp_path, saved_on, re
     reference = records(reference_run, "train")
     run = tmp_path / "run"
     assert launch(run, ja_shards, [*common, "trainer.launch_steps=3"], tmp_path / "first.log", nproc=saved_on) == 0
-    assert launch(run, ja_shards, common, tmp_path / "resumed.log", nproc=resumed_on) == 0, tail(tmp_path / "resumed.log")
+    assert launch(run, ja_shards, common, tmp_path / "resumed.log",
+                  nproc=resumed_on) == 0, tail(tmp_path / "resumed.log")
     log = (tmp_path / "resumed.log").read_text()
     assert f"step_00000003 was saved by {saved_on} processes; resharding it onto {resumed_on}" in log
     assert "resuming after step 3" in log

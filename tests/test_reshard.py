@@ -1,4 +1,4 @@
-"""Resuming a checkpoint on another number of processes (train/reshard.py), ZeRO stages 0-3.
+"""Resuming a checkpoint on another number of processes (checkpoint/reshard.py), ZeRO stages 0-3.
 
 A run trains 4 steps on N processes and saves; ``load_resharded`` loads that checkpoint into an
 engine built on M processes (2 -> 1 and 1 -> 2). Two independent references:

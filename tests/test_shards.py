@@ -19,13 +19,12 @@ import pytest
 
 from hataori.cli import main as hataori_main
 from hataori.corpus.sources import SourceConfig
+from hataori.data.prepare import PrepareConfig, prepare
+from hataori.data.shards import FORMAT_VERSION, HEADER, MAGIC, Dataset, Shard, ShardError, ShardWriter, choose_dtype
 from hataori.errors import ConfigError, HataoriError, InputError
 from hataori.outputs import MARKER
 from hataori.tokenizer import proto as spm_proto
 from hataori.tokenizer.model import Tokenizer
-from hataori.tokenizer.prepare import PrepareConfig, prepare
-from hataori.tokenizer.shards import (FORMAT_VERSION, HEADER, MAGIC, Dataset, Shard, ShardError, ShardWriter,
-                                      choose_dtype)
 
 SLICE_BYTES = 1_500_000
 

@@ -1,7 +1,8 @@
 """``hataori slurm``: batch scripts, and pretraining jobs on a real two-node Slurm cluster.
 
 The cluster (``slurm_cluster`` fixture, tests/slurm_cluster.py) is Debian's Slurm with two fake
-nodes of 2 CPUs on this machine. Jobs go through ``hataori slurm submit --cluster configs/slurm/test-cluster.yaml`` and train a
+nodes of 2 CPUs on this machine. Jobs go through
+``hataori slurm submit --cluster configs/slurm/test-cluster.yaml`` and train a
 ~0.4M-parameter model in fp32 with 2 processes on each node (gloo, real DeepSpeed engines). The
 reference of the requeued and the cancelled runs is an independent, uninterrupted job of the same
 config: their loss curves must equal it exactly. Every job and wait has a hard time limit.
@@ -123,7 +124,8 @@ def test_dry_run_scripts_for_one_node_of_8_gpus_and_4_nodes_of_8(ja_shards, tmp_
     (["--gpus-per-node", "3", "--time", "10"], "zero.global_batch_tokens"),  # 2048 tokens over 3 processes
     (["--time", "1:2:3:4"], "time: '1:2:3:4' is not a Slurm time limit"),
     (["--time", "UNLIMITED"], "time: 'UNLIMITED' is no limit, but the batch script times its own stop signal"),
-    (["--time", "5", "--signal-seconds", "256"], "signal_seconds: must lie between 0 and 255 s for a time limit of 300 s"),
+    (["--time", "5", "--signal-seconds", "256"],
+     "signal_seconds: must lie between 0 and 255 s for a time limit of 300 s"),
 ])
 def test_submit_names_what_to_change(ja_shards, tmp_path, capsys, options, message):
     from hataori.cli import main as hataori_main
@@ -323,7 +325,8 @@ def test_time_limit_checkpoints_requeues_and_resumes_to_the_uninterrupted_losses
 
     resumed = train_records(run_dir)
     assert sorted(resumed) == list(range(1, STEPS + 1))
-    mismatched = [s for s in resumed if (resumed[s]["loss"], resumed[s]["lr"]) != (reference[s]["loss"], reference[s]["lr"])]
+    mismatched = [s for s in resumed
+                  if (resumed[s]["loss"], resumed[s]["lr"]) != (reference[s]["loss"], reference[s]["lr"])]
     assert not mismatched, f"steps whose loss or lr differ from the uninterrupted run: {mismatched[:10]}"
     print("resumed after steps", resumed_at, "; losses at those steps and after:",
           [(s, resumed[s]["loss"], reference[s]["loss"]) for at in resumed_at for s in (at, at + 1)])

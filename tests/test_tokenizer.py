@@ -22,15 +22,15 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
-
 from conftest import cache_dir
+
 from hataori.cli import main as hataori_main
 from hataori.config import load
 from hataori.corpus.sources import SourceConfig, expand, in_validation, iter_documents
+from hataori.data.prepare import PrepareConfig, prepare
+from hataori.data.shards import Dataset
 from hataori.errors import ConfigError
 from hataori.tokenizer.model import Tokenizer
-from hataori.tokenizer.prepare import PrepareConfig, prepare
-from hataori.tokenizer.shards import Dataset
 from hataori.tokenizer.trainer import TokenizerTrainConfig, count_sources, sample_documents
 
 KYOTO_SDIST = "sentencepiece==0.2.3"

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from hataori.cli import main as hataori_main
 from hataori.tokenizer import proto as spm_proto
 from hataori.tokenizer.hf import fast_tokenizer, write_hf_tokenizer

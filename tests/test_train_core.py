@@ -4,7 +4,6 @@ batch arithmetic and its errors, and the run folder records. Single process, no 
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import math
 import subprocess
@@ -13,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from hataori.checkpoint.record import git_commit, record_run
 from hataori.config import load
 from hataori.errors import ConfigError
 from hataori.model import ModelConfig
 from hataori.train.optim import OptimConfig, ScheduleConfig, lr_at
-from hataori.train.run import git_commit, record_run
 from hataori.train.zero import ZeroConfig, deepspeed_config, grad_accum_steps
 
 PEAK, MIN, TOTAL = 6e-4, 6e-5, 1000

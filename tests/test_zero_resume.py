@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from capabilities import needs
+from helpers import after_each_step
 from ranks import launch_ranks, log_tails
 
 SEQ_LEN = 32
@@ -91,7 +92,8 @@ def test_resume_after_kill_mid_checkpoint_matches_uninterrupted_run(stage, offlo
     zero = json.loads((run / "deepspeed.json").read_text())["zero_optimization"]
     assert zero["stage"] == stage and ("offload_optimizer" in zero) == (offload != "none")
     assert ("offload_param" in zero) == (offload == "cpu+params")
-    print(f"stage {stage} offload {offload} step seconds:", [round(reference[s]["seconds"], 3) for s in sorted(reference)])
+    print(f"stage {stage} offload {offload} step seconds:",
+          [round(reference[s]["seconds"], 3) for s in sorted(reference)])
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
@@ -159,7 +161,7 @@ class TokenStream:
         return self
 
     def __next__(self):
-        from hataori.train.data import Batch
+        from hataori.data.loader import Batch
 
         rng = np.random.default_rng([self.seed, self.rank, self.position])
         self.position += 1
@@ -227,7 +229,7 @@ def build_engine(stage: int, *, micro_batch: int, global_batch_tokens: int, tota
                  precision: str = "fp32", offload: str = "none", build_model: bool = False, model_cfg=None):
     """The engine over the toy model, built by ``ModelConfig.build()`` or, with ``build_model``, by
     ``ZeroConfig.build_model`` (partitioned as it is built for ZeRO-3)."""
-    from hataori.train.checkpoint import seed_all
+    from hataori.checkpoint.checkpointer import seed_all
     from hataori.train.optim import OptimConfig, ScheduleConfig
     from hataori.train.zero import ZeroConfig
 
@@ -249,8 +251,8 @@ def build_engine(stage: int, *, micro_batch: int, global_batch_tokens: int, tota
 def worker_train(args) -> None:
     """Train with checkpoints through the Trainer, resuming from the latest complete checkpoint; rank 0
     logs each step's loss and a draw from each random generator (which a resume must restore)."""
-    from hataori.train.checkpoint import CheckpointConfig, Checkpointer
-    from hataori.train.run import record_run
+    from hataori.checkpoint.checkpointer import CheckpointConfig, Checkpointer
+    from hataori.checkpoint.record import record_run
     from hataori.train.trainer import Trainer, TrainerConfig
     from hataori.train.zero import init_distributed
 
@@ -277,7 +279,7 @@ def worker_train(args) -> None:
             trainer.request_stop()  # on the last rank only: the request must reach the others
 
     trainer = Trainer(TrainerConfig(max_steps=args.steps), engine=engine, loader=data, checkpointer=checkpointer,
-                      hooks=[record])
+                      callbacks=[after_each_step(record)])
     trainer.fit()
 
 

@@ -46,7 +46,7 @@ from urllib.parse import unquote
 
 from hataori.corpus.extract import markup_paragraphs, plain_paragraphs, troff_paragraphs
 from hataori.corpus.output import (CORPUS_FILE, Counts, Deduplicator, corpus_entry, current_manifest, write_document,
-                                  write_manifest)
+                                   write_manifest)
 from hataori.errors import HataoriError
 from hataori.fsutil import atomic_path, remove_stale_temps
 from hataori.outputs import Output, claim

@@ -31,7 +31,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from hataori.corpus.output import (CORPUS_FILE, Counts, Deduplicator, corpus_entry, current_manifest, write_document,
-                                  write_manifest)
+                                   write_manifest)
 from hataori.errors import HataoriError, InputError
 from hataori.fsutil import atomic_path, remove_stale_temps
 from hataori.outputs import Output, claim
@@ -72,7 +72,8 @@ def sentences(archive: Path) -> tuple[list[str], str]:
             lines = tar.extractfile(MEMBER).read().decode("utf-8").splitlines()
             info = tar.extractfile(f"{PACKAGE}-{VERSION}/PKG-INFO").read().decode("utf-8")
     except (tarfile.TarError, KeyError, OSError, UnicodeDecodeError) as err:
-        raise InputError(archive, f"not the expected {PACKAGE} source archive ({err}); delete it and run again") from None
+        raise InputError(archive, f"not the expected {PACKAGE} source archive ({err}); "
+                                  "delete it and run again") from None
     found = re.search(r"^License:\s*(.+)$", info, re.M)
     result, words = [], []
     for number, line in enumerate(lines, start=1):

@@ -214,7 +214,8 @@ def iter_documents(path: Path, source: SourceConfig, skip_bad: bool = False,
     """
     stats = stats if stats is not None else ReadStats()
     fmt = file_format(path, source)
-    docs = _jsonl_documents(path, source, skip_bad, stats) if fmt == "jsonl" else _text_documents(path, source, skip_bad, stats)
+    docs = (_jsonl_documents(path, source, skip_bad, stats) if fmt == "jsonl"
+            else _text_documents(path, source, skip_bad, stats))
     for doc in docs:
         if doc:
             stats.documents += 1
@@ -237,7 +238,8 @@ def _jsonl_documents(path: Path, source: SourceConfig, skip_bad: bool, stats: Re
                 problem = f"expected a JSON object with a {key!r} field, got {type(record).__name__}"
             elif key not in record:
                 fields = ", ".join(repr(k) for k in list(record)[:8]) or "none"
-                problem = f"no {key!r} field (fields: {fields}); set the source's text_key to the field holding the text"
+                problem = (f"no {key!r} field (fields: {fields}); "
+                           "set the source's text_key to the field holding the text")
             elif not isinstance(record[key], str):
                 problem = f"field {key!r} is {type(record[key]).__name__}, not a string"
         if problem is not None:

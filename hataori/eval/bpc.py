@@ -136,7 +136,8 @@ def score_documents(model: torch.nn.Module, tokenizer: Tokenizer, texts: list[st
     seq_len = seq_len or config.max_seq_len
     device = next(model.parameters()).device
     docs = [np.asarray(ids + [tokenizer.eos_id], dtype=np.int64) for ids in tokenizer.encode(texts)]
-    inputs, targets, doc_ids = pack_rows(docs, tokenizer.eos_id, seq_len, packed=bool(getattr(config, "doc_masking", False)))
+    inputs, targets, doc_ids = pack_rows(docs, tokenizer.eos_id, seq_len,
+                                         packed=bool(getattr(config, "doc_masking", False)))
     model.eval()
     nll = summed_nll(model, inputs, targets, doc_ids, batch_size=batch_size, device=device).item()
     tokens, chars = sum(len(doc) for doc in docs), count_chars(docs, tokenizer)

@@ -61,7 +61,8 @@ def _check_placeholders(key: str, text: str, allowed: tuple[str, ...]) -> None:
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
     except ValueError as err:
-        raise ConfigError(key, f"{text!r} is not a format string ({err}); write a literal brace as {{{{ or }}}}") from None
+        raise ConfigError(key, f"{text!r} is not a format string ({err}); "
+                               "write a literal brace as {{ or }}") from None
     for name in names:
         require(name in allowed, key, f"placeholder {{{name}}} is not one of "
                 f"{', '.join('{' + a + '}' for a in allowed)}")

@@ -348,8 +348,9 @@ def _tuned(kernel, pairs):
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Chosen from ptxas's register report for sm_90 (fp16/bf16,
 # head dims 64 and 128): configs that spill heavily at both head dims are left out, and each stage
 # has one that does not spill at head dim 128 (forward 64x32, dK/dV 16x32, dQ 64x32 with 8 warps;
-# tests/test_kernel_attention.py checks it); timing picks among the rest. The causal loops split at block edges, so query blocks must tile key blocks
-# (forward, dQ: BLOCK_M % BLOCK_N == 0) and key blocks query blocks (dK/dV: BLOCK_N % BLOCK_M == 0).
+# tests/test_kernel_attention.py checks it); timing picks among the rest. The causal loops split at
+# block edges, so query blocks must tile key blocks (forward, dQ: BLOCK_M % BLOCK_N == 0) and key
+# blocks query blocks (dK/dV: BLOCK_N % BLOCK_M == 0).
 FWD_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
 DKDV_CONFIGS = [(32, 128, 8, 3), (32, 64, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3), (16, 32, 4, 1)]
 DQ_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 8, 3), (64, 32, 4, 3)]

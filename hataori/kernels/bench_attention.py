@@ -138,7 +138,8 @@ def measure(provider: str, fn, *, batch: int, seq_len: int, heads: int, kv_heads
     if provider == "triton":
         row["configs"] = _tuned_configs()
     return {**row, "fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_bwd_ms": both_ms,
-            "fwd_tflops": fwd_flops / fwd_ms / 1e9, "bwd_tflops": 2.5 * fwd_flops / bwd_ms / 1e9 if bwd_ms > 0 else None,
+            "fwd_tflops": fwd_flops / fwd_ms / 1e9,
+            "bwd_tflops": 2.5 * fwd_flops / bwd_ms / 1e9 if bwd_ms > 0 else None,
             "fwd_bwd_tflops": 3.5 * fwd_flops / both_ms / 1e9, "fwd_gbps": fwd_bytes / fwd_ms / 1e6,
             "fwd_bwd_gbps": (fwd_bytes + bwd_bytes) / both_ms / 1e6}
 

@@ -26,8 +26,7 @@ import torch
 
 from hataori.fsutil import atomic_write_text
 from hataori.kernels.bench_attention import int_list
-from hataori.kernels.cross_entropy import (DEFAULT_CHUNK_SIZE, ChunkedCrossEntropyFunction,
-                                           cross_entropy_ref)
+from hataori.kernels.cross_entropy import DEFAULT_CHUNK_SIZE, ChunkedCrossEntropyFunction, cross_entropy_ref
 
 VOCABS = (32_000, 64_000, 100_000)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -98,7 +98,8 @@ class SlurmConfig:
     def __post_init__(self) -> None:
         require(self.nodes >= 1, "nodes", f"must be >= 1, got {self.nodes}")
         require(self.gpus_per_node >= 1, "gpus_per_node", f"must be >= 1, got {self.gpus_per_node}")
-        require(self.cpus_per_task >= 0, "cpus_per_task", f"must be >= 0 (0: Slurm's default), got {self.cpus_per_task}")
+        require(self.cpus_per_task >= 0, "cpus_per_task",
+                f"must be >= 0 (0: Slurm's default), got {self.cpus_per_task}")
         require(self.max_requeues >= 0, "max_requeues", f"must be >= 0, got {self.max_requeues}")
         limit = time_limit_seconds(self.time)
         self.time = time_limit_text(limit)  # the #SBATCH line and the script's timer read this one parse

@@ -20,15 +20,16 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from hataori.checkpoint.layout import CHECKPOINTS, CONFIG_FILE, METRICS_FILE, complete_steps, tag
 from hataori.errors import InputError
 from hataori.slurm.submit import JOBS_FILE, TRAIN_CONFIG
-from hataori.train.layout import CHECKPOINTS, CONFIG_FILE, METRICS_FILE, complete_steps, tag
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN", help="the run folder")
     parser.add_argument("--finished", action="store_true",
-                        help="print nothing; exit 0 if the run's last complete checkpoint is of its last step, 1 if not")
+                        help="print nothing; exit 0 if the run's last complete checkpoint is of its last step, "
+                             "1 if not")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ The merged tokenizer holds every BASE piece at its own id, then NEW's pieces tha
 
 BASE must have byte fallback: without it every character outside the vocabulary is ``<unk>``,
 and new pieces made of such characters would start their embedding rows from the ``<unk>`` row
-(the mean of their base pieces' rows; see :mod:`hataori.train.init`).
+(the mean of their base pieces' rows; see :mod:`hataori.interop.load`).
 
 The report (printed, and in ``summary.json``) compares BASE and the merged tokenizer before and
 after on Japanese text (``--ja-text``) and other text (``--other-text``): characters per token,

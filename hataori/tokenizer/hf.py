@@ -74,9 +74,8 @@ def check_convertible(proto, path: str | Path) -> None:
 
 def fast_tokenizer(tokenizer: Tokenizer):
     """The ``tokenizers.Tokenizer`` that encodes and decodes as ``tokenizer`` (see the module docstring)."""
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, decoders, normalizers
     from tokenizers import Tokenizer as FastTokenizer
-    from tokenizers import decoders, normalizers
 
     proto = spm_proto.parse(tokenizer.proto, tokenizer.path)
     check_convertible(proto, tokenizer.path)

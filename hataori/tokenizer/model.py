@@ -42,7 +42,8 @@ class Tokenizer:
             try:
                 proto = self.path.read_bytes()
             except FileNotFoundError:
-                raise InputError(self.path, "no such tokenizer model; train one with `hataori tokenizer train`") from None
+                raise InputError(self.path,
+                                 "no such tokenizer model; train one with `hataori tokenizer train`") from None
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(proto)
@@ -50,7 +51,8 @@ class Tokenizer:
             raise InputError(self.path, f"not a SentencePiece model: {err}") from None
         self.fingerprint = fingerprint_bytes(proto)
         self.proto = proto
-        self.newline_id = self.sp.piece_to_id("\n") if spm_proto.newline_splits(spm_proto.parse(proto, self.path)) else None
+        self.newline_id = (self.sp.piece_to_id("\n") if spm_proto.newline_splits(spm_proto.parse(proto, self.path))
+                           else None)
 
     @property
     def vocab_size(self) -> int:

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from hataori.checkpoint.checkpointer import CheckpointConfig
 from hataori.config import load, merged, require
+from hataori.data.loader import DataConfig
+from hataori.interop.load import InitConfig, shape_overrides
 from hataori.model import ModelConfig
 from hataori.model.lora import LoRAConfig
-from hataori.train.checkpoint import CheckpointConfig
-from hataori.train.data import DataConfig
-from hataori.train.init import InitConfig, shape_overrides
 from hataori.train.metrics import LoggingConfig
 from hataori.train.optim import OptimConfig, ScheduleConfig
 from hataori.train.trainer import TrainerConfig
@@ -44,7 +44,7 @@ class TrainConfig:
     Its fingerprint must match the datasets'."""
     model: ModelConfig
     """The transformer; model.vocab_size must equal the tokenizer's vocabulary. With an init source
-    its shape comes from the source (see hataori.train.init)."""
+    its shape comes from the source (see hataori.interop.load)."""
     init: InitConfig = field(default_factory=InitConfig)
     """Initial weights: random, a transformers model folder (from_hf) or a hataori run (from_run)."""
     lora: LoRAConfig | None = None
@@ -85,6 +85,6 @@ class TrainConfig:
 
 def load_train_config(files: Sequence[str | Path], overrides: Sequence[str]) -> TrainConfig:
     """The TrainConfig of YAML ``files`` and ``key=value`` ``overrides``, with the shape of the model
-    named by ``init`` (if any) layered between them (:func:`hataori.train.init.shape_overrides`)."""
+    named by ``init`` (if any) layered between them (:func:`hataori.interop.load.shape_overrides`)."""
     layer = shape_overrides(merged(TrainConfig, files, overrides))
     return load(TrainConfig, files, [*layer, *overrides])

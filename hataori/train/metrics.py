@@ -36,10 +36,10 @@ from pathlib import Path
 
 import torch
 
+from hataori.checkpoint.layout import EVAL_DIR, METRICS_FILE, tag
 from hataori.config import require
 from hataori.eval.runner import summary
 from hataori.fsutil import atomic_write_text
-from hataori.train.layout import EVAL_DIR, METRICS_FILE, tag
 from hataori.train.trainer import StepMetrics
 from hataori.train.validate import ValResult
 

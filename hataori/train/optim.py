@@ -30,7 +30,6 @@ import torch.nn as nn
 from hataori.config import require
 from hataori.errors import ConfigError
 
-
 # ----------------------------------------------------------------------------- optimizer
 
 

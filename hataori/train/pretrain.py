@@ -24,8 +24,9 @@ stops the others and exits with an error; the next launch resumes from the lates
 checkpoint, losing only the steps after it.
 
 A run (``run_dir``) holds ``config.yaml``, ``environment.json``, ``provenance.json`` and
-``deepspeed.json`` (written before step 0), ``metrics.jsonl``, ``tensorboard/`` and ``checkpoints/``. Launched again with the
-same folder, it resumes from its latest complete checkpoint, loader position included.
+``deepspeed.json`` (written before step 0), ``metrics.jsonl``, ``tensorboard/`` and ``checkpoints/``.
+Launched again with the same folder, it resumes from its latest complete checkpoint, loader position
+included.
 """
 
 from __future__ import annotations
@@ -36,23 +37,24 @@ import sys
 import warnings
 from pathlib import Path
 
+from hataori.checkpoint.checkpointer import Checkpointer, broadcast, seed_all
+from hataori.checkpoint.layout import CHECKPOINTS, METRICS_FILE, complete_steps, tag
+from hataori.checkpoint.lock import LAUNCHER_PID_VAR, claim, die_with_launcher
+from hataori.checkpoint.manifest import LORA_BASE, CheckpointDamaged, check_identity, read_manifest, remove_incomplete
+from hataori.checkpoint.record import record_provenance, record_run
 from hataori.config import command_items
+from hataori.data.shards import Dataset
 from hataori.errors import ConfigError, HataoriError, InputError
 from hataori.fsutil import disk_full_error
+from hataori.interop.load import SHAPE_FIELDS, load_initial_weights, open_source
 from hataori.model.lora import apply_lora
+from hataori.model.memory import states_shortfall
 from hataori.model.model import Transformer
 from hataori.sourcespec import parse_source
 from hataori.tokenizer.model import Tokenizer
-from hataori.tokenizer.shards import Dataset
-from hataori.train.checkpoint import (LORA_BASE, CheckpointDamaged, Checkpointer, broadcast, check_identity,
-                                      read_manifest, remove_incomplete, seed_all)
+from hataori.train.callbacks import Announce, Logging, Validation
 from hataori.train.config import TrainConfig, load_train_config
-from hataori.train.init import SHAPE_FIELDS, load_initial_weights, open_source
-from hataori.train.layout import CHECKPOINTS, METRICS_FILE, complete_steps, tag
-from hataori.train.lock import LAUNCHER_PID_VAR, claim, die_with_launcher
 from hataori.train.metrics import MetricsLogger, peak_flops
-from hataori.train.plan import states_shortfall
-from hataori.train.run import record_provenance, record_run
 from hataori.train.signals import stop_on_signals
 from hataori.train.trainer import Trainer
 from hataori.train.validate import EvalTasks, Validator
@@ -135,7 +137,7 @@ def check_lora(cfg: TrainConfig, init) -> None:
 
 
 def check_memory(cfg: TrainConfig, *, world_size: int | None = None, local_ranks: int | None = None) -> None:
-    """Refuse a run whose model states (weights, gradients, optimizer states: :mod:`hataori.train.plan`) cannot
+    """Refuse a run whose model states (weights, gradients, optimizer states: :mod:`hataori.plan.planner`) cannot
     fit in this process's device, or in the host's available memory, before the run folder is touched or
     anything allocated. ``world_size`` and ``local_ranks`` (the processes on this host): from the launcher's
     environment unless given."""
@@ -169,7 +171,7 @@ def available_host_memory() -> int | None:
 
 
 def lora_base(cfg: TrainConfig, init) -> str | None:
-    """The fingerprint of a LoRA run's frozen base (:meth:`hataori.train.init.Plan.fingerprint`)."""
+    """The fingerprint of a LoRA run's frozen base (:meth:`hataori.interop.load.InitWeights.fingerprint`)."""
     return init.fingerprint() if cfg.lora is not None else None
 
 
@@ -181,7 +183,7 @@ def relaunch(nproc: int, config_args: list[str]) -> None:
     print(f"launching {nproc} processes: {' '.join(command[1:])}", flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.environ[LAUNCHER_PID_VAR] = str(os.getpid())  # the ranks die with this process (train/lock.py)
+    os.environ[LAUNCHER_PID_VAR] = str(os.getpid())  # the ranks die with this process (checkpoint/lock.py)
     os.execv(sys.executable, command)
 
 
@@ -206,7 +208,7 @@ def open_tokenizer(cfg: TrainConfig):
 
 
 def take_run_folder(cfg: TrainConfig):
-    """Lock the run folder (:mod:`hataori.train.lock`), then, before anything else is written, remove
+    """Lock the run folder (:mod:`hataori.checkpoint.lock`), then, before anything else is written, remove
     what interrupted saves left: on a full disk they may hold the space the run needs."""
     lock = claim(cfg.run_dir)
     try:
@@ -287,34 +289,18 @@ def train(cfg: TrainConfig) -> int:
     checkpointer = Checkpointer(cfg.checkpoint, run_dir / CHECKPOINTS, engine,
                                 identity=run_identity(cfg, tokenizer, base=base), frozen=cfg.lora is not None)
 
-    def validate(step: int) -> None:
-        logger.validation(step, validator.evaluate(engine, env.device))
-        for results in eval_tasks.evaluate(engine, env.device, step, last=step == cfg.trainer.max_steps):
-            logger.eval_task(step, results)
-
-    def start(step: int) -> None:
-        logger.start(step)
-        if env.is_main:
-            print(f"{cfg.model.num_params():,} parameters, {env.world_size} process(es) on {env.device.type}, "
-                  f"{cfg.zero.precision}, ZeRO stage {cfg.zero.stage}, {cfg.zero.global_batch_tokens:,} tokens "
-                  f"per step ({engine.gradient_accumulation_steps()} accumulation steps); "
-                  f"{'starting' if step == 0 else f'resuming after step {step}'} in {run_dir}", flush=True)
-            print(f"kernels: {cfg.model.kernels_on(env.device, cfg.zero.dtype)}", flush=True)
-        if step == 0:
-            validate(0)
-
-    def after_step(metrics) -> None:
-        logger.step(metrics)
-        if cfg.validation.due(metrics.step, last=metrics.step == cfg.trainer.max_steps):
-            validate(metrics.step)
-
-    trainer = Trainer(cfg.trainer, engine=engine, loader=loader, checkpointer=checkpointer, hooks=[after_step],
-                      start_hooks=[start])
-    stop_on_signals(trainer)  # SIGUSR1 (time limit near) or SIGTERM: checkpoint after this step and return
-    try:
-        trainer.fit()
-    finally:
-        logger.close()
+    announce = (f"{cfg.model.num_params():,} parameters, {env.world_size} process(es) on {env.device.type}, "
+                f"{cfg.zero.precision}, ZeRO stage {cfg.zero.stage}, {cfg.zero.global_batch_tokens:,} tokens per step "
+                f"({engine.gradient_accumulation_steps()} accumulation steps)")
+    callbacks = [Logging(logger), Announce(announce, run_dir, cfg.model.kernels_on(env.device, cfg.zero.dtype),
+                                           is_main=env.is_main),
+                 Validation(cfg.validation, validator, eval_tasks, logger, device=env.device,
+                            max_steps=cfg.trainer.max_steps)]
+    trainer = Trainer(cfg.trainer, engine=engine, loader=loader, checkpointer=checkpointer, callbacks=callbacks)
+    # Installed before resuming, which may take long: SIGUSR1 (time limit near) or SIGTERM then stops after
+    # the first step, with a checkpoint
+    stop_on_signals(trainer)
+    trainer.fit()
     if env.is_main:
         summarize(run_dir)
     shutdown_distributed()

@@ -1,22 +1,27 @@
 """The training loop: optimizer steps of accumulated micro-batches through a DeepSpeed engine.
 
-:class:`Trainer` only sequences what the other modules build::
+:class:`Trainer` only sequences what the other modules build (hataori.train.pretrain does this)::
 
     env = init_distributed()
     model = cfg.zero.build_model(cfg.model, env.device, seq_len=..., grad_clip=cfg.optim.grad_clip)
     optimizer = cfg.optim.build(model)
     scheduler = cfg.schedule.build(optimizer, total_steps=cfg.trainer.max_steps)
     engine = cfg.zero.build(model, optimizer, scheduler, seq_len=..., grad_clip=cfg.optim.grad_clip, run_dir=...)
-    loader = cfg.data.build(engine.train_micro_batch_size_per_gpu(), env.rank, env.world_size)
-    checkpointer = Checkpointer(cfg.checkpoint, run_dir / "checkpoints", engine)
-    Trainer(cfg.trainer, engine=engine, loader=loader, checkpointer=checkpointer).fit()
+    loader = cfg.data.build(engine.train_micro_batch_size_per_gpu(), env.rank, env.world_size, ...)
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir / "checkpoints", engine, identity=...)
+    Trainer(cfg.trainer, engine=engine, loader=loader, checkpointer=checkpointer,
+            callbacks=[MetricsCallback(...), ValidationCallback(...), StopOnSignals()]).fit()
 
 One optimizer step is ``engine.gradient_accumulation_steps()`` micro-batches, each followed by
 ``engine.backward`` and ``engine.step`` (DeepSpeed updates, and steps the LR scheduler, on the
-last). After each optimizer step the hooks receive a :class:`StepMetrics` (logging, TensorBoard and
-validation plug in there), the step's health is checked, and a checkpoint is saved when due. ``fit`` resumes from the latest
-complete checkpoint first when the checkpoint config asks for it, then calls the start hooks with
-the step it starts from (0 for a fresh run). ``launch_steps`` ends a launch early, with a checkpoint.
+last). What happens around the loop is a :class:`Callback`, with named methods: ``pre_train`` once
+``fit`` has resumed from the latest complete checkpoint (when the checkpoint config asks for it),
+with the step it starts from (0 for a fresh run); ``post_step`` after each optimizer step with its
+:class:`StepMetrics` (logging, validation and eval tasks go there); ``post_checkpoint_saved`` after
+each checkpoint; ``close`` when training ends, by an error too. Then the step's health is checked and
+a checkpoint is saved when due. Saving is the loop's own: when a checkpoint may be written depends
+on the steps' health (below), so it is not a callback that could write one at the wrong time.
+``launch_steps`` ends a launch early, with a checkpoint.
 
 Health. A step whose loss or gradient norm is not finite and whose update was applied has
 damaged the weights: training stops at once with :class:`TrainingFailed` (the command exits with an
@@ -40,15 +45,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from hataori.checkpoint.checkpointer import Checkpointer
 from hataori.config import require
 from hataori.errors import HataoriError
-from hataori.train.checkpoint import Checkpointer
 
 SPIKE_WINDOW = 100
 """Steps whose mean loss a spike is measured against."""
@@ -108,7 +114,7 @@ class StepMetrics:
 
 
 class BatchLike(Protocol):
-    """What the loader yields (:class:`hataori.train.data.Batch`)."""
+    """What the loader yields (:class:`hataori.data.loader.Batch`)."""
 
     inputs: np.ndarray
     targets: np.ndarray
@@ -116,21 +122,33 @@ class BatchLike(Protocol):
     def doc_ids(self) -> np.ndarray: ...
 
 
-Hook = Callable[[StepMetrics], None]
-StartHook = Callable[[int], None]
+class Callback:
+    """What runs around the training loop at its named points (see the module docstring). Each method does
+    nothing unless a subclass overrides it; every rank calls every method, callbacks in the order given."""
+
+    def pre_train(self, trainer: Trainer, step: int) -> None:
+        """Before the first step of this launch; ``step``: the steps already done (0 for a fresh run)."""
+
+    def post_step(self, trainer: Trainer, metrics: StepMetrics) -> None:
+        """After each optimizer step, before its health check and its checkpoint."""
+
+    def post_checkpoint_saved(self, trainer: Trainer, step: int, path: Path) -> None:
+        """After the checkpoint of ``step`` is complete at ``path``."""
+
+    def close(self, trainer: Trainer) -> None:
+        """When training ends, normally or by an error: release what ``pre_train`` took."""
 
 
 class Trainer:
     """Runs optimizer steps until ``max_steps``, saving checkpoints as configured."""
 
     def __init__(self, cfg: TrainerConfig, *, engine: Any, loader: Iterator[BatchLike], checkpointer: Checkpointer,
-                 hooks: list[Hook] | tuple[Hook, ...] = (), start_hooks: list[StartHook] | tuple[StartHook, ...] = ()):
+                 callbacks: Iterable[Callback] = ()):
         self.cfg = cfg
         self.engine = engine
         self.loader = loader
         self.checkpointer = checkpointer
-        self.hooks = list(hooks)
-        self.start_hooks = list(start_hooks)
+        self.callbacks = list(callbacks)
         self.device = engine.device
         self.step = 0
         self.tokens_seen = 0
@@ -139,16 +157,24 @@ class Trainer:
         self._stop_requested = False
 
     def fit(self) -> int:
-        """Train (resuming first if configured) and return the number of completed steps."""
-        if self.checkpointer.cfg.resume:
-            self.resume()
-        for start_hook in self.start_hooks:
-            start_hook(self.step)
+        """Train (resuming first if configured) and return the number of completed steps; every callback's
+        ``close`` runs at the end, by an error too."""
+        try:
+            if self.checkpointer.cfg.resume:
+                self.resume()
+            for callback in self.callbacks:
+                callback.pre_train(self, self.step)
+            return self._loop()
+        finally:
+            for callback in self.callbacks:
+                callback.close(self)
+
+    def _loop(self) -> int:
         launched_at, save_pending, stopping = self.step, False, False
         while self.step < self.cfg.max_steps:
             metrics = self.train_step()
-            for hook in self.hooks:
-                hook(metrics)
+            for callback in self.callbacks:
+                callback.post_step(self, metrics)
             self.check_health(metrics)
             stopping = (self._stop_agreed() or stopping
                         or bool(self.cfg.launch_steps) and self.step - launched_at >= self.cfg.launch_steps)
@@ -211,8 +237,10 @@ class Trainer:
             raise TrainingFailed(f"step {self.step}: weight {name} holds NaN or inf; training stopped without "
                                  f"saving; {self._last_good()}. Check the init source and the data, lower optim.lr, "
                                  "then launch again")
-        self.checkpointer.save(self.step, loader_state=self.loader.state_dict(),
-                               client_state={"tokens_seen": self.tokens_seen})
+        path = self.checkpointer.save(self.step, loader_state=self.loader.state_dict(),
+                                      client_state={"tokens_seen": self.tokens_seen})
+        for callback in self.callbacks:
+            callback.post_checkpoint_saved(self, self.step, path)
 
     def train_step(self) -> StepMetrics:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""

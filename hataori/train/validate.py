@@ -45,13 +45,13 @@ import torch
 import torch.distributed as dist
 
 from hataori.config import require
+from hataori.data.shards import Dataset
 from hataori.errors import ConfigError
 from hataori.eval.bpc import BpcResult, count_chars, pack_rows, summed_nll
 from hataori.eval.runner import ChoiceTask, EvalTaskConfig
 from hataori.fsutil import atomic_write_text
 from hataori.model import IGNORE_INDEX
 from hataori.tokenizer.model import Tokenizer
-from hataori.tokenizer.shards import Dataset
 
 CACHE_FILE = "validation.json"
 

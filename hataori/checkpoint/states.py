@@ -1,6 +1,7 @@
 """The model weights of a training checkpoint, read one tensor at a time, from any ZeRO stage.
 
-Used by ``hataori export hf``, ``hataori generate`` and ``init.from_run``. What DeepSpeed writes
+Used by ``hataori export hf``, ``hataori generate``, ``hataori eval`` and ``init.from_run`` (through
+:func:`hataori.interop.load.run_weights`, which also serves a LoRA run's weights merged). What DeepSpeed writes
 into a checkpoint folder, and where each weight is read from:
 
 * ZeRO stage 0 (and bf16 stage 0, which keeps no fp32 copy): ``mp_rank_00_model_states.pt``
@@ -27,14 +28,9 @@ from pathlib import Path
 
 import torch
 
-from hataori.config import build
+from hataori.checkpoint.layout import CHECKPOINTS, COMPLETE, complete_steps, tag
+from hataori.checkpoint.manifest import verify
 from hataori.errors import InputError
-from hataori.model.lora import LoRAConfig, apply_lora
-from hataori.model.model import ModelConfig, Transformer
-from hataori.train.checkpoint import LORA_BASE, read_manifest, verify
-from hataori.train.init import SHAPE_FIELDS, InitConfig, open_source, target_rows
-from hataori.train.layout import CHECKPOINTS, COMPLETE, CONFIG_FILE, complete_steps, tag
-from hataori.train.run import model_config, run_tokenizer
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 ZERO3_MODEL_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
@@ -171,125 +167,12 @@ class CheckpointWeights:
         if key not in self._flats[0]:
             for rank, state in enumerate(self.optimizer_states()):
                 self._flats[rank][key] = [state["state"][index][key] for index in sorted(state["state"])]
-        pieces = [self._flats[rank][key][group][start:start + numel] for rank, group, start, numel in self._pieces[name]]
+        pieces = [self._flats[rank][key][group][start:start + numel]
+                  for rank, group, start, numel in self._pieces[name]]
         return torch.cat(pieces)[:math.prod(shape)].float().view(shape)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every weight as fp32, tied names included (all in memory: for small models)."""
-        state = {name: self.tensor(name) for name in self.shapes}
-        state.update({alias: state[target] for alias, target in self.tied.items() if target in state})
-        return state
-
-
-# ----------------------------------------------------------------------------- LoRA runs
-
-
-def run_weights(run_dir: str | Path, checkpoint: str | Path, config: dict, tokenizer=None):
-    """The plain model's weights of ``checkpoint`` of the run whose recorded config is ``config``: the
-    checkpoint's own (:class:`CheckpointWeights`), or for a LoRA run its base's with the adapters
-    folded in (:class:`LoRAWeights`). ``tokenizer``: the run's, where the caller has it already. A config
-    whose model differs from the one the checkpoint's manifest records is refused (the manifest is what
-    trained)."""
-    check_recorded_model(Path(run_dir), Path(checkpoint), config)
-    weights = LoRAWeights(run_dir, checkpoint, config, tokenizer) if config.get("lora") else CheckpointWeights(checkpoint)
-    check_weight_shapes(weights, model_config(config), Path(run_dir), Path(checkpoint))
-    return weights
-
-
-def check_weight_shapes(weights: CheckpointWeights | LoRAWeights, cfg: ModelConfig, run_dir: Path,
-                        checkpoint: Path) -> None:
-    """Refuse weights that are not those of the model ``cfg`` builds: a missing, unexpected or
-    differently shaped one (a config.yaml from another run, or edited where the manifest records nothing)."""
-    expected = cfg.weight_shapes()
-    found = {name: weights.shapes.get(weights.tied.get(name, name)) for name in expected}
-    problems = [f"weight {name} is missing" if shape is None else f"weight {name} has shape {shape}, the "
-                f"config makes {expected[name]}" for name, shape in found.items() if shape != expected[name]]
-    problems += [f"it holds a weight {name} the config's model has not" for name in weights.shapes
-                 if name not in expected]
-    if problems:
-        raise InputError(checkpoint, f"{problems[0]}{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}"
-                         f": the checkpoint and {run_dir / CONFIG_FILE} do not belong together; restore the "
-                         "config.yaml the run trained with")
-
-
-def check_recorded_model(run_dir: Path, checkpoint: Path, config: dict) -> None:
-    """Refuse a run's config.yaml whose model fields differ from those ``checkpoint``'s manifest recorded."""
-    saved = read_manifest(checkpoint).get("identity", {})
-    cfg = model_config(config)
-    differences = [f"model.{key}: config.yaml {getattr(cfg, key)!r}, the checkpoint {saved[f'model.{key}']!r}"
-                   for key in ("vocab_size", *SHAPE_FIELDS)
-                   if f"model.{key}" in saved and saved[f"model.{key}"] != getattr(cfg, key)]
-    if differences:
-        raise InputError(run_dir / CONFIG_FILE, f"does not describe the model that {checkpoint.name} was trained as "
-                         f"({'; '.join(differences)}): it was edited after training; restore it (the checkpoint's "
-                         "manifest.json records what trained)")
-
-
-class LoRAWeights:
-    """The weights of a LoRA run's checkpoint, served like :class:`CheckpointWeights` under the plain
-    model's names.
-
-    A LoRA checkpoint holds the adapters (``blocks.0.attn.wq.lora_A``...) and the ``train_also``
-    modules; the frozen base is the run's init source (its ``config.yaml``'s ``init`` section, with
-    the vocabulary growth pretraining applied), whose fingerprint must still be the one the checkpoint's
-    manifest recorded. :meth:`tensor` gives an adapted weight merged, ``W + scaling * B A`` in fp32; a
-    trained module's weight from the checkpoint; any other weight from the base. :meth:`base_tensor`
-    and :meth:`adapter` give the unmerged parts (``hataori export hf --adapter``).
-    """
-
-    def __init__(self, run_dir: str | Path, checkpoint: str | Path, config: dict, tokenizer=None):
-        self.path = Path(checkpoint)
-        self.trained = CheckpointWeights(checkpoint)
-        self.config = model_config(config)
-        self.lora = build(LoRAConfig, config["lora"], "lora.")
-        recorded = Path(run_dir) / CONFIG_FILE
-        tokenizer = tokenizer or run_tokenizer(Path(run_dir), config, None, self.config.vocab_size)
-        self.base = open_source(build(InitConfig, config.get("init") or {}, "init."), self.config, tokenizer)
-        if self.base is None:
-            raise InputError(recorded, "has a lora section but no init source: the run's base is unknown")
-        expected = read_manifest(self.path).get("identity", {}).get(LORA_BASE)
-        found = self.base.fingerprint()
-        if expected != found:
-            raise InputError(self.path, f"was trained on the base {self.base.source.key}={self.base.source.path} with "
-                             f"fingerprint {expected}, but that base now has fingerprint {found}: its weights "
-                             "changed. Put the original base back there (or set init in "
-                             f"{recorded} to where it is now)")
-        with torch.device("meta"):  # names and shapes only
-            self.model = Transformer(self.config)
-            self.adapted = set(apply_lora(self.model, self.lora))
-        self.shapes = {name: tuple(p.shape) for name, p in self.model.named_parameters()
-                       if not name.endswith((".lora_A", ".lora_B"))}
-        self.tied = {"lm_head.weight": "tok_embeddings.weight"} if self.config.tie_embeddings else {}
-        self.client_state = self.trained.client_state
-        self.states = self.trained.states
-
-    def base_tensor(self, name: str) -> torch.Tensor:
-        """The frozen base's weight ``name`` (grown to the run's vocabulary) as fp32."""
-        name = self.tied.get(name, name)
-        shape = self.shapes[name]
-        return target_rows(self.base, name, 0, shape[0], shape).reshape(shape)
-
-    def adapter(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The trained (A, B) of the adapted linear layer ``module`` (``blocks.0.attn.wq``), fp32."""
-        return self.trained.tensor(f"{module}.lora_A"), self.trained.tensor(f"{module}.lora_B")
-
-    def tensor(self, name: str, key: str = FP32) -> torch.Tensor:
-        """Weight ``name`` (or a name tied to it) of the merged model, as a new fp32 tensor."""
-        if key != FP32:
-            raise KeyError(f"{self.path}: a LoRA run's merged weights have no optimizer state {key!r}")
-        name = self.tied.get(name, name)
-        if name not in self.shapes:
-            raise KeyError(f"{self.path} holds no weight {name!r}")
-        module = name.removesuffix(".weight")
-        if module in self.adapted:
-            a, b = self.adapter(module)
-            return self.base_tensor(name) + self.lora.scaling * (b @ a)  # (out, r) @ (r, in)
-        if name in self.trained.shapes:
-            return self.trained.tensor(name)
-        return self.base_tensor(name)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every merged weight as fp32, tied names included (all in memory: for small models)."""
         state = {name: self.tensor(name) for name in self.shapes}
         state.update({alias: state[target] for alias, target in self.tied.items() if target in state})
         return state

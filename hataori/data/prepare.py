@@ -15,7 +15,7 @@ Split: a document goes to validation when a keyed hash of its text (``split_seed
 costs one extra reading pass). Being decided by content, the split does not depend on the order
 or number of the inputs, and exact duplicates land on the same side.
 
-Output: ``train-NNNNN`` and ``val-NNNNN`` shards (see :mod:`hataori.tokenizer.shards`) of at most
+Output: ``train-NNNNN`` and ``val-NNNNN`` shards (see :mod:`hataori.data.shards`) of at most
 ``shard_tokens`` tokens each (a longer document gets a shard of its own), each written under a
 temporary name and renamed when complete, and ``dataset.json`` last. A rerun after a crash or a
 kill keeps the complete shards, re-reads the inputs without encoding the documents they hold, and
@@ -27,7 +27,7 @@ which swaps the new dataset in only once it is complete, and anything but a data
 way. A full disk is reported as such and leaves no shards behind.
 
 Source weights given with ``--input PATH:WEIGHT`` are recorded in the manifest; a dataset stores
-each document once, and blending happens when training reads datasets (:mod:`hataori.train.data`).
+each document once, and blending happens when training reads datasets (:mod:`hataori.data.loader`).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from hataori.fsutil import atomic_write_text, disk_full, disk_full_error, remove
 from hataori.outputs import MARKER, claim
 from hataori.sourcespec import parse_source
 from hataori.tokenizer.model import Tokenizer
-from hataori.tokenizer.shards import (FORMAT_VERSION, MANIFEST, SPLITS, Shard, ShardError, ShardWriter,
+from hataori.data.shards import (FORMAT_VERSION, MANIFEST, SPLITS, Shard, ShardError, ShardWriter,
                                       choose_dtype, shard_name)
 
 PLAN = ".prepare-plan.json"

@@ -33,7 +33,7 @@ import torch
 
 from hataori.errors import InputError
 from hataori.outputs import claim
-from hataori.precision import DTYPES, PRECISIONS
+from hataori.precision import DTYPES, PRECISIONS, torch_device
 from hataori.precision import check as check_precision
 from hataori.tokenizer.model import Tokenizer
 
@@ -46,19 +46,16 @@ def fingerprint(parts: dict[str, Any]) -> str:
 def load_run(path: Path, device: torch.device, dtype: torch.dtype):
     """(model, tokenizer, model record) of a run folder or checkpoint folder."""
     # omegaconf and the model code load in ~0.15 s: when a model is loaded, not for `hataori eval --help`
-    from hataori.train.checkpoint import read_manifest
-    from hataori.train.generate import checkpoint_model
-    from hataori.train.run import model_config, read_config, run_tokenizer
-    from hataori.train.weights import resolve_checkpoint
+    from hataori.checkpoint.manifest import read_manifest
+    from hataori.interop.load import open_run
 
-    run_dir, checkpoint = resolve_checkpoint(path)
-    config = read_config(run_dir)
-    tokenizer = run_tokenizer(run_dir, config, None, model_config(config).vocab_size)
+    run = open_run(path)
+    tokenizer = run.tokenizer()
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's prints; stdout carries the summary
-        model = checkpoint_model(checkpoint, config, device, dtype)
-    manifest = read_manifest(checkpoint)
+        model = run.model(device, dtype)
+    manifest = read_manifest(run.checkpoint)
     parts = {"tokenizer": tokenizer.fingerprint, "checkpoint_crc32": manifest["crc32"]}
-    record = {"path": str(path.resolve()), "kind": "run", "checkpoint": str(checkpoint.resolve()),
+    record = {"path": str(path.resolve()), "kind": "run", "checkpoint": str(run.checkpoint.resolve()),
               "step": manifest.get("step"), "fingerprint": fingerprint(parts), **parts}
     return model, tokenizer, record
 
@@ -66,11 +63,10 @@ def load_run(path: Path, device: torch.device, dtype: torch.dtype):
 def load_hf(folder: Path, device: torch.device, dtype: torch.dtype):
     """(model, tokenizer, model record) of a model folder in transformers' layout."""
     # omegaconf and the model code: see load_run
+    from hataori.checkpoint.manifest import checksum
+    from hataori.interop.hf import CONFIG_FILE
+    from hataori.interop.load import HFSource, InitConfig, inference_model, load_initial_weights, open_source
     from hataori.model import ModelConfig
-    from hataori.model.hf import CONFIG_FILE
-    from hataori.train.checkpoint import checksum
-    from hataori.train.generate import inference_model
-    from hataori.train.init import HFSource, InitConfig, load_initial_weights, open_source
 
     source = HFSource(str(folder))
     cfg = ModelConfig(**source.fields)
@@ -93,7 +89,7 @@ def load_hf(folder: Path, device: torch.device, dtype: torch.dtype):
 def load(path: str | Path, device: torch.device | str = "cpu", dtype: str = "fp32"):
     """(model, tokenizer, model record) of MODEL (see the module docstring); the model in eval mode,
     computing in ``dtype``."""
-    from hataori.model.hf import CONFIG_FILE  # omegaconf and the model code: see load_run
+    from hataori.interop.hf import CONFIG_FILE  # omegaconf and the model code: see load_run
 
     path = Path(path)
     device = torch.device(device)
@@ -140,7 +136,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from hataori.eval.runner import summary  # omegaconf and the model code: see load_run
-    from hataori.train.generate import torch_device
 
     with contextlib.ExitStack() as held:
         out = None

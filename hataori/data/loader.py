@@ -48,7 +48,7 @@ import numpy as np
 from hataori.config import command_items, load, require
 from hataori.errors import HataoriError
 from hataori.sourcespec import parse_source
-from hataori.tokenizer.shards import Dataset
+from hataori.data.shards import Dataset
 
 STATE_VERSION = 1
 DRAW_BLOCK = 4096

@@ -36,14 +36,14 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from hataori.checkpoint.layout import CONFIG_FILE, PROVENANCE_FILE
 from hataori.config import build, to_yaml
+from hataori.data.shards import Dataset
 from hataori.errors import ConfigError, InputError
 from hataori.fsutil import atomic_write_text
-from hataori.train.layout import CONFIG_FILE, PROVENANCE_FILE
 from hataori.model import ModelConfig
 from hataori.tokenizer.model import Tokenizer
 from hataori.tokenizer.proto import model_type_name, parse
-from hataori.tokenizer.shards import Dataset
 
 PACKAGES = ("torch", "deepspeed", "sentencepiece", "numpy", "hataori")
 """Packages whose versions each run records."""

@@ -60,8 +60,9 @@ from typing import Any
 
 import torch
 
+from hataori.checkpoint.states import FP32, OPTIM_STATES, CheckpointWeights
 from hataori.errors import HataoriError, InputError
-from hataori.train.weights import FP32, OPTIM_STATES, CheckpointWeights
+
 ENGINE_KEYS = frozenset({"module", "optimizer", "lr_scheduler", "data_sampler", "random_ltd", "skipped_steps",
                          "global_steps", "dp_world_size", "mp_world_size"})
 """What ``engine.load_checkpoint`` keeps for itself; the rest of the saved dict is the client state."""
@@ -105,7 +106,7 @@ def load_resharded(engine: Any, checkpoint_dir: str | Path, saved_world_size: in
 
 class _SavedState:
     """The ZeRO 1-3 state of a checkpoint folder written by ``world_size`` ranks (module docstring),
-    read through :class:`~hataori.train.weights.CheckpointWeights`: :attr:`keys` lists the partitioned
+    read through :class:`~hataori.checkpoint.states.CheckpointWeights`: :attr:`keys` lists the partitioned
     optimizer states, :attr:`scalars` the optimizer's other per-group state (``step``),
     :attr:`param_groups` the saved param groups."""
 

@@ -44,14 +44,18 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from hataori.checkpoint.layout import CONFIG_FILE as RUN_CONFIG
+from hataori.checkpoint.layout import PROVENANCE_FILE
+from hataori.checkpoint.manifest import LORA_BASE, checksum, read_manifest
+from hataori.checkpoint.record import model_config, read_config, run_tokenizer, tokenizer_path
+from hataori.checkpoint.states import FP32, CheckpointWeights, resolve_checkpoint
 from hataori.config import build, override, require
 from hataori.errors import ConfigError, InputError
-from hataori.model.hf import CONFIG_FILE, HFCheckpoint, hf_name, hf_names, model_fields
+from hataori.interop.hf import CONFIG_FILE, HFCheckpoint, hf_name, hf_names, model_fields
+from hataori.model.lora import LoRAConfig, apply_lora
+from hataori.model.model import ModelConfig, Transformer
 from hataori.tokenizer import proto as spm_proto
 from hataori.tokenizer.model import Tokenizer
-from hataori.train.checkpoint import checksum, read_manifest
-from hataori.train.layout import PROVENANCE_FILE
-from hataori.train.run import model_config, read_config, tokenizer_path
 
 SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "rope_base", "norm_eps",
                 "tie_embeddings", "qk_norm")
@@ -118,7 +122,7 @@ class Source:
 
 
 class HFSource(Source):
-    """A model folder in transformers' layout (:class:`hataori.model.hf.HFCheckpoint`)."""
+    """A model folder in transformers' layout (:class:`hataori.interop.hf.HFCheckpoint`)."""
 
     kind, key = "hf", "init.from_hf"
 
@@ -189,25 +193,23 @@ class HFSource(Source):
     def fingerprint(self) -> str:
         """SHA-256 of config.json and of each weight file's name, size and CRC-32: every byte of the
         weights is read (about 1 s a GB from disk, a third of that from the page cache)."""
-        files = {name: checksum(self.path / name, sync=False) for name in sorted(set(self.checkpoint.weight_map.values()))}
+        files = {name: checksum(self.path / name, sync=False)
+                 for name in sorted(set(self.checkpoint.weight_map.values()))}
         record = {"config": hashlib.sha256((self.path / CONFIG_FILE).read_bytes()).hexdigest(), "files": files}
         return "hf-" + hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class RunSource(Source):
-    """A hataori run's checkpoint (:class:`hataori.train.weights.CheckpointWeights`)."""
+    """A hataori run's checkpoint (:class:`hataori.checkpoint.states.CheckpointWeights`)."""
 
     kind, key = "run", "init.from_run"
 
     def __init__(self, path: str):
-        from hataori.train.weights import resolve_checkpoint, run_weights  # cycle: weights imports init
-
         super().__init__(path)
-        self.run_dir, self.checkpoint_dir = resolve_checkpoint(path)
-        self.config = read_config(self.run_dir)
-        cfg = model_config(self.config)
-        self.fields = {key: getattr(cfg, key) for key in SOURCE_FIELDS}
-        self.weights = run_weights(self.run_dir, self.checkpoint_dir, self.config)  # a LoRA run's merged
+        run = open_run(path)
+        self.run_dir, self.checkpoint_dir, self.config = run.run_dir, run.checkpoint, run.config
+        self.fields = {key: getattr(run.model_config, key) for key in SOURCE_FIELDS}
+        self.weights = run.weights()  # a LoRA run's merged
 
     def check_weights(self, cfg, expected: dict[str, tuple[int, ...]]) -> None:
         for name, want in expected.items():
@@ -331,8 +333,8 @@ class VocabGrowth:
 
 
 @dataclass(slots=True)
-class Plan:
-    """A checked source and how its weights become the model's."""
+class InitWeights:
+    """Where the initial weights come from (a checked source) and how they become the model's (vocabulary growth)."""
 
     source: Source
     growth: VocabGrowth | None
@@ -355,7 +357,7 @@ class Plan:
         return record
 
 
-def open_source(init: InitConfig, model, tokenizer) -> Plan | None:
+def open_source(init: InitConfig, model, tokenizer) -> InitWeights | None:
     """The checked plan of starting ``model`` (a ModelConfig) with ``tokenizer`` (the run's) from the
     source ``init`` names; None without a source. Errors name the field that does not fit."""
     source = source_of(init)
@@ -385,7 +387,7 @@ def open_source(init: InitConfig, model, tokenizer) -> Plan | None:
         raise ConfigError("init.base_tokenizer", f"the run's tokenizer has {model.vocab_size} pieces and "
                           f"{source.key} {base_size}: name the tokenizer the source was trained with, whose pieces "
                           "the run's tokenizer extends (new rows start from its pieces' rows)")
-    return Plan(source=source, growth=growth, vocab_size=model.vocab_size)
+    return InitWeights(source=source, growth=growth, vocab_size=model.vocab_size)
 
 
 def check_finite(tensor: torch.Tensor, name: str, where: str | Path, advice: str) -> torch.Tensor:
@@ -398,7 +400,7 @@ def check_finite(tensor: torch.Tensor, name: str, where: str | Path, advice: str
     return tensor
 
 
-def target_rows(plan: Plan, name: str, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
+def target_rows(plan: InitWeights, name: str, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
     """Rows ``start:stop`` of the weight ``name`` the model starts from (fp32); a non-finite source weight is
     an error naming it."""
     if not name.endswith(("tok_embeddings.weight", "lm_head.weight")):
@@ -415,7 +417,7 @@ def target_rows(plan: Plan, name: str, start: int, stop: int, shape: tuple[int, 
     return torch.cat(parts)
 
 
-def target_flat(plan: Plan, name: str, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
+def target_flat(plan: InitWeights, name: str, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
     """Elements ``start:stop`` of the flattened weight ``name`` the model starts from."""
     row = 1
     for dim in shape[1:]:
@@ -425,7 +427,7 @@ def target_flat(plan: Plan, name: str, start: int, stop: int, shape: tuple[int, 
 
 
 @torch.no_grad()
-def load_initial_weights(model: nn.Module, plan: Plan) -> None:
+def load_initial_weights(model: nn.Module, plan: InitWeights) -> None:
     """Copy the source's weights (grown, padded) into ``model``; under ZeRO-3 into this process's
     partition of each parameter only."""
     import torch.distributed as dist
@@ -442,3 +444,182 @@ def load_initial_weights(model: nn.Module, plan: Plan) -> None:
         else:
             shape = tuple(param.shape)
             param.copy_(target_rows(plan, name, 0, shape[0], shape).view(shape))
+
+
+# ----------------------------------------------------------------------------- LoRA runs
+
+
+def run_weights(run_dir: str | Path, checkpoint: str | Path, config: dict, tokenizer=None):
+    """The plain model's weights of ``checkpoint`` of the run whose recorded config is ``config``: the
+    checkpoint's own (:class:`CheckpointWeights`), or for a LoRA run its base's with the adapters
+    folded in (:class:`LoRAWeights`). ``tokenizer``: the run's, where the caller has it already. A config
+    whose model differs from the one the checkpoint's manifest records is refused (the manifest is what
+    trained)."""
+    check_recorded_model(Path(run_dir), Path(checkpoint), config)
+    weights = (LoRAWeights(run_dir, checkpoint, config, tokenizer) if config.get("lora")
+               else CheckpointWeights(checkpoint))
+    check_weight_shapes(weights, model_config(config), Path(run_dir), Path(checkpoint))
+    return weights
+
+
+def check_weight_shapes(weights: CheckpointWeights | LoRAWeights, cfg: ModelConfig, run_dir: Path,
+                        checkpoint: Path) -> None:
+    """Refuse weights that are not those of the model ``cfg`` builds: a missing, unexpected or
+    differently shaped one (a config.yaml from another run, or edited where the manifest records nothing)."""
+    expected = cfg.weight_shapes()
+    found = {name: weights.shapes.get(weights.tied.get(name, name)) for name in expected}
+    problems = [f"weight {name} is missing" if shape is None else f"weight {name} has shape {shape}, the "
+                f"config makes {expected[name]}" for name, shape in found.items() if shape != expected[name]]
+    problems += [f"it holds a weight {name} the config's model has not" for name in weights.shapes
+                 if name not in expected]
+    if problems:
+        raise InputError(checkpoint, f"{problems[0]}{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}"
+                         f": the checkpoint and {run_dir / RUN_CONFIG} do not belong together; restore the "
+                         "config.yaml the run trained with")
+
+
+def check_recorded_model(run_dir: Path, checkpoint: Path, config: dict) -> None:
+    """Refuse a run's config.yaml whose model fields differ from those ``checkpoint``'s manifest recorded."""
+    saved = read_manifest(checkpoint).get("identity", {})
+    cfg = model_config(config)
+    differences = [f"model.{key}: config.yaml {getattr(cfg, key)!r}, the checkpoint {saved[f'model.{key}']!r}"
+                   for key in ("vocab_size", *SHAPE_FIELDS)
+                   if f"model.{key}" in saved and saved[f"model.{key}"] != getattr(cfg, key)]
+    if differences:
+        raise InputError(run_dir / RUN_CONFIG, f"does not describe the model that {checkpoint.name} was trained as "
+                         f"({'; '.join(differences)}): it was edited after training; restore it (the checkpoint's "
+                         "manifest.json records what trained)")
+
+
+class LoRAWeights:
+    """The weights of a LoRA run's checkpoint, served like :class:`CheckpointWeights` under the plain
+    model's names.
+
+    A LoRA checkpoint holds the adapters (``blocks.0.attn.wq.lora_A``...) and the ``train_also``
+    modules; the frozen base is the run's init source (its ``config.yaml``'s ``init`` section, with
+    the vocabulary growth pretraining applied), whose fingerprint must still be the one the checkpoint's
+    manifest recorded. :meth:`tensor` gives an adapted weight merged, ``W + scaling * B A`` in fp32; a
+    trained module's weight from the checkpoint; any other weight from the base. :meth:`base_tensor`
+    and :meth:`adapter` give the unmerged parts (``hataori export hf --adapter``).
+    """
+
+    def __init__(self, run_dir: str | Path, checkpoint: str | Path, config: dict, tokenizer=None):
+        self.path = Path(checkpoint)
+        self.trained = CheckpointWeights(checkpoint)
+        self.config = model_config(config)
+        self.lora = build(LoRAConfig, config["lora"], "lora.")
+        recorded = Path(run_dir) / RUN_CONFIG
+        tokenizer = tokenizer or run_tokenizer(Path(run_dir), config, None, self.config.vocab_size)
+        self.base = open_source(build(InitConfig, config.get("init") or {}, "init."), self.config, tokenizer)
+        if self.base is None:
+            raise InputError(recorded, "has a lora section but no init source: the run's base is unknown")
+        expected = read_manifest(self.path).get("identity", {}).get(LORA_BASE)
+        found = self.base.fingerprint()
+        if expected != found:
+            raise InputError(self.path, f"was trained on the base {self.base.source.key}={self.base.source.path} with "
+                             f"fingerprint {expected}, but that base now has fingerprint {found}: its weights "
+                             "changed. Put the original base back there (or set init in "
+                             f"{recorded} to where it is now)")
+        with torch.device("meta"):  # names and shapes only
+            self.model = Transformer(self.config)
+            self.adapted = set(apply_lora(self.model, self.lora))
+        self.shapes = {name: tuple(p.shape) for name, p in self.model.named_parameters()
+                       if not name.endswith((".lora_A", ".lora_B"))}
+        self.tied = {"lm_head.weight": "tok_embeddings.weight"} if self.config.tie_embeddings else {}
+        self.client_state = self.trained.client_state
+        self.states = self.trained.states
+
+    def base_tensor(self, name: str) -> torch.Tensor:
+        """The frozen base's weight ``name`` (grown to the run's vocabulary) as fp32."""
+        name = self.tied.get(name, name)
+        shape = self.shapes[name]
+        return target_rows(self.base, name, 0, shape[0], shape).reshape(shape)
+
+    def adapter(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trained (A, B) of the adapted linear layer ``module`` (``blocks.0.attn.wq``), fp32."""
+        return self.trained.tensor(f"{module}.lora_A"), self.trained.tensor(f"{module}.lora_B")
+
+    def tensor(self, name: str, key: str = FP32) -> torch.Tensor:
+        """Weight ``name`` (or a name tied to it) of the merged model, as a new fp32 tensor."""
+        if key != FP32:
+            raise KeyError(f"{self.path}: a LoRA run's merged weights have no optimizer state {key!r}")
+        name = self.tied.get(name, name)
+        if name not in self.shapes:
+            raise KeyError(f"{self.path} holds no weight {name!r}")
+        module = name.removesuffix(".weight")
+        if module in self.adapted:
+            a, b = self.adapter(module)
+            return self.base_tensor(name) + self.lora.scaling * (b @ a)  # (out, r) @ (r, in)
+        if name in self.trained.shapes:
+            return self.trained.tensor(name)
+        return self.base_tensor(name)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every merged weight as fp32, tied names included (all in memory: for small models)."""
+        state = {name: self.tensor(name) for name in self.shapes}
+        state.update({alias: state[target] for alias, target in self.tied.items() if target in state})
+        return state
+
+
+# ----------------------------------------------------------------------------- a run, opened for a command
+
+
+@dataclass
+class OpenRun:
+    """A run's checkpoint, opened for what reads a finished run (generate, eval, export hf, init.from_run):
+    the checkpoint resolved and verified against its manifest, the run's config read; its tokenizer, weights
+    and model on demand."""
+
+    run_dir: Path
+    checkpoint: Path
+    """Its ``checkpoints/step_N`` folder."""
+    config: dict[str, Any]
+    """The run's config.yaml."""
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return model_config(self.config)
+
+    def tokenizer(self, override: str | None = None) -> Tokenizer:
+        """The tokenizer the run trained with (``override``: another path to it, checked to be the same)."""
+        return run_tokenizer(self.run_dir, self.config, override, self.model_config.vocab_size)
+
+    def weights(self, tokenizer: Tokenizer | None = None) -> CheckpointWeights | LoRAWeights:
+        """The plain model's weights (:func:`run_weights`); ``tokenizer``: the run's, where the caller has it."""
+        return run_weights(self.run_dir, self.checkpoint, self.config, tokenizer)
+
+    def model(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The model in eval mode, its parameters in ``dtype`` (:func:`inference_model`); a non-finite weight
+        is refused, naming it."""
+        model = self.model_config.build()
+        state = self.weights().state_dict()
+        for name, value in state.items():
+            check_finite(value, name, self.checkpoint, "this checkpoint is not healthy: use an earlier one "
+                         "(its checkpoints/step_N folder)")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if model.config.tie_embeddings else set()
+        if set(missing) - tied or unexpected:
+            raise InputError(self.checkpoint, f"weights do not match the recorded model config: missing "
+                             f"{sorted(missing)}, unexpected {sorted(unexpected)}")
+        return inference_model(model, device, dtype)
+
+
+def open_run(path: str | Path, step: int | None = None) -> OpenRun:
+    """A run folder (its latest complete checkpoint, or ``step``'s) or one ``checkpoints/step_N`` folder."""
+    run_dir, checkpoint = resolve_checkpoint(path, step)
+    return OpenRun(run_dir, checkpoint, read_config(run_dir))
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The fp32 model of a run's checkpoint (see :func:`open_run`), in eval mode, and the run's config."""
+    run = open_run(path)
+    return run.model(device), run.config
+
+
+def inference_model(model: nn.Module, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
+    """``model`` on ``device`` in eval mode, its parameters in ``dtype`` and its rotary tables in fp32, as
+    training computes them (DeepSpeed casts the parameters only)."""
+    model = model.to(device=device, dtype=dtype).eval()
+    if dtype != torch.float32:
+        model.reset_rope_tables()
+    return model

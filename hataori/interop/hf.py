@@ -303,7 +303,8 @@ class HFCheckpoint:
             return weight_map
         files = sorted(self.folder.glob("*.safetensors"))
         if len(files) != 1:
-            others = sorted(p.name for p in self.folder.glob("*.bin")) + sorted(p.name for p in self.folder.glob("*.pt"))
+            others = (sorted(p.name for p in self.folder.glob("*.bin"))
+                      + sorted(p.name for p in self.folder.glob("*.pt")))
             hint = f" (found {', '.join(others[:3])}: convert them to safetensors)" if others else ""
             what = "no" if not files else f"{len(files)} .safetensors files but no {INDEX_FILE} for"
             raise InputError(self.folder, f"{what} model weights{hint}; expected {SINGLE_FILE} or {INDEX_FILE} with "

@@ -6,13 +6,13 @@
 RUN is a run folder (its latest complete checkpoint, or ``--step N``) or one of its
 ``checkpoints/step_N`` folders, from any ZeRO stage. A LoRA run's export is the merged model: its
 base (the run's init source, checked against the fingerprint its checkpoint recorded) with the
-adapters folded in (:class:`hataori.train.weights.LoRAWeights`); with ``--adapter ADIR``, DIR
+adapters folded in (:class:`hataori.checkpoint.states.LoRAWeights`); with ``--adapter ADIR``, DIR
 receives the unmerged base instead and ADIR the adapter in PEFT's layout (``adapter_config.json``,
 ``adapter_model.safetensors``), which ``PeftModel.from_pretrained`` loads onto DIR's model. DIR receives:
 
 * ``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``: the weights in
-  transformers' Llama layout (:mod:`hataori.model.hf`), read from the checkpoint one tensor at a
-  time (:mod:`hataori.train.weights`, fp32 master weights where there are any) and written shard
+  transformers' Llama layout (:mod:`hataori.interop.hf`), read from the checkpoint one tensor at a
+  time (:mod:`hataori.checkpoint.states`, fp32 master weights where there are any) and written shard
   by shard, so export holds about one shard in memory beyond the tensor it is reading;
 * ``config.json`` (``LlamaForCausalLM``) and ``generation_config.json`` with the tokenizer's
   BOS, EOS and pad ids;
@@ -24,7 +24,7 @@ receives the unmerged base instead and ADIR the adapter in PEFT's layout (``adap
   tokenizer's fingerprint).
 
 The tokenizer (the run's, or ``--tokenizer``) must be the one the run was trained with: its
-fingerprint is checked against the run's record (:func:`hataori.train.run.run_tokenizer`).
+fingerprint is checked against the run's record (:func:`hataori.checkpoint.record.run_tokenizer`).
 
 DIR and ADIR are outputs under :mod:`hataori.outputs`' contract: held by one export at a time, written
 under a temporary name and renamed when complete, marked as an export (or an adapter). A non-empty one
@@ -43,15 +43,18 @@ import re
 import resource
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hataori import __version__
+from hataori.checkpoint.layout import CONFIG_FILE, METRICS_FILE, PROVENANCE_FILE
 from hataori.errors import ConfigError, InputError
 from hataori.fsutil import atomic_write_text
 from hataori.outputs import Output, claim
 from hataori.tokenizer.hf import exact, write_hf_tokenizer
 from hataori.tokenizer.proto import model_type_name, parse
-from hataori.train.layout import CONFIG_FILE, METRICS_FILE, PROVENANCE_FILE
+
+if TYPE_CHECKING:  # torch and the model code load when an export runs (see export_hf)
+    from hataori.interop.load import OpenRun
 
 DTYPES = ("bf16", "fp16", "fp32")
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*$", re.IGNORECASE)
@@ -71,9 +74,8 @@ def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, d
     """Write the Hugging Face folder of a run's checkpoint (see the module docstring); a summary.
     With ``adapter`` (a LoRA run) ``output`` gets the frozen base and ``adapter`` the PEFT adapter."""
     # torch and the model code load in ~1.3 s: when an export runs, not for `hataori export hf --help`
-    from hataori.model import hf
-    from hataori.train.run import read_config
-    from hataori.train.weights import resolve_checkpoint
+    from hataori.interop import hf
+    from hataori.interop.load import open_run
 
     started = time.perf_counter()
     if dtype not in DTYPES:
@@ -86,8 +88,8 @@ def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, d
         if apart[0] == apart[1] or apart[0].is_relative_to(apart[1]) or apart[1].is_relative_to(apart[0]):
             raise ConfigError("--adapter", "must be a folder apart from --output (neither inside the other): "
                               "--output receives the base model")
-    run_dir, checkpoint = resolve_checkpoint(run, step)
-    config = read_config(run_dir)
+    opened = open_run(run, step)
+    run_dir, config = opened.run_dir, opened.config
     init = config.get("init") or {}
     # What the export reads: the run, its tokenizer and a LoRA run's base. None of them may be replaced.
     inputs = [run_dir, *(p for p in (tokenizer, config.get("tokenizer"), init.get("from_hf"), init.get("from_run"))
@@ -99,27 +101,25 @@ def export_hf(run: str | Path, output: str | Path, *, step: int | None = None, d
         if adapter is not None:
             ad = held.enter_context(claim(adapter, "peft-adapter", option="--adapter", inputs=inputs))
             ad.check_replace(replace)
-        return _export(run_dir, checkpoint, config, out, ad, started=started, dtype=dtype, torch_dtype=torch_dtype,
+        return _export(opened, out, ad, started=started, dtype=dtype, torch_dtype=torch_dtype,
                        max_shard_bytes=max_shard_bytes, tokenizer=tokenizer)
 
 
-def _export(run_dir: Path, checkpoint: Path, config: dict, out: Output, ad: Output | None, *, started: float,
+def _export(run: OpenRun, out: Output, ad: Output | None, *, started: float,
             dtype: str, torch_dtype, max_shard_bytes: int, tokenizer: str | None) -> dict[str, Any]:
     """export_hf's work, with its outputs held."""
     import torch  # torch and the model code: see export_hf
 
-    from hataori.model import hf
-    from hataori.train.init import check_finite
-    from hataori.train.run import model_config, run_tokenizer
-    from hataori.train.weights import LoRAWeights, run_weights
+    from hataori.interop import hf
+    from hataori.interop.load import LoRAWeights, check_finite
 
     output, adapter = out.path, None if ad is None else ad.path
-    cfg = model_config(config)
+    run_dir, checkpoint, config, cfg = run.run_dir, run.checkpoint, run.config, run.model_config
     if cfg.qk_norm:
         raise InputError(run_dir / CONFIG_FILE, "model.qk_norm: a model with qk-norm has no Llama equivalent in "
                          "transformers and cannot be exported")
-    tok = run_tokenizer(run_dir, config, tokenizer, cfg.vocab_size)
-    weights = run_weights(run_dir, checkpoint, config, tok)
+    tok = run.tokenizer(tokenizer)
+    weights = run.weights(tok)
     lora = isinstance(weights, LoRAWeights)
     if adapter is not None and not lora:
         raise ConfigError("--adapter", f"the run {run_dir} trained no LoRA adapters (its config.yaml has no lora "
@@ -167,8 +167,8 @@ def write_adapter(weights, folder: Output, *, base: Path, dtype, checkpoint: Pat
     held output ``folder``, written under a temporary name; its ``base_model_name_or_path`` is ``base``."""
     from safetensors.torch import save_file
 
-    from hataori.model.lora import peft_config, peft_state_dict  # torch: see export_hf
-    from hataori.train.init import check_finite
+    from hataori.interop.load import check_finite
+    from hataori.interop.peft import peft_config, peft_state_dict  # torch: see export_hf
 
     def value(name: str):
         if name.endswith((".lora_A", ".lora_B")):
@@ -214,6 +214,7 @@ def model_card(run_dir: Path, checkpoint: Path, config: dict, cfg, tok, client_s
     provenance_path = run_dir / PROVENANCE_FILE
     provenance = json.loads(provenance_path.read_text(encoding="utf-8")) if provenance_path.is_file() else None
     zero = config.get("zero", {})
+    vocab_padding = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     lines = [
         "---", "library_name: transformers", "language: [ja]", "tags: [hataori, llama]", "---", "",
         f"# {run_dir.name}", "",
@@ -225,7 +226,7 @@ def model_card(run_dir: Path, checkpoint: Path, config: dict, cfg, tok, client_s
           if lora else []),
         "## Architecture", "",
         "| | |", "|---|---|",
-        f"| parameters | {cfg.num_params() - (cfg.padded_vocab_size - cfg.vocab_size) * cfg.d_model * (1 if cfg.tie_embeddings else 2):,} |",
+        f"| parameters | {cfg.num_params() - vocab_padding:,} |",
         f"| layers, width, MLP width | {cfg.n_layers}, {cfg.d_model}, {cfg.ffn_hidden} |",
         f"| attention heads (key/value heads), head width | {cfg.n_heads} ({cfg.n_kv_heads}), {cfg.head_dim} |",
         f"| vocabulary | {cfg.vocab_size:,} |",
@@ -240,7 +241,8 @@ def model_card(run_dir: Path, checkpoint: Path, config: dict, cfg, tok, client_s
         f"| sequence length | {config.get('data', {}).get('seq_len', '?')} |",
     ]
     if val is not None:
-        lines.append(f"| validation at step {val['step']} | {val['bpc']:.4f} bits per character, loss {val['loss']:.4f} "
+        lines.append(f"| validation at step {val['step']} | {val['bpc']:.4f} bits per character, "
+                     f"loss {val['loss']:.4f} "
                      f"({val.get('documents', '?')} documents, {val.get('chars', 0):,} characters) |")
     else:
         lines.append("| validation | none recorded |")
@@ -271,10 +273,12 @@ def _provenance_lines(provenance: dict | None) -> list[str]:
     init = provenance.get("init", {})
     if init.get("from") != "random":
         lines += [f"Initial weights: {init.get('from')} `{init.get('path', '')}`"
-                  + (f" (config SHA-256 `{init['config_sha256'][:16]}`)" if init.get("config_sha256") else "") + ".", ""]
+                  + (f" (config SHA-256 `{init['config_sha256'][:16]}`)" if init.get("config_sha256") else "")
+                  + ".", ""]
     for dataset in provenance.get("datasets", []):
         splits = dataset.get("splits", {})
-        counts = ", ".join(f"{name}: {s['documents']:,} documents, {s['tokens']:,} tokens, fingerprint `{s['fingerprint']}`"
+        counts = ", ".join(f"{name}: {s['documents']:,} documents, {s['tokens']:,} tokens, "
+                           f"fingerprint `{s['fingerprint']}`"
                            for name, s in splits.items())
         lines += [f"### `{dataset['path']}` (weight {dataset['weight']:g})", "", counts + ".", ""]
         for source in dataset.get("sources", []):

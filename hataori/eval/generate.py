@@ -7,9 +7,10 @@
 CHECKPOINT is a run folder (its latest complete checkpoint is used) or one ``checkpoints/step_N``
 folder of it. The model's shape comes from the run folder's ``config.yaml`` (its ``model`` section);
 the tokenizer from ``--tokenizer``, else the config's ``tokenizer``, else the one recorded in the
-first dataset's ``dataset.json``; it must be the tokenizer the run was trained with (:func:`hataori.train.run.run_tokenizer`).
+first dataset's ``dataset.json``; it must be the tokenizer the run was trained with
+(:func:`hataori.checkpoint.record.run_tokenizer`).
 
-Weights are read with :func:`hataori.train.weights.run_weights`, from any ZeRO stage: the fp32
+Weights are read with :func:`hataori.checkpoint.states.run_weights`, from any ZeRO stage: the fp32
 master weights where the checkpoint has them, else the module's own; a LoRA run's with its
 adapters folded into its base.
 
@@ -33,17 +34,13 @@ import contextlib
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from hataori.errors import ConfigError, HataoriError, InputError
-from hataori.precision import DTYPES, PRECISIONS
+from hataori.errors import ConfigError, HataoriError
+from hataori.interop.load import open_run
+from hataori.precision import DTYPES, PRECISIONS, torch_device
 from hataori.precision import check as check_precision
-from hataori.train.init import check_finite
-from hataori.train.run import model_config, read_config, run_tokenizer
-from hataori.train.weights import resolve_checkpoint, run_weights
-
 
 # ----------------------------------------------------------------------------- sampling
 
@@ -130,64 +127,6 @@ def generate(model: torch.nn.Module, prompt: list[int], *, max_new_tokens: int, 
     return new
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu"):
-    """The model of a run checkpoint, in fp32 and eval mode, and the run's config dict."""
-    run_dir, checkpoint = resolve_checkpoint(checkpoint_path)
-    config = read_config(run_dir)
-    return checkpoint_model(checkpoint, config, device), config
-
-
-def checkpoint_model(checkpoint: Path, config: dict, device: str | torch.device = "cpu",
-                     dtype: torch.dtype = torch.float32):
-    """The model of checkpoint folder ``checkpoint`` (already resolved and verified by
-    :func:`~hataori.train.weights.resolve_checkpoint`) of a run whose config is ``config``, in eval mode,
-    its parameters in ``dtype`` (see :func:`inference_model`)."""
-    model = model_config(config).build()
-    state = run_weights(checkpoint.parent.parent, checkpoint, config).state_dict()
-    for name, value in state.items():
-        check_finite(value, name, checkpoint, "this checkpoint is not healthy: use an earlier one "
-                     "(its checkpoints/step_N folder)")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if model.config.tie_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise InputError(checkpoint, f"weights do not match the recorded model config: missing {sorted(missing)}, "
-                                     f"unexpected {sorted(unexpected)}")
-    return inference_model(model, device, dtype)
-
-
-def inference_model(model: torch.nn.Module, device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """``model`` on ``device`` in eval mode, its parameters in ``dtype`` and its rotary tables in fp32, as
-    training computes them (DeepSpeed casts the parameters only)."""
-    model = model.to(device=device, dtype=dtype).eval()
-    if dtype != torch.float32:
-        model.reset_rope_tables()
-    return model
-
-
-def torch_device(text: str) -> torch.device:
-    """The device ``--device`` names, refused unless this build of torch can run on it."""
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise ConfigError("--device", f"{text!r} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError("--device", f"{text}: use cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            cuda = torch.version.cuda
-            built = f"built for CUDA {cuda} but finds no GPU" if cuda else "built without CUDA"
-            raise ConfigError("--device", f"{text}: this torch {torch.__version__} is {built} "
-                                          "(torch.cuda.is_available() is False); use --device cpu")
-        count = torch.cuda.device_count()
-        if (device.index or 0) >= count:
-            raise ConfigError("--device", f"{text}: this machine has {count} CUDA device(s), "
-                                          f"cuda:0 to cuda:{count - 1}")
-    return device
-
-
 # ----------------------------------------------------------------------------- `hataori generate`
 
 
@@ -212,11 +151,10 @@ def main(args: argparse.Namespace) -> int:
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)
     device = torch_device(args.device)
     check_precision(args.dtype, device, "--dtype")
-    run_dir, checkpoint = resolve_checkpoint(args.checkpoint)
-    config = read_config(run_dir)
-    tokenizer = run_tokenizer(run_dir, config, args.tokenizer, model_config(config).vocab_size)
+    run = open_run(args.checkpoint)
+    tokenizer = run.tokenizer(args.tokenizer)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress prints; stdout carries only the text
-        model = checkpoint_model(checkpoint, config, device, DTYPES[args.dtype])
+        model = run.model(device, DTYPES[args.dtype])
     prompt = [tokenizer.eos_id] + tokenizer.encode([args.prompt])[0]
     generator = torch.Generator(device=device).manual_seed(args.seed)
     new = generate(model, prompt, max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id, sampling=sampling,
