@@ -68,3 +68,18 @@ def after_each_step(fn):
             fn(metrics)
 
     return AfterEachStep()
+
+
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                      "SLURM_NTASKS", "SLURM_PROCID", "SLURM_JOB_ID")
+"""What a launcher sets: a command started with :func:`cpu_env` must not think it is one of its ranks."""
+
+
+def cpu_env(extensions: Path) -> dict[str, str]:
+    """The environment of a ``hataori pretrain`` subprocess on the CPU: DeepSpeed's CPU accelerator, one
+    thread a rank, no launcher's variables, and an empty ``TORCH_EXTENSIONS_DIR`` at ``extensions`` (nothing
+    may be JIT-compiled: the test checks that it stays absent)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(extensions)}
+    for name in LAUNCHER_VARIABLES:
+        env.pop(name, None)
+    return env

@@ -6,13 +6,14 @@ Nothing may be JIT-compiled (DeepSpeed's shm op, its Adams): the processes get a
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from helpers import cpu_env
 
 
 def launch_ranks(script: str, args: list[str], log_dir: Path, nproc: int, timeout: float) -> list[int]:
@@ -24,9 +25,8 @@ def launch_ranks(script: str, args: list[str], log_dir: Path, nproc: int, timeou
     extensions = log_dir / "torch_extensions"
     procs, logs = [], []
     for rank in range(nproc):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(extensions)}
+        env = {**cpu_env(extensions), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         logs.append(open(log_dir / f"rank{rank}.log", "w"))
         procs.append(subprocess.Popen([sys.executable, script, *args], env=env, stdout=logs[-1],
                                       stderr=subprocess.STDOUT))

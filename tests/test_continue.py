@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import cpu_env
 
 from hataori.cli import main as hataori_main
 
@@ -50,10 +51,7 @@ def test_import_extend_continue_export_generate(ja_corpus, en_bpe_tokenizer, ja_
                          str(shards), "val_docs=12", "progress=false"]) == 0
 
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-           "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID"):
-        env.pop(name, None)
+    env = cpu_env(tmp_path / "torch_extensions")
     command = [sys.executable, "-m", "hataori.cli", "pretrain", str(REPO / "configs/train/continue-toy.yaml"),
                f"init.from_hf={base_model}", "--data", str(shards), "--run-dir", str(run), "--nproc", "2",
                f"data.seq_len={SEQ_LEN}", "zero.micro_batch_size=2", f"zero.global_batch_tokens={2 * 2 * SEQ_LEN}",

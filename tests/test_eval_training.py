@@ -7,13 +7,14 @@ batches against one process scoring them all; config mistakes named.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import cpu_env
 
 from hataori.cli import main as hataori_main
 
@@ -136,10 +137,7 @@ def pretrain(run: Path, shards: Path, *overrides: str) -> str:
     """``hataori pretrain`` on 2 processes in a subprocess with a clean environment; its stdout. Nothing
     may be JIT-compiled: TORCH_EXTENSIONS_DIR (beside the run) must stay absent."""
     extensions = run.parent / "torch_extensions"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(extensions)}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID",
-                 "SLURM_JOB_ID"):
-        env.pop(name, None)
+    env = cpu_env(extensions)
     command = [sys.executable, "-m", "hataori.cli", "pretrain", str(TOY), *OVERRIDES, *overrides, "--data",
                str(shards), "--run-dir", str(run), "--nproc", "2"]
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import pytest
 import torch
 
 from capabilities import needs
+from helpers import cpu_env
 
 from hataori.cli import main as hataori_main
 from hataori.errors import ConfigError
@@ -48,10 +48,7 @@ def pretrain(base: Path, shards: Path, run: Path, *overrides: str, steps: int = 
              source: str = "from_hf"):
     """``hataori pretrain`` of the continue-toy preset from ``init.{source}=base`` on 2 processes, in a
     subprocess; its result."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-           "TORCH_EXTENSIONS_DIR": str(run.parent / "torch_extensions")}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID"):
-        env.pop(name, None)
+    env = cpu_env(run.parent / "torch_extensions")
     command = [sys.executable, "-m", "hataori.cli", "pretrain", str(REPO / "configs/train/continue-toy.yaml"),
                f"init.{source}={base}", "--data", str(shards), "--run-dir", str(run), "--nproc", "2",
                f"data.seq_len={SEQ_LEN}", "zero.micro_batch_size=2", f"zero.global_batch_tokens={2 * 2 * 2 * SEQ_LEN}",

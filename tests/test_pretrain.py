@@ -26,6 +26,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import cpu_env
+
 from hataori.cli import main as hataori_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,11 +48,7 @@ def start(run_dir: Path, shards: Path, overrides: list[str], out, *, nproc: int 
     Nothing may be JIT-compiled: the processes get an empty TORCH_EXTENSIONS_DIR (beside ``out``)
     that must stay absent.
     """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-           "TORCH_EXTENSIONS_DIR": str(Path(out.name).with_suffix(".torch_extensions"))}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID",
-                 "SLURM_JOB_ID"):
-        env.pop(name, None)
+    env = cpu_env(Path(out.name).with_suffix(".torch_extensions"))
     command = [sys.executable, "-m", "hataori.cli", "pretrain", str(TOY), *TINY, *overrides, "--data", str(shards),
                "--run-dir", str(run_dir), "--nproc", str(nproc)]
     return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
