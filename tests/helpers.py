@@ -35,6 +35,36 @@ def make_run(root: Path, tokenizer_dir: Path, change=None) -> tuple[Path, Path]:
     return run, checkpoint
 
 
+def built(cfg: ModelConfig, seed: int = 0):
+    """The model of ``cfg`` with weights far from init (norm gains too), so every mapping matters."""
+    torch.manual_seed(seed)
+    model = cfg.build()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def hf_llama(folder: Path, *, seed: int = 0, shard: str | None = None, vocab_size: int = 300, **shape) -> Path:
+    """A random LlamaForCausalLM saved in ``folder``, every weight far from its init (norms too)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = {"tie_word_embeddings": False, "num_key_value_heads": 2, "head_dim": None, **shape}  # untied, GQA
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64, rms_norm_eps=1e-6,
+                         rope_theta=2500.0, bos_token_id=1, eos_token_id=2, **shape)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(0.5, 1.5) if p.ndim == 1 else p.normal_(0.0, 0.1)
+    model.save_pretrained(folder, max_shard_size=shard or "1GB")
+    return folder
+
+
 @contextlib.contextmanager
 def small_disk(folder: Path, size: str) -> Iterator[Path]:
     """``folder`` as the mount point of a tmpfs of ``size`` (e.g. ``64k``): a real full disk. Skips the test

@@ -162,7 +162,7 @@ def test_new_embedding_rows_are_the_mean_of_their_base_pieces_rows(en_corpus, ja
     """An HF model with a base tokenizer (no dummy prefix, so the base's own encoding of a piece's
     text is the reference split) imported with the extended tokenizer: base rows as in the file,
     new rows the mean of the rows of the base pieces of their text, padding rows zero."""
-    from test_import import hf_llama
+    from helpers import hf_llama
 
     from hataori.interop.hf import HFCheckpoint, model_fields
     from hataori.interop.load import InitConfig, load_initial_weights, open_source

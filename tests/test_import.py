@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import hf_llama
 from ranks import launch_ranks, log_tails
 
 LAUNCH_TIMEOUT_S = 180
@@ -23,23 +24,6 @@ SHAPES = {
     "tied-gqa": dict(tie_word_embeddings=True, num_key_value_heads=2, head_dim=None),
     "untied-mha-wide-heads": dict(tie_word_embeddings=False, num_key_value_heads=4, head_dim=24),
 }
-
-
-def hf_llama(folder: Path, *, seed: int = 0, shard: str | None = None, vocab_size: int = 300, **shape) -> Path:
-    """A random LlamaForCausalLM saved in ``folder``, every weight far from its init (norms too)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    shape = {**SHAPES["untied-gqa"], **shape}
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=64, rms_norm_eps=1e-6,
-                         rope_theta=2500.0, bos_token_id=1, eos_token_id=2, **shape)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.uniform_(0.5, 1.5) if p.ndim == 1 else p.normal_(0.0, 0.1)
-    model.save_pretrained(folder, max_shard_size=shard or "1GB")
-    return folder
 
 
 def imported(folder: Path, **model_overrides):

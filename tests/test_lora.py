@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from test_model import built  # the model with weights far from init
+from helpers import built  # the model with weights far from init
 
 from hataori.errors import ConfigError
 from hataori.interop.hf import hf_llama_config, to_hf_llama_state_dict

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import built
+
 from hataori.config import load
 from hataori.errors import ConfigError
 from hataori.interop.hf import hf_llama_config, to_hf_llama_state_dict
@@ -25,19 +27,6 @@ def tiny(**overrides) -> ModelConfig:
     fields = dict(vocab_size=1000, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
                   rope_base=500.0)
     return ModelConfig(**{**fields, **overrides})
-
-
-def built(cfg: ModelConfig, seed: int = 0):
-    """The model of ``cfg`` with weights far from init (norm gains too), so every mapping matters."""
-    torch.manual_seed(seed)
-    model = cfg.build()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.1)
-    return model.eval()
 
 
 def tokens(batch: int, length: int, seed: int = 1, vocab: int = 1000) -> torch.Tensor:

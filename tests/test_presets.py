@@ -69,7 +69,7 @@ def test_preset_validates(path: Path, tmp_path):
         command_line = []
     if folder == "train" and path.stem.startswith("continue"):
         # Continued-pretraining presets take the model's shape from the imported model.
-        from test_import import hf_llama
+        from helpers import hf_llama
 
         from hataori.train.config import load_train_config
 
