@@ -25,9 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import after_each_step
+from helpers import SEQ_LEN, TokenStream, after_each_step, build_engine
 from ranks import launch_ranks, log_tails
-from test_zero_resume import SEQ_LEN, TokenStream, build_engine
 
 LAUNCH_TIMEOUT_S = 240
 FILES = {"model": "mp_rank_00_model_states.pt", "optimizer": "zero_pp_rank_1_mp_rank_00_optim_states.pt",

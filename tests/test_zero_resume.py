@@ -23,19 +23,10 @@ import pytest
 import torch
 
 from capabilities import needs
-from helpers import after_each_step
+from helpers import SEQ_LEN, TokenStream, after_each_step, build_engine, model_config
 from ranks import launch_ranks, log_tails
 
-SEQ_LEN = 32
-VOCAB = 1000
 LAUNCH_TIMEOUT_S = 150
-
-
-def model_config():
-    """A ~0.4M-parameter Llama-style toy model."""
-    from hataori.model import ModelConfig
-
-    return ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, ffn_hidden=192, max_seq_len=SEQ_LEN)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -151,35 +142,6 @@ def test_grad_accumulation_matches_one_big_micro_batch(tmp_path):
 # ----------------------------------------------------------------------------- worker
 
 
-class TokenStream:
-    """Deterministic random token rows for one rank, each row two documents, with a resumable position."""
-
-    def __init__(self, *, seed: int, rank: int, rows: int):
-        self.seed, self.rank, self.rows, self.position = seed, rank, rows, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        from hataori.data.loader import Batch
-
-        rng = np.random.default_rng([self.seed, self.rank, self.position])
-        self.position += 1
-        tokens = rng.integers(0, VOCAB, (self.rows, SEQ_LEN + 1))
-        second_doc = rng.integers(1, SEQ_LEN, (self.rows, 1))  # where each row's second document starts
-        index = np.arange(SEQ_LEN)
-        positions = np.where(index < second_doc, index, index - second_doc).astype(np.int32)
-        return Batch(inputs=tokens[:, :-1], targets=tokens[:, 1:], positions=positions,
-                     sources=np.zeros((self.rows, SEQ_LEN), np.uint8))
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "rank": self.rank, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        assert (state["seed"], state["rank"]) == (self.seed, self.rank)
-        self.position = state["position"]
-
-
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=needs("bf16"))])
 def test_zero3_model_built_partitioned_equals_the_whole_model(precision, tmp_path):
@@ -223,29 +185,6 @@ def test_stage1_model_is_built_in_the_training_precision():
     assert built.lm_head.weight is built.tok_embeddings.weight
     for (name, mine), ref in zip(built.named_parameters(), whole.parameters()):
         assert torch.equal(mine, ref.bfloat16()), name
-
-
-def build_engine(stage: int, *, micro_batch: int, global_batch_tokens: int, total_steps: int, run_dir=None,
-                 precision: str = "fp32", offload: str = "none", build_model: bool = False, model_cfg=None):
-    """The engine over the toy model, built by ``ModelConfig.build()`` or, with ``build_model``, by
-    ``ZeroConfig.build_model`` (partitioned as it is built for ZeRO-3)."""
-    from hataori.checkpoint.checkpointer import seed_all
-    from hataori.train.optim import OptimConfig, ScheduleConfig
-    from hataori.train.zero import ZeroConfig
-
-    seed_all(1234)
-    optim = OptimConfig(lr=1e-3, weight_decay=0.1, grad_clip=1.0)
-    zero = ZeroConfig(stage=stage, precision=precision, offload_optimizer="none" if offload == "none" else "cpu",
-                      offload_params="cpu" if offload == "cpu+params" else "none", micro_batch_size=micro_batch,
-                      global_batch_tokens=global_batch_tokens)
-    model_cfg = model_cfg or model_config()
-    if build_model:
-        model = zero.build_model(model_cfg, torch.device("cpu"), seq_len=SEQ_LEN, grad_clip=optim.grad_clip)
-    else:
-        model = model_cfg.build()
-    optimizer = optim.build(model)
-    scheduler = ScheduleConfig(kind="cosine", warmup_steps=1, min_lr=1e-4).build(optimizer, total_steps=total_steps)
-    return zero.build(model, optimizer, scheduler, seq_len=SEQ_LEN, grad_clip=optim.grad_clip, run_dir=run_dir)
 
 
 def worker_train(args) -> None:
