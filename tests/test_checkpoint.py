@@ -54,6 +54,7 @@ def damage(path: Path, how: str) -> None:
 # ----------------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
 def test_damaged_checkpoints_fall_back_to_the_previous_one(tmp_path):
     out = tmp_path / "faults.json"
@@ -90,6 +91,7 @@ def test_damaged_checkpoints_fall_back_to_the_previous_one(tmp_path):
         assert found["verified_after"] == ["step_00000002", "step_00000004", "step_00000006"], scenario
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
 @pytest.mark.parametrize("stage, inject", [(0, "loss"), (1, "grad")])
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(stage, inject, tmp_path):
@@ -111,6 +113,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(stage, inject, tmp
     assert found["weights_at_4_equal_reference"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
 @pytest.mark.parametrize("stage, inject", [(3, "weight"), (3, "weight-last"), (2, "weight")])
 def test_a_nan_weight_stops_the_run_under_every_zero_stage_and_is_never_saved(stage, inject, tmp_path):
@@ -133,6 +136,7 @@ def test_a_nan_weight_stops_the_run_under_every_zero_stage_and_is_never_saved(st
     assert found["problems"] == []
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
 def test_callbacks_are_called_at_their_points_and_closed_on_an_error(tmp_path):
     """pre_train with the step a launch starts from (after resuming), post_step after every step,
@@ -149,6 +153,7 @@ def test_callbacks_are_called_at_their_points_and_closed_on_an_error(tmp_path):
         ["pre_train", 6], ["post_step", 7], ["close", 7], ["raised", "a callback failed"]]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
 def test_a_stop_during_skipped_steps_waits_for_the_next_applied_step(tmp_path):
     """ZeRO-1, NaN in a gradient in steps 5 and 6 (skipped), a stop requested after step 5 and a

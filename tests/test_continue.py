@@ -28,6 +28,7 @@ LAUNCH_TIMEOUT_S = 300
 SEQ_LEN = 64
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 200)
 def test_import_extend_continue_export_generate(ja_corpus, en_bpe_tokenizer, ja_bpe_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer

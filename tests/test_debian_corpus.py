@@ -251,6 +251,7 @@ def test_out_of_domain_sentences(ja_other_text: Path, ja_corpus: Path, capsys):
     assert "up to date" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["debian-ja", "ja-news", "python-docs"])
 def test_corpus_commands_refuse_another_corpus_unless_replace(command, request, tmp_path, capsys):
     """Another package list, or a corpus edited by hand, is replaced only with --replace. The .debs, or

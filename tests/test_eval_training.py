@@ -152,6 +152,7 @@ def hataori_eval(run: Path, out: Path, *options: str) -> dict:
     return json.loads(out.read_text(encoding="utf-8"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S + 60)
 def test_eval_tasks_during_zero3_pretraining_match_hataori_eval(ja_shards, tmp_path, capsys):
     """4 steps on 2 processes under ZeRO-3 with validations at 0, 2 and 4, in two launches (the second

@@ -302,6 +302,7 @@ def launch(args: list[str], log_dir: Path, nproc: int = 2) -> None:
     assert codes == [0] * nproc, f"exit codes {codes}:\n{log_tails(log_dir)}"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
 @pytest.mark.parametrize("stage", [0, 3])
 def test_generate_from_a_deepspeed_checkpoint(stage, tokenizer_dir, other_tokenizer_dir, tmp_path, capsys):

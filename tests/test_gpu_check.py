@@ -26,6 +26,7 @@ def gpu_check(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_rehearsal_writes_every_stage_and_figure(tmp_path):
     out = tmp_path / "results"
     result = gpu_check("--rehearse", "--out", str(out))
@@ -63,6 +64,7 @@ def test_rehearsal_writes_every_stage_and_figure(tmp_path):
     assert all(f"===== {name}: passed" in log for name in results["stages"])
 
 
+@pytest.mark.slow
 def test_options_are_checked_before_anything_runs(tmp_path):
     result = gpu_check("--rehearse", "--only", "attention,nope", "--out", str(tmp_path / "a"))
     assert result.returncode == 2 and "--only: unknown stage nope; choose from tests, attention" in result.stderr
@@ -84,6 +86,7 @@ def test_options_are_checked_before_anything_runs(tmp_path):
     assert (tmp_path / "d" / "gpu-check.json").read_text() == "{}"
 
 
+@pytest.mark.slow
 def test_only_runs_the_stages_named_and_the_budget_stops_stages(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "gpu-check.json").write_text("{}")

@@ -146,6 +146,7 @@ def test_a_tokenizer_that_does_not_belong_to_the_model_is_refused(ja_tokenizer, 
         open_source(InitConfig(from_hf=str(folder)), grown, Tokenizer(ja_tokenizer))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
 @pytest.mark.parametrize("stage", [1, 3])
 def test_zero_loads_each_partition_from_the_file(stage, tmp_path):

@@ -203,6 +203,7 @@ NONFINITE_BACKENDS = ["sdpa", "triton", pytest.param("flash_attn", marks=pytest.
     not ON_GPU or BACKENDS["flash_attn"].unavailable() is not None, reason="flash-attn runs on a GPU, when installed"))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", NONFINITE_BACKENDS)
 def test_no_backend_hides_a_non_finite_input(backend):
     """NaN, inf or -inf at each position of q, k or v, with and without documents: wherever fp64 attention
@@ -264,6 +265,7 @@ for fn, configs in stages:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the other tests compile and run the kernels")
 @pytest.mark.parametrize("head_dim, dtype", [(64, "fp16"), (128, "bf16")])
 def test_kernels_compile_for_hopper(head_dim, dtype):

@@ -44,6 +44,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", CASES.values(), ids=CASES.keys())
 def test_triton_model_step_matches_plain_pytorch(options):
     # documents of 10, 1 and 29 tokens in one row, 39 and 1 in the other
@@ -59,6 +60,7 @@ def test_triton_model_step_matches_plain_pytorch(options):
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("fp16", torch.float16)])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_activation_formula_with_triton_kernels(precision, dtype, checkpointing):

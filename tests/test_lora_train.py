@@ -80,6 +80,7 @@ def checkpoint_bytes(checkpoint: Path) -> int:
 # ----------------------------------------------------------------------------- resume
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S + 30)
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_resumed_lora_run_equals_the_uninterrupted_run(stage, base_model, ja_shards, tmp_path):
@@ -132,6 +133,7 @@ def full_run(base_model, ja_shards, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S + 30)
 def test_lora_checkpoint_is_a_small_fraction_of_a_full_one(lora_run, full_run, base_model, ja_shards, tmp_path):
     """Against a full-training checkpoint of the same model on the same processes: without the
@@ -198,6 +200,7 @@ def test_export_merged_and_peft_adapter_give_hataoris_logits(lora_run, tmp_path,
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
 def test_lora_on_a_hataori_run_reads_back_as_its_weights_plus_the_adapters(full_run, ja_shards, tmp_path):
     """``init.from_run``: the base is another run's checkpoint (its manifest gives the fingerprint).
@@ -281,6 +284,7 @@ def test_export_adapter_of_a_full_run_is_refused(full_run, tmp_path):
 # ----------------------------------------------------------------------------- inside the engine
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
 @pytest.mark.parametrize("precision", [pytest.param("bf16", marks=needs("bf16")), "fp32"])
 def test_frozen_weights_stay_bitwise_inside_deepspeed(precision, tmp_path):

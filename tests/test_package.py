@@ -63,6 +63,7 @@ def test_wheel_holds_only_the_hataori_namespace(wheel: Path):
         assert f"hataori/eval/jglue/{name}" in names
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_fresh_venv_imports_every_subpackage(wheel: Path, tmp_path: Path):
     venv = tmp_path / "venv"

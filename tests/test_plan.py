@@ -479,6 +479,7 @@ Path(sys.argv[1]).write_text(json.dumps(found))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("precision", [pytest.param("bf16", marks=needs("bf16")),
                                        pytest.param("fp16", marks=needs("fp16")), "fp32"])

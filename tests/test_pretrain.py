@@ -244,6 +244,7 @@ def test_missing_dataset_is_named(tmp_path, capsys):
 # ----------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
 def test_pretrain_two_processes_end_to_end(ja_shards, ja_tokenizer, tmp_path):
     run = tmp_path / "run"
@@ -313,6 +314,7 @@ def test_pretrain_two_processes_end_to_end(ja_shards, ja_tokenizer, tmp_path):
 # ----------------------------------------------------------------------------- resume
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(4 * LAUNCH_TIMEOUT_S + 60)
 def test_resume_and_killed_rank_continue_the_uninterrupted_run(ja_shards, tmp_path):
     """ZeRO-2, 8 steps with a checkpoint every 3. The same run in pieces: 3 steps and a clean stop;
@@ -370,6 +372,7 @@ def running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(3 * LAUNCH_TIMEOUT_S)
 def test_one_owner_per_run_folder_and_ranks_die_with_the_launcher(ja_shards, tmp_path):
     """A second launch into a running run's folder is refused, naming the holder; kill -9 of the
@@ -408,6 +411,7 @@ def checkpoint_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(5 * LAUNCH_TIMEOUT_S)
 def test_disk_full_during_a_checkpoint_save_loses_nothing(ja_shards, tmp_path):
     """The run folder on a tmpfs with room for one checkpoint: the second save fails with a message
@@ -447,6 +451,7 @@ def test_disk_full_during_a_checkpoint_save_loses_nothing(ja_shards, tmp_path):
         sp.run(["umount", "-l", str(run)])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(3 * LAUNCH_TIMEOUT_S)
 def test_disk_full_while_the_run_is_recorded_is_an_error_naming_the_run_folder(ja_shards, tmp_path):
     """The run folder on a tmpfs with pages for the lock, config.yaml and environment.json only: writing
@@ -490,6 +495,7 @@ def test_a_model_whose_states_cannot_fit_is_refused_before_the_run_folder_is_tou
     assert not run.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S)
 def test_resuming_with_another_shape_says_what_differs(ja_shards, tmp_path, capsys):
     """Checked before any rank starts (--nproc 2, in this process) and by the rank itself (one process)."""
@@ -508,6 +514,7 @@ def test_resuming_with_another_shape_says_what_differs(ja_shards, tmp_path, caps
     assert checkpoints(run) == ["step_00000002"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(6 * LAUNCH_TIMEOUT_S)
 @pytest.mark.parametrize("saved_on, resumed_on", [(2, 1), (1, 2)])
 def test_resume_on_another_number_of_processes(ja_shards, tmp_path, saved_on, resumed_on):
@@ -536,6 +543,7 @@ def test_resume_on_another_number_of_processes(ja_shards, tmp_path, saved_on, re
         assert resumed[step]["grad_norm"] == pytest.approx(reference[step]["grad_norm"], rel=1e-4), step
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S)
 def test_a_diverged_run_fails_and_keeps_its_good_checkpoints(ja_shards, tmp_path):
     """optim.lr=1e4 wrecks the weights at the first update; from then on every step overflows and is

@@ -64,6 +64,7 @@ def differences(saved, loaded, path: str = "") -> list[str]:
     return [] if saved == loaded else [f"{path}: {saved!r} != {loaded!r}"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S + 30)
 @pytest.mark.parametrize("stage, precision, offload, saved_on, resumed_on, lora", CASES)
 def test_resume_on_another_world_size_continues_exactly(stage, precision, offload, saved_on, resumed_on, lora,

@@ -105,6 +105,7 @@ def hf_kernels() -> str:
         pytest.skip("Hugging Face's kernels distribution is not installed (transformers before 5 does not need it)")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("start", ["-c", "stdin"])
 def test_transformers_and_peft_work_in_a_python_started_at_the_root(hf_kernels, start):

@@ -299,6 +299,7 @@ def test_two_node_job_pretrains_to_completion(slurm_cluster, uninterrupted):
                                                for pid in slurm_cluster.job_processes()]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_time_limit_checkpoints_requeues_and_resumes_to_the_uninterrupted_losses(slurm_cluster, ja_shards,
                                                                                uninterrupted, tmp_path):
@@ -337,6 +338,7 @@ def test_time_limit_checkpoints_requeues_and_resumes_to_the_uninterrupted_losses
     print(f"requeue to next attempt's start: {cycles} s")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_scancel_leaves_the_last_checkpoint_complete_and_resumable(slurm_cluster, ja_shards, uninterrupted,
                                                                    tmp_path):

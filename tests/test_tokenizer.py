@@ -318,6 +318,7 @@ def test_existing_output_is_refused_unless_replace(ja_docs, tmp_path, capsys):
 # ----------------------------------------------------------------------------- fingerprint
 
 
+@pytest.mark.slow
 def test_fingerprint_follows_model_bytes(ja_docs, ja_tokenizer, tmp_path):
     tok = Tokenizer(ja_tokenizer)
     model_bytes = (ja_tokenizer / "tokenizer.model").read_bytes()
@@ -412,6 +413,7 @@ def debian_8k(ja_corpus, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_byte_fallback_stays_low_out_of_domain(debian_8k, ja_corpus, other_text):
     """On news-style text, ours falls back to bytes for under 2% of tokens; SentencePiece with its
     usual character coverage, trained on the same sample, does far more often."""
@@ -433,6 +435,7 @@ def test_byte_fallback_stays_low_out_of_domain(debian_8k, ja_corpus, other_text)
     assert theirs > 3 * ours
 
 
+@pytest.mark.slow
 def test_held_out_documents_are_the_shards_validation_split(ja_docs, tmp_path):
     """The trainer never sees the documents that ``data prepare`` (same fraction and seed) puts
     into validation, and reports metrics on them. A character that occurs only in those documents

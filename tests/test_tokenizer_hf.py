@@ -59,6 +59,7 @@ def ja_nfkc(ja_corpus, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["ja_tokenizer", "ja_bpe_tokenizer", "ja_nfkc", "llama_style_tokenizer",
                                    "en_bpe_tokenizer"])
 def test_fast_tokenizer_gives_sentencepiece_ids(model, texts, tmp_path, request):

@@ -50,6 +50,7 @@ def read_steps(run_dir: Path) -> dict[int, dict]:
 # ----------------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S + 30)
 @pytest.mark.parametrize("stage, offload", [(0, "none"), (1, "none"), (2, "none"), (3, "none"), (2, "cpu"),
                                            (3, "cpu+params")],
@@ -87,6 +88,7 @@ def test_resume_after_kill_mid_checkpoint_matches_uninterrupted_run(stage, offlo
           [round(reference[s]["seconds"], 3) for s in sorted(reference)])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
 def test_stop_request_on_one_rank_stops_all_with_a_checkpoint(tmp_path):
     run = tmp_path / "run"
@@ -96,6 +98,7 @@ def test_stop_request_on_one_rank_stops_all_with_a_checkpoint(tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["step_00000002"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
 def test_single_process_needs_no_launcher(tmp_path):
     """Without torchrun's or Slurm's variables the trainer runs as a world of one."""
@@ -113,6 +116,7 @@ def test_single_process_needs_no_launcher(tmp_path):
     assert not (tmp_path / "torch_extensions").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
 def test_grad_accumulation_matches_one_big_micro_batch(tmp_path):
     """Per stage, 4 micro-batches of 2 give the same averaged gradients and update as 1 micro-batch of 8."""
@@ -142,6 +146,7 @@ def test_grad_accumulation_matches_one_big_micro_batch(tmp_path):
 # ----------------------------------------------------------------------------- worker
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=needs("bf16"))])
 def test_zero3_model_built_partitioned_equals_the_whole_model(precision, tmp_path):
