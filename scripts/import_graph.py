@@ -345,28 +345,28 @@ def report(root: Path, out=sys.stdout) -> int:
             f"{imp.line} {imp.module}{'' if imp.target == imp.source else f' [{imp.target}]'}" for imp in imps),
             file=out)
 
-    for cycle, members in found_cycles:
-        others = sorted(members - set(cycle))
-        print(f"\nCYCLE: {' -> '.join([*cycle, cycle[0]])}"
-              + (f" (and through {', '.join(others)})" if others else ""), file=out)
-        for (a, b), imps in sorted(edges.items()):
-            if a in members and b in members:
-                print(f"  {a} -> {b}:", file=out)
-                for imp in imps:
-                    print(f"    {imp.where} {imp.module}{' (inside a function)' if imp.lazy else ''}", file=out)
-    for cycle, members in module_cycles:
-        others = sorted(members - set(cycle))
-        print(f"\nCYCLE between modules: {' -> '.join([*cycle, cycle[0]])}"
-              + (f" (and through {', '.join(others)})" if others else ""), file=out)
-        for (a, b), imps in sorted(module_edges.items()):
-            if a in members and b in members:
-                for imp in imps:
-                    print(f"    {imp.where} {imp.module}{' (inside a function)' if imp.lazy else ''}", file=out)
+    print_cycles("CYCLE", found_cycles, edges, out, edge_heading=True)
+    print_cycles("CYCLE between modules", module_cycles, module_edges, out, edge_heading=False)
     for message, imps in found_breaches:
         print(f"\nNOT ALLOWED: {message}", file=out)
         for imp in imps:
             print(f"    {imp.where} {imp.module}", file=out)
     return 1 if found_cycles or module_cycles or found_breaches else 0
+
+
+def print_cycles(title: str, found: list[tuple[list[str], set[str]]], edges: dict[tuple[str, str], list[Import]],
+                 out, *, edge_heading: bool) -> None:
+    """Each cycle, then every import between its members (under an ``a -> b:`` heading per pair)."""
+    for cycle, members in found:
+        others = sorted(members - set(cycle))
+        print(f"\n{title}: {' -> '.join([*cycle, cycle[0]])}"
+              + (f" (and through {', '.join(others)})" if others else ""), file=out)
+        for (a, b), imps in sorted(edges.items()):
+            if a in members and b in members:
+                if edge_heading:
+                    print(f"  {a} -> {b}:", file=out)
+                for imp in imps:
+                    print(f"    {imp.where} {imp.module}{' (inside a function)' if imp.lazy else ''}", file=out)
 
 
 def main(argv: list[str] | None = None) -> int:
