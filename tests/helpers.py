@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
+import importlib.util
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hataori.model import ModelConfig
 
@@ -68,6 +73,15 @@ def hf_llama(folder: Path, *, seed: int = 0, shard: str | None = None, vocab_siz
             p.uniform_(0.5, 1.5) if p.ndim == 1 else p.normal_(0.0, 0.1)
     model.save_pretrained(folder, max_shard_size=shard or "1GB")
     return folder
+
+
+def load_script(path: Path):
+    """Import a script of benchmarks/ or scripts/ (folders of scripts, not packages) by its path."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
 
 
 @contextlib.contextmanager
@@ -180,3 +194,56 @@ def build_engine(stage: int, *, micro_batch: int, global_batch_tokens: int, tota
     optimizer = optim.build(model)
     scheduler = ScheduleConfig(kind="cosine", warmup_steps=1, min_lr=1e-4).build(optimizer, total_steps=total_steps)
     return zero.build(model, optimizer, scheduler, seq_len=SEQ_LEN, grad_clip=optim.grad_clip, run_dir=run_dir)
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+def tail(log: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a log, for an assertion's message."""
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def records(run_dir: Path, kind: str) -> dict[int, dict]:
+    """``metrics.jsonl`` records of one kind (train or val), by step."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    found = {}
+    for line in path.read_text().splitlines():
+        if line.endswith("}"):
+            record = json.loads(line)
+            if record["kind"] == kind:
+                found[record["step"]] = record
+    return found
+
+
+# ----------------------------------------------------------------------------- independent bpc
+
+
+def bpc_one_by_one(model, docs: list[np.ndarray], eos_id: int, tokenizer, seq_len: int) -> tuple[float, float]:
+    """Loss and bits per character with each document run alone, unpacked, in windows of ``seq_len``."""
+    nll, tokens, chars = 0.0, 0, 0
+    with torch.no_grad():
+        for doc in docs:
+            ids = torch.from_numpy(np.asarray(doc, dtype=np.int64))
+            inputs = torch.cat([torch.tensor([eos_id]), ids[:-1]])
+            for start in range(0, len(ids), seq_len):
+                logits = model(inputs[None, start:start + seq_len])[0]
+                nll += F.cross_entropy(logits, ids[start:start + seq_len], reduction="sum").item()
+            tokens += len(ids)
+            chars += len(tokenizer.decode(ids[:-1].tolist()))
+    return nll / tokens, nll / math.log(2) / chars
+
+
+def val_documents(shards: Path, max_tokens: int) -> tuple[list[np.ndarray], int]:
+    from hataori.data.shards import Dataset
+
+    val = Dataset(shards, "val")
+    docs, total = [], 0
+    for i in range(len(val)):
+        if total + len(val.doc(i)) > max_tokens:
+            break
+        docs.append(np.asarray(val.doc(i)))
+        total += len(docs[-1])
+    return docs, val.eos_id

@@ -5,27 +5,18 @@ Times are printed by the benchmark and never checked here.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import torch
+
+from helpers import load_script
 
 from hataori.config import load
 from hataori.model import ModelConfig
 
 
-def _load_benchmark(path: Path):
-    """Import a script of benchmarks/ or scripts/ (folders of scripts, not packages) by its path."""
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_model = _load_benchmark(Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py")
+bench_model = load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py")
 CPU_VARIANTS, PRESETS, Shape = bench_model.CPU_VARIANTS, bench_model.PRESETS, bench_model.Shape
 main, run_variants = bench_model.main, bench_model.run_variants
 

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_bench_model import bench_model
-from test_pretrain import bpc_one_by_one, records, tail, val_documents
+from helpers import bpc_one_by_one, load_script, records, tail, val_documents
 
 from hataori.cli import main as hataori_main
 from hataori.model import ModelConfig
@@ -38,6 +37,7 @@ from hataori.model.attention import BACKENDS, auto_choice
 from hataori.model.model import use_triton
 
 REPO = Path(__file__).resolve().parents[1]
+bench_model = load_script(REPO / "benchmarks" / "bench_model.py")
 ON_GPU = torch.cuda.is_available()
 REHEARSAL = os.environ.get("HATAORI_GPU_REHEARSAL") == "1"
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")

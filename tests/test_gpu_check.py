@@ -107,9 +107,9 @@ def test_only_runs_the_stages_named_and_the_budget_stops_stages(tmp_path):
 def test_targets_read_the_right_figures():
     """The targets on made-up GPU figures, worked out by hand: attention at head dim 128 and 4k-8k only,
     SDPA's best backend (a backend that could not run left out), the fastest 1b variant, the 64k loss."""
-    from test_bench_model import _load_benchmark
+    from helpers import load_script
 
-    gpu_check = _load_benchmark(REPO / "scripts" / "gpu_check.py")
+    gpu_check = load_script(REPO / "scripts" / "gpu_check.py")
 
     def row(provider, head_dim, seq_len, fwd, bwd):
         return {"provider": provider, "head_dim": head_dim, "seq_len": seq_len, "fwd_tflops": fwd, "bwd_tflops": bwd}

@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from helpers import cpu_env
+from helpers import bpc_one_by_one, cpu_env, records, tail, val_documents
 
 from hataori.cli import main as hataori_main
 
@@ -99,24 +98,6 @@ def worker_pid(launcher_pid: int, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank} under launcher {launcher_pid}")
 
 
-def tail(log: Path, lines: int = 40) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-
-
-def records(run_dir: Path, kind: str) -> dict[int, dict]:
-    """``metrics.jsonl`` records of one kind (train or val), by step."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return {}
-    found = {}
-    for line in path.read_text().splitlines():
-        if line.endswith("}"):
-            record = json.loads(line)
-            if record["kind"] == kind:
-                found[record["step"]] = record
-    return found
-
-
 def logged_steps(run_dir: Path) -> dict[str, int]:
     train = records(run_dir, "train")
     return {"train": max(train, default=0)}
@@ -133,37 +114,6 @@ def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
 
 def checkpoints(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
-
-
-# ----------------------------------------------------------------------------- independent bpc
-
-
-def bpc_one_by_one(model, docs: list[np.ndarray], eos_id: int, tokenizer, seq_len: int) -> tuple[float, float]:
-    """Loss and bits per character with each document run alone, unpacked, in windows of ``seq_len``."""
-    nll, tokens, chars = 0.0, 0, 0
-    with torch.no_grad():
-        for doc in docs:
-            ids = torch.from_numpy(np.asarray(doc, dtype=np.int64))
-            inputs = torch.cat([torch.tensor([eos_id]), ids[:-1]])
-            for start in range(0, len(ids), seq_len):
-                logits = model(inputs[None, start:start + seq_len])[0]
-                nll += F.cross_entropy(logits, ids[start:start + seq_len], reduction="sum").item()
-            tokens += len(ids)
-            chars += len(tokenizer.decode(ids[:-1].tolist()))
-    return nll / tokens, nll / math.log(2) / chars
-
-
-def val_documents(shards: Path, max_tokens: int) -> tuple[list[np.ndarray], int]:
-    from hataori.data.shards import Dataset
-
-    val = Dataset(shards, "val")
-    docs, total = [], 0
-    for i in range(len(val)):
-        if total + len(val.doc(i)) > max_tokens:
-            break
-        docs.append(np.asarray(val.doc(i)))
-        total += len(docs[-1])
-    return docs, val.eos_id
 
 
 def test_validation_matches_documents_scored_one_by_one(ja_shards, ja_tokenizer):
