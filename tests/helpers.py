@@ -8,6 +8,7 @@ import math
 import importlib.util
 import os
 import subprocess
+import weakref
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from hataori.model import ModelConfig
+from hataori.model.lora import LoRAConfig
 
 SEQ_LEN = 32
 """The sequence length of the toy model that two-process training tests train (:func:`model_config`)."""
@@ -247,3 +249,90 @@ def val_documents(shards: Path, max_tokens: int) -> tuple[list[np.ndarray], int]
         docs.append(np.asarray(val.doc(i)))
         total += len(docs[-1])
     return docs, val.eos_id
+
+
+# ----------------------------------------------------------------------------- activation memory against autograd
+
+
+def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype,
+                           lora: LoRAConfig | None = None) -> tuple[int, int]:
+    """Bytes of the distinct tensors autograd keeps for the backward pass of one loss computation,
+    parameters and buffers excluded, and the number of documents in the batch. Parameters are cast
+    as DeepSpeed casts them (buffers stay fp32). ``lora``: with adapters applied, in training mode.
+
+    Counted while the loss is alive, each storage once: a tensor saved by a node that the loss's
+    graph does not reach (a checkpoint's saved input where nothing in or before the block trains) is
+    freed with it, and its memory may hold a later tensor."""
+    from hataori.model.lora import apply_lora
+
+    torch.manual_seed(0)
+    model = cfg.build()
+    if lora is not None:
+        apply_lora(model, lora)
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, list[tuple[weakref.ref, int]]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own and t.dim() > 0:  # scalars (the loss's total weight) aside
+            saved.setdefault(storage.data_ptr(), []).append((weakref.ref(t), storage.nbytes()))
+        return t
+
+    contexts = []
+    make_context = model.context
+    model.context = lambda *args: contexts.append(make_context(*args)) or contexts[-1]
+
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len))
+    targets = torch.randint(0, cfg.vocab_size, (batch, seq_len))
+    doc_ids = (torch.rand(batch, seq_len) < 0.1).long().cumsum(dim=1)  # (B, T), a few documents a row
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, doc_ids=doc_ids, targets=targets)
+    if cfg.activation_checkpointing:  # the blocks' context stays alive for their recomputation
+        for t in context_tensors(contexts[0]):
+            pack(t)
+    from hataori.model.attention import document_starts
+
+    n_docs = int(document_starts(doc_ids).sum())
+    alive = [max(nbytes for ref, nbytes in tensors if ref() is not None) for tensors in saved.values()
+             if any(ref() is not None for ref, _ in tensors)]
+    del loss
+    return sum(alive), n_docs
+
+
+def context_tensors(ctx) -> list[torch.Tensor]:
+    """The tensors a model.Context holds: rotary tables or gathered values, positions, documents."""
+    tensors = [ctx.cos, ctx.sin, ctx.positions]
+    if ctx.docs is not None:
+        tensors += [value for value in vars(ctx.docs).values() if isinstance(value, torch.Tensor)]
+    return [t for t in tensors if t is not None]
+
+
+def check_activation_formula(precision: str, dtype: torch.dtype, checkpointing: bool, lora: LoRAConfig | None = None,
+                             **overrides) -> None:
+    """The plan's per-token activation terms against what autograd keeps on a small model.
+
+    The Triton attention with documents also keeps the int32 cumulative document lengths (4 bytes
+    per document, which the plan leaves out): they are added to the expectation here. A LoRA
+    adapter's dropout on a CPU keeps the scaled noise in the activations' dtype where CUDA keeps a
+    bool mask: the formula is given the CPU's mask size."""
+    from hataori.model.memory import activation_bytes, activation_bytes_per_token, loss_backward_bytes, trainable
+
+    cfg = ModelConfig(vocab_size=500, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=160,
+                      max_seq_len=64, activation_checkpointing=checkpointing, **overrides)
+    B, T = 2, 40
+    adapters = None if lora is None else trainable(cfg, lora)
+    t = activation_bytes_per_token(cfg, seq_len=T, precision=precision, lora=adapters, mask_bytes=dtype.itemsize)
+    if checkpointing:  # saved through the forward: each block's input; the block itself is recomputed later
+        forward = B * T * (t["block_inputs"] + t["checkpoint_inputs"] + t["head"])
+    else:
+        forward = B * T * (t["blocks"] + t["head"])
+    saved, n_docs = saved_activation_bytes(cfg, B, T, dtype, lora)
+    cu_seqlens = 4 * (n_docs + 1) if cfg.attention_backend == "triton" and cfg.doc_masking else 0
+    assert saved == forward + cu_seqlens
+    if lora is None or not lora.dropout:  # (the plan's peak counts CUDA's masks)
+        peak = activation_bytes(cfg, micro_batch=B, seq_len=T, precision=precision, checkpointing=checkpointing,
+                                lora=adapters)
+        assert peak == (forward + B * T * (t["loss_backward"] + (t["block"] if checkpointing else 0))
+                        + loss_backward_bytes(cfg, tokens=B * T, precision=precision, lora=adapters))

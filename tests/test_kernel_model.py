@@ -13,7 +13,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_plan import check_activation_formula
+from helpers import check_activation_formula
 
 from triton_tests import DEVICE, ON_GPU, import_kernel, run_without_interpreter
 

@@ -12,20 +12,19 @@ import os
 import re
 import subprocess
 import sys
-import weakref
 from pathlib import Path
 
 import pytest
 import torch
 
 from capabilities import needs
+from helpers import check_activation_formula
 
 from hataori.cli import main as hataori_main
 from hataori.config import load
 from hataori.model import ModelConfig
-from hataori.model.attention import document_starts
 from hataori.model.lora import LoRAConfig, apply_lora
-from hataori.model.memory import (GIB, Trainable, activation_bytes, activation_bytes_per_token, checkpoint_bytes,
+from hataori.model.memory import (GIB, Trainable, activation_bytes_per_token, checkpoint_bytes,
                                   largest_layer_params, loss_backward_bytes, model_states, states_shortfall, trainable)
 from hataori.plan.planner import SETUPS, PlanConfig, Workload, plan, recommend
 
@@ -165,84 +164,6 @@ def test_stage_arithmetic_closed_forms():
 
 
 # ----------------------------------------------------------------------------- activations vs autograd
-
-
-def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype,
-                           lora: LoRAConfig | None = None) -> tuple[int, int]:
-    """Bytes of the distinct tensors autograd keeps for the backward pass of one loss computation,
-    parameters and buffers excluded, and the number of documents in the batch. Parameters are cast
-    as DeepSpeed casts them (buffers stay fp32). ``lora``: with adapters applied, in training mode.
-
-    Counted while the loss is alive, each storage once: a tensor saved by a node that the loss's
-    graph does not reach (a checkpoint's saved input where nothing in or before the block trains) is
-    freed with it, and its memory may hold a later tensor."""
-    torch.manual_seed(0)
-    model = cfg.build()
-    if lora is not None:
-        apply_lora(model, lora)
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    saved: dict[int, list[tuple[weakref.ref, int]]] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in own and t.dim() > 0:  # scalars (the loss's total weight) aside
-            saved.setdefault(storage.data_ptr(), []).append((weakref.ref(t), storage.nbytes()))
-        return t
-
-    contexts = []
-    make_context = model.context
-    model.context = lambda *args: contexts.append(make_context(*args)) or contexts[-1]
-
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len))
-    targets = torch.randint(0, cfg.vocab_size, (batch, seq_len))
-    doc_ids = (torch.rand(batch, seq_len) < 0.1).long().cumsum(dim=1)  # (B, T), a few documents a row
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(ids, doc_ids=doc_ids, targets=targets)
-    if cfg.activation_checkpointing:  # the blocks' context stays alive for their recomputation
-        for t in context_tensors(contexts[0]):
-            pack(t)
-    n_docs = int(document_starts(doc_ids).sum())
-    alive = [max(nbytes for ref, nbytes in tensors if ref() is not None) for tensors in saved.values()
-             if any(ref() is not None for ref, _ in tensors)]
-    del loss
-    return sum(alive), n_docs
-
-
-def context_tensors(ctx) -> list[torch.Tensor]:
-    """The tensors a model.Context holds: rotary tables or gathered values, positions, documents."""
-    tensors = [ctx.cos, ctx.sin, ctx.positions]
-    if ctx.docs is not None:
-        tensors += [value for value in vars(ctx.docs).values() if isinstance(value, torch.Tensor)]
-    return [t for t in tensors if t is not None]
-
-
-def check_activation_formula(precision: str, dtype: torch.dtype, checkpointing: bool, lora: LoRAConfig | None = None,
-                             **overrides) -> None:
-    """The plan's per-token activation terms against what autograd keeps on a small model.
-
-    The Triton attention with documents also keeps the int32 cumulative document lengths (4 bytes
-    per document, which the plan leaves out): they are added to the expectation here. A LoRA
-    adapter's dropout on a CPU keeps the scaled noise in the activations' dtype where CUDA keeps a
-    bool mask: the formula is given the CPU's mask size."""
-    cfg = ModelConfig(vocab_size=500, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=160,
-                      max_seq_len=64, activation_checkpointing=checkpointing, **overrides)
-    B, T = 2, 40
-    adapters = None if lora is None else trainable(cfg, lora)
-    t = activation_bytes_per_token(cfg, seq_len=T, precision=precision, lora=adapters, mask_bytes=dtype.itemsize)
-    if checkpointing:  # saved through the forward: each block's input; the block itself is recomputed later
-        forward = B * T * (t["block_inputs"] + t["checkpoint_inputs"] + t["head"])
-    else:
-        forward = B * T * (t["blocks"] + t["head"])
-    saved, n_docs = saved_activation_bytes(cfg, B, T, dtype, lora)
-    cu_seqlens = 4 * (n_docs + 1) if cfg.attention_backend == "triton" and cfg.doc_masking else 0
-    assert saved == forward + cu_seqlens
-    if lora is None or not lora.dropout:  # (the plan's peak counts CUDA's masks)
-        peak = activation_bytes(cfg, micro_batch=B, seq_len=T, precision=precision, checkpointing=checkpointing,
-                                lora=adapters)
-        assert peak == (forward + B * T * (t["loss_backward"] + (t["block"] if checkpointing else 0))
-                        + loss_backward_bytes(cfg, tokens=B * T, precision=precision, lora=adapters))
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
