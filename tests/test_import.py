@@ -8,7 +8,6 @@ logits equal; under ZeRO-3 on two processes each process must read only its own 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from helpers import hf_llama
 from ranks import launch_ranks, log_tails
 
 LAUNCH_TIMEOUT_S = 180
+WORKER = Path(__file__).with_name("import_worker.py")
 SHAPES = {
     "untied-gqa": dict(tie_word_embeddings=False, num_key_value_heads=2, head_dim=None),
     "tied-gqa": dict(tie_word_embeddings=True, num_key_value_heads=2, head_dim=None),
@@ -154,7 +154,7 @@ def test_zero_loads_each_partition_from_the_file(stage, tmp_path):
     rows (plus at most a row at each end), and the gathered weights equal the file's."""
     folder = hf_llama(tmp_path / "hf", vocab_size=1000, **SHAPES["tied-gqa"])
     out = tmp_path / "result.pt"
-    codes = launch_ranks(__file__, ["load", "--hf", str(folder), "--stage", str(stage), "--out", str(out)],
+    codes = launch_ranks(str(WORKER), ["load", "--hf", str(folder), "--stage", str(stage), "--out", str(out)],
                          tmp_path / "logs", 2, LAUNCH_TIMEOUT_S)
     assert codes == [0, 0], f"exit codes {codes}:\n{log_tails(tmp_path / 'logs')}"
     result = torch.load(out)
@@ -167,48 +167,3 @@ def test_zero_loads_each_partition_from_the_file(stage, tmp_path):
             assert read <= total / 2 + 2 * len(list(ours.parameters())) * 96, (rank, read, total)
         else:
             assert read >= total - (ours.config.padded_vocab_size - 1000) * 64
-
-
-def worker_load(args) -> None:
-    import deepspeed
-    import torch.distributed as dist
-
-    from hataori.interop.hf import HFCheckpoint, model_fields
-    from hataori.interop.load import InitConfig, load_initial_weights, open_source
-    from hataori.model import ModelConfig
-    from hataori.train.zero import ZeroConfig, init_distributed, shutdown_distributed
-
-    env = init_distributed()
-    folder = Path(args.hf)
-    cfg = ModelConfig(**model_fields(HFCheckpoint(folder).config, folder / "config.json"))
-    zero = ZeroConfig(stage=args.stage, precision="fp32", micro_batch_size=1, global_batch_tokens=2 * 32)
-    model = zero.build_model(cfg, env.device, seq_len=32, grad_clip=1.0)
-    plan = open_source(InitConfig(from_hf=str(folder)), cfg, None)
-    read = [0]
-    rows = HFCheckpoint.rows
-
-    def counting_rows(self, name, start, stop):
-        tensor = rows(self, name, start, stop)
-        read[0] += tensor.numel()
-        return tensor
-
-    HFCheckpoint.rows = counting_rows
-    load_initial_weights(model, plan)
-    params = dict(model.named_parameters())
-    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=args.stage == 3):
-        weights = {name: t.detach().clone() for name, t in model.state_dict().items()}
-    counts = [None] * env.world_size
-    dist.all_gather_object(counts, read[0])
-    if env.is_main:
-        torch.save({"weights": weights, "read": dict(enumerate(counts))}, args.out)
-    shutdown_distributed()
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="mode", required=True)
-    load = sub.add_parser("load")
-    load.add_argument("--hf", required=True)
-    load.add_argument("--stage", type=int, required=True)
-    load.add_argument("--out", required=True)
-    worker_load(parser.parse_args())
