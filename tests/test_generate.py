@@ -3,7 +3,6 @@ and real DeepSpeed checkpoints (ZeRO-0 and ZeRO-3, two processes) against the we
 
 from __future__ import annotations
 
-import argparse
 import io
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from capabilities import needs
+from generate_worker import SEQ_LEN, tiny_config
 from ranks import launch_ranks, log_tails
 
 from hataori.checkpoint.states import resolve_checkpoint
@@ -19,10 +19,9 @@ from hataori.cli import main as hataori_main
 from hataori.errors import HataoriError
 from hataori.eval.generate import Sampling, filtered_probs, generate, next_token, top_k_filter, top_p_filter
 from hataori.interop.load import load_model
-from hataori.model import ModelConfig
 
 LAUNCH_TIMEOUT_S = 120
-SEQ_LEN = 32
+WORKER = Path(__file__).with_name("generate_worker.py")
 SENTENCES = [
     "吾輩は猫である。名前はまだ無い。", "どこで生れたかとんと見当がつかぬ。",
     "何でも薄暗いじめじめした所で泣いていた事だけは記憶している。",
@@ -30,11 +29,6 @@ SENTENCES = [
     "東京の天気は晴れのち曇りです。",
     "日本語の文章を読み込んで学習します。", "モデルは次の単語を予測します。",
 ]
-
-
-def tiny_config(vocab_size: int = 97, **kwargs) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64,
-                       max_seq_len=SEQ_LEN, tie_embeddings=True, **kwargs)
 
 
 # ----------------------------------------------------------------------------- samplers
@@ -298,7 +292,7 @@ def test_generate_in_bf16_is_the_model_built_in_bf16(tokenizer_dir, tmp_path, ca
 
 def launch(args: list[str], log_dir: Path, nproc: int = 2) -> None:
     """Run this file's worker on ``nproc`` processes of one group, within a hard time limit."""
-    codes = launch_ranks(__file__, args, log_dir, nproc, LAUNCH_TIMEOUT_S)
+    codes = launch_ranks(str(WORKER), args, log_dir, nproc, LAUNCH_TIMEOUT_S)
     assert codes == [0] * nproc, f"exit codes {codes}:\n{log_tails(log_dir)}"
 
 
@@ -351,55 +345,3 @@ def test_generate_errors(tmp_path, capsys):
     (tmp_path / "checkpoints" / "step_00000001").mkdir(parents=True)
     assert hataori_main(["generate", str(tmp_path), "こんにちは"]) == 2
     assert "step_00000001/manifest.json: missing" in capsys.readouterr().err
-
-
-# ----------------------------------------------------------------------------- worker
-
-
-def worker_train(args) -> None:
-    """Two optimizer steps on random tokens, a checkpoint through the Checkpointer, the run's config, and
-    (rank 0) the weights as the engine holds them in memory."""
-    import deepspeed
-
-    from hataori.checkpoint.checkpointer import CheckpointConfig, Checkpointer, seed_all
-    from hataori.checkpoint.record import record_run
-    from hataori.config import to_dict
-    from hataori.tokenizer.model import Tokenizer
-    from hataori.train.optim import OptimConfig, ScheduleConfig
-    from hataori.train.zero import ZeroConfig, init_distributed, shutdown_distributed
-
-    env = init_distributed()
-    run_dir = Path(args.run_dir)
-    cfg = tiny_config(Tokenizer(args.tokenizer).vocab_size)
-    if env.is_main:
-        record_run(run_dir, {"model": to_dict(cfg), "tokenizer": args.tokenizer}, world_size=env.world_size)
-    seed_all(1234)
-    model = cfg.build()
-    optim = OptimConfig(lr=1e-2, weight_decay=0.1, grad_clip=1.0)
-    optimizer = optim.build(model)
-    scheduler = ScheduleConfig(kind="cosine", warmup_steps=1, min_lr=1e-3).build(optimizer, total_steps=2)
-    zero = ZeroConfig(stage=args.stage, precision="fp32", micro_batch_size=2,
-                      global_batch_tokens=2 * SEQ_LEN * env.world_size)
-    engine = zero.build(model, optimizer, scheduler, seq_len=SEQ_LEN, grad_clip=optim.grad_clip, run_dir=run_dir)
-    rng = np.random.default_rng([5, env.rank])
-    for _ in range(2):
-        tokens = torch.from_numpy(rng.integers(0, cfg.vocab_size, (2, SEQ_LEN + 1)))
-        engine.backward(engine(tokens[:, :-1], targets=tokens[:, 1:]))
-        engine.step()
-    Checkpointer(CheckpointConfig(), run_dir / "checkpoints", engine).save(2, loader_state={})
-    params = dict(engine.module.named_parameters())
-    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=args.stage == 3):
-        weights = {name: tensor.detach().clone().float() for name, tensor in engine.module.state_dict().items()}
-    if env.is_main:
-        torch.save(weights, run_dir / "weights.pt")
-    shutdown_distributed()
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="mode", required=True)
-    train = sub.add_parser("train")
-    train.add_argument("--stage", type=int, required=True)
-    train.add_argument("--run-dir", required=True)
-    train.add_argument("--tokenizer", required=True)
-    worker_train(parser.parse_args())
