@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO stages 0-3 on two real processes: resume exactness, kills mid-save, accumulation.
 
-Each test launches two processes of this file (``python tests/test_zero_resume.py <mode> ...``)
+Each test launches two processes of tests/zero_worker.py (``python tests/zero_worker.py <mode> ...``)
 with the variables torchrun would set, and compares what they write against an independent
 reference: the losses of an uninterrupted run, or the same update made in one micro-batch.
 Every launch has a hard time limit, so a hang fails instead of stalling.
@@ -8,25 +8,23 @@ Every launch has a hard time limit, so a hang fails instead of stalling.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from capabilities import needs
-from helpers import SEQ_LEN, TokenStream, after_each_step, build_engine, model_config
+from helpers import SEQ_LEN, model_config
 from ranks import launch_ranks, log_tails
 
 LAUNCH_TIMEOUT_S = 150
+WORKER = Path(__file__).with_name("zero_worker.py")
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -34,7 +32,7 @@ LAUNCH_TIMEOUT_S = 150
 
 def launch(mode_args: list[str], log_dir: Path, nproc: int = 2, timeout: float = LAUNCH_TIMEOUT_S) -> list[int]:
     """Run this file on ``nproc`` processes of one process group; return their exit codes."""
-    return launch_ranks(__file__, mode_args, log_dir, nproc, timeout)
+    return launch_ranks(str(WORKER), mode_args, log_dir, nproc, timeout)
 
 
 def expect_success(codes: list[int], log_dir: Path) -> None:
@@ -106,8 +104,9 @@ def test_single_process_needs_no_launcher(tmp_path):
     launcher_vars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"}
     env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
     env.update(OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(tmp_path / "torch_extensions"))
-    result = subprocess.run([sys.executable, __file__, "train", "--stage", "1", "--run-dir", str(run), "--steps", "2",
-                             "--save-every", "2"], env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    result = subprocess.run([sys.executable, str(WORKER), "train", "--stage", "1", "--run-dir", str(run), "--steps",
+                             "2", "--save-every", "2"], env=env, capture_output=True, text=True,
+                            timeout=LAUNCH_TIMEOUT_S)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(read_steps(run)) == [1, 2]
     assert (run / "checkpoints" / "step_00000002").is_dir()
@@ -141,9 +140,6 @@ def test_grad_accumulation_matches_one_big_micro_batch(tmp_path):
             # tiny: compare the updates to 1% of one step's size (lr = 1e-3).
             torch.testing.assert_close(four["params"][name], param, rtol=0, atol=1e-5,
                                        msg=lambda m: f"stage {stage} {name}: {m}")
-
-
-# ----------------------------------------------------------------------------- worker
 
 
 @pytest.mark.slow
@@ -190,152 +186,3 @@ def test_stage1_model_is_built_in_the_training_precision():
     assert built.lm_head.weight is built.tok_embeddings.weight
     for (name, mine), ref in zip(built.named_parameters(), whole.parameters()):
         assert torch.equal(mine, ref.bfloat16()), name
-
-
-def worker_train(args) -> None:
-    """Train with checkpoints through the Trainer, resuming from the latest complete checkpoint; rank 0
-    logs each step's loss and a draw from each random generator (which a resume must restore)."""
-    from hataori.checkpoint.checkpointer import CheckpointConfig, Checkpointer
-    from hataori.checkpoint.record import record_run
-    from hataori.train.trainer import Trainer, TrainerConfig
-    from hataori.train.zero import init_distributed
-
-    env = init_distributed()
-    run_dir = Path(args.run_dir)
-    if env.is_main:
-        record_run(run_dir, {"stage": args.stage, "steps": args.steps}, world_size=env.world_size)
-    engine = build_engine(args.stage, micro_batch=2, global_batch_tokens=2 * 2 * SEQ_LEN * env.world_size,
-                          total_steps=args.steps, run_dir=run_dir, precision=args.precision, offload=args.offload,
-                          build_model=True)  # as hataori pretrain builds it
-    checkpointer = Checkpointer(CheckpointConfig(every_steps=args.save_every, keep_last=args.keep_last),
-                                run_dir / "checkpoints", engine)
-    if args.kill_in_save_at is not None:
-        _die_after_deepspeed_save(engine, args.kill_in_save_at)
-    data = TokenStream(seed=7, rank=env.rank, rows=engine.train_micro_batch_size_per_gpu())
-
-    def record(metrics) -> None:
-        draws = [random.random(), float(np.random.rand()), torch.rand(1).item()]
-        if env.is_main:
-            with open(run_dir / "steps.jsonl", "a") as f:
-                f.write(json.dumps({"step": metrics.step, "loss": metrics.loss, "rng": draws, "lr": metrics.lr,
-                                    "tokens_seen": metrics.tokens_seen, "seconds": metrics.seconds}) + "\n")
-        if metrics.step == args.stop_at and env.rank == env.world_size - 1:
-            trainer.request_stop()  # on the last rank only: the request must reach the others
-
-    trainer = Trainer(TrainerConfig(max_steps=args.steps), engine=engine, loader=data, checkpointer=checkpointer,
-                      callbacks=[after_each_step(record)])
-    trainer.fit()
-
-
-def _die_after_deepspeed_save(engine, step: int) -> None:
-    """SIGKILL this process once DeepSpeed has written its part of checkpoint ``step``."""
-    save = engine.save_checkpoint
-
-    def save_then_die(save_dir, tag=None, **kwargs):
-        result = save(save_dir, tag=tag, **kwargs)
-        if tag == f"step_{step:08d}.incomplete":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return result
-
-    engine.save_checkpoint = save_then_die
-
-
-def worker_accum(args) -> None:
-    """For each stage: two optimizer steps on the same global batches, as 1 x 8 and as 4 x 2."""
-    import deepspeed
-
-    from hataori.train.zero import init_distributed
-
-    env = init_distributed()
-    rows, steps = 8, 2
-    results = {}
-    for stage in (0, 1, 2, 3):
-        runs = []
-        for micro in (8, 2):
-            engine = build_engine(stage, micro_batch=micro, global_batch_tokens=rows * SEQ_LEN * env.world_size,
-                                  total_steps=steps)
-            data = TokenStream(seed=11, rank=env.rank, rows=rows)
-            grads = []
-            for _ in range(steps):
-                batch = next(data)
-                inputs, targets = torch.from_numpy(batch.inputs), torch.from_numpy(batch.targets)
-                for k in range(0, rows, micro):
-                    engine.backward(engine(inputs[k:k + micro], targets=targets[k:k + micro]))
-                    if k + micro == rows:  # the accumulation boundary: gradients are averaged now
-                        grads.append({name: deepspeed.utils.safe_get_full_grad(param).clone()
-                                      for name, param in engine.module.named_parameters()})
-                    engine.step()
-            params = {}
-            for name, param in engine.module.named_parameters():
-                with deepspeed.zero.GatheredParameters([param], enabled=stage == 3):
-                    params[name] = param.detach().clone()
-            runs.append({"micro_batches": rows // micro, "grads": grads, "params": params})
-            engine.destroy()
-        results[stage] = runs
-    if env.is_main:
-        torch.save(results, args.out)
-
-
-def worker_build(args) -> None:
-    """For ZeRO-3 (and stage 1): the model built partitioned against the model built whole, in the
-    parameters each process holds after the build, the weights and the losses of three steps."""
-    import deepspeed
-
-    from hataori.train.zero import init_distributed
-
-    env = init_distributed()
-    cfg = dataclasses.replace(model_config(), tie_embeddings=True)
-    results = {}
-    for stage in (1, 3):
-        runs = {}
-        for build_model in (False, True):
-            engine = build_engine(stage, micro_batch=2, global_batch_tokens=2 * SEQ_LEN * env.world_size,
-                                  total_steps=3, precision=args.precision, build_model=build_model, model_cfg=cfg)
-            held = sum(p.numel() if getattr(p, "ds_tensor", None) is None else p.ds_tensor.numel()
-                       for p in engine.module.parameters())
-            params = {}
-            for name, param in engine.module.named_parameters():
-                with deepspeed.zero.GatheredParameters([param], enabled=stage == 3):
-                    params[name] = param.detach().float().clone()
-            data = TokenStream(seed=3, rank=env.rank, rows=2)
-            losses = []
-            for _ in range(3):
-                batch = next(data)
-                loss = engine(torch.from_numpy(batch.inputs), targets=torch.from_numpy(batch.targets))
-                engine.backward(loss)
-                engine.step()
-                losses.append(loss.item())
-            runs[build_model] = {"held": held, "params": params, "losses": losses}
-            engine.destroy()
-        results[stage] = runs
-    torch.save(results, f"{args.out}.rank{env.rank}")
-
-
-def main() -> None:
-    from hataori.train.zero import shutdown_distributed
-
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="mode", required=True)
-    train = sub.add_parser("train")
-    train.add_argument("--stage", type=int, required=True)
-    train.add_argument("--run-dir", required=True)
-    train.add_argument("--steps", type=int, required=True)
-    train.add_argument("--save-every", type=int, required=True)
-    train.add_argument("--keep-last", type=int, default=2)
-    train.add_argument("--kill-in-save-at", type=int)
-    train.add_argument("--stop-at", type=int)
-    train.add_argument("--precision", default="fp32")
-    train.add_argument("--offload", default="none")
-    accum = sub.add_parser("accum")
-    accum.add_argument("--out", required=True)
-    build = sub.add_parser("build")
-    build.add_argument("--out", required=True)
-    build.add_argument("--precision", default="fp32")
-    args = parser.parse_args()
-    torch.use_deterministic_algorithms(True)
-    {"train": worker_train, "accum": worker_accum, "build": worker_build}[args.mode](args)
-    shutdown_distributed()
-
-
-if __name__ == "__main__":
-    main()
