@@ -1,8 +1,9 @@
 """Shared fixtures: the real Japanese corpus and a tokenizer trained on it.
 
-The Debian Japanese documentation corpus is built once per machine into a cache folder
-(``HATAORI_TEST_CACHE``, default ``~/.cache/hataori-tests``) by the same command users run, and
-reused afterwards (the builder is idempotent). The tokenizer is trained once per test session.
+The corpora (Debian's Japanese documentation, news sentences, Python's docstrings) are built once per
+machine into a cache folder (``HATAORI_TEST_CACHE``, default ``~/.cache/hataori-tests``) by
+scripts/test_data.sh, with the same commands users run; the tests only read them and never download. The
+tokenizers are trained once per test session.
 """
 
 from __future__ import annotations
@@ -23,28 +24,33 @@ def cache_dir() -> Path:
     return path
 
 
+def built_corpus(name: str) -> Path:
+    """The cache's folder of corpus ``name`` as scripts/test_data.sh built it (corpus.jsonl and, written
+    last, manifest.json); the test fails, naming the script, where it is not built."""
+    out = cache_dir() / name
+    if not (out / "manifest.json").is_file() or not (out / "corpus.jsonl").is_file():
+        pytest.fail(f"the test corpus {name} is not built in {out}: run 'bash scripts/test_data.sh' (scripts/test.sh "
+                    "does; it downloads Debian packages and one PyPI sdist the first time), then the tests again",
+                    pytrace=False)
+    return out
+
+
 @pytest.fixture(scope="session")
 def ja_corpus() -> Path:
-    """Folder of the Debian Japanese corpus: corpus.jsonl (text, source, path) and manifest.json."""
-    out = cache_dir() / "debian-ja"
-    assert hataori_main(["corpus", "debian-ja", str(out)]) == 0
-    return out
+    """Folder of the Debian Japanese corpus: corpus.jsonl (text, source, path), manifest.json and debs/."""
+    return built_corpus("debian-ja")
 
 
 @pytest.fixture(scope="session")
 def ja_other_text() -> Path:
     """JSONL of news-style Japanese sentences (not documentation), for out-of-domain evaluation."""
-    out = cache_dir() / "ja-news"
-    assert hataori_main(["corpus", "ja-news", str(out)]) == 0
-    return out / "corpus.jsonl"
+    return built_corpus("ja-news") / "corpus.jsonl"
 
 
 @pytest.fixture(scope="session")
 def en_corpus() -> Path:
     """Folder of English documentation text (the docstrings of Python's standard library)."""
-    out = cache_dir() / "python-docs"
-    assert hataori_main(["corpus", "python-docs", str(out)]) == 0
-    return out
+    return built_corpus("python-docs")
 
 
 @pytest.fixture(scope="session")
