@@ -9,16 +9,18 @@ from pathlib import Path
 
 import torch
 
+from helpers import tiny_config
+
 from hataori.model import ModelConfig
 
 SEQ_LEN = 32
 STAGES = (0, 1, 2, 3)
 
 
-def model_config(vocab_size: int, **kwargs) -> ModelConfig:
-    """GQA 4:2, a head width other than d_model / n_heads, vocabulary padded past the tokenizer's."""
-    return ModelConfig(vocab_size=vocab_size, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                       ffn_hidden=80, max_seq_len=SEQ_LEN, rope_base=5000.0, norm_eps=1e-6, **kwargs)
+def model_config(vocab_size: int) -> ModelConfig:
+    """The tests' tiny model with a head width other than d_model / n_heads, the vocabulary padded past the
+    tokenizer's, and a rotary base and norm epsilon other than the defaults (export must carry them)."""
+    return tiny_config(vocab_size=vocab_size, head_dim=24, max_seq_len=SEQ_LEN, rope_base=5000.0, norm_eps=1e-6)
 
 
 def worker_save(args) -> None:

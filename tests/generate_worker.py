@@ -10,14 +10,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from helpers import tiny_config
+
 from hataori.model import ModelConfig
 
 SEQ_LEN = 32
 
 
-def tiny_config(vocab_size: int = 97, **kwargs) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64,
-                       max_seq_len=SEQ_LEN, tie_embeddings=True, **kwargs)
+def model_config(vocab_size: int = 97) -> ModelConfig:
+    """The model the workers train and test_generate.py builds: the tests' tiny one, embeddings tied."""
+    return tiny_config(vocab_size=vocab_size, max_seq_len=SEQ_LEN, tie_embeddings=True)
 
 
 def worker_train(args) -> None:
@@ -34,7 +36,7 @@ def worker_train(args) -> None:
 
     env = init_distributed()
     run_dir = Path(args.run_dir)
-    cfg = tiny_config(Tokenizer(args.tokenizer).vocab_size)
+    cfg = model_config(Tokenizer(args.tokenizer).vocab_size)
     if env.is_main:
         record_run(run_dir, {"model": to_dict(cfg), "tokenizer": args.tokenizer}, world_size=env.world_size)
     seed_all(1234)

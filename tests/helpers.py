@@ -21,9 +21,18 @@ import torch.nn.functional as F
 from hataori.model import ModelConfig
 from hataori.model.lora import LoRAConfig
 
+REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN = 32
-"""The sequence length of the toy model that two-process training tests train (:func:`model_config`)."""
+"""The sequence length two-process training tests train at (:func:`build_engine`)."""
 VOCAB = 1000
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """The tests' one small Llama-style model: 2 layers, width 64, 4 query heads sharing 2 key/value heads,
+    vocabulary 1000 (padded to 1024), 64 positions, rotary base 500 (about 0.3M parameters); a test
+    names the fields it needs otherwise."""
+    fields = dict(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, rope_base=500.0)
+    return ModelConfig(**{**fields, **overrides})
 
 
 def make_run(root: Path, tokenizer_dir: Path, change=None) -> tuple[Path, Path]:
@@ -139,13 +148,6 @@ def cpu_env(extensions: Path) -> dict[str, str]:
 # ----------------------------------------------------------------------------- a toy engine
 
 
-def model_config():
-    """A ~0.4M-parameter Llama-style toy model."""
-    from hataori.model import ModelConfig
-
-    return ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, ffn_hidden=192, max_seq_len=SEQ_LEN)
-
-
 class TokenStream:
     """Deterministic random token rows for one rank, each row two documents, with a resumable position."""
 
@@ -176,26 +178,34 @@ class TokenStream:
 
 
 def build_engine(stage: int, *, micro_batch: int, global_batch_tokens: int, total_steps: int, run_dir=None,
-                 precision: str = "fp32", offload: str = "none", build_model: bool = False, model_cfg=None):
-    """The engine over the toy model, built by ``ModelConfig.build()`` or, with ``build_model``, by
-    ``ZeroConfig.build_model`` (partitioned as it is built for ZeRO-3)."""
+                 precision: str = "fp32", offload: str = "none", build_model: bool = False, model_cfg=None,
+                 seq_len: int = SEQ_LEN, optim=None, schedule=None, lora: LoRAConfig | None = None, **zero_fields):
+    """A DeepSpeed engine over ``model_cfg`` (default: :func:`tiny_config` at ``seq_len`` positions), built
+    by ``ModelConfig.build()`` or, with ``build_model``, by ``ZeroConfig.build_model`` (partitioned as it
+    is built for ZeRO-3); ``offload``: none, cpu (the optimizer) or cpu+params (ZeRO-3's parameters too);
+    ``lora``: adapters applied before the optimizer is built; ``zero_fields``: other ZeroConfig fields."""
     from hataori.checkpoint.checkpointer import seed_all
     from hataori.train.optim import OptimConfig, ScheduleConfig
     from hataori.train.zero import ZeroConfig
 
     seed_all(1234)
-    optim = OptimConfig(lr=1e-3, weight_decay=0.1, grad_clip=1.0)
+    optim = optim or OptimConfig(lr=1e-3, weight_decay=0.1, grad_clip=1.0)
+    schedule = schedule or ScheduleConfig(kind="cosine", warmup_steps=1, min_lr=1e-4)
     zero = ZeroConfig(stage=stage, precision=precision, offload_optimizer="none" if offload == "none" else "cpu",
                       offload_params="cpu" if offload == "cpu+params" else "none", micro_batch_size=micro_batch,
-                      global_batch_tokens=global_batch_tokens)
-    model_cfg = model_cfg or model_config()
+                      global_batch_tokens=global_batch_tokens, **zero_fields)
+    model_cfg = model_cfg or tiny_config(max_seq_len=seq_len)
     if build_model:
-        model = zero.build_model(model_cfg, torch.device("cpu"), seq_len=SEQ_LEN, grad_clip=optim.grad_clip)
+        model = zero.build_model(model_cfg, torch.device("cpu"), seq_len=seq_len, grad_clip=optim.grad_clip)
     else:
         model = model_cfg.build()
+    if lora is not None:
+        from hataori.model import apply_lora
+
+        apply_lora(model, lora)
     optimizer = optim.build(model)
-    scheduler = ScheduleConfig(kind="cosine", warmup_steps=1, min_lr=1e-4).build(optimizer, total_steps=total_steps)
-    return zero.build(model, optimizer, scheduler, seq_len=SEQ_LEN, grad_clip=optim.grad_clip, run_dir=run_dir)
+    scheduler = schedule.build(optimizer, total_steps=total_steps)
+    return zero.build(model, optimizer, scheduler, seq_len=seq_len, grad_clip=optim.grad_clip, run_dir=run_dir)
 
 
 # ----------------------------------------------------------------------------- run folders
@@ -319,8 +329,7 @@ def check_activation_formula(precision: str, dtype: torch.dtype, checkpointing: 
     bool mask: the formula is given the CPU's mask size."""
     from hataori.model.memory import activation_bytes, activation_bytes_per_token, loss_backward_bytes, trainable
 
-    cfg = ModelConfig(vocab_size=500, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=160,
-                      max_seq_len=64, activation_checkpointing=checkpointing, **overrides)
+    cfg = tiny_config(n_layers=3, activation_checkpointing=checkpointing, **overrides)
     B, T = 2, 40
     adapters = None if lora is None else trainable(cfg, lora)
     t = activation_bytes_per_token(cfg, seq_len=T, precision=precision, lora=adapters, mask_bytes=dtype.itemsize)

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from helpers import build_engine, tiny_config
+
 SEQ_LEN = 16
 VOCAB = 256
 ROWS = 2
@@ -35,36 +37,21 @@ ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 SCALER_KEYS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 
 
-def model_config():
-    """A ~30k-parameter Llama-style model with tied embeddings (two parameter groups)."""
-    from hataori.model import ModelConfig
-
-    return ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, ffn_hidden=64, max_seq_len=SEQ_LEN,
-                       tie_embeddings=True)
-
-
-def build_engine(stage: int, precision: str, offload: str, total_steps: int, lora: bool = False):
-    """The engine over the toy model; ``offload``: none, cpu (the optimizer) or cpu+params (ZeRO-3's
-    parameters too); ``lora``: rank-4 adapters on every attention and MLP projection, the rest frozen.
-    Gradient clipping is off: its norm is summed in another order on another number of ranks, while
-    the update is otherwise the same bits on one rank and on two."""
-    from hataori.checkpoint.checkpointer import seed_all
+def build(args):
+    """The engine over a small model with tied embeddings (two parameter groups); ``args.offload``: none,
+    cpu (the optimizer) or cpu+params (ZeRO-3's parameters too); ``args.lora``: rank-4 adapters on every
+    attention and MLP projection, the rest frozen. Gradient clipping is off: its norm is summed in another
+    order on another number of ranks, while the update is otherwise the same bits on one rank and on two."""
+    from hataori.model import LoRAConfig
     from hataori.train.optim import OptimConfig, ScheduleConfig
-    from hataori.train.zero import ZeroConfig
 
-    seed_all(1234)
-    optim = OptimConfig(lr=1e-2, weight_decay=0.1, grad_clip=0.0)
-    zero = ZeroConfig(stage=stage, precision=precision, offload_optimizer="none" if offload == "none" else "cpu",
-                      offload_params="cpu" if offload == "cpu+params" else "none", micro_batch_size=ROWS,
-                      global_batch_tokens=MICRO_BATCHES * ROWS * SEQ_LEN, bucket_elements=4096)
-    model = model_config().build()
-    if lora:
-        from hataori.model import LoRAConfig, apply_lora
-
-        apply_lora(model, LoRAConfig(rank=4, targets=("attn.*", "mlp.*")))
-    optimizer = optim.build(model)
-    scheduler = ScheduleConfig(kind="cosine", warmup_steps=2, min_lr=1e-3).build(optimizer, total_steps=total_steps)
-    return zero.build(model, optimizer, scheduler, seq_len=SEQ_LEN, grad_clip=optim.grad_clip)
+    return build_engine(args.stage, micro_batch=ROWS, global_batch_tokens=MICRO_BATCHES * ROWS * SEQ_LEN,
+                        total_steps=args.steps + args.more, precision=args.precision, offload=args.offload,
+                        model_cfg=tiny_config(vocab_size=VOCAB, max_seq_len=SEQ_LEN, tie_embeddings=True),
+                        seq_len=SEQ_LEN, optim=OptimConfig(lr=1e-2, weight_decay=0.1, grad_clip=0.0),
+                        schedule=ScheduleConfig(kind="cosine", warmup_steps=2, min_lr=1e-3),
+                        lora=LoRAConfig(rank=4, targets=("attn.*", "mlp.*")) if args.lora else None,
+                        bucket_elements=4096)
 
 
 def micro_batch(step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +110,7 @@ def worker_save(args) -> None:
     from hataori.train.zero import init_distributed
 
     env = init_distributed()
-    engine = build_engine(args.stage, args.precision, args.offload, args.steps + args.more, args.lora)
+    engine = build(args)
     losses = train(engine, 0, args.steps)
     checkpointer = Checkpointer(CheckpointConfig(), Path(args.run_dir) / "checkpoints", engine, frozen=args.lora)
     checkpointer.save(args.steps, loader_state={"position": args.steps}, client_state={"tokens_seen": 123})
@@ -140,13 +127,13 @@ def worker_load(args) -> None:
 
     env = init_distributed()
     path = Path(args.run_dir) / "checkpoints" / f"step_{args.steps:08d}"
-    engine = build_engine(args.stage, args.precision, args.offload, args.steps + args.more, args.lora)
+    engine = build(args)
     loader = Checkpointer(CheckpointConfig(), path.parent, engine, frozen=args.lora).module_loader(path)
     client_state = load_resharded(engine, path, read_manifest(path)["world_size"], module_loader=loader)
     loaded = whole_state(engine)
     resumed = train(engine, args.steps, args.steps + args.more)
     engine.destroy()
-    engine = build_engine(args.stage, args.precision, args.offload, args.steps + args.more, args.lora)
+    engine = build(args)
     uninterrupted = train(engine, 0, args.steps + args.more)
     if env.is_main:
         torch.save({"client_state": {k: client_state[k] for k in ("step", "tokens_seen", "world_size")},

@@ -19,19 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from capabilities import needs
+from helpers import tiny_config
 
 from hataori.cli import main as hataori_main
 from hataori.errors import ConfigError, InputError
 from hataori.eval.tasks import JGLUE, TASKS, read_examples
-from hataori.model import ModelConfig
 
 SEQ_LEN = 256
-
-
-def tiny_config(vocab_size: int) -> ModelConfig:
-    """GQA 4:2, a head width other than d_model / n_heads, vocabulary padded past the tokenizer's."""
-    return ModelConfig(vocab_size=vocab_size, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                       ffn_hidden=80, max_seq_len=SEQ_LEN, init_std=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +43,8 @@ def tokenizer(tokenizer_dir):
 @pytest.fixture(scope="module")
 def model(tokenizer):
     torch.manual_seed(0)
-    return tiny_config(tokenizer.vocab_size).build().eval()
+    # GQA 4:2, a head width other than d_model / n_heads, vocabulary padded past the tokenizer's
+    return tiny_config(vocab_size=tokenizer.vocab_size, head_dim=24, max_seq_len=SEQ_LEN, init_std=0.2).build().eval()
 
 
 @pytest.fixture(scope="module")

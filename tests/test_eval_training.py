@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import cpu_env
+from helpers import cpu_env, tiny_config
 
 from hataori.cli import main as hataori_main
 
@@ -33,14 +33,6 @@ OVERRIDES = ["model.vocab_size=4000", "model.d_model=64", "model.n_layers=2", "m
              "validation.max_tokens=1000", "logging.every_steps=1",
              "validation.tasks=[{task: jcommonsenseqa, limit: 24}, {task: jcommonsenseqa, name: jcqa-2shot, shots: 2, "
              "seed: 3, limit: 5, batch_size: 3, every_steps: 4}]"]
-
-
-def tiny_model(vocab_size: int):
-    from hataori.model import ModelConfig
-
-    torch.manual_seed(0)
-    return ModelConfig(vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=128,
-                       init_std=0.2).build().eval()
 
 
 # ----------------------------------------------------------------------------- one process against ranks
@@ -67,7 +59,8 @@ def test_ranks_share_the_batches_and_their_sum_is_one_process(ja_tokenizer):
     from hataori.tokenizer.model import Tokenizer
 
     tokenizer = Tokenizer(ja_tokenizer)
-    model = tiny_model(tokenizer.vocab_size)
+    torch.manual_seed(0)
+    model = tiny_config(vocab_size=tokenizer.vocab_size, max_seq_len=128, init_std=0.2).build().eval()
     task = prepare_task(tokenizer, "jcommonsenseqa", shots=1, limit=7)
     requests = task.prepared.requests
     one = task.run(model, batch_size=4)

@@ -92,7 +92,7 @@ def test_transformers_loads_the_export_offline_with_our_logits(stage_runs, ja_to
     assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (
         tok.bos_id, tok.eos_id, tok.pad_id)
     config = json.loads((out / "config.json").read_text())
-    assert config["rope_theta"] == 5000.0 and config["head_dim"] == 16 and config["vocab_size"] == tok.vocab_size
+    assert config["rope_theta"] == 5000.0 and config["head_dim"] == 24 and config["vocab_size"] == tok.vocab_size
     card = (out / "README.md").read_text()
     assert tok.fingerprint in card and "tokens seen" in card
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from capabilities import needs
-from generate_worker import SEQ_LEN, tiny_config
+from generate_worker import SEQ_LEN, model_config
 from ranks import launch_ranks, log_tails
 
 from hataori.checkpoint.states import resolve_checkpoint
@@ -155,7 +155,7 @@ def test_greedy_generation_is_argmax_decoding():
     """Each generated token is the argmax of one teacher-forced forward pass over the whole output, and
     generation stops at EOS; contexts past max_seq_len keep their last max_seq_len tokens."""
     torch.manual_seed(0)
-    model = tiny_config().build().eval()
+    model = model_config().build().eval()
     prompt = [3, 14, 15, 92, 65]
     new = generate(model, prompt, max_new_tokens=12, eos_id=None, sampling=Sampling(greedy=True))
     assert len(new) == 12
@@ -178,7 +178,7 @@ def test_generation_refuses_non_finite_logits(sampling):
     the first new token instead of printing tokens (SDPA's CPU kernel returned finite rows for NaN queries,
     and normal-looking text, until the sdpa backend checked its inputs)."""
     torch.manual_seed(0)
-    model = tiny_config().build().eval()
+    model = model_config().build().eval()
     with torch.no_grad():
         model.blocks[0].attn.wq.weight[0, 0] = float("nan")
         assert not torch.isfinite(model(torch.tensor([[3, 14, 15, 92, 65]]))[0, -1]).any()
@@ -189,7 +189,7 @@ def test_generation_refuses_non_finite_logits(sampling):
 
 def test_seeded_sampling_repeats():
     torch.manual_seed(0)
-    model = tiny_config().build().eval()
+    model = model_config().build().eval()
     runs = [generate(model, [1, 2, 3], max_new_tokens=10, eos_id=None, sampling=Sampling(top_k=20, top_p=0.9),
                      generator=torch.Generator().manual_seed(seed)) for seed in (7, 7, 8)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
@@ -236,7 +236,7 @@ def test_only_the_tokenizer_the_run_was_trained_with_is_used(tokenizer_dir, othe
     ours, other = Tokenizer(tokenizer_dir), Tokenizer(other_tokenizer_dir)
     assert ours.vocab_size == other.vocab_size and ours.fingerprint != other.fingerprint
     run = tmp_path / "run"
-    record_run(run, {"model": to_dict(tiny_config(ours.vocab_size)), "tokenizer": str(tokenizer_dir)})
+    record_run(run, {"model": to_dict(model_config(ours.vocab_size)), "tokenizer": str(tokenizer_dir)})
     config = read_config(run)
     assert run_tokenizer(run, config, None, ours.vocab_size).fingerprint == ours.fingerprint
     assert run_tokenizer(run, config, str(tokenizer_dir / "tokenizer.model"), ours.vocab_size).path == ours.path
@@ -270,7 +270,7 @@ def test_generate_in_bf16_is_the_model_built_in_bf16(tokenizer_dir, tmp_path, ca
 
     tokenizer = Tokenizer(tokenizer_dir)
     torch.manual_seed(4)
-    model = tiny_config(tokenizer.vocab_size).build()
+    model = model_config(tokenizer.vocab_size).build()
     run = record_run(tmp_path / "run", {"model": to_dict(model.config), "tokenizer": str(tokenizer_dir)})
     checkpoint = run / "checkpoints" / "step_00000001"
     checkpoint.mkdir(parents=True)
@@ -315,11 +315,11 @@ def test_generate_from_a_deepspeed_checkpoint(stage, tokenizer_dir, other_tokeni
     loaded, _ = load_model(checkpoint)
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, weights[name]), name
-    untrained = tiny_config(Tokenizer(tokenizer_dir).vocab_size).build().state_dict()
+    untrained = model_config(Tokenizer(tokenizer_dir).vocab_size).build().state_dict()
     assert not torch.equal(untrained["blocks.0.mlp.w_up.weight"], weights["blocks.0.mlp.w_up.weight"])
 
     tokenizer = Tokenizer(tokenizer_dir)
-    reference = tiny_config(tokenizer.vocab_size).build()
+    reference = model_config(tokenizer.vocab_size).build()
     reference.load_state_dict(weights)
     prompt_text = "吾輩は猫"
     prompt = [tokenizer.eos_id] + tokenizer.encode([prompt_text])[0]

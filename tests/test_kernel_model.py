@@ -13,7 +13,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import check_activation_formula
+from helpers import check_activation_formula, tiny_config
 
 from triton_tests import DEVICE, ON_GPU, import_kernel, run_without_interpreter
 
@@ -22,11 +22,6 @@ from hataori.model import ModelConfig
 for name in ("attention", "rmsnorm", "rope", "swiglu"):
     import_kernel(name)
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
-
-
-def small(**overrides) -> ModelConfig:
-    return ModelConfig(vocab_size=500, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=160,
-                       max_seq_len=64, **overrides)
 
 
 def training_step(cfg: ModelConfig, ids: torch.Tensor, doc_ids: torch.Tensor | None):
@@ -50,7 +45,7 @@ def test_triton_model_step_matches_plain_pytorch(options):
     # documents of 10, 1 and 29 tokens in one row, 39 and 1 in the other
     doc_ids = torch.tensor([[0] * 10 + [1] + [2] * 29, [3] * 39 + [4]], device=DEVICE)  # (2, 40)
     ids = torch.randint(0, 500, (2, 41), generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    plain = small(attention_backend="sdpa", fused_kernels="torch", **options)
+    plain = tiny_config(attention_backend="sdpa", fused_kernels="torch", **options)
     fused = dataclasses.replace(plain, attention_backend="triton", fused_kernels="triton")
     plain_loss, plain_grads = training_step(plain, ids, doc_ids)
     fused_loss, fused_grads = training_step(fused, ids, doc_ids)

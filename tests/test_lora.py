@@ -8,20 +8,13 @@ import json
 
 import pytest
 import torch
-from helpers import built  # the model with weights far from init
+from helpers import built, tiny_config  # built: the model with weights far from init
 
 from hataori.errors import ConfigError
 from hataori.interop.hf import hf_llama_config, to_hf_llama_state_dict
 from hataori.interop.peft import peft_config, peft_state_dict
-from hataori.model import LoRAConfig, LoRALinear, ModelConfig, apply_lora, merged_state_dict
+from hataori.model import LoRAConfig, LoRALinear, apply_lora, merged_state_dict
 from hataori.model.lora import lora_modules
-
-
-def tiny(**overrides) -> ModelConfig:
-    """3 layers, width 64, 4 query heads sharing 2 key/value heads, vocab 1000 padded to 1024."""
-    fields = dict(vocab_size=1000, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=32,
-                  rope_base=500.0, norm_eps=1e-6)
-    return ModelConfig(**{**fields, **overrides})
 
 
 def randomize_adapters(model, seed: int = 1) -> None:
@@ -38,7 +31,7 @@ def tokens(batch: int, length: int, seed: int = 2, vocab: int = 1000) -> torch.T
 
 
 def test_output_equals_the_base_at_initialisation_and_names_are_kept():
-    model = built(tiny())
+    model = built(tiny_config(n_layers=3))
     x = tokens(2, 16)
     with torch.no_grad():
         before = model(x)
@@ -61,7 +54,7 @@ def test_output_equals_the_base_at_initialisation_and_names_are_kept():
 
 
 def test_plain_model_with_merged_weights_gives_the_lora_logits():
-    cfg = tiny()
+    cfg = tiny_config(n_layers=3)
     model = built(cfg)
     apply_lora(model, LoRAConfig(rank=4, alpha=8.0, targets=("attn.*", "mlp.*", "lm_head")))
     randomize_adapters(model)
@@ -75,7 +68,7 @@ def test_plain_model_with_merged_weights_gives_the_lora_logits():
 
 
 def test_frozen_base_gets_no_gradient_and_stays_bitwise_while_adapters_train():
-    model = built(tiny())
+    model = built(tiny_config(n_layers=3))
     model.train()
     cfg = LoRAConfig(rank=4, alpha=8.0, dropout=0.1, targets=("attn.wq", "attn.wv"), train_also=("norm",))
     adapted = apply_lora(model, cfg)
@@ -113,7 +106,7 @@ def test_scale_and_output_match_the_formula(rslora, scaling):
 
 
 def test_pattern_matching_nothing_names_the_models_modules():
-    model = built(tiny())
+    model = built(tiny_config(n_layers=3))
     with pytest.raises(ConfigError, match="'attn.q_proj'") as err:
         apply_lora(model, LoRAConfig(targets=("attn.wq", "attn.q_proj")))
     assert err.value.key == "targets"
@@ -134,7 +127,7 @@ def test_pattern_matching_nothing_names_the_models_modules():
     ({}, dict(targets=()), "targets", "empty"),
 ], ids=["train-also-holds-adapted", "tied-lm-head", "chunked-lm-head", "rank", "dropout", "no-targets"])
 def test_refuses_what_it_cannot_do(model_overrides, lora, key, message):
-    model = built(tiny(**model_overrides))
+    model = built(tiny_config(n_layers=3, **model_overrides))
     with pytest.raises(ConfigError, match=message) as err:
         apply_lora(model, LoRAConfig(**lora))
     assert err.value.key == key
@@ -147,7 +140,7 @@ def test_peft_adapter_on_hf_llama_gives_the_same_logits(tie, tmp_path):
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
-    cfg = tiny(tie_embeddings=tie)
+    cfg = tiny_config(n_layers=3, tie_embeddings=tie)
     model = built(cfg)
     hf = LlamaForCausalLM(hf_llama_config(cfg, attn_implementation="eager"))
     hf.load_state_dict(to_hf_llama_state_dict(cfg, model.state_dict()), strict=not tie)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import built
+from helpers import built, tiny_config
 
 from hataori.config import load
 from hataori.errors import ConfigError
@@ -20,13 +20,6 @@ from hataori.model.attention import (BACKENDS, Backend, auto_choice, cu_seqlens_
                                      document_positions)
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs" / "model"
-
-
-def tiny(**overrides) -> ModelConfig:
-    """2 layers, width 64, 4 query heads sharing 2 key/value heads, vocab 1000 padded to 1024."""
-    fields = dict(vocab_size=1000, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
-                  rope_base=500.0)
-    return ModelConfig(**{**fields, **overrides})
 
 
 def tokens(batch: int, length: int, seed: int = 1, vocab: int = 1000) -> torch.Tensor:
@@ -41,7 +34,7 @@ def tokens(batch: int, length: int, seed: int = 1, vocab: int = 1000) -> torch.T
 def test_matches_hf_llama(tie, n_kv_heads, head_dim):
     from transformers import LlamaForCausalLM
 
-    cfg = tiny(tie_embeddings=tie, n_kv_heads=n_kv_heads, head_dim=head_dim, norm_eps=1e-6)
+    cfg = tiny_config(tie_embeddings=tie, n_kv_heads=n_kv_heads, head_dim=head_dim, norm_eps=1e-6)
     ours = built(cfg)
     hf = LlamaForCausalLM(hf_llama_config(cfg, attn_implementation="eager")).eval()
     missing, unexpected = hf.load_state_dict(to_hf_llama_state_dict(cfg, ours.state_dict()), strict=False)
@@ -60,7 +53,7 @@ def test_matches_hf_llama(tie, n_kv_heads, head_dim):
 
 
 def test_hf_export_refuses_qk_norm():
-    cfg = tiny(qk_norm=True)
+    cfg = tiny_config(qk_norm=True)
     with pytest.raises(ValueError, match="qk_norm"):
         to_hf_llama_state_dict(cfg, cfg.build().state_dict())
 
@@ -136,7 +129,7 @@ def test_flash_attn_refuses_what_it_cannot_run():
         BACKENDS["flash_attn"].fn(q, q, q)
     if FLASH_ATTN_MISSING is not None:
         with pytest.raises(ConfigError, match="'flash_attn' cannot run here: flash-"):
-            tiny(attention_backend="flash_attn").build()
+            tiny_config(attention_backend="flash_attn").build()
 
 
 def test_document_layout_helpers():
@@ -157,7 +150,7 @@ def rope_by_complex(x: torch.Tensor, positions: torch.Tensor, base: float) -> to
 
 
 def test_attention_layer_with_qk_norm_by_hand():
-    cfg = tiny(qk_norm=True)
+    cfg = tiny_config(qk_norm=True)
     model = built(cfg)
     layer = model.blocks[0].attn
     x = torch.randn(2, 16, cfg.d_model)
@@ -183,14 +176,14 @@ def test_attention_layer_with_qk_norm_by_hand():
 
 
 def test_doc_masking_with_one_document_is_plain_causal():
-    model = built(tiny(qk_norm=True))
+    model = built(tiny_config(qk_norm=True))
     x = tokens(2, 40)
     with torch.no_grad():
         torch.testing.assert_close(model(x, doc_ids=torch.full_like(x, 7)), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_packed_documents_equal_separate_documents():
-    model = built(tiny())
+    model = built(tiny_config())
     lengths = [9, 14, 1, 8]
     docs = [tokens(1, n, seed=10 + i) for i, n in enumerate(lengths)]
     packed = torch.cat(docs, dim=1)  # (1, 32)
@@ -203,13 +196,13 @@ def test_packed_documents_equal_separate_documents():
             torch.testing.assert_close(packed_logits[:, start:start + doc.shape[1]], alone, rtol=1e-5, atol=1e-5)
             start += doc.shape[1]
         # Without doc masking the same row is one causal sequence: later documents see earlier ones.
-        unmasked = built(tiny(doc_masking=False))(packed, doc_ids=doc_ids)
+        unmasked = built(tiny_config(doc_masking=False))(packed, doc_ids=doc_ids)
         torch.testing.assert_close(unmasked, model(packed))
         assert not torch.allclose(unmasked[:, 9:23], packed_logits[:, 9:23], atol=1e-3)
 
 
 def test_batch_of_two_equals_two_singles():
-    model = built(tiny())
+    model = built(tiny_config())
     x = tokens(2, 24)
     doc_ids = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
     with torch.no_grad():
@@ -224,7 +217,7 @@ def test_batch_of_two_equals_two_singles():
 
 
 def test_padded_vocabulary_does_not_affect_loss():
-    cfg = tiny()
+    cfg = tiny_config()
     assert cfg.padded_vocab_size == 1024
     model = built(cfg).train()
     x, y = tokens(2, 20), tokens(2, 20, seed=2)
@@ -244,7 +237,7 @@ def test_padded_vocabulary_does_not_affect_loss():
 
 
 def test_loss_is_fp32_under_bf16():
-    model = built(tiny()).to(torch.bfloat16)
+    model = built(tiny_config()).to(torch.bfloat16)
     x = tokens(1, 16)
     loss = model(x, targets=x)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
@@ -252,8 +245,8 @@ def test_loss_is_fp32_under_bf16():
 
 def test_bf16_parameters_with_fp32_buffers_match_the_fp32_model():
     """DeepSpeed casts parameters to bf16 and leaves buffers (the RoPE tables) in fp32."""
-    reference = built(tiny())
-    model = built(tiny())
+    reference = built(tiny_config())
+    model = built(tiny_config())
     for p in model.parameters():
         p.data = p.data.to(torch.bfloat16)
     assert all(b.dtype == torch.float32 for b in model.buffers())
@@ -267,14 +260,14 @@ def test_bf16_parameters_with_fp32_buffers_match_the_fp32_model():
 
 def test_sequence_longer_than_max_seq_len_is_an_error():
     with pytest.raises(ValueError, match="max_seq_len=64"):
-        built(tiny())(tokens(1, 65))
+        built(tiny_config())(tokens(1, 65))
 
 
 # ----------------------------------------------------------------------------- checkpointing and init
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
-    cfg = tiny(qk_norm=True)
+    cfg = tiny_config(qk_norm=True)
     x, y = tokens(2, 24), tokens(2, 24, seed=3)
     doc_ids = torch.tensor([[0] * 11 + [1] * 13, [0] * 24])
     grads = []
@@ -292,7 +285,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 def test_scaled_initialisation():
-    cfg = tiny(d_model=256, n_heads=4, n_kv_heads=4, n_layers=8, tie_embeddings=True, init_std=0.02)
+    cfg = tiny_config(d_model=256, n_heads=4, n_kv_heads=4, n_layers=8, tie_embeddings=True, init_std=0.02)
     torch.manual_seed(0)
     model = cfg.build()
     scaled = 0.02 / math.sqrt(16)
@@ -311,7 +304,7 @@ def test_scaled_initialisation():
 @pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": True}, {"qk_norm": True, "n_kv_heads": 1},
                                        {"head_dim": 24, "ffn_hidden": 100}])
 def test_num_params_and_flops_match_the_module(overrides):
-    cfg = tiny(**overrides)
+    cfg = tiny_config(**overrides)
     model = cfg.build()
     assert cfg.num_params() == sum(p.numel() for p in model.parameters())
     matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -356,7 +349,7 @@ def test_toy_preset_builds_and_runs():
 ])
 def test_config_errors_name_the_key(overrides, key, message):
     with pytest.raises(ConfigError, match=message) as err:
-        tiny(**overrides)
+        tiny_config(**overrides)
     assert err.value.key == key
 
 
@@ -370,7 +363,7 @@ def test_config_errors_from_the_loader_name_the_key():
 
 
 def test_build_allocates_on_the_given_device_in_the_given_dtype():
-    cfg = tiny(tie_embeddings=True)
+    cfg = tiny_config(tie_embeddings=True)
     torch.manual_seed(3)
     whole = cfg.build()
     torch.manual_seed(3)
@@ -384,15 +377,16 @@ def test_build_allocates_on_the_given_device_in_the_given_dtype():
 
 
 def test_kernels_on_a_cpu():
-    assert tiny().kernels_on(torch.device("cpu"), torch.bfloat16) == \
+    assert tiny_config().kernels_on(torch.device("cpu"), torch.bfloat16) == \
         "attention sdpa (auto), RMSNorm/RoPE/SwiGLU torch (auto)"
-    assert tiny(attention_backend="triton", fused_kernels="triton").kernels_on(torch.device("cpu"), torch.float32) \
-        == "attention triton (triton), RMSNorm/RoPE/SwiGLU triton (triton)"
+    fused = tiny_config(attention_backend="triton", fused_kernels="triton")
+    assert fused.kernels_on(torch.device("cpu"), torch.float32) == \
+        "attention triton (triton), RMSNorm/RoPE/SwiGLU triton (triton)"
 
 
 def test_chosen_backend_that_cannot_run_is_an_error(monkeypatch):
     monkeypatch.setitem(BACKENDS, "gpu-only", Backend(BACKENDS["sdpa"].fn, lambda: "it needs a CUDA device"))
-    cfg = tiny(attention_backend="gpu-only")  # known name: the config is valid
+    cfg = tiny_config(attention_backend="gpu-only")  # known name: the config is valid
     with pytest.raises(ConfigError, match="'gpu-only' cannot run here: it needs a CUDA device") as err:
         cfg.build()
     assert err.value.key == "attention_backend"

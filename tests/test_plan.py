@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from capabilities import needs
-from helpers import check_activation_formula
+from helpers import check_activation_formula, tiny_config
 
 from hataori.cli import main as hataori_main
 from hataori.config import load
@@ -223,7 +223,7 @@ def test_lora_walk_with_every_weight_trained_is_the_full_formula(overrides):
     terms, fused kernels included (which no CPU test can measure)."""
     from hataori.model.model import Transformer
 
-    cfg = toy(**overrides)
+    cfg = tiny_config(n_layers=3, **overrides)
     with torch.device("meta"):
         names = frozenset(name for name, m in Transformer(cfg).named_modules()
                           if isinstance(getattr(m, "weight", None), torch.nn.Parameter))
@@ -251,11 +251,6 @@ def test_lora_keeps_less_than_full_training_plus_its_adapters():
 # ----------------------------------------------------------------------------- LoRA: what trains, checkpoints
 
 
-def toy(**overrides) -> ModelConfig:
-    fields = dict(vocab_size=500, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=160, max_seq_len=64)
-    return ModelConfig(**{**fields, **overrides})
-
-
 def adapter_params(cfg: ModelConfig, rank: int, names: list[str]) -> int:
     """rank * (in + out) for each named layer kind in every block (``lm_head`` once)."""
     D, Wq, Wkv, F = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_hidden
@@ -267,12 +262,15 @@ def adapter_params(cfg: ModelConfig, rank: int, names: list[str]) -> int:
 
 
 @pytest.mark.parametrize("model, lora, expected", [
-    (toy(), LoRAConfig(rank=4), lambda c: adapter_params(c, 4, ["wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"])),
-    (toy(), LoRAConfig(rank=8, targets=("attn.wq", "attn.wv", "lm_head")),
+    (tiny_config(n_layers=3), LoRAConfig(rank=4),
+     lambda c: adapter_params(c, 4, ["wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"])),
+    (tiny_config(n_layers=3), LoRAConfig(rank=8, targets=("attn.wq", "attn.wv", "lm_head")),
      lambda c: adapter_params(c, 8, ["wq", "wv", "lm_head"])),
-    (toy(), LoRAConfig(rank=2, targets=("blocks.1.attn.wk",), train_also=("tok_embeddings", "norm")),
+    (tiny_config(n_layers=3), LoRAConfig(rank=2, targets=("blocks.1.attn.wk",),
+                                         train_also=("tok_embeddings", "norm")),
      lambda c: 2 * (c.d_model + c.n_kv_heads * c.head_dim) + c.padded_vocab_size * c.d_model + c.d_model),
-    (toy(tie_embeddings=True), LoRAConfig(rank=4, targets=("mlp.*",), train_also=("lm_head", "tok_embeddings")),
+    (tiny_config(n_layers=3, tie_embeddings=True),
+     LoRAConfig(rank=4, targets=("mlp.*",), train_also=("lm_head", "tok_embeddings")),
      lambda c: adapter_params(c, 4, ["w_gate", "w_up", "w_down"]) + c.padded_vocab_size * c.d_model),  # tied: once
 ], ids=["default", "q-v-lm-head", "one-layer-and-embeddings", "tied"])
 def test_trainable_parameters_by_hand_and_on_the_built_model(model, lora, expected):

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import tiny_config
+
 from hataori.checkpoint.record import git_commit, record_run
 from hataori.config import load
 from hataori.errors import ConfigError
-from hataori.model import ModelConfig
 from hataori.train.optim import OptimConfig, ScheduleConfig, lr_at
 from hataori.train.zero import ZeroConfig, deepspeed_config, grad_accum_steps
 
@@ -97,14 +98,9 @@ def test_schedule_errors_say_what_to_change():
 # ----------------------------------------------------------------------------- optimizer
 
 
-def tiny_model(tie: bool = False):
-    return ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=2, ffn_hidden=64, max_seq_len=16,
-                       tie_embeddings=tie).build()
-
-
 @pytest.mark.parametrize("tie", [False, True])
 def test_weight_decay_skips_norms_and_embeddings_unless_asked(tie):
-    model = tiny_model(tie)
+    model = tiny_config(tie_embeddings=tie).build()
     names = {id(p): n for n, p in model.named_parameters()}
     groups = {g["name"]: g for g in OptimConfig(weight_decay=0.1).param_groups(model)}
     no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}

@@ -8,7 +8,6 @@ Every launch has a hard time limit, so a hang fails instead of stalling.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -20,7 +19,7 @@ import pytest
 import torch
 
 from capabilities import needs
-from helpers import SEQ_LEN, model_config
+from helpers import SEQ_LEN, tiny_config
 from ranks import launch_ranks, log_tails
 
 LAUNCH_TIMEOUT_S = 150
@@ -150,12 +149,13 @@ def test_zero3_model_built_partitioned_equals_the_whole_model(precision, tmp_pat
     ZeRO-3 each of the two processes holds half the parameters from the start; the weights equal bit
     for bit (stage 1 builds them in the training precision, ZeRO-3 partitioned), and so does the
     first loss. After the first update the ZeRO-3 runs differ in the last bits of fp32 (about 6e-7 of
-    the loss), so later losses are compared to 1e-5."""
+    the loss), so later losses are compared to 1e-5; in bf16 a weight that rounds to the neighbouring
+    bf16 value (2^-8 relative) moves the loss by about 2e-5, so there to 1e-4."""
     out = tmp_path / "build.pt"
     expect_success(launch(["build", "--out", str(out), "--precision", precision], tmp_path / "logs"),
                    tmp_path / "logs")
     ranks = [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(2)]
-    cfg = model_config()
+    cfg = tiny_config(max_seq_len=SEQ_LEN)
     total = cfg.num_params() - cfg.padded_vocab_size * cfg.d_model  # the output matrix is tied
     for stage in (1, 3):
         whole, partitioned = ranks[0][stage][False], ranks[0][stage][True]
@@ -163,7 +163,8 @@ def test_zero3_model_built_partitioned_equals_the_whole_model(precision, tmp_pat
         for name, value in whole["params"].items():
             assert torch.equal(partitioned["params"][name], value), f"stage {stage} {name}"
         assert partitioned["losses"][0] == whole["losses"][0], stage
-        assert partitioned["losses"] == pytest.approx(whole["losses"], rel=1e-5), stage
+        rel = 1e-5 if precision == "fp32" else 1e-4
+        assert partitioned["losses"] == pytest.approx(whole["losses"], rel=rel), stage
         held = [rank[stage][True]["held"] for rank in ranks]
         if stage == 3:  # each process holds its half (DeepSpeed pads each parameter to the world size)
             assert all(total / 2 <= h <= total / 2 + 2 * len(whole["params"]) for h in held), (held, total)
@@ -175,7 +176,7 @@ def test_zero3_model_built_partitioned_equals_the_whole_model(precision, tmp_pat
 def test_stage1_model_is_built_in_the_training_precision():
     from hataori.train.zero import ZeroConfig
 
-    cfg = dataclasses.replace(model_config(), tie_embeddings=True)
+    cfg = tiny_config(max_seq_len=SEQ_LEN, tie_embeddings=True)
     torch.manual_seed(5)
     whole = cfg.build()
     torch.manual_seed(5)

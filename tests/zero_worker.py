@@ -6,7 +6,6 @@ ZeRO-3 model built partitioned against the whole model."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import random
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from helpers import SEQ_LEN, TokenStream, after_each_step, build_engine, model_config
+from helpers import SEQ_LEN, TokenStream, after_each_step, build_engine, tiny_config
 
 
 def worker_train(args) -> None:
@@ -111,7 +110,7 @@ def worker_build(args) -> None:
     from hataori.train.zero import init_distributed
 
     env = init_distributed()
-    cfg = dataclasses.replace(model_config(), tie_embeddings=True)
+    cfg = tiny_config(max_seq_len=SEQ_LEN, tie_embeddings=True)
     results = {}
     for stage in (1, 3):
         runs = {}
