@@ -24,6 +24,7 @@ the dotted path is prefixed on the way out.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
@@ -318,3 +319,18 @@ def require(condition: bool, key: str, message: str) -> None:
     """``__post_init__`` helper: raise a :class:`ConfigError` for ``key`` unless ``condition``."""
     if not condition:
         raise ConfigError(key, message)
+
+
+def int_list(minimum: int = 1):
+    """An argparse type: comma-separated integers, each at least ``minimum``."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(part) for part in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"expected integers of at least {minimum}, got {text!r}")
+        return values
+
+    return parse

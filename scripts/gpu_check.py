@@ -6,8 +6,8 @@ Run through ``scripts/gpu_check.sh``, which installs what is missing first. Stag
 - ``tests``: the kernel tests (bf16, fp16, fp32 against the references, the 2x-PyTorch-error rule),
   the model tests (flash-attn and auto backends) and tests/test_gpu.py (a bf16 step with every kernel
   choice; a two-step bf16 ``hataori pretrain`` of the 125m preset with DeepSpeed on one GPU).
-- ``attention``: hataori/kernels/bench_attention.py, causal, head dims 64 and 128, 1k-16k tokens.
-- ``cross_entropy``: hataori/kernels/bench_cross_entropy.py, 32k-100k vocabularies.
+- ``attention``: benchmarks/kernel_attention.py, causal, head dims 64 and 128, 1k-16k tokens.
+- ``cross_entropy``: benchmarks/kernel_cross_entropy.py, 32k-100k vocabularies.
 - ``model_step``: benchmarks/bench_model.py, the 1b preset at sequence 4096, every kernel choice.
 
 The results (``OUT/gpu-check.json``: the machine, driver and package versions, each stage's outcome,
@@ -74,10 +74,10 @@ def stages(work: Path, rehearse: bool, workers: int, peak_tflops: float | None) 
         return [
             Stage("tests", [py, "-m", "pytest", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider",
                             "--junitxml", str(work / "tests.xml")], 300, {**results, "HATAORI_GPU_REHEARSAL": "1"}),
-            Stage("attention", [py, "-m", "hataori.kernels.bench_attention", "--device", "cpu", "--seq-lens", "64,128",
+            Stage("attention", [py, "benchmarks/kernel_attention.py", "--device", "cpu", "--seq-lens", "64,128",
                                 "--head-dims", "64", "--heads", "4", "--kv-heads", "2", "--tokens", "256",
                                 "--json", str(work / "attention.json")], 60, figures="attention.json"),
-            Stage("cross_entropy", [py, "-m", "hataori.kernels.bench_cross_entropy", "--tokens", "256", "--width", "64",
+            Stage("cross_entropy", [py, "benchmarks/kernel_cross_entropy.py", "--tokens", "256", "--width", "64",
                                     "--vocabs", "1000,64000", "--json", str(work / "cross_entropy.json")], 60,
                   figures="cross_entropy.json"),
             Stage("model_step", [py, "benchmarks/bench_model.py", "--device", "cpu", "--micro-batch", "2",
@@ -90,9 +90,9 @@ def stages(work: Path, rehearse: bool, workers: int, peak_tflops: float | None) 
     return [
         Stage("tests", [py, "-m", "pytest", *KERNEL_TESTS, "-q", "-p", "no:cacheprovider", *xdist,
                         "--junitxml", str(work / "tests.xml")], 300, results),
-        Stage("attention", [py, "-m", "hataori.kernels.bench_attention", "--json", str(work / "attention.json")], 150,
+        Stage("attention", [py, "benchmarks/kernel_attention.py", "--json", str(work / "attention.json")], 150,
               figures="attention.json"),
-        Stage("cross_entropy", [py, "-m", "hataori.kernels.bench_cross_entropy", "--json",
+        Stage("cross_entropy", [py, "benchmarks/kernel_cross_entropy.py", "--json",
                                 str(work / "cross_entropy.json")], 60, figures="cross_entropy.json"),
         Stage("model_step", [py, "benchmarks/bench_model.py", "--preset", "configs/model/1b.yaml", "--seq-len", "4096",
                              "--micro-batch", "4", "max_seq_len=4096", *peak, "--json",

@@ -13,7 +13,7 @@ vocabulary of V (defaults: N=8192, D=4096, V = 32k, 64k, 100k, bf16 inputs).
 
 ``--json PATH`` also writes the figures as JSON rows, one per vocabulary and loss.
 
-    python -m hataori.kernels.bench_cross_entropy [--tokens 8192] [--width 4096] [--chunk 2048] [--dtype bf16]
+    python benchmarks/kernel_cross_entropy.py [--tokens 8192] [--width 4096] [--chunk 2048] [--dtype bf16]
         [--vocabs 32000,64000,100000] [--json PATH]
 """
 
@@ -24,8 +24,8 @@ import json
 
 import torch
 
+from hataori.config import int_list
 from hataori.fsutil import atomic_write_text
-from hataori.kernels.bench_attention import int_list
 from hataori.kernels.cross_entropy import DEFAULT_CHUNK_SIZE, ChunkedCrossEntropyFunction, cross_entropy_ref
 
 VOCABS = (32_000, 64_000, 100_000)

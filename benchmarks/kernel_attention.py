@@ -14,7 +14,7 @@ SDPA alone runs (as dispatched, held to flash, and to cuDNN, which says it canno
 a wall clock, as a rehearsal of the script and its output; without
 ``--device cpu`` and without a GPU it says so and exits 0.
 
-    python -m hataori.kernels.bench_attention [--dtype bf16] [--heads 32] [--kv-heads 8] [--tokens 16384]
+    python benchmarks/kernel_attention.py [--dtype bf16] [--heads 32] [--kv-heads 8] [--tokens 16384]
         [--seq-lens 1024,2048,4096,8192,16384] [--head-dims 64,128] [--json PATH] [--device cuda]
 """
 
@@ -28,6 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from hataori.config import int_list
 from hataori.fsutil import atomic_write_text
 
 SEQ_LENS = (1024, 2048, 4096, 8192, 16384)
@@ -96,21 +97,6 @@ def _tuned_configs() -> dict[str, str]:
             for name, kernel in (("fwd", attention._fwd), ("dkdv", attention._bwd_dkdv), ("dq", attention._bwd_dq))}
 
 
-def int_list(minimum: int = 1):
-    """An argparse type: comma-separated integers, each at least ``minimum``."""
-
-    def parse(text: str) -> tuple[int, ...]:
-        try:
-            values = tuple(int(part) for part in text.split(","))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-        if not values or min(values) < minimum:
-            raise argparse.ArgumentTypeError(f"expected integers of at least {minimum}, got {text!r}")
-        return values
-
-    return parse
-
-
 def measure(provider: str, fn, *, batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int,
             dtype: torch.dtype, device: torch.device) -> dict:
     """One row: the provider's times and rates at one shape, or ``"note"`` when it ran out of memory."""
@@ -169,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench_attention needs a CUDA GPU; none found, nothing measured (--device cpu rehearses it)")
+        print("kernel_attention.py needs a CUDA GPU; none found, nothing measured (--device cpu rehearses it)")
         return 0
 
     dtype = DTYPES[args.dtype]
