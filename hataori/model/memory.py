@@ -192,91 +192,119 @@ def activation_bytes_per_token(cfg: Any, *, seq_len: int, precision: Precision, 
             "head": head, "loss_backward": 0 if chunked else 8 * V, "checkpoint_inputs": 8 if cfg.doc_masking else 0}
 
 
-def lora_activation_bytes_per_token(cfg: Any, lora: Trainable, *, seq_len: int, precision: Precision,
-                                    mask_bytes: int = DROPOUT_MASK_BYTES) -> dict[str, int]:
-    """The per-token terms of a LoRA run (module docstring, "LoRA activations"), block by block:
-    each tensor counted where autograd keeps it, which depends on what needs a gradient.
+@dataclass(frozen=True)
+class AdapterWalk:
+    """What the layers of one LoRA run keep for the backward pass, asked layer by layer: which weights
+    train, which layers carry an adapter, and the sizes the terms are counted in."""
 
-    ``mask_bytes``: bytes per element of a dropout mask (see DROPOUT_MASK_BYTES)."""
-    a = 4 if precision == "fp32" else 2
-    D, H, H_kv, Dh, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_hidden, cfg.vocab_size
-    Wq, Wkv = H * Dh, H_kv * Dh
-    fused = cfg.fused_kernels != "torch"
-    mask = cfg.attention_backend == "sdpa" and cfg.doc_masking
-    kv_saved = Wq if mask else Wkv
-    rank, dropout = lora.lora.rank, lora.lora.dropout > 0
+    trainable: Trainable
+    value_bytes: int
+    """Bytes of one activation value: 4 in fp32, 2 in bf16 and fp16."""
+    fused: bool
+    """Whether RMSNorm (and SwiGLU) are the fused kernels, which keep other tensors than PyTorch's ops."""
+    mask_bytes: int
+    """Bytes per element of a dropout mask (see DROPOUT_MASK_BYTES)."""
 
-    def trains(name: str) -> bool:
-        return name in lora.trained
+    @property
+    def rank(self) -> int:
+        return self.trainable.lora.rank
 
-    def changes(name: str) -> bool:
+    @property
+    def dropout(self) -> bool:
+        return self.trainable.lora.dropout > 0
+
+    def trains(self, name: str) -> bool:
+        """Whether the weight ``name`` trains."""
+        return name in self.trainable.trained
+
+    def changes(self, name: str) -> bool:
         """Whether the layer's output needs a gradient whatever its input: its weight trains or it is adapted."""
-        return name in lora.trained or name in lora.adapted
+        return name in self.trainable.trained or name in self.trainable.adapted
 
-    def norm(width: int, rows: int, input_grad: bool, weight_grad: bool) -> int:
+    def norm(self, width: int, rows: int, input_grad: bool, weight_grad: bool) -> int:
         """An RMSNorm of ``rows`` vectors, ``width`` values a token in all: the fp32 input and 1/rms where
         the input needs a gradient, the normalised input where the gain does (fused: input and 1/rms)."""
-        if fused:
-            return a * width + 4 * rows if input_grad or weight_grad else 0
-        return (4 * width + 4 * rows if input_grad else 0) + (a * width if weight_grad else 0)
+        if self.fused:
+            return self.value_bytes * width + 4 * rows if input_grad or weight_grad else 0
+        return (4 * width + 4 * rows if input_grad else 0) + (self.value_bytes * width if weight_grad else 0)
 
-    def readers(width: int, input_grad: bool, names: list[str], kept: bool = False) -> int:
+    def readers(self, width: int, input_grad: bool, names: list[str], kept: bool = False) -> int:
         """What the linear layers ``names``, reading one input ``width`` wide, keep: the input once where a
-        weight trains or an adapter reads it undropped (unless another op keeps it anyway), and per
-        adapter A's rank-r output, with dropout also its dropped input and the mask."""
+        weight trains or an adapter reads it undropped (unless another op keeps it anyway, ``kept``), and
+        per adapter A's rank-r output, with dropout also its dropped input and the mask."""
+        adapted = self.trainable.adapted
         total = 0
-        if not kept and any(trains(n) or (n in lora.adapted and not dropout) for n in names):
-            total += a * width
+        if not kept and any(self.trains(n) or (n in adapted and not self.dropout) for n in names):
+            total += self.value_bytes * width
         for name in names:
-            if name in lora.adapted:
-                total += a * rank
-                if dropout:
-                    total += a * width + (mask_bytes * width if input_grad else 0)
+            if name in adapted:
+                total += self.value_bytes * self.rank
+                if self.dropout:
+                    total += self.value_bytes * width + (self.mask_bytes * width if input_grad else 0)
         return total
 
+
+def lora_activation_bytes_per_token(cfg: Any, lora: Trainable, *, seq_len: int, precision: Precision,
+                                    mask_bytes: int = DROPOUT_MASK_BYTES) -> dict[str, int]:
+    """The per-token terms of a LoRA run (docs/plan.md, "LoRA activations"), block by block: each tensor
+    counted where autograd keeps it, which depends on what needs a gradient (:class:`AdapterWalk`).
+
+    Walking the blocks in order, ``grad`` says whether the residual stream needs a gradient from there
+    on (it does once anything before it trains); a block the backward pass reaches keeps its input
+    under activation checkpointing. ``mask_bytes``: bytes per element of a dropout mask."""
+    value = 4 if precision == "fp32" else 2
+    walk = AdapterWalk(lora, value, cfg.fused_kernels != "torch", mask_bytes)
+    width, heads, kv_heads, head_dim = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    q_width, kv_width, ffn = heads * head_dim, kv_heads * head_dim, cfg.ffn_hidden
+    mask = cfg.attention_backend == "sdpa" and cfg.doc_masking
+    kv_saved = q_width if mask else kv_width  # SDPA with a mask keeps K and V expanded to every query head
+
     blocks, rope_kept, reached = [], False, 0
-    grad = trains("tok_embeddings")  # whether the residual stream needs a gradient from here on
+    grad = walk.trains("tok_embeddings")
     for i in range(cfg.n_layers):
         attn, mlp = f"blocks.{i}.attn.", f"blocks.{i}.mlp."
-        block = norm(D, 1, grad, trains(f"blocks.{i}.attn_norm"))
-        normed = grad or trains(f"blocks.{i}.attn_norm")
-        block += readers(D, normed, [attn + "wq", attn + "wk", attn + "wv"])
-        q, k, v = (normed or changes(attn + w) for w in ("wq", "wk", "wv"))
+        block = walk.norm(width, 1, grad, walk.trains(f"blocks.{i}.attn_norm"))
+        normed = grad or walk.trains(f"blocks.{i}.attn_norm")
+        block += walk.readers(width, normed, [attn + "wq", attn + "wk", attn + "wv"])
+        q, k, v = (normed or walk.changes(attn + w) for w in ("wq", "wk", "wv"))
         if cfg.qk_norm:
-            block += norm(Wq, H, q, trains(attn + "q_norm")) + norm(Wkv, H_kv, k, trains(attn + "k_norm"))
-            q, k = q or trains(attn + "q_norm"), k or trains(attn + "k_norm")
+            block += (walk.norm(q_width, heads, q, walk.trains(attn + "q_norm"))
+                      + walk.norm(kv_width, kv_heads, k, walk.trains(attn + "k_norm")))
+            q, k = q or walk.trains(attn + "q_norm"), k or walk.trains(attn + "k_norm")
         rope_kept = rope_kept or q or k
         attention = q or k or v
         if attention:
-            block += a * (2 * Wq + 2 * kv_saved) + 4 * H + (a * seq_len if mask else 0)
-        block += readers(Wq, attention, [attn + "wo"], kept=attention)  # attention keeps its output
-        grad = grad or attention or changes(attn + "wo")
-        block += norm(D, 1, grad, trains(f"blocks.{i}.mlp_norm"))
-        normed = grad or trains(f"blocks.{i}.mlp_norm")
-        block += readers(D, normed, [mlp + "w_gate", mlp + "w_up"])
-        gate, up = (normed or changes(mlp + w) for w in ("w_gate", "w_up"))
-        if fused:
-            block += 2 * a * F if gate or up else 0
+            block += value * (2 * q_width + 2 * kv_saved) + 4 * heads + (value * seq_len if mask else 0)
+        block += walk.readers(q_width, attention, [attn + "wo"], kept=attention)  # attention keeps its output
+        grad = grad or attention or walk.changes(attn + "wo")
+        block += walk.norm(width, 1, grad, walk.trains(f"blocks.{i}.mlp_norm"))
+        normed = grad or walk.trains(f"blocks.{i}.mlp_norm")
+        block += walk.readers(width, normed, [mlp + "w_gate", mlp + "w_up"])
+        gate, up = (normed or walk.changes(mlp + w) for w in ("w_gate", "w_up"))
+        if walk.fused:
+            block += 2 * value * ffn if gate or up else 0
         else:  # silu keeps gate, the product silu(gate) for up's gradient and up for gate's
-            block += a * F * (2 * gate + up)
-        block += readers(F, gate or up, [mlp + "w_down"])
-        grad = grad or gate or up or changes(mlp + "w_down")
+            block += value * ffn * (2 * gate + up)
+        block += walk.readers(ffn, gate or up, [mlp + "w_down"])
+        grad = grad or gate or up or walk.changes(mlp + "w_down")
         blocks.append(block)
-        reached += grad  # the backward pass reaches this block: its checkpoint keeps its input
+        reached += grad
 
-    head = norm(D, 1, grad, trains("norm")) + 8 + (8 if trains("tok_embeddings") else 0)  # targets, ids
+    ids = 8 + (8 if walk.trains("tok_embeddings") else 0)  # the targets, and the input ids for the embedding's gradient
+    head = walk.norm(width, 1, grad, walk.trains("norm")) + ids
     if cfg.chunked_loss:
-        head += a * D + 4  # the loss keeps its input and the fp32 log-sum-exp
+        head += value * width + 4  # the loss keeps its input and the fp32 log-sum-exp
     else:
-        head += readers(D, grad or trains("norm"), ["lm_head"]) + 4 * V
-    rotary = (8 if fused else 8 * Dh) if cfg.doc_masking else 0
+        head += walk.readers(width, grad or walk.trains("norm"), ["lm_head"]) + 4 * cfg.vocab_size
+    rotary = (8 if walk.fused else 8 * head_dim) if cfg.doc_masking else 0
     checkpoint_inputs = 8 if cfg.doc_masking else 0
     if rope_kept:
         head += rotary
     else:  # no attention keeps the rotary tables; the checkpoints hold the context anyway
         checkpoint_inputs += rotary
-    return {"block": max(blocks), "blocks": sum(blocks), "block_input": a * D, "block_inputs": reached * a * D,
-            "head": head, "loss_backward": 0 if cfg.chunked_loss else 8 * V, "checkpoint_inputs": checkpoint_inputs}
+    return {"block": max(blocks), "blocks": sum(blocks), "block_input": value * width,
+            "block_inputs": reached * value * width, "head": head,
+            "loss_backward": 0 if cfg.chunked_loss else 8 * cfg.vocab_size, "checkpoint_inputs": checkpoint_inputs}
 
 
 def loss_backward_bytes(cfg: Any, *, tokens: int, precision: Precision, lora: Trainable | None = None) -> int:
