@@ -37,6 +37,9 @@ setup(
         # tokenizer.json, written with the libraries that define those formats.
         "safetensors>=0.4",
         "tokenizers>=0.19",
+        # Chat templates are Jinja, as transformers keeps them in tokenizer_config.json; hataori renders them
+        # itself (hataori/tokenizer/chat.py) with the library that defines the language.
+        "jinja2>=3.1",
     ],
     extras_require={
         # Triton 3.7 is what the kernels are tested with (torch 2.13's CUDA build pins 3.7.1); 3.9's ptxas
