@@ -1,7 +1,7 @@
-"""``hataori tokenizer extend BASE --add NEW``: vocabulary expansion, as Swallow did it.
+"""``hataori tokenizer extend BASE --add NEW``: vocabulary expansion, as Swallow did it; ``--pieces``: special pieces.
 
-    hataori tokenizer extend BASE --add NEW --output DIR [--ja-text FILES] [--other-text FILES]
-        [CONFIG.yaml ...] [key=value ...]
+    hataori tokenizer extend BASE [--add NEW] [--pieces '<|im_start|>,<|im_end|>'] --output DIR
+        [--ja-text FILES] [--other-text FILES] [CONFIG.yaml ...] [key=value ...]
 
 BASE is the tokenizer of a model to continue (a SentencePiece unigram or BPE model with byte
 fallback, such as Llama's); NEW a Japanese tokenizer trained with ``hataori tokenizer train``.
@@ -27,6 +27,13 @@ The merged tokenizer holds every BASE piece at its own id, then NEW's pieces tha
   produced in any context either (for unigram a better segmentation of its span always exists;
   for BPE its merge never fires), so it is dropped, counted and reported, and the check repeats
   until every added piece is produced.
+
+``pieces`` (``--pieces``, comma-separated) come last, after NEW's, as user-defined pieces: SentencePiece
+matches them in text as written, before segmenting the rest, and so does the exported fast tokenizer.
+They are the special pieces a chat template writes (``<|im_start|>``, ``<|im_end|>``; see
+:mod:`hataori.tokenizer.chat`). A piece BASE already holds as a user-defined piece is kept where it is;
+one it holds as another kind is refused, as is a BASE with a dummy prefix, which no exported tokenizer
+could combine with user-defined pieces (:func:`hataori.tokenizer.hf.check_convertible`).
 
 BASE must have byte fallback: without it every character outside the vocabulary is ``<unk>``,
 and new pieces made of such characters would start their embedding rows from the ``<unk>`` row
@@ -67,7 +74,9 @@ class ExtendConfig:
     base: str = ""
     """The tokenizer to extend (folder or .model): its pieces keep their ids."""
     add: str = ""
-    """The Japanese tokenizer whose pieces are added (``--add``)."""
+    """The Japanese tokenizer whose pieces are added (``--add``); empty: add only ``pieces``."""
+    pieces: list[str] = field(default_factory=list)
+    """Special pieces added last as user-defined pieces, such as a chat template's ``<|im_start|>``."""
     output: str = ""
     """Folder to write (``--output``)."""
     only_japanese: bool = True
@@ -85,7 +94,11 @@ class ExtendConfig:
 
     def __post_init__(self) -> None:
         require(bool(self.base), "base", "no base tokenizer; pass BASE")
-        require(bool(self.add), "add", "no tokenizer to add; pass --add NEW")
+        require(bool(self.add) or bool(self.pieces), "add", "nothing to add; pass --add NEW, --pieces, or both")
+        for piece in self.pieces:
+            require(bool(piece) and not any(c.isspace() for c in piece), "pieces",
+                    f"{piece!r}: a special piece must be non-empty and hold no whitespace")
+        require(len(set(self.pieces)) == len(self.pieces), "pieces", f"lists a piece twice: {self.pieces}")
         require(bool(self.output), "output", "no output folder; pass --output DIR")
         require(self.max_pieces >= 0, "max_pieces", f"must be >= 0 (0: all), got {self.max_pieces}")
         require(self.max_eval_chars > 0, "max_eval_chars", f"must be positive, got {self.max_eval_chars}")
@@ -166,6 +179,26 @@ def merged_model(base, pieces: list):
     return merged
 
 
+def add_user_pieces(merged, pieces: list[str], path: Path) -> list[str]:
+    """Append ``pieces`` to ``merged`` as user-defined pieces (score 0; SentencePiece matches them before
+    scoring anything); those it already holds as user-defined pieces stay where they are. The added ones."""
+    have = {p.piece: p.type for p in merged.pieces}
+    if pieces and merged.normalizer_spec.add_dummy_prefix:
+        raise InputError(path, "adds a dummy prefix, which an exported tokenizer cannot combine with user-defined "
+                         "pieces (see hataori.tokenizer.hf); special pieces need a base without it")
+    added = []
+    for piece in pieces:
+        if piece in have:
+            if have[piece] != spm_proto.USER_DEFINED:
+                raise InputError(path, f"already holds {piece!r} as a piece of another kind (type {have[piece]}); "
+                                 "choose another name for the special piece")
+            continue
+        new = merged.pieces.add()
+        new.piece, new.type, new.score = piece, spm_proto.USER_DEFINED, 0.0
+        added.append(piece)
+    return added
+
+
 def unproduced(merged, first_new: int) -> list[int]:
     """Ids from ``first_new`` on that encoding their own text (no dummy prefix) does not give back."""
     import sentencepiece as spm
@@ -228,7 +261,8 @@ def extend(cfg: ExtendConfig, replace: bool = False) -> dict:
     """Merge, check, measure and write; the summary (also summary.json). The output is held under
     :mod:`hataori.outputs`' contract: a non-empty one is refused unless ``replace`` and it holds an earlier
     tokenizer, which is replaced once the new one is complete; BASE, NEW and the report's texts never are."""
-    with claim(cfg.output, "tokenizer", inputs=[cfg.base, cfg.add, *cfg.ja_text, *cfg.other_text]) as out:
+    inputs = [cfg.base, *([cfg.add] if cfg.add else []), *cfg.ja_text, *cfg.other_text]
+    with claim(cfg.output, "tokenizer", inputs=inputs) as out:
         out.check_replace(replace)
         return _extend(cfg, out)
 
@@ -236,26 +270,38 @@ def extend(cfg: ExtendConfig, replace: bool = False) -> dict:
 def _extend(cfg: ExtendConfig, out: Output) -> dict:
     started = time.perf_counter()
     corpora = report_texts(cfg)
-    base_tok, new_tok = Tokenizer(cfg.base), Tokenizer(cfg.add)
+    base_tok = Tokenizer(cfg.base)
+    new_tok = Tokenizer(cfg.add) if cfg.add else None
     base = spm_proto.parse(base_tok.proto, base_tok.path)
-    new = spm_proto.parse(new_tok.proto, new_tok.path)
     check_base(base, base_tok.path)
-    chosen, skipped = candidates(cfg, base, new)
-    merged, dropped = merge(base, chosen, spm_proto.model_type(new) == spm_proto.BPE)
+    if new_tok is not None:
+        new = spm_proto.parse(new_tok.proto, new_tok.path)
+        chosen, skipped = candidates(cfg, base, new)
+        merged, dropped = merge(base, chosen, spm_proto.model_type(new) == spm_proto.BPE)
+    else:
+        merged, dropped, new = merged_model(base, []), [], None
+        skipped = {"duplicates": 0, "special": 0, "not_japanese": 0, "changed_by_base_normalization": 0}
+    merged_pieces = len(merged.pieces)
+    user_pieces = add_user_pieces(merged, cfg.pieces, base_tok.path)
+    if unproduced(merged, merged_pieces):
+        raise InputError(base_tok.path, f"the special pieces {user_pieces} do not come out of the merged tokenizer as "
+                         "themselves; report this with the base tokenizer")
     proto = merged.SerializeToString()
     merged_tok = Tokenizer(Path(cfg.output) / "tokenizer.model", proto=proto)
     summary = {
         "base": {"path": str(base_tok.path), "fingerprint": base_tok.fingerprint, "vocab_size": base_tok.vocab_size,
                  "model_type": spm_proto.model_type_name(base)},
-        "added_from": {"path": str(new_tok.path), "fingerprint": new_tok.fingerprint,
-                       "vocab_size": new_tok.vocab_size},
+        "added_from": None if new_tok is None else {"path": str(new_tok.path), "fingerprint": new_tok.fingerprint,
+                                                    "vocab_size": new_tok.vocab_size},
+        "special_pieces": {piece: merged_tok.sp.piece_to_id(piece) for piece in user_pieces},
         "fingerprint": merged_tok.fingerprint,
         "vocab_size": merged_tok.vocab_size,
         "added": merged_tok.vocab_size - base_tok.vocab_size,
         "skipped": skipped,
         "unproduced": len(dropped),
         "unproduced_examples": dropped[:20],
-        "score_policy": ("NEW's own scores (log probabilities) on the 1/64 grid, raised to BASE's lowest"
+        "score_policy": "none: no NEW" if new is None else (
+                         "NEW's own scores (log probabilities) on the 1/64 grid, raised to BASE's lowest"
                          if spm_proto.model_type(base) == spm_proto.UNIGRAM else
                          "after BASE's merges, falling by one from below BASE's lowest score: characters first, "
                          "then NEW's merge order" if spm_proto.model_type(new) == spm_proto.BPE else
@@ -273,13 +319,18 @@ def format_summary(summary: dict, output: str) -> str:
     lines = [f"extended tokenizer written to {output}",
              f"  base {summary['base']['path']}: {summary['base']['model_type']}, {summary['base']['vocab_size']:,} "
              f"pieces; merged {summary['vocab_size']:,} pieces, fingerprint {summary['fingerprint']}",
-             f"  added {summary['added']:,} pieces from {summary['added_from']['path']}; skipped "
-             f"{skipped['duplicates']:,} already in the base, {skipped['not_japanese']:,} without a Japanese "
-             f"character, {skipped['special']:,} special or byte pieces, "
-             f"{skipped['changed_by_base_normalization']:,} the base's normalization changes",
-             f"  never produced by the merged model (dropped): {summary['unproduced']:,}"
-             + (f", e.g. {' '.join(summary['unproduced_examples'][:5])}" if summary["unproduced"] else ""),
-             f"  scores: {summary['score_policy']}"]
+             f"  added {summary['added']:,} pieces"]
+    if summary["added_from"] is not None:
+        lines += [f"  from {summary['added_from']['path']}: skipped "
+                  f"{skipped['duplicates']:,} already in the base, {skipped['not_japanese']:,} without a Japanese "
+                  f"character, {skipped['special']:,} special or byte pieces, "
+                  f"{skipped['changed_by_base_normalization']:,} the base's normalization changes",
+                  f"  never produced by the merged model (dropped): {summary['unproduced']:,}"
+                  + (f", e.g. {' '.join(summary['unproduced_examples'][:5])}" if summary["unproduced"] else ""),
+                  f"  scores: {summary['score_policy']}"]
+    if summary["special_pieces"]:
+        lines.append("  special pieces (user-defined): " + ", ".join(f"{piece} {i}" for piece, i in
+                                                                 summary["special_pieces"].items()))
     if summary["base"]["model_type"] == "bpe" and summary["unproduced"] > summary["added"] // 10:
         lines.append("  a BPE base forms a piece only by merging two others: train the added tokenizer with "
                      "model_type=bpe (configs/tokenizer/ja-bpe-32k.yaml) so every piece has the two it was merged from")
@@ -302,7 +353,9 @@ def format_summary(summary: dict, output: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("base", metavar="BASE", help="the tokenizer to extend (folder or .model)")
     parser.add_argument("items", nargs="*", metavar="CONFIG.yaml|key=value", help="config files and overrides")
-    parser.add_argument("--add", required=True, metavar="NEW", help="the Japanese tokenizer whose pieces are added")
+    parser.add_argument("--add", metavar="NEW", help="the Japanese tokenizer whose pieces are added")
+    parser.add_argument("--pieces", metavar="P1,P2", help="special pieces to add last as user-defined pieces, "
+                        "comma-separated (a chat template's <|im_start|>,<|im_end|>)")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder to write")
     parser.add_argument("--replace", action="store_true",
                         help="replace an existing output folder (once the new tokenizer is complete)")
@@ -314,7 +367,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     files, overrides = split_items(args.items)
-    flags = [override("base", args.base), override("add", args.add), override("output", args.output)]
+    flags = [override("base", args.base), override("output", args.output)]
+    if args.add:
+        flags.append(override("add", args.add))
+    if args.pieces:
+        flags.append(override("pieces", args.pieces.split(",")))
     if args.ja_text:
         flags.append(override("ja_text", args.ja_text))
     if args.other_text:
