@@ -22,7 +22,8 @@ Document boundaries
     predicted from its own document only. ``Batch.positions`` gives each input token's position in
     its segment (0 at a segment start, and at the start of every sequence);
     :meth:`Batch.doc_ids` numbers the segments of each row (the model's ``doc_ids``) and
-    :meth:`Batch.cu_seqlens` gives the cumulative lengths that varlen attention kernels take. Per-document masking: token ``t`` may attend to ``s <= t`` iff no segment starts in
+    :meth:`Batch.cu_seqlens` gives the cumulative lengths that varlen attention kernels take.
+    Per-document masking: token ``t`` may attend to ``s <= t`` iff no segment starts in
     ``(s, t]``.
 
 Data parallelism
@@ -327,7 +328,8 @@ class PackedLoader:
         saved = [entry["fingerprint"] for entry in state["datasets"]]
         if saved != self.fingerprints:
             raise HataoriError("the loader state was saved for other datasets: fingerprints "
-                               f"{', '.join(saved)} were saved, the config's datasets have {', '.join(self.fingerprints)}; "
+                               f"{', '.join(saved)} were saved, the config's datasets have "
+                               f"{', '.join(self.fingerprints)}; "
                                "resume with the same datasets in the same order (re-preparing a dataset changes it)")
         if state["seed"] != self.seed:
             raise HataoriError(f"the loader state was saved with seed {state['seed']}, the config has {self.seed}; "
@@ -381,7 +383,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048; shortcut for seq_len)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per batch (per rank)")
     parser.add_argument("--world-size", type=int, default=1, help="simulate rank 0 of this many data-parallel ranks")
-    parser.add_argument("--split", choices=["train", "val"], help="the split to read (default train; shortcut for split)")
+    parser.add_argument("--split", choices=["train", "val"],
+                        help="the split to read (default train; shortcut for split)")
     parser.add_argument("--seconds", type=float, default=5.0, help="how long to read")
     parser.add_argument("--seed", type=int, help="the blend's seed (default 0; shortcut for seed)")
 

@@ -95,7 +95,8 @@ class PrepareConfig:
 
     def __post_init__(self):
         require(len(self.sources) > 0, "sources", "no input; pass --input PATH[:WEIGHT] or list sources in the config")
-        require(bool(self.tokenizer), "tokenizer", "no tokenizer; pass --tokenizer DIR (from `hataori tokenizer train`)")
+        require(bool(self.tokenizer), "tokenizer",
+                "no tokenizer; pass --tokenizer DIR (from `hataori tokenizer train`)")
         require(bool(self.output), "output", "no output folder; pass --output DIR")
         require(self.workers >= 1, "workers", f"must be at least 1, got {self.workers}")
         require(self.batch_docs >= 1, "batch_docs", f"must be at least 1, got {self.batch_docs}")
@@ -166,7 +167,8 @@ class _SplitWriter:
         first, start = 0, 0
         while first < len(lengths):
             if self.writer is None:
-                self.writer = ShardWriter(self.folder / shard_name(self.split, self.index), self.dtype, self.fingerprint)
+                self.writer = ShardWriter(self.folder / shard_name(self.split, self.index), self.dtype,
+                                          self.fingerprint)
             room = self.shard_tokens - self.writer.tokens
             ends = np.cumsum(lengths[first:])
             n = int(np.searchsorted(ends, room, side="right"))
@@ -542,7 +544,8 @@ def report(manifest: dict) -> str:
     lines.append(f"encoded {run['encoded_documents']} documents ({run['encoded_text_bytes'] / 1e6:.2f} MB of text, "
                  f"{run['encoded_tokens']} tokens) in {run['seconds']:.2f} s with {run['workers']} workers "
                  f"(started in {run['startup_seconds']:.2f} s, not counted): "
-                 f"{run['text_mb_per_s']:.2f} MB/s, {run['tokens_per_s']} tokens/s, {run['documents_per_s']} documents/s")
+                 f"{run['text_mb_per_s']:.2f} MB/s, {run['tokens_per_s']} tokens/s, "
+                 f"{run['documents_per_s']} documents/s")
     return "\n".join(lines)
 
 
