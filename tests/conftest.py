@@ -124,6 +124,15 @@ def jcqa_tokenizer(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def chat_tokenizer(jcqa_tokenizer, tmp_path_factory) -> Path:
+    """The JCommonsenseQA tokenizer with the preset's special pieces added by `hataori tokenizer extend`."""
+    out = tmp_path_factory.mktemp("chat") / "tok"
+    assert hataori_main(["tokenizer", "extend", str(jcqa_tokenizer), "--pieces", "<|im_start|>,<|im_end|>",
+                         "--output", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def ja_shards(ja_corpus: Path, ja_tokenizer: Path, tmp_path_factory) -> Path:
     """A prepared dataset (dataset.json, train and val shards) of every 12th corpus document (about
     480), encoded with ``ja_tokenizer``; 12 documents in the validation split."""

@@ -7,6 +7,7 @@ import json
 import math
 import importlib.util
 import os
+import random
 import subprocess
 import weakref
 import sys
@@ -206,6 +207,31 @@ def build_engine(stage: int, *, micro_batch: int, global_batch_tokens: int, tota
     optimizer = optim.build(model)
     scheduler = schedule.build(optimizer, total_steps=total_steps)
     return zero.build(model, optimizer, scheduler, seq_len=seq_len, grad_clip=optim.grad_clip, run_dir=run_dir)
+
+
+def jcqa_conversations(count: int, seed: int = 0) -> list[list[dict]]:
+    """Japanese conversations from JCommonsenseQA train questions: one to three question-and-answer turns,
+    some with a system turn, answers with and without a newline, a number, Latin letters or spaces."""
+    from hataori.eval.tasks import JGLUE, TASKS, read_examples
+
+    examples = read_examples(TASKS["jcommonsenseqa"], JGLUE / "jcommonsenseqa-train.json")
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        messages = []
+        if rng.random() < 0.3:
+            messages.append({"role": "system", "content": "あなたは常識問題に答えるアシスタントです。"})
+        for example in rng.sample(examples, rng.randint(1, 3)):
+            choices = "、".join(example.choices)
+            answer = example.choices[example.label]
+            messages.append({"role": "user", "content": f"{example.fields['question']}\n選択肢: {choices}"})
+            style = rng.randrange(4)
+            reply = (answer if style == 0 else f"答えは「{answer}」です。" if style == 1
+                     else f"{answer}です。\n理由: 選択肢 {example.label + 1} が最も自然だからです。" if style == 2
+                     else f"  {answer} (No. {example.label})  ")
+            messages.append({"role": "assistant", "content": reply})
+        out.append(messages)
+    return out
 
 
 # ----------------------------------------------------------------------------- run folders

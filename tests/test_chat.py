@@ -5,31 +5,19 @@ the errors for what cannot be trained on."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, jcqa_conversations
 
 from hataori.cli import main as hataori_main
 from hataori.errors import ConfigError, InputError
-from hataori.eval.tasks import JGLUE, TASKS, read_examples
 from hataori.tokenizer.chat import ChatError, ChatTemplate, check_messages
 from hataori.tokenizer.hf import TOKENIZER_CONFIG, write_hf_tokenizer
 from hataori.tokenizer.model import Tokenizer
 
 PRESET = REPO / "configs" / "chat" / "ja-chatml.jinja"
-CHAT_PIECES = "<|im_start|>,<|im_end|>"
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer(jcqa_tokenizer, tmp_path_factory) -> Path:
-    """The JCommonsenseQA tokenizer with the preset's special pieces added by `hataori tokenizer extend`."""
-    out = tmp_path_factory.mktemp("chat") / "tok"
-    assert hataori_main(["tokenizer", "extend", str(jcqa_tokenizer), "--pieces", CHAT_PIECES,
-                         "--output", str(out)]) == 0
-    return out
 
 
 def exported(tokenizer: Tokenizer, template: ChatTemplate, folder: Path, **config) -> Path:
@@ -43,29 +31,6 @@ def exported(tokenizer: Tokenizer, template: ChatTemplate, folder: Path, **confi
     return folder
 
 
-def conversations(count: int, seed: int = 0) -> list[list[dict]]:
-    """Japanese conversations from JCommonsenseQA train questions: one to three question-and-answer turns,
-    some with a system turn, answers with and without a newline, a number, Latin letters or spaces."""
-    examples = read_examples(TASKS["jcommonsenseqa"], JGLUE / "jcommonsenseqa-train.json")
-    rng = random.Random(seed)
-    out = []
-    for _ in range(count):
-        messages = []
-        if rng.random() < 0.3:
-            messages.append({"role": "system", "content": "あなたは常識問題に答えるアシスタントです。"})
-        for example in rng.sample(examples, rng.randint(1, 3)):
-            choices = "、".join(example.choices)
-            answer = example.choices[example.label]
-            messages.append({"role": "user", "content": f"{example.fields['question']}\n選択肢: {choices}"})
-            style = rng.randrange(4)
-            reply = (answer if style == 0 else f"答えは「{answer}」です。" if style == 1
-                     else f"{answer}です。\n理由: 選択肢 {example.label + 1} が最も自然だからです。" if style == 2
-                     else f"  {answer} (No. {example.label})  ")
-            messages.append({"role": "assistant", "content": reply})
-        out.append(messages)
-    return out
-
-
 def test_ids_and_mask_equal_transformers_apply_chat_template(chat_tokenizer, tmp_path):
     """On 200 conversations (multi-turn, with and without a system turn) the rendered text, the ids and the
     loss mask equal transformers' apply_chat_template(return_assistant_tokens_mask=True) with the exported
@@ -75,7 +40,7 @@ def test_ids_and_mask_equal_transformers_apply_chat_template(chat_tokenizer, tmp
     tokenizer, template = Tokenizer(chat_tokenizer), ChatTemplate.load(PRESET)
     template.check_tokenizer(tokenizer)
     hf = AutoTokenizer.from_pretrained(exported(tokenizer, template, tmp_path / "hf"))
-    for i, messages in enumerate(conversations(200)):
+    for i, messages in enumerate(jcqa_conversations(200)):
         ours = template.encode(messages, tokenizer, where=f"conversation {i}")
         theirs = hf.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         assert theirs["input_ids"] == ours.ids, i
@@ -106,7 +71,7 @@ def test_special_token_variables_become_their_ids(chat_tokenizer, tmp_path):
                     "{% endfor %}\n", encoding="utf-8")
     tokenizer, template = Tokenizer(chat_tokenizer), ChatTemplate.load(path)
     hf = AutoTokenizer.from_pretrained(exported(tokenizer, template, tmp_path / "hf", split_special_tokens=False))
-    for messages in conversations(20, seed=1):
+    for messages in jcqa_conversations(20, seed=1):
         ours = template.encode(messages, tokenizer)
         theirs = hf.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         assert theirs["input_ids"] == ours.ids
@@ -199,7 +164,7 @@ def test_extend_adds_special_pieces_and_keeps_every_id(jcqa_tokenizer, chat_toke
     assert extended.encode([plain]) == base.encode([plain])
     summary = json.loads((chat_tokenizer / "summary.json").read_text(encoding="utf-8"))
     assert summary["special_pieces"] == {"<|im_start|>": start, "<|im_end|>": end}
-    assert hataori_main(["tokenizer", "extend", str(en_bpe_tokenizer), "--pieces", CHAT_PIECES,
+    assert hataori_main(["tokenizer", "extend", str(en_bpe_tokenizer), "--pieces", "<|im_start|>,<|im_end|>",
                          "--output", str(tmp_path / "en")]) == 2
     assert not (tmp_path / "en").exists()
     with pytest.raises(InputError, match=r"already holds '</s>' as a piece of another kind"):

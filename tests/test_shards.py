@@ -20,7 +20,8 @@ import pytest
 from hataori.cli import main as hataori_main
 from hataori.corpus.sources import SourceConfig
 from hataori.data.prepare import PrepareConfig, prepare
-from hataori.data.shards import FORMAT_VERSION, HEADER, MAGIC, Dataset, Shard, ShardError, ShardWriter, choose_dtype
+from hataori.data.shards import (FORMAT_VERSION, HEADER, MAGIC, MASKED_VERSION, Dataset, Shard, ShardError, ShardWriter,
+                                 choose_dtype)
 from hataori.errors import ConfigError, HataoriError, InputError
 from hataori.outputs import MARKER
 from hataori.tokenizer import proto as spm_proto
@@ -109,9 +110,12 @@ def test_shard_refuses_other_magic_version_fingerprint_and_damage(tmp_path):
     with pytest.raises(ShardError, match=r"not a hataori shard index \(magic .*expected, found b'NOTASHRD'"):
         Shard(idx)
 
-    idx.write_bytes(good[:8] + struct.pack("<I", FORMAT_VERSION + 1) + good[12:])
-    with pytest.raises(ShardError, match=rf"format version {FORMAT_VERSION + 1}, but this hataori reads version "
-                                         rf"{FORMAT_VERSION}; re-encode"):
+    idx.write_bytes(good[:8] + struct.pack("<I", MASKED_VERSION + 1) + good[12:])
+    with pytest.raises(ShardError, match=rf"format version {MASKED_VERSION + 1}, but this hataori reads versions "
+                                         rf"{FORMAT_VERSION}, {MASKED_VERSION}; re-encode"):
+        Shard(idx)
+    idx.write_bytes(good[:8] + struct.pack("<I", MASKED_VERSION) + good[12:])  # a masked shard needs its mask
+    with pytest.raises(ShardError, match=r"s.mask: missing, but its index promises a loss mask of 5 bytes"):
         Shard(idx)
 
     idx.write_bytes(good)

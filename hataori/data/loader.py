@@ -47,7 +47,7 @@ from typing import Iterator, Literal
 import numpy as np
 
 from hataori.config import command_items, load, require
-from hataori.errors import HataoriError
+from hataori.errors import ConfigError, HataoriError
 from hataori.sourcespec import parse_source
 from hataori.data.shards import Dataset
 
@@ -91,8 +91,20 @@ class DataConfig:
               tokenizer_fingerprint: str | None = None) -> "PackedLoader":
         """Open the datasets and return the loader of data-parallel ``rank`` of ``world_size``."""
         datasets = [Dataset(spec.path, self.split, tokenizer_fingerprint) for spec in self.datasets]
+        require_text(datasets)
         return PackedLoader(datasets, [spec.weight for spec in self.datasets], seq_len=self.seq_len,
                             batch_size=batch_size, seed=self.seed, rank=rank, world_size=world_size)
+
+
+def require_text(datasets: list[Dataset]) -> None:
+    """The packing loader reads text: a dataset of conversations (prepared with a chat template, with loss
+    masks) is refused, naming it, rather than trained on as plain text with its masks ignored."""
+    for i, data in enumerate(datasets):
+        if data.masked:
+            raise ConfigError(f"data.datasets[{i}].path", f"{data.path} holds conversations with loss masks "
+                              "(`hataori data prepare --chat-template`), which the pretraining objective does not "
+                              "read; give a dataset of text (supervised fine-tuning on conversations is not in "
+                              "hataori yet)")
 
 
 @dataclass(slots=True)

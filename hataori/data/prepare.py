@@ -26,6 +26,14 @@ output): another dataset, or one whose ``dataset.json`` is damaged, is refused u
 which swaps the new dataset in only once it is complete, and anything but a dataset is refused either
 way. A full disk is reported as such and leaves no shards behind.
 
+Conversations: with ``chat_template`` (``--chat-template``) the inputs are JSONL conversations
+(:mod:`hataori.data.chat`: ``messages``, or ``prompt`` and ``completion``), each rendered with the
+template, encoded once with the mask of the tokens the loss counts, and written to shards of format
+version 2 (ids and a ``.mask``); conversations over ``max_tokens`` follow the ``overlong`` rule, and the
+manifest counts what was kept, truncated and dropped, and records the template (path, SHA-256, text).
+The split is decided by a hash of the messages. An interrupted chat prepare starts over rather than
+resuming (a dropped conversation leaves no document to count it by).
+
 Source weights given with ``--input PATH:WEIGHT`` are recorded in the manifest; a dataset stores
 each document once, and blending happens when training reads datasets (:mod:`hataori.data.loader`).
 """
@@ -57,11 +65,13 @@ from hataori.fsutil import atomic_write_text, disk_full, disk_full_error, remove
 from hataori.outputs import MARKER, claim
 from hataori.sourcespec import parse_source
 from hataori.tokenizer.model import Tokenizer
-from hataori.data.shards import (FORMAT_VERSION, MANIFEST, SPLITS, Shard, ShardError, ShardWriter,
-                                      choose_dtype, shard_name)
+from hataori.data.chat import (OVERLONG_RULES, ConversationEncoder, EncodeCounts, EncodedConversations, check_template,
+                               iter_conversations, payload, split_text)
+from hataori.data.shards import (FORMAT_VERSION, MANIFEST, MASKED_VERSION, SPLITS, Shard, ShardError, ShardWriter,
+                                 choose_dtype, shard_name)
 
 PLAN = ".prepare-plan.json"
-SHARD_FILE = re.compile(r"^(train|val)-(\d{5})\.(bin|idx)$")
+SHARD_FILE = re.compile(r"^(train|val)-(\d{5})\.(bin|idx|mask)$")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -90,6 +100,13 @@ class PrepareConfig:
     """Token id type in the shards; auto takes uint16 when the vocabulary fits."""
     skip_bad_lines: bool = False
     """Count and skip malformed input lines instead of stopping at the first."""
+    chat_template: str = ""
+    """A chat template (a .jinja file, or a folder or tokenizer_config.json holding one): the inputs are
+    conversations, encoded with loss masks (module docstring); empty: the inputs are plain text."""
+    max_tokens: int = 2049
+    """Conversations only: the most tokens of one, EOS included (the training seq_len + 1)."""
+    overlong: Literal["drop", "truncate", "refuse"] = "drop"
+    """Conversations only: what to do with one longer than max_tokens (hataori.data.chat)."""
     progress: bool = True
     """Show a progress bar on stderr."""
 
@@ -103,6 +120,12 @@ class PrepareConfig:
         require(0.0 <= self.val_fraction < 1.0, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         require(self.val_docs >= 0, "val_docs", f"must be 0 (use val_fraction) or positive, got {self.val_docs}")
         require(self.shard_tokens >= 1, "shard_tokens", f"must be positive, got {self.shard_tokens}")
+        require(self.max_tokens >= 2, "max_tokens", f"must be at least 2 (a token and EOS), got {self.max_tokens}")
+        require(self.overlong in OVERLONG_RULES, "overlong", f"must be one of {', '.join(OVERLONG_RULES)}")
+
+    def chat(self) -> tuple[str, int, str] | None:
+        """What the encoder needs for conversations (template, max_tokens, overlong), or None for text."""
+        return (self.chat_template, self.max_tokens, self.overlong) if self.chat_template else None
 
 
 # ----------------------------------------------------------------------------- encoding (worker side)
@@ -110,27 +133,45 @@ class PrepareConfig:
 _ENCODER: "_Encoder | None" = None
 
 
-class _Encoder:
-    """Turns a batch of texts into concatenated ids (EOS after each document) and lengths."""
+@dataclass(slots=True)
+class _Encoded:
+    """One batch of texts encoded: concatenated ids (EOS after each document) and lengths. (A batch of
+    conversations is a :class:`hataori.data.chat.EncodedConversations`, with masks and statuses too.)"""
 
-    def __init__(self, tokenizer_path: str, dtype: str):
+    tokens: np.ndarray
+    lengths: np.ndarray
+    mask: None = None
+    status: None = None
+
+
+class _Encoder:
+    """Turns a batch of texts (or conversations, given ``chat``: see PrepareConfig.chat) into :class:`_Encoded`."""
+
+    def __init__(self, tokenizer_path: str, dtype: str, chat: tuple[str, int, str] | None = None):
         self.tokenizer = Tokenizer(tokenizer_path)
         self.eos = self.tokenizer.eos_id
         self.dtype = np.dtype(dtype)
+        self.conversations = None
+        if chat is not None:
+            template, max_tokens, overlong = chat
+            self.conversations = ConversationEncoder(self.tokenizer, check_template(template, self.tokenizer),
+                                                     max_tokens, overlong)
 
-    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, texts: list[str]) -> "_Encoded | EncodedConversations":
+        if self.conversations is not None:
+            return self.conversations(texts, self.dtype)
         # One thread: parallelism comes from worker processes, so `workers` is the CPU budget.
         ids = self.tokenizer.encode(texts, num_threads=1)
         lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
         eos = (self.eos,)
         flat = np.fromiter(itertools.chain.from_iterable(itertools.chain(x, eos) for x in ids),
                            dtype=self.dtype, count=int(lengths.sum()))
-        return flat, lengths
+        return _Encoded(flat, lengths)
 
 
-def _init_worker(tokenizer_path: str, dtype: str, parent: int) -> None:
+def _init_worker(tokenizer_path: str, dtype: str, chat, parent: int) -> None:
     global _ENCODER
-    _ENCODER = _Encoder(tokenizer_path, dtype)
+    _ENCODER = _Encoder(tokenizer_path, dtype, chat)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
@@ -141,7 +182,7 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _encode_in_worker(texts: list[str]) -> "_Encoded | EncodedConversations":
     return _ENCODER(texts)
 
 
@@ -157,40 +198,47 @@ class _SplitWriter:
     """Appends documents to the shards of one split, starting a new shard when one is full."""
 
     def __init__(self, folder: Path, split: str, first_index: int, dtype: np.dtype, fingerprint: str,
-                 shard_tokens: int, done: list[dict]):
+                 shard_tokens: int, done: list[dict], masked: bool = False):
         self.folder, self.split, self.index = folder, split, first_index
-        self.dtype, self.fingerprint, self.shard_tokens = dtype, fingerprint, shard_tokens
+        self.dtype, self.fingerprint, self.shard_tokens, self.masked = dtype, fingerprint, shard_tokens, masked
         self.shards = list(done)  # manifest entries of complete shards
         self.writer: ShardWriter | None = None
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None = None) -> None:
         first, start = 0, 0
         while first < len(lengths):
             if self.writer is None:
                 self.writer = ShardWriter(self.folder / shard_name(self.split, self.index), self.dtype,
-                                          self.fingerprint)
+                                          self.fingerprint, masked=self.masked)
             room = self.shard_tokens - self.writer.tokens
             ends = np.cumsum(lengths[first:])
             n = int(np.searchsorted(ends, room, side="right"))
             if n == 0 and self.writer.documents == 0:
                 n = 1  # a document longer than a shard gets one of its own
             if n:
-                self.writer.add(tokens[start:start + int(ends[n - 1])], lengths[first:first + n])
+                end = start + int(ends[n - 1])
+                self.writer.add(tokens[start:end], lengths[first:first + n], None if mask is None else mask[start:end])
                 first, start = first + n, start + int(ends[n - 1])
             if first < len(lengths):  # the next document does not fit
                 self._close()
 
     def _close(self) -> None:
         self.writer.close()
-        self.shards.append({"name": shard_name(self.split, self.index), "documents": self.writer.documents,
-                            "tokens": self.writer.tokens, "max_id": self.writer.max_id})
+        entry = {"name": shard_name(self.split, self.index), "documents": self.writer.documents,
+                 "tokens": self.writer.tokens, "max_id": self.writer.max_id}
+        if self.masked:
+            entry["loss_tokens"] = self.writer.loss_tokens
+        self.shards.append(entry)
         self.writer, self.index = None, self.index + 1
 
     def finish(self) -> dict:
         if self.writer is not None and self.writer.documents:
             self._close()
-        return {"documents": sum(s["documents"] for s in self.shards),
+        info = {"documents": sum(s["documents"] for s in self.shards),
                 "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
+        if self.masked:
+            info["loss_tokens"] = sum(s["loss_tokens"] for s in self.shards)
+        return info
 
     def abort(self) -> None:
         if self.writer is not None:
@@ -201,10 +249,17 @@ class _SplitWriter:
 # ----------------------------------------------------------------------------- reading and splitting
 
 
-def _documents(cfg: PrepareConfig, files: list[tuple[int, Path]], stats: list[ReadStats]) -> Iterator[tuple[int, str]]:
-    """``(source index, text)`` of every document of every source, in order."""
+def _documents(cfg: PrepareConfig, files: list[tuple[int, Path]],
+               stats: list[ReadStats]) -> Iterator[tuple[int, str, str]]:
+    """``(source index, split text, document)`` of every document of every source, in order: for text the
+    text twice; for conversations the messages (:func:`hataori.data.chat.split_text`) and the encoder's
+    payload."""
     for s, path in files:
-        yield from ((s, doc) for doc in iter_documents(path, cfg.sources[s], cfg.skip_bad_lines, stats[s]))
+        if cfg.chat_template:
+            for where, messages in iter_conversations(path, cfg.skip_bad_lines, stats[s]):
+                yield s, split_text(messages), payload(where, messages)
+        else:
+            yield from ((s, doc, doc) for doc in iter_documents(path, cfg.sources[s], cfg.skip_bad_lines, stats[s]))
 
 
 def _val_limit(cfg: PrepareConfig, files: list[tuple[int, Path]]) -> int:
@@ -213,7 +268,7 @@ def _val_limit(cfg: PrepareConfig, files: list[tuple[int, Path]]) -> int:
         return int(cfg.val_fraction * 2**64)
     smallest: list[int] = []  # max-heap (negated) of the val_docs smallest keys
     total = 0
-    for _, text in _documents(cfg, files, [ReadStats() for _ in cfg.sources]):
+    for _, text, _ in _documents(cfg, files, [ReadStats() for _ in cfg.sources]):
         key = split_key(text, cfg.split_seed)
         total += 1
         if len(smallest) < cfg.val_docs:
@@ -234,9 +289,15 @@ def _plan(cfg: PrepareConfig, tokenizer: Tokenizer, dtype: np.dtype, files: list
     settings = to_dict(cfg)
     for key in ("workers", "batch_docs", "progress", "output", "tokenizer"):
         settings.pop(key)
+    if not cfg.chat_template:  # a text prepare's plan is what it was before conversations were read
+        for key in ("chat_template", "max_tokens", "overlong"):
+            settings.pop(key)
     inputs = [{"path": str(p), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for _, p in files]
-    return {"format_version": FORMAT_VERSION, "tokenizer": tokenizer.fingerprint, "dtype": dtype.name,
-            "settings": settings, "inputs": inputs}
+    plan = {"format_version": MASKED_VERSION if cfg.chat_template else FORMAT_VERSION,
+            "tokenizer": tokenizer.fingerprint, "dtype": dtype.name, "settings": settings, "inputs": inputs}
+    if cfg.chat_template:
+        plan["chat_template_sha256"] = check_template(cfg.chat_template, tokenizer).sha256
+    return plan
 
 
 def _shard_files(folder: Path) -> list[tuple[str, int, Path]]:
@@ -339,7 +400,7 @@ def _encode(cfg: PrepareConfig, tokenizer: Tokenizer, dtype: np.dtype, files: li
     writers: dict[str, _SplitWriter] = {}
     stats = [ReadStats() for _ in cfg.sources]
     per_source = [{split: 0 for split in SPLITS} for _ in cfg.sources]
-    encoded = {"documents": 0, "tokens": 0, "text_bytes": 0}
+    encoded = {"documents": 0, "tokens": 0, "text_bytes": 0, "chat": {split: EncodeCounts() for split in SPLITS}}
     try:
         _start(folder, plan)
         writers, skip = _open_writers(cfg, folder, dtype, tokenizer)
@@ -349,16 +410,21 @@ def _encode(cfg: PrepareConfig, tokenizer: Tokenizer, dtype: np.dtype, files: li
             encoded["startup_seconds"] = round(started - startup, 3)
             batches = _Batches(pipeline, writers, bar, stats, cfg.batch_docs, encoded)
             seen = {split: 0 for split in SPLITS}
-            for s, text in _documents(cfg, files, stats):
-                split = "val" if split_key(text, cfg.split_seed) < val_limit else "train"
+            for s, key, document in _documents(cfg, files, stats):
+                split = "val" if split_key(key, cfg.split_seed) < val_limit else "train"
                 per_source[s][split] += 1
                 seen[split] += 1
                 if seen[split] > skip[split]:  # the first skip[split] are in the interrupted run's shards
-                    batches.add(text, split)
+                    batches.add(document, split)
             batches.drain()
         splits_info = {split: writers[split].finish() for split in SPLITS}
         if splits_info["train"]["documents"] == 0:
-            raise HataoriError("no documents went to the train split; check the inputs and val_fraction/val_docs")
+            chat = encoded["chat"]["train"]
+            dropped = (f" ({chat.dropped_overlong} conversations dropped over max_tokens={cfg.max_tokens}, "
+                       f"{chat.dropped_no_loss} without a loss token left: see overlong and max_tokens)"
+                       if cfg.chat_template else "")
+            raise HataoriError(f"no documents went to the train split{dropped}; check the inputs and "
+                               "val_fraction/val_docs")
         elapsed = time.perf_counter() - started
         manifest = _manifest(cfg, tokenizer, dtype, plan, files, splits_info, stats, per_source, encoded, elapsed)
         atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False))
@@ -374,9 +440,13 @@ def _open_writers(cfg: PrepareConfig, folder: Path, dtype: np.dtype,
     """Each split's shard writer, after the shards an interrupted run completed, and how many of the
     split's documents those shards hold (the documents to skip)."""
     writers = {}
+    if cfg.chat_template:  # conversations start over (module docstring)
+        for _, _, path in _shard_files(folder):
+            path.unlink()
     for split in SPLITS:
         done = _complete_shards(folder, split, dtype, tokenizer.fingerprint)
-        writers[split] = _SplitWriter(folder, split, len(done), dtype, tokenizer.fingerprint, cfg.shard_tokens, done)
+        writers[split] = _SplitWriter(folder, split, len(done), dtype, tokenizer.fingerprint, cfg.shard_tokens, done,
+                                      masked=bool(cfg.chat_template))
     skip = {split: sum(s["documents"] for s in writers[split].shards) for split in SPLITS}
     if any(skip.values()):
         print(f"{folder}: resuming; " + ", ".join(f"{len(writers[s].shards)} {s} shards ({skip[s]} documents)"
@@ -434,20 +504,31 @@ class _Batches:
         self._write(self.pipeline.drain())
 
     def _write(self, results) -> None:
-        for tokens, lengths, doc_splits in results:
-            self.encoded["tokens"] += _write(self.writers, tokens, lengths, doc_splits)
+        for batch, doc_splits in results:
+            if batch.status is not None:  # conversations: count them by split, and route only the kept ones
+                splits = np.array(doc_splits)
+                kept_splits = splits[batch.kept]
+                for split in SPLITS:
+                    mine = splits == split
+                    self.encoded["chat"][split].add(batch.status[mine], batch.lengths[kept_splits == split],
+                                                    batch.loss[mine], [batch.notes[i] for i in sorted(batch.notes)
+                                                                       if mine[i]])
+                doc_splits = kept_splits.tolist()
+            self.encoded["tokens"] += _write(self.writers, batch, doc_splits)
 
 
-def _write(writers: dict, tokens: np.ndarray, lengths: np.ndarray, doc_splits: list[str]) -> int:
+def _write(writers: dict, batch: "_Encoded", doc_splits: list[str]) -> int:
     """Route a batch's documents to their splits' shards, keeping their order; return its tokens."""
-    is_val = np.array([s == "val" for s in doc_splits])
+    tokens, lengths, mask = batch.tokens, batch.lengths, batch.mask
+    is_val = np.array([s == "val" for s in doc_splits], dtype=bool)
     if not is_val.any():
-        writers["train"].add(tokens, lengths)
+        if len(lengths):
+            writers["train"].add(tokens, lengths, mask)
         return len(tokens)
     token_is_val = np.repeat(is_val, lengths)
     for split, doc_mask, token_mask in (("train", ~is_val, ~token_is_val), ("val", is_val, token_is_val)):
         if doc_mask.any():
-            writers[split].add(tokens[token_mask], lengths[doc_mask])
+            writers[split].add(tokens[token_mask], lengths[doc_mask], None if mask is None else mask[token_mask])
     return len(tokens)
 
 
@@ -459,11 +540,11 @@ class _Pipeline:
         self.local = None
         self.pool = None
         if cfg.workers == 1:
-            self.local = _Encoder(tokenizer_path, dtype.str)
+            self.local = _Encoder(tokenizer_path, dtype.str, cfg.chat())
         else:
             context = multiprocessing.get_context("spawn")
             self.pool = cf.ProcessPoolExecutor(cfg.workers, mp_context=context, initializer=_init_worker,
-                                               initargs=(tokenizer_path, dtype.str, os.getpid()))
+                                               initargs=(tokenizer_path, dtype.str, cfg.chat(), os.getpid()))
             self._wait_for_workers(cfg.workers)
         self.max_pending = 2 * cfg.workers + 2
 
@@ -483,8 +564,7 @@ class _Pipeline:
 
     def _pop(self):
         result, splits = self.pending.popleft()
-        tokens, lengths = result if self.local is not None else result.result()
-        return tokens, lengths, splits
+        return (result if self.local is not None else result.result()), splits
 
     def ready(self):
         """Encoded batches that are done (or must be waited for to bound memory), oldest first."""
@@ -525,10 +605,23 @@ def _manifest(cfg, tokenizer, dtype, plan, files, splits_info, stats, per_source
            "encoded_tokens": encoded["tokens"], "encoded_text_bytes": encoded["text_bytes"],
            "text_mb_per_s": round(encoded["text_bytes"] / 1e6 / seconds, 3),
            "tokens_per_s": round(encoded["tokens"] / seconds), "documents_per_s": round(encoded["documents"] / seconds)}
-    return {"format_version": FORMAT_VERSION, "dtype": dtype.name,
-            "tokenizer": {"path": str(tokenizer.path.resolve()), "fingerprint": tokenizer.fingerprint,
-                          "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
-            "sources": sources, "splits": splits_info, "config": to_dict(cfg), "plan": plan, "last_run": run}
+    config = to_dict(cfg)
+    manifest = {"format_version": MASKED_VERSION if cfg.chat_template else FORMAT_VERSION, "dtype": dtype.name,
+                "tokenizer": {"path": str(tokenizer.path.resolve()), "fingerprint": tokenizer.fingerprint,
+                              "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
+                "sources": sources, "splits": splits_info, "config": config, "plan": plan, "last_run": run}
+    if not cfg.chat_template:
+        for key in ("chat_template", "max_tokens", "overlong"):
+            config.pop(key)
+        return manifest
+    template = check_template(cfg.chat_template, tokenizer)
+    counts = {split: encoded["chat"][split].as_dict() for split in SPLITS}
+    for split, info in counts.items():  # packing efficiency's ceiling: the share of tokens that carry a loss
+        info["loss_share"] = round(info["loss_tokens"] / max(info["tokens"], 1), 4)
+    manifest["chat"] = {"template": {"path": str(Path(cfg.chat_template).resolve()), "sha256": template.sha256,
+                                     "source": template.source},
+                        "max_tokens": cfg.max_tokens, "overlong": cfg.overlong, "splits": counts}
+    return manifest
 
 
 def report(manifest: dict) -> str:
@@ -540,6 +633,13 @@ def report(manifest: dict) -> str:
     if skipped:
         examples = [e for s in manifest["sources"] for e in s["skipped_examples"]][:3]
         lines.append(f"skipped {skipped} bad lines, e.g. " + "; ".join(examples))
+    for split, info in manifest.get("chat", {}).get("splits", {}).items():
+        lines.append(f"{split} conversations: {info['examples']} kept ({info['truncated']} truncated), "
+                     f"{info['dropped_overlong']} dropped over max_tokens={manifest['chat']['max_tokens']}, "
+                     f"{info['dropped_no_loss']} without a loss token; {info['loss_tokens']} of {info['tokens']} "
+                     f"tokens carry the loss ({info['loss_share']:.1%}), longest {info['longest']}")
+        if info["dropped_examples"]:
+            lines.append("  e.g. " + "; ".join(info["dropped_examples"][:3]))
     run = manifest["last_run"]
     lines.append(f"encoded {run['encoded_documents']} documents ({run['encoded_text_bytes'] / 1e6:.2f} MB of text, "
                  f"{run['encoded_tokens']} tokens) in {run['seconds']:.2f} s with {run['workers']} workers "
@@ -560,6 +660,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="tokenizer folder or .model file")
     parser.add_argument("--output", help="dataset folder to write")
     parser.add_argument("--workers", type=int, help="encoding processes (default 1)")
+    parser.add_argument("--chat-template", metavar="TEMPLATE", help="the inputs are conversations (messages, or prompt "
+                        "and completion), rendered with this chat template (configs/chat/ja-chatml.jinja) and "
+                        "written with loss masks")
     parser.add_argument("--replace", action="store_true",
                         help="replace an output folder that holds another dataset or other files (once the new "
                              "dataset is complete)")
@@ -568,7 +671,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     files, overrides = command_items(args.config, {
         "--input": ("sources", [parse_source(i) for i in args.input] if args.input else None),
-        **{f"--{key}": (key, getattr(args, key)) for key in ("tokenizer", "output", "workers")}})
+        **{f"--{key}": (key, getattr(args, key)) for key in ("tokenizer", "output", "workers")},
+        "--chat-template": ("chat_template", args.chat_template)})
     return load(PrepareConfig, files, overrides)
 
 

@@ -19,8 +19,15 @@ Header layout (little-endian, ``struct`` format ``<8sII32sQQ``)::
     documents    uint64
     tokens       uint64
 
-The ``.idx`` file is renamed into place after the ``.bin``, so a shard whose index exists is
-complete. A dataset folder (see :class:`Dataset`) holds the shards of each split and a manifest,
+Format version 2 adds a third file, for conversations prepared with a chat template
+(:mod:`hataori.data.chat`):
+
+``NAME.mask``
+    One byte per token of ``NAME.bin``: 1 where the token is a loss target (an assistant token the
+    objective counts), 0 elsewhere. The header of a version-2 index is laid out as version 1's.
+
+The ``.idx`` file is renamed into place after the ``.bin`` (and the ``.mask``), so a shard whose index
+exists is complete. A dataset folder (see :class:`Dataset`) holds the shards of each split and a manifest,
 ``dataset.json``, written last; it records the tokenizer (fingerprint, vocabulary size) and, for
 each shard, its documents, tokens and largest token id.
 
@@ -50,6 +57,9 @@ from hataori.tokenizer.model import Tokenizer
 
 MAGIC = b"HATAORI\x00"
 FORMAT_VERSION = 1
+MASKED_VERSION = 2
+"""The format version of shards and datasets that carry a loss mask (``NAME.mask``)."""
+VERSIONS = (FORMAT_VERSION, MASKED_VERSION)
 HEADER = struct.Struct("<8sII32sQQ")
 HEADER_BYTES = HEADER.size  # 64
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
@@ -81,9 +91,14 @@ def choose_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
 def shard_paths(stem: str | Path) -> tuple[Path, Path]:
     """The ``.bin`` and ``.idx`` paths of the shard named by ``stem`` (with or without suffix)."""
     stem = Path(stem)
-    if stem.suffix in (".bin", ".idx"):
+    if stem.suffix in (".bin", ".idx", ".mask"):
         stem = stem.with_suffix("")
     return stem.with_name(stem.name + ".bin"), stem.with_name(stem.name + ".idx")
+
+
+def mask_path(stem: str | Path) -> Path:
+    """The ``.mask`` path of the shard named by ``stem``."""
+    return shard_paths(stem)[0].with_suffix(".mask")
 
 
 # ----------------------------------------------------------------------------- writing
@@ -92,11 +107,14 @@ def shard_paths(stem: str | Path) -> tuple[Path, Path]:
 class ShardWriter:
     """Write one shard: documents are appended to temporary files, renamed by :meth:`close`.
 
+    ``masked``: the shard carries a loss mask (format version 2), and every :meth:`add` gives one.
     Use as a context manager; leaving it by an exception removes the temporary files.
     """
 
-    def __init__(self, stem: str | Path, dtype: np.dtype, fingerprint: str):
+    def __init__(self, stem: str | Path, dtype: np.dtype, fingerprint: str, masked: bool = False):
         self.bin_path, self.idx_path = shard_paths(stem)
+        self.mask_path = mask_path(stem) if masked else None
+        self.loss_tokens = 0
         self.dtype = np.dtype(dtype)
         if self.dtype not in DTYPES.values():
             raise ShardError(f"shard ids must be uint16 or uint32, not {self.dtype}")
@@ -108,6 +126,8 @@ class ShardWriter:
         self._idx_tmp = temp_sibling(self.idx_path)
         self.bin_path.parent.mkdir(parents=True, exist_ok=True)
         self._bin = open(self._bin_tmp, "wb")
+        self._mask_tmp = temp_sibling(self.mask_path) if masked else None
+        self._mask = open(self._mask_tmp, "wb") if masked else None
 
     @property
     def documents(self) -> int:
@@ -117,8 +137,13 @@ class ShardWriter:
     def tokens(self) -> int:
         return self._offsets[-1]
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Append documents given as their concatenated ids (EOS included) and their lengths."""
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Append documents given as their concatenated ids (EOS included) and their lengths, and for a
+        masked shard the loss mask of every token."""
+        if (mask is None) != (self._mask is None):
+            raise ValueError("a masked shard takes a mask with every add, and only a masked shard takes one")
+        if mask is not None and len(mask) != len(tokens):
+            raise ValueError(f"{len(mask)} mask values for {len(tokens)} ids")
         if int(np.sum(lengths)) != len(tokens):
             raise ValueError(f"document lengths sum to {int(np.sum(lengths))}, but {len(tokens)} ids were given")
         if len(lengths) and int(np.min(lengths)) < 1:
@@ -128,15 +153,21 @@ class ShardWriter:
             raise ShardError(f"token id {largest} does not fit in {self.dtype.name}")
         self.max_id = max(self.max_id, largest)
         self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        if mask is not None:
+            self._mask.write(np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
+            self.loss_tokens += int(np.count_nonzero(mask))
         ends = self._offsets[-1] + np.cumsum(lengths, dtype=np.int64)
         self._offsets.extend(ends.tolist())
 
     def close(self) -> None:
         """Flush, then rename the ``.bin`` and, last, the ``.idx`` into place."""
-        self._bin.flush()
-        os.fsync(self._bin.fileno())
-        self._bin.close()
-        header = HEADER.pack(MAGIC, FORMAT_VERSION, self.dtype.itemsize, self.fingerprint.encode("ascii"),
+        for f in (self._bin, self._mask):
+            if f is not None:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+        version = FORMAT_VERSION if self._mask is None else MASKED_VERSION
+        header = HEADER.pack(MAGIC, version, self.dtype.itemsize, self.fingerprint.encode("ascii"),
                              self.documents, self.tokens)
         with open(self._idx_tmp, "wb") as f:
             f.write(header)
@@ -144,13 +175,17 @@ class ShardWriter:
             f.flush()
             os.fsync(f.fileno())
         os.replace(self._bin_tmp, self.bin_path)
+        if self._mask is not None:
+            os.replace(self._mask_tmp, self.mask_path)
         os.replace(self._idx_tmp, self.idx_path)
 
     def abort(self) -> None:
         """Remove the temporary files."""
-        with contextlib.suppress(OSError):  # on a full disk, closing fails to flush, and closes all the same
-            self._bin.close()
-        self._bin_tmp.unlink(missing_ok=True)
+        for f, tmp in ((self._bin, self._bin_tmp), (self._mask, self._mask_tmp)):
+            if f is not None:
+                with contextlib.suppress(OSError):  # on a full disk, closing fails to flush, and closes all the same
+                    f.close()
+                tmp.unlink(missing_ok=True)
         self._idx_tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "ShardWriter":
@@ -178,9 +213,10 @@ def read_header(idx_path: Path) -> dict:
         raise ShardError(f"{idx_path}: not a hataori shard index (magic {MAGIC!r} expected, found "
                          f"{raw[:8]!r}); point at a folder written by `hataori data prepare`")
     magic, version, itemsize, fingerprint, documents, tokens = HEADER.unpack(raw)
-    if version != FORMAT_VERSION:
-        raise ShardError(f"{idx_path}: shard format version {version}, but this hataori reads version "
-                         f"{FORMAT_VERSION}; re-encode the corpus with `hataori data prepare` from this version")
+    if version not in VERSIONS:
+        raise ShardError(f"{idx_path}: shard format version {version}, but this hataori reads versions "
+                         f"{', '.join(map(str, VERSIONS))}; re-encode the corpus with `hataori data prepare` from "
+                         "this version")
     if itemsize not in (2, 4):
         raise ShardError(f"{idx_path}: token size {itemsize} bytes in the header (2 or 4 expected); "
                          "the file is damaged, re-encode it")
@@ -190,7 +226,8 @@ def read_header(idx_path: Path) -> dict:
 
 class Shard:
     """A memory-mapped shard: ``len(shard)`` documents, ``shard[i]`` (or ``doc(i)``) the ids of
-    document ``i`` with its EOS, ``shard.tokens`` all ids. Nothing is copied: documents and slices
+    document ``i`` with its EOS, ``shard.tokens`` all ids; a version-2 shard also ``shard.mask`` (one
+    byte a token, 1 for a loss target) and ``doc_mask(i)``. Nothing is copied: documents and slices
     of ``tokens`` are read-only views of the mapped file.
 
     ``fingerprint``, when given, must match the tokenizer fingerprint the shard was written with;
@@ -226,6 +263,15 @@ class Shard:
             self.tokens = np.memmap(self.bin_path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
         else:  # numpy cannot map an empty file
             self.tokens = np.empty(0, dtype=self.dtype)
+        self.mask: np.ndarray | None = None
+        if self.version == MASKED_VERSION:
+            path = mask_path(stem)
+            if not path.is_file() or path.stat().st_size != self.num_tokens:
+                size = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
+                raise ShardError(f"{path}: {size}, but its index promises a loss mask of {self.num_tokens} bytes "
+                                 "(one a token); the shard is damaged, re-encode it")
+            self.mask = (np.memmap(path, dtype=np.uint8, mode="r", shape=(self.num_tokens,)) if self.num_tokens
+                         else np.empty(0, dtype=np.uint8))
         falling = np.flatnonzero(self.offsets[1:] <= self.offsets[:-1])
         if self.offsets[0] != 0 or self.offsets[-1] != self.num_tokens or len(falling):
             i = 0 if self.offsets[0] != 0 else int(falling[0]) if len(falling) else max(self.num_docs - 1, 0)
@@ -263,6 +309,13 @@ class Shard:
         return self.tokens[self.offsets[i]:self.offsets[i + 1]]
 
     __getitem__ = doc
+
+    def doc_mask(self, i: int) -> np.ndarray:
+        """The loss mask of document ``i`` (a view; a version-2 shard only)."""
+        if self.mask is None:
+            raise ShardError(f"{self.idx_path}: a shard without loss masks (format version {self.version})")
+        i %= self.num_docs
+        return self.mask[self.offsets[i]:self.offsets[i + 1]]
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for i in range(self.num_docs):
@@ -305,9 +358,10 @@ class Dataset:
         except json.JSONDecodeError as err:
             raise InputError(manifest_path, f"not valid JSON: {err}") from None
         version = self.manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ShardError(f"{manifest_path}: dataset format version {version}, but this hataori reads version "
-                             f"{FORMAT_VERSION}; re-encode the corpus with `hataori data prepare`")
+        if version not in VERSIONS:
+            raise ShardError(f"{manifest_path}: dataset format version {version}, but this hataori reads versions "
+                             f"{', '.join(map(str, VERSIONS))}; re-encode the corpus with `hataori data prepare`")
+        self.masked = version == MASKED_VERSION  # conversations with loss masks (prepared with a chat template)
         self.tokenizer_fingerprint: str = self.manifest["tokenizer"]["fingerprint"]
         if fingerprint is not None and fingerprint != self.tokenizer_fingerprint:
             raise ShardError(f"{self.path}: encoded with tokenizer fingerprint {self.tokenizer_fingerprint}, but "
@@ -322,6 +376,9 @@ class Dataset:
         self.shards = [Shard(self.path / entry["name"], self.tokenizer_fingerprint, vocab_size,
                              None if verify else entry.get("max_id")) for entry in info["shards"]]
         for shard, entry in zip(self.shards, info["shards"]):
+            if (shard.mask is not None) != self.masked:
+                raise ShardError(f"{shard.idx_path}: format version {shard.version} in a dataset of version {version}; "
+                                 "the folder mixes two prepares, re-encode it")
             if (shard.num_docs, shard.num_tokens) != (entry["documents"], entry["tokens"]):
                 raise ShardError(f"{shard.idx_path}: holds {shard.num_docs} documents and {shard.num_tokens} "
                                  f"tokens, the manifest says {entry['documents']} and {entry['tokens']}; "
@@ -355,6 +412,13 @@ class Dataset:
         return shard.doc(j)
 
     __getitem__ = doc
+
+    def doc_mask(self, i: int) -> np.ndarray:
+        """The loss mask of document ``i`` of the split (a view; a masked dataset only)."""
+        if not 0 <= i < self.num_docs:
+            raise IndexError(f"document {i} out of range for {self.num_docs} documents")
+        shard, j = self.locate(i)
+        return shard.doc_mask(j)
 
     def lookup(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For many documents at once: the shard holding each, its start in that shard's tokens
@@ -405,8 +469,12 @@ def main(args) -> int:
         for split in manifest["splits"]:
             data = docs if split == "train" else Dataset(path, split, fingerprint, verify=True)
             mean = data.num_tokens / max(1, data.num_docs)
+            loss = ""
+            if data.masked:
+                counted = sum(int(np.count_nonzero(s.mask)) for s in data.shards)
+                loss = f", {counted} loss tokens ({counted / max(1, data.num_tokens):.1%})"
             print(f"  {split}: {data.num_docs} documents, {data.num_tokens} tokens "
-                  f"({mean:.1f} per document) in {len(data.shards)} shards, fingerprint {data.fingerprint}")
+                  f"({mean:.1f} per document){loss} in {len(data.shards)} shards, fingerprint {data.fingerprint}")
     else:
         docs = Shard(path, fingerprint, tokenizer.vocab_size if tokenizer else None)
         print(repr(docs))
@@ -415,4 +483,9 @@ def main(args) -> int:
             ids = docs.doc(i)
             text = tokenizer.decode(ids[:-1].tolist()) if tokenizer else " ".join(map(str, ids[:64].tolist()))
             print(f"--- document {i} ({len(ids)} tokens)\n{text}")
+            if tokenizer and (docs.masked if isinstance(docs, Dataset) else docs.mask is not None):
+                mask = docs.doc_mask(i)
+                spans = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))  # starts and ends of loss runs
+                pieces = [tokenizer.decode(ids[a:b].tolist()) for a, b in zip(spans[::2], spans[1::2])]
+                print("--- its loss tokens, run by run: " + " | ".join(repr(p) for p in pieces))
     return 0

@@ -43,6 +43,7 @@ from hataori.checkpoint.lock import LAUNCHER_PID_VAR, claim, die_with_launcher
 from hataori.checkpoint.manifest import LORA_BASE, CheckpointDamaged, check_identity, read_manifest, remove_incomplete
 from hataori.checkpoint.record import record_provenance, record_run
 from hataori.config import command_items
+from hataori.data.loader import require_text
 from hataori.data.shards import Dataset
 from hataori.errors import ConfigError, HataoriError, InputError
 from hataori.fsutil import disk_full_error
@@ -191,6 +192,7 @@ def open_tokenizer(cfg: TrainConfig):
     """The run's tokenizer (the config's, or the first dataset's), checked against every dataset and
     against model.vocab_size."""
     datasets = [Dataset(spec.path, "train") for spec in cfg.data.datasets]
+    require_text(datasets)
     path = cfg.tokenizer or datasets[0].manifest["tokenizer"]["path"]
     if not cfg.tokenizer and not Path(path).exists():
         raise InputError(path, f"the tokenizer recorded in {datasets[0].path}/dataset.json is missing; "
