@@ -159,7 +159,7 @@ class TokenStream:
         return self
 
     def __next__(self):
-        from hataori.data.loader import Batch
+        from hataori.data.batch import Batch
 
         rng = np.random.default_rng([self.seed, self.rank, self.position])
         self.position += 1

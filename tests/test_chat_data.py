@@ -1,6 +1,6 @@
 """Conversations through `hataori data prepare --chat-template` (hataori/data/chat.py, the masked shards of
 hataori/data/shards.py): every prepared conversation against transformers' apply_chat_template, the
-overlong rules, bad records named, and the pretraining loader refusing masks."""
+overlong rules, bad records named, and the data config choosing the conversation loader."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from helpers import REPO, jcqa_conversations
 from hataori.cli import main as hataori_main
 from hataori.data.loader import DataConfig, DatasetSpec
 from hataori.data.shards import MASKED_VERSION, Dataset, Shard, ShardError, mask_path
-from hataori.errors import ConfigError
+from hataori.data.examples import ExampleLoader
+from hataori.errors import ConfigError, HataoriError
 from hataori.tokenizer.hf import TOKENIZER_CONFIG, write_hf_tokenizer
 from hataori.tokenizer.model import Tokenizer
 
@@ -159,10 +160,18 @@ def test_a_template_the_tokenizer_lacks_pieces_for_is_refused(jcqa_tokenizer, tm
     assert "--pieces '<|im_end|>,<|im_start|>'" in capsys.readouterr().err
 
 
-def test_masked_shards_are_checked_and_refused_by_the_pretraining_loader(records, chat_tokenizer, tmp_path):
+def test_masked_shards_are_checked_and_read_by_the_conversation_loader(records, chat_tokenizer, ja_shards, tmp_path):
+    """The data config opens the conversation loader for conversations, refuses a mix with text or a weight
+    (conversations are pooled), and a damaged or missing mask is named."""
     out = tmp_path / "ds"
     assert prepare(records, chat_tokenizer, out, "val_docs=10") == 0
-    with pytest.raises(ConfigError, match=r"data.datasets\[0\].path: .* holds conversations with loss masks"):
+    assert isinstance(DataConfig(datasets=[DatasetSpec(path=str(out))], seq_len=512).build(batch_size=2),
+                      ExampleLoader)
+    with pytest.raises(ConfigError, match=r"data.datasets: mixes conversations .* and text"):
+        DataConfig(datasets=[DatasetSpec(path=str(out)), DatasetSpec(path=str(ja_shards))]).build(batch_size=2)
+    with pytest.raises(ConfigError, match=r"datasets\[0\].weight: conversation datasets are pooled"):
+        DataConfig(datasets=[DatasetSpec(path=str(out), weight=2.0)], seq_len=512).build(batch_size=2)
+    with pytest.raises(HataoriError, match=r"its longest conversation has \d+ tokens, more than a row of seq_len=64"):
         DataConfig(datasets=[DatasetSpec(path=str(out))], seq_len=64).build(batch_size=2)
     mask = mask_path(out / "train-00000")
     data = mask.read_bytes()

@@ -49,6 +49,8 @@ import numpy as np
 from hataori.config import command_items, load, require
 from hataori.errors import ConfigError, HataoriError
 from hataori.sourcespec import parse_source
+from hataori.data.batch import Batch
+from hataori.data.examples import ExampleLoader
 from hataori.data.shards import Dataset
 
 STATE_VERSION = 1
@@ -81,59 +83,39 @@ class DataConfig:
     """Seeds the document permutations and the blend draws."""
     split: Literal["train", "val"] = "train"
     """Which split of the datasets to read."""
+    pack: bool = True
+    """Conversations only: pack several whole conversations into a row; false: one a row, padded
+    (hataori.data.examples)."""
 
     def __post_init__(self):
         require(len(self.datasets) > 0, "datasets", "no datasets; list them as [{path: DIR, weight: 1.0}, ...]")
         require(self.seq_len >= 1, "seq_len", f"must be positive, got {self.seq_len}")
         require(self.seed >= 0, "seed", f"must be non-negative, got {self.seed}")
 
-    def build(self, batch_size: int, rank: int = 0, world_size: int = 1,
-              tokenizer_fingerprint: str | None = None) -> "PackedLoader":
-        """Open the datasets and return the loader of data-parallel ``rank`` of ``world_size``."""
+    def build(self, batch_size: int, rank: int = 0, world_size: int = 1, tokenizer_fingerprint: str | None = None,
+              accum_steps: int = 1) -> "PackedLoader | ExampleLoader":
+        """Open the datasets and return the loader of data-parallel ``rank`` of ``world_size``: the packing
+        loader for text, the conversation loader (:mod:`hataori.data.examples`, packing ``accum_steps``
+        micro-batches an optimizer step) for datasets prepared with a chat template."""
         datasets = [Dataset(spec.path, self.split, tokenizer_fingerprint) for spec in self.datasets]
-        require_text(datasets)
+        if datasets_kind(datasets) == "conversations":
+            for i, spec in enumerate(self.datasets):
+                require(spec.weight == 1.0, f"datasets[{i}].weight", "conversation datasets are pooled, every "
+                        f"conversation read once an epoch; weights blend text only (got {spec.weight})")
+            return ExampleLoader(datasets, seq_len=self.seq_len, batch_size=batch_size, accum_steps=accum_steps,
+                                 seed=self.seed, rank=rank, world_size=world_size, pack_rows=self.pack)
         return PackedLoader(datasets, [spec.weight for spec in self.datasets], seq_len=self.seq_len,
                             batch_size=batch_size, seed=self.seed, rank=rank, world_size=world_size)
 
 
-def require_text(datasets: list[Dataset]) -> None:
-    """The packing loader reads text: a dataset of conversations (prepared with a chat template, with loss
-    masks) is refused, naming it, rather than trained on as plain text with its masks ignored."""
-    for i, data in enumerate(datasets):
-        if data.masked:
-            raise ConfigError(f"data.datasets[{i}].path", f"{data.path} holds conversations with loss masks "
-                              "(`hataori data prepare --chat-template`), which the pretraining objective does not "
-                              "read; give a dataset of text (supervised fine-tuning on conversations is not in "
-                              "hataori yet)")
-
-
-@dataclass(slots=True)
-class Batch:
-    """One rank's batch. All arrays are (batch_size, seq_len)."""
-
-    inputs: np.ndarray
-    """Token ids fed to the model (int64)."""
-    targets: np.ndarray
-    """The id each input position must predict: the next stream token (int64)."""
-    positions: np.ndarray
-    """Position of each input token in its document segment (int32); 0 starts a segment."""
-    sources: np.ndarray
-    """Index of the dataset each input token came from (uint8), for per-source loss logs."""
-
-    def segment_starts(self) -> np.ndarray:
-        """(batch_size, seq_len) bool: where a document segment starts."""
-        return self.positions == 0
-
-    def doc_ids(self) -> np.ndarray:
-        """(batch_size, seq_len) int32: segments numbered 0, 1, ... along each row, the layout the
-        model's attention takes (a new document wherever the id changes)."""
-        return np.cumsum(self.segment_starts(), axis=1, dtype=np.int32) - 1
-
-    def cu_seqlens(self) -> np.ndarray:
-        """Cumulative segment lengths over the flattened batch (int32), starting at 0 and ending at
-        ``batch_size * seq_len``: the ``cu_seqlens`` of varlen attention kernels."""
-        starts = np.flatnonzero(self.segment_starts().ravel())
-        return np.append(starts, self.inputs.size).astype(np.int32)
+def datasets_kind(datasets: list[Dataset]) -> str:
+    """``text`` or ``conversations`` (prepared with a chat template, with loss masks): the kind every one of
+    ``datasets`` is; a mix is refused, naming one of each."""
+    kinds = {"conversations" if d.masked else "text": d.path for d in datasets}
+    if len(kinds) > 1:
+        raise ConfigError("data.datasets", f"mixes conversations ({kinds['conversations']}) and text "
+                          f"({kinds['text']}); a run trains on one kind")
+    return next(iter(kinds))
 
 
 class PackedLoader:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 from hataori.checkpoint.checkpointer import CheckpointConfig
 from hataori.config import load, merged, require
@@ -50,6 +50,10 @@ class TrainConfig:
     lora: LoRAConfig | None = None
     """Low-rank adapters on the init source's frozen weights (hataori.model.lora); absent: every
     weight trains. Checkpoints then hold the adapters and the train_also modules, not the base."""
+    objective: Literal["pretrain", "sft"] = "pretrain"
+    """``pretrain``: next-token loss on every token of text datasets. ``sft`` (supervised fine-tuning, what
+    ``hataori sft`` sets): the loss over the assistant tokens of conversation datasets (prepared with a
+    chat template), per counted token across the global batch (hataori.train.trainer)."""
     data: DataConfig
     """The training blend; validation reads the same datasets' validation split."""
     optim: OptimConfig = field(default_factory=OptimConfig)

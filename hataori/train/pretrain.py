@@ -43,7 +43,7 @@ from hataori.checkpoint.lock import LAUNCHER_PID_VAR, claim, die_with_launcher
 from hataori.checkpoint.manifest import LORA_BASE, CheckpointDamaged, check_identity, read_manifest, remove_incomplete
 from hataori.checkpoint.record import record_provenance, record_run
 from hataori.config import command_items
-from hataori.data.loader import require_text
+from hataori.data.loader import datasets_kind
 from hataori.data.shards import Dataset
 from hataori.errors import ConfigError, HataoriError, InputError
 from hataori.fsutil import disk_full_error
@@ -192,7 +192,13 @@ def open_tokenizer(cfg: TrainConfig):
     """The run's tokenizer (the config's, or the first dataset's), checked against every dataset and
     against model.vocab_size."""
     datasets = [Dataset(spec.path, "train") for spec in cfg.data.datasets]
-    require_text(datasets)
+    kind = datasets_kind(datasets)
+    if (kind == "conversations") != (cfg.objective == "sft"):
+        got = "conversations (prepared with a chat template)" if kind == "conversations" else "text"
+        how = ("train on them with `hataori sft` (objective=sft)" if kind == "conversations" else
+               "supervised fine-tuning reads datasets from `hataori data prepare --chat-template`")
+        raise ConfigError("data.datasets", f"{datasets[0].path} holds {got}, which objective={cfg.objective} does "
+                          f"not read; {how}")
     path = cfg.tokenizer or datasets[0].manifest["tokenizer"]["path"]
     if not cfg.tokenizer and not Path(path).exists():
         raise InputError(path, f"the tokenizer recorded in {datasets[0].path}/dataset.json is missing; "
@@ -278,7 +284,8 @@ def train(cfg: TrainConfig) -> int:
     scheduler = cfg.schedule.build(optimizer, total_steps=cfg.trainer.max_steps)
     engine = cfg.zero.build(model, optimizer, scheduler, seq_len=cfg.data.seq_len, grad_clip=cfg.optim.grad_clip,
                             run_dir=run_dir)
-    loader = cfg.data.build(engine.train_micro_batch_size_per_gpu(), env.rank, env.world_size, tokenizer.fingerprint)
+    loader = cfg.data.build(engine.train_micro_batch_size_per_gpu(), env.rank, env.world_size, tokenizer.fingerprint,
+                            accum_steps=engine.gradient_accumulation_steps())
     validator = Validator.build(cfg.validation, [spec.path for spec in cfg.data.datasets], tokenizer,
                                 seq_len=cfg.data.seq_len, run_dir=run_dir, rank=env.rank, world_size=env.world_size)
     eval_tasks = EvalTasks.build(cfg.validation.tasks, tokenizer, max_len=cfg.model.max_seq_len, run_dir=run_dir,

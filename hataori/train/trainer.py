@@ -36,6 +36,16 @@ non-finite before any step, or that an update damaged without a non-finite loss,
 stop names the first non-finite weight, or says the weights are finite and the gradients overflowed.
 ``spike_factor`` warns when a loss jumps above that multiple of the recent mean.
 
+The loss. A micro-batch's loss is the model's mean over its targets that count. Text batches all
+hold as many, so the step's loss is the mean of the micro-batches'. A batch of conversations
+(:mod:`hataori.data.examples`) says how many of its targets count and how many the whole step holds
+over every rank; its loss is scaled by ``loss_tokens * accumulation steps * world size /
+step_loss_tokens`` before the backward pass, so that with DeepSpeed's division by the accumulation
+steps and its mean over ranks the gradient is that of the summed loss over the step's counted
+targets divided by their number: per token across the global batch, whatever the packing. A
+micro-batch with no counted target (possible only in principle) runs its forward and backward with a
+loss scaled by 0, so every rank still takes part in ZeRO's collectives.
+
 :meth:`Trainer.request_stop` (e.g. from a signal handler) ends training after the current step
 with a checkpoint; the request is shared between ranks at each step, so it may reach any of them.
 """
@@ -114,7 +124,7 @@ class StepMetrics:
 
 
 class BatchLike(Protocol):
-    """What the loader yields (:class:`hataori.data.loader.Batch`)."""
+    """What the loader yields (:class:`hataori.data.batch.Batch`)."""
 
     inputs: np.ndarray
     targets: np.ndarray
@@ -247,10 +257,19 @@ class Trainer:
         began = time.perf_counter()
         lr = self.engine.get_lr()[0]
         losses, tokens = [], 0
-        for _ in range(self.engine.gradient_accumulation_steps()):
+        accum = self.engine.gradient_accumulation_steps()
+        for _ in range(accum):
             batch = next(self.loader)
+            targets, scale = batch.targets, None
+            if batch.step_loss_tokens is not None:
+                scale = batch.loss_tokens * accum * dist.get_world_size() / batch.step_loss_tokens
+                if batch.loss_tokens == 0:  # a finite loss to scale by 0 (module docstring)
+                    targets = batch.targets.copy()
+                    targets[0, 0] = 0
             loss = self.engine(self._tensor(batch.inputs), doc_ids=self._tensor(batch.doc_ids()),
-                               targets=self._tensor(batch.targets))
+                               targets=self._tensor(targets))
+            if scale is not None:
+                loss = loss * scale
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach().float())

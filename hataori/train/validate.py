@@ -22,6 +22,12 @@ What is scored, and the numbers
     character of the decoded text. The character count is computed once per run and cached in
     ``<run_dir>/validation.json``.
 
+Conversations
+    A dataset prepared with a chat template (:mod:`hataori.data.chat`) is scored as the objective trains
+    on it: its conversations whole, packed into rows with :func:`hataori.data.examples.pack`, and only the
+    targets its loss mask marks; ``loss`` is per such token and ``bpc`` per character of their decoded
+    text (the assistant turns). A validation reads text datasets or conversation datasets, not both.
+
 Processes
     The rows are dealt out to the ranks (row ``i`` to rank ``i % world_size``), padded with unscored
     rows so every rank runs the same number of forward passes (ZeRO-3 gathers parameters in each),
@@ -45,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from hataori.config import require
+from hataori.data.examples import pack
 from hataori.data.shards import Dataset
 from hataori.errors import ConfigError
 from hataori.eval.bpc import BpcResult, count_chars, pack_rows, summed_nll
@@ -106,29 +113,52 @@ class ValidationConfig:
 
 def select_documents(datasets: list[Dataset], *, max_docs: int = 0, max_tokens: int = 0) -> list[np.ndarray]:
     """The validation documents (token ids, EOS last): the first of each dataset in order, within the limits."""
-    docs: list[np.ndarray] = []
+    return [doc for doc, _, _ in _select(datasets, max_docs, max_tokens, masks=False)]
+
+
+def _select(datasets: list[Dataset], max_docs: int, max_tokens: int, *,
+            masks: bool) -> list[tuple[np.ndarray, np.ndarray | None, int]]:
+    """(ids, loss mask or None, dataset index) of the first documents of each dataset, within the limits."""
+    chosen: list[tuple[np.ndarray, np.ndarray | None, int]] = []
     tokens = 0
-    for data in datasets:
+    for d, data in enumerate(datasets):
         for i in range(len(data)):
             doc = np.asarray(data.doc(i), dtype=np.int64)
-            if (max_docs and len(docs) == max_docs) or (max_tokens and tokens + len(doc) > max_tokens):
-                return docs
-            docs.append(doc)
+            if (max_docs and len(chosen) == max_docs) or (max_tokens and tokens + len(doc) > max_tokens):
+                return chosen
+            chosen.append((doc, np.asarray(data.doc_mask(i)) if masks else None, d))
             tokens += len(doc)
-    return docs
+    return chosen
+
+
+def loss_chars(examples: list[tuple[np.ndarray, np.ndarray, int]], tokenizer: Tokenizer) -> int:
+    """Characters of the decoded text of every run of loss-marked targets (the assistant turns)."""
+    total = 0
+    for ids, mask, _ in examples:
+        marked = np.concatenate([[0], (mask[1:] != 0).astype(np.int8), [0]])  # the targets that count
+        edges = np.flatnonzero(np.diff(marked))
+        total += sum(len(tokenizer.decode(ids[1 + a:1 + b].tolist())) for a, b in zip(edges[::2], edges[1::2]))
+    return total
 
 
 class Validator:
     """Scores a model on the selected validation documents; build it with :meth:`build`."""
 
-    def __init__(self, cfg: ValidationConfig, docs: list[np.ndarray], *, chars: int, eos_id: int, seq_len: int,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: ValidationConfig, docs: list, *, chars: int, eos_id: int, seq_len: int,
+                 rank: int = 0, world_size: int = 1, conversations: bool = False):
+        """``docs``: token ids (EOS last), or with ``conversations`` (ids, loss mask, dataset) triples."""
         if not docs:
             raise ValueError("no validation documents selected")
         self.cfg = cfg
         self.documents, self.chars = len(docs), chars
-        self.tokens = sum(len(d) for d in docs)
-        inputs, targets, doc_ids = pack_rows(docs, eos_id, seq_len)
+        if conversations:
+            rows, _ = pack(docs, seq_len=seq_len, pad_id=eos_id)
+            inputs, targets = rows.inputs, rows.targets
+            doc_ids = np.cumsum(rows.positions == 0, axis=1, dtype=np.int64) - 1
+            self.tokens = int(np.count_nonzero(targets != IGNORE_INDEX))
+        else:
+            self.tokens = sum(len(d) for d in docs)
+            inputs, targets, doc_ids = pack_rows(docs, eos_id, seq_len)
         per_pass = cfg.batch_size * world_size
         missing = -len(inputs) % per_pass
         if missing:  # unscored rows so every rank runs the same number of passes
@@ -143,7 +173,13 @@ class Validator:
         """Select the documents of the datasets' val splits and count their characters (cached in
         ``run_dir``; counted on rank 0 and broadcast when a process group is up)."""
         datasets = [Dataset(path, "val", tokenizer.fingerprint) for path in dataset_paths]
-        docs = select_documents(datasets, max_docs=cfg.max_docs, max_tokens=cfg.max_tokens)
+        conversations = datasets[0].masked
+        if any(d.masked != conversations for d in datasets):
+            raise ConfigError("data.datasets", f"{', '.join(dataset_paths)} mix text and conversation datasets; "
+                              "a run trains on one kind")
+        docs = _select(datasets, cfg.max_docs, cfg.max_tokens, masks=conversations)
+        if not conversations:
+            docs = [doc for doc, _, _ in docs]
         if not docs:
             if not any(len(d) for d in datasets):
                 raise ConfigError("data.datasets", f"the validation splits of {', '.join(dataset_paths)} hold no "
@@ -152,18 +188,20 @@ class Validator:
             raise ConfigError("validation.max_tokens", f"{cfg.max_tokens} is smaller than the first validation "
                               f"document ({first} tokens); raise it, or set 0 for no limit")
         key = {"datasets": [d.fingerprint for d in datasets], "tokenizer": tokenizer.fingerprint,
-               "documents": len(docs), "tokens": sum(len(d) for d in docs)}
+               "documents": len(docs), "tokens": sum(len(d[0] if conversations else d) for d in docs)}
+        count = (lambda: loss_chars(docs, tokenizer)) if conversations else (lambda: count_chars(docs, tokenizer))
+        if conversations:
+            key["kind"] = "conversations"
         shared = dist.is_initialized() and world_size > 1
         found = [None]
         if rank == 0:
-            found[0] = cached_chars(Path(run_dir) / CACHE_FILE if run_dir else None, key,
-                                    lambda: count_chars(docs, tokenizer))
+            found[0] = cached_chars(Path(run_dir) / CACHE_FILE if run_dir else None, key, count)
         elif not shared:
-            found[0] = count_chars(docs, tokenizer)
+            found[0] = count()
         if shared:
             dist.broadcast_object_list(found, src=0)
         return cls(cfg, docs, chars=found[0], eos_id=datasets[0].eos_id, seq_len=seq_len, rank=rank,
-                   world_size=world_size)
+                   world_size=world_size, conversations=conversations)
 
     def evaluate(self, model: Callable[..., torch.Tensor], device: torch.device | str = "cpu") -> ValResult:
         """Score ``model`` (``model(input_ids, doc_ids=...) -> logits``, a module or a DeepSpeed engine)."""
