@@ -183,3 +183,18 @@ def test_masked_shards_are_checked_and_read_by_the_conversation_loader(records, 
     with pytest.raises(ShardError, match="missing"):
         Shard(out / "train-00000")
     assert np.frombuffer(data, np.uint8).sum() > 0
+
+
+def test_datasets_of_another_template_are_refused_together(records, chat_tokenizer, tmp_path):
+    from hataori.data.chat import dataset_template
+
+    other = tmp_path / "other.jinja"
+    other.write_text(PRESET.read_text(encoding="utf-8").replace("あなたは", "君は"), encoding="utf-8")
+    assert prepare(records, chat_tokenizer, tmp_path / "a", "val_docs=5") == 0
+    assert hataori_main(["data", "prepare", "--input", str(records), "--tokenizer", str(chat_tokenizer),
+                         "--chat-template", str(other), "--output", str(tmp_path / "b"), "progress=false",
+                         "val_docs=5"]) == 0
+    a, b = Dataset(tmp_path / "a", "train"), Dataset(tmp_path / "b", "train")
+    assert dataset_template([a, a]).source == PRESET.read_text(encoding="utf-8")
+    with pytest.raises(HataoriError, match="were prepared with different chat templates"):
+        dataset_template([a, b])

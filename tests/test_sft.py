@@ -212,3 +212,44 @@ def test_each_objective_reads_its_kind_of_data(conversations, ja_shards, chat_to
                          "objective=pretrain", *common]) == 2
     assert "`hataori sft` trains objective=sft" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
+def test_a_fine_tuned_run_exports_its_template_and_chats_in_transformers(conversations, chat_tokenizer, tmp_path,
+                                                                       capsys):
+    """The run keeps its chat template; the export carries it, so that transformers' apply_chat_template gives
+    the ids hataori trained on for every held-out conversation, and generation_config stops at <|im_end|>;
+    transformers' greedy generate on the chat prompt gives `hataori generate --chat --greedy`'s reply."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = Tokenizer(chat_tokenizer)
+    run = tmp_path / "run"
+    result = sft(run, conversations, tokenizer.vocab_size, "trainer.max_steps=2", "optim.lr=2e-2", nproc=1)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    template = (REPO / "configs/chat/ja-chatml.jinja").read_text(encoding="utf-8")
+    assert (run / "chat_template.jinja").read_text(encoding="utf-8") == template
+    out = tmp_path / "hf"
+    assert hataori_main(["export", "hf", str(run), "--output", str(out), "--dtype", "fp32"]) == 0
+    hf_tokenizer = AutoTokenizer.from_pretrained(out)
+    assert hf_tokenizer.chat_template == template
+    end = tokenizer.sp.piece_to_id("<|im_end|>")
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [tokenizer.eos_id, end]
+    held_out = Dataset(conversations, "val")
+    source = [json.loads(line)["messages"] for line in (conversations.parent / "chat.jsonl").read_text().splitlines()]
+    rendered = {tuple(hf_tokenizer.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"])
+                for m in source}
+    for i in range(len(held_out)):
+        assert tuple(held_out.doc(i)[:-1].tolist()) in rendered  # every held-out conversation, as trained on
+
+    question = source[0][0]["content"]
+    capsys.readouterr()
+    assert hataori_main(["generate", str(run), question, "--chat", "--greedy", "--max-new-tokens", "12"]) == 0
+    ours = capsys.readouterr().out.rstrip("\n")
+    model = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    prompt = hf_tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                              return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        new = model.generate(**prompt, max_new_tokens=12, do_sample=False)[0, prompt["input_ids"].shape[1]:].tolist()
+    theirs = tokenizer.decode([t for t in new if t not in (tokenizer.eos_id, end)])
+    assert ours == theirs

@@ -190,6 +190,21 @@ def split_text(messages: list[dict]) -> str:
     return json.dumps(messages, ensure_ascii=False, sort_keys=True)
 
 
+def dataset_template(datasets: list) -> ChatTemplate:
+    """The chat template conversation datasets were prepared with (recorded in their manifests); datasets
+    prepared with different templates are refused, naming two."""
+    found = {}
+    for data in datasets:
+        recorded = data.manifest["chat"]["template"]
+        found.setdefault(recorded["sha256"], (data.path, recorded["source"]))
+    if len(found) > 1:
+        (a, _), (b, _) = list(found.values())[:2]
+        raise HataoriError(f"{a} and {b} were prepared with different chat templates; a run trains with one, "
+                           "so prepare them with the same --chat-template")
+    path, source = next(iter(found.values()))
+    return ChatTemplate(source, Path(path) / "dataset.json")
+
+
 def check_template(path: str | Path, tokenizer: Tokenizer) -> ChatTemplate:
     """The chat template at ``path``, checked against the tokenizer (its special pieces)."""
     template = ChatTemplate.load(path)

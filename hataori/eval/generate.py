@@ -2,7 +2,7 @@
 
     hataori generate RUN_DIR_OR_CHECKPOINT "プロンプト" [--max-new-tokens N] [--temperature T]
         [--top-k K] [--top-p P] [--seed S] [--greedy] [--tokenizer DIR] [--device cpu|cuda]
-        [--dtype fp32|bf16|fp16]
+        [--dtype fp32|bf16|fp16] [--chat]
 
 CHECKPOINT is a run folder (its latest complete checkpoint is used) or one ``checkpoints/step_N``
 folder of it. The model's shape comes from the run folder's ``config.yaml`` (its ``model`` section);
@@ -13,6 +13,11 @@ first dataset's ``dataset.json``; it must be the tokenizer the run was trained w
 Weights are read with :func:`hataori.checkpoint.states.run_weights`, from any ZeRO stage: the fp32
 master weights where the checkpoint has them, else the module's own; a LoRA run's with its
 adapters folded into its base.
+
+With ``--chat`` the prompt is a user's turn of a conversation: it is rendered with the chat template a
+fine-tuning run trained with (``chat_template.jinja`` in the run folder, :mod:`hataori.tokenizer.chat`),
+followed by the assistant's opening, and the reply stops at the piece that ends an assistant turn
+(``<|im_end|>`` in the ChatML preset) or EOS; only the reply is printed.
 
 Decoding. The prompt is encoded after one EOS, as training documents begin (the packed loader's
 documents are preceded by the previous one's EOS). Each new token takes one full forward pass over
@@ -106,8 +111,9 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompt: list[int], *, max_new_tokens: int, eos_id: int | None,
-             sampling: Sampling, generator: torch.Generator | None = None) -> list[int]:
-    """The new tokens after ``prompt`` (EOS included if reached), one full forward pass per token."""
+             sampling: Sampling, generator: torch.Generator | None = None, stop_ids: tuple[int, ...] = ()) -> list[int]:
+    """The new tokens after ``prompt`` (EOS, or one of ``stop_ids``, included if reached), one full forward
+    pass per token."""
     device = next(model.parameters()).device
     max_len = model.config.max_seq_len
     tokens = list(prompt)
@@ -122,7 +128,7 @@ def generate(model: torch.nn.Module, prompt: list[int], *, max_new_tokens: int, 
         token = int(next_token(logits, sampling, generator))
         tokens.append(token)
         new.append(token)
-        if token == eos_id:
+        if token == eos_id or token in stop_ids:
             break
     return new
 
@@ -143,6 +149,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda where there is one)")
     parser.add_argument("--dtype", default="fp32", choices=PRECISIONS, help="the precision the model computes in")
+    parser.add_argument("--chat", action="store_true", help="the prompt is a user's turn, rendered with the run's "
+                        "chat template (a model fine-tuned with `hataori sft`); print the assistant's reply")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -155,10 +163,20 @@ def main(args: argparse.Namespace) -> int:
     tokenizer = run.tokenizer(args.tokenizer)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress prints; stdout carries only the text
         model = run.model(device, DTYPES[args.dtype])
-    prompt = [tokenizer.eos_id] + tokenizer.encode([args.prompt])[0]
+    stops: tuple[int, ...] = ()
+    if args.chat:
+        template = run.chat_template()
+        if template is None:
+            raise ConfigError("--chat", f"the run {run.run_dir} has no chat template (chat_template.jinja): it was "
+                              "not fine-tuned on conversations (`hataori sft`); generate without --chat")
+        messages = [{"role": "user", "content": args.prompt}]
+        prompt = template.encode(messages, tokenizer, add_generation_prompt=True, where="--chat's prompt").ids
+        stops = tuple(template.stop_ids(tokenizer))
+    else:
+        prompt = [tokenizer.eos_id] + tokenizer.encode([args.prompt])[0]
     generator = torch.Generator(device=device).manual_seed(args.seed)
     new = generate(model, prompt, max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id, sampling=sampling,
-                   generator=generator)
-    text = tokenizer.decode([t for t in new if t != tokenizer.eos_id])
-    print(args.prompt + text)
+                   generator=generator, stop_ids=stops)
+    text = tokenizer.decode([t for t in new if t != tokenizer.eos_id and t not in stops])
+    print(text if args.chat else args.prompt + text)
     return 0

@@ -17,7 +17,10 @@ receives the unmerged base instead and ADIR the adapter in PEFT's layout (``adap
 * ``config.json`` (``LlamaForCausalLM``) and ``generation_config.json`` with the tokenizer's
   BOS, EOS and pad ids;
 * ``tokenizer.model``, ``tokenizer.json`` and ``tokenizer_config.json``: the run's SentencePiece
-  model and the fast tokenizer that gives the same ids (:mod:`hataori.tokenizer.hf`);
+  model and the fast tokenizer that gives the same ids (:mod:`hataori.tokenizer.hf`); for a
+  fine-tuning run also its chat template (``chat_template``, so that ``apply_chat_template`` gives
+  the ids it trained on), and in ``generation_config.json`` the piece that ends an assistant turn
+  beside EOS (``<|im_end|>`` for the ChatML preset);
 * ``README.md``: a model card with the architecture, parameters, steps, tokens seen, the final
   validation bits per character, and the run's data provenance (``provenance.json``: the shards'
   fingerprints, the corpora they were built from with package versions, licenses and counts, the
@@ -142,10 +145,14 @@ def _export(run: OpenRun, out: Output, ad: Output | None, *, started: float,
         special = {"bos_id": _id(tok.bos_id), "eos_id": _id(tok.eos_id), "pad_id": _id(tok.pad_id)}
         config_json = hf.hf_config(cfg, dtype=torch_dtype, **special)
         atomic_write_text(tmp / hf.CONFIG_FILE, json.dumps(config_json, indent=2) + "\n")
-        generation = {"bos_token_id": special["bos_id"], "eos_token_id": special["eos_id"],
+        template = run.chat_template()
+        stops = [] if template is None else [i for i in template.stop_ids(tok) if i != special["eos_id"]]
+        generation = {"bos_token_id": special["bos_id"],
+                      "eos_token_id": [special["eos_id"], *stops] if stops else special["eos_id"],
                       "pad_token_id": special["pad_id"]}
         atomic_write_text(tmp / "generation_config.json", json.dumps(generation, indent=2) + "\n")
-        write_hf_tokenizer(tok, tmp, model_max_length=cfg.max_seq_len)
+        write_hf_tokenizer(tok, tmp, model_max_length=cfg.max_seq_len,
+                           chat_template=None if template is None else template.source)
         card = model_card(run_dir, checkpoint, config, cfg, tok, weights.client_state, dtype=dtype,
                           lora=None if not lora else ("base" if adapter is not None else "merged"))
         atomic_write_text(tmp / "README.md", card)

@@ -55,6 +55,7 @@ from hataori.interop.hf import CONFIG_FILE, HFCheckpoint, hf_name, hf_names, mod
 from hataori.model.lora import LoRAConfig, apply_lora
 from hataori.model.model import ModelConfig, Transformer
 from hataori.tokenizer import proto as spm_proto
+from hataori.tokenizer.chat import TEMPLATE_FILE, ChatTemplate
 from hataori.tokenizer.model import Tokenizer
 
 SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "rope_base", "norm_eps",
@@ -583,6 +584,11 @@ class OpenRun:
     def tokenizer(self, override: str | None = None) -> Tokenizer:
         """The tokenizer the run trained with (``override``: another path to it, checked to be the same)."""
         return run_tokenizer(self.run_dir, self.config, override, self.model_config.vocab_size)
+
+    def chat_template(self) -> ChatTemplate | None:
+        """The chat template a fine-tuning run trained with (``chat_template.jinja`` in the run folder), or None."""
+        path = self.run_dir / TEMPLATE_FILE
+        return ChatTemplate.load(path) if path.is_file() else None
 
     def weights(self, tokenizer: Tokenizer | None = None) -> CheckpointWeights | LoRAWeights:
         """The plain model's weights (:func:`run_weights`); ``tokenizer``: the run's, where the caller has it."""

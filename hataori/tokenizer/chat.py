@@ -189,6 +189,18 @@ class ChatTemplate:
                 encoded.mask.append(segment.loss)
         return encoded
 
+    def stop_ids(self, tokenizer: Tokenizer) -> list[int]:
+        """The ids that end an assistant turn: the last token of a generation block when it is a special piece
+        or EOS (``<|im_end|>`` in the preset); generation stops there. Found by encoding a probe conversation."""
+        probe = [{"role": "user", "content": "質問"}, {"role": "assistant", "content": "答え"}]
+        encoded = self.encode(probe, tokenizer, where="the chat template's probe conversation")
+        last = max((i for i, m in enumerate(encoded.mask) if m), default=None)
+        if last is None:
+            return []
+        token = encoded.ids[last]
+        special = token in (tokenizer.eos_id,) or tokenizer.sp.id_to_piece(token) in self.special_pieces
+        return [token] if special else []
+
     def _render(self, messages: list[dict], add_generation_prompt: bool, variables: dict, where: str) -> str:
         from jinja2 import TemplateError
 

@@ -34,6 +34,7 @@ whitespace as suffix, a model type other than unigram and BPE) are an InputError
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -150,9 +151,12 @@ def document_start(fast, token: str, token_id: int) -> None:
         single=f"{token} $A", pair=f"{token} $A {token} $B:1", special_tokens=[(token, token_id)])
 
 
-def tokenizer_config(tokenizer: Tokenizer, *, model_max_length: int) -> dict[str, Any]:
-    """``tokenizer_config.json``: the class to load, the special tokens, and no splitting of written
-    special tokens (see the module docstring)."""
+def tokenizer_config(tokenizer: Tokenizer, *, model_max_length: int,
+                     chat_template: str | None = None) -> dict[str, Any]:
+    """``tokenizer_config.json``: the class to load, the special tokens, no splitting of written special
+    tokens (see the module docstring), and the chat template where there is one
+    (:mod:`hataori.tokenizer.chat`). A template that writes the control tokens (``{{ eos_token }}`` and the
+    like) means their ids, so its tokenizer parses them where written (``split_special_tokens: false``)."""
     sp = tokenizer.sp
     config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
                               "split_special_tokens": True, "clean_up_tokenization_spaces": False}
@@ -160,18 +164,24 @@ def tokenizer_config(tokenizer: Tokenizer, *, model_max_length: int) -> dict[str
                            ("pad_token", sp.pad_id())):
         if token_id >= 0:
             config[name] = sp.id_to_piece(token_id)
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+        if re.search(r"\b(bos|eos|unk|pad)_token\b", chat_template):
+            config["split_special_tokens"] = False
     return config
 
 
-def write_hf_tokenizer(tokenizer: Tokenizer, folder: str | Path, *, model_max_length: int) -> list[str]:
-    """Write ``tokenizer.model``, ``tokenizer.json`` and ``tokenizer_config.json`` into ``folder``; their names."""
+def write_hf_tokenizer(tokenizer: Tokenizer, folder: str | Path, *, model_max_length: int,
+                       chat_template: str | None = None) -> list[str]:
+    """Write ``tokenizer.model``, ``tokenizer.json`` and ``tokenizer_config.json`` (with ``chat_template``
+    where given) into ``folder``; their names."""
     folder = Path(folder)
     fast = fast_tokenizer(tokenizer)
     eos = tokenizer.sp.id_to_piece(tokenizer.eos_id)
     document_start(fast, eos, tokenizer.eos_id)
     (folder / "tokenizer.model").write_bytes(tokenizer.proto)
     atomic_write_text(folder / TOKENIZER_JSON, fast.to_str(pretty=True) + "\n")
-    config = tokenizer_config(tokenizer, model_max_length=model_max_length)
+    config = tokenizer_config(tokenizer, model_max_length=model_max_length, chat_template=chat_template)
     atomic_write_text(folder / TOKENIZER_CONFIG, json.dumps(config, ensure_ascii=False, indent=2) + "\n")
     return ["tokenizer.model", TOKENIZER_JSON, TOKENIZER_CONFIG]
 

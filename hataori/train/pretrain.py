@@ -43,15 +43,17 @@ from hataori.checkpoint.lock import LAUNCHER_PID_VAR, claim, die_with_launcher
 from hataori.checkpoint.manifest import LORA_BASE, CheckpointDamaged, check_identity, read_manifest, remove_incomplete
 from hataori.checkpoint.record import record_provenance, record_run
 from hataori.config import command_items
+from hataori.data.chat import dataset_template
 from hataori.data.loader import datasets_kind
 from hataori.data.shards import Dataset
 from hataori.errors import ConfigError, HataoriError, InputError
-from hataori.fsutil import disk_full_error
+from hataori.fsutil import atomic_write_text, disk_full_error
 from hataori.interop.load import SHAPE_FIELDS, load_initial_weights, open_source
 from hataori.model.lora import apply_lora
 from hataori.model.memory import states_shortfall
 from hataori.model.model import Transformer
 from hataori.sourcespec import parse_source
+from hataori.tokenizer.chat import TEMPLATE_FILE
 from hataori.tokenizer.model import Tokenizer
 from hataori.train.callbacks import Announce, Logging, Validation
 from hataori.train.config import TrainConfig, load_train_config
@@ -263,6 +265,8 @@ def train(cfg: TrainConfig) -> int:
     if env.is_main:
         with disk_full_error(run_dir, option="run_dir"):
             record_run(run_dir, cfg, world_size=env.world_size)
+            if cfg.objective == "sft":
+                record_template(run_dir, cfg)
             record_provenance(run_dir, tokenizer=tokenizer, datasets=cfg.data.datasets,
                               init=None if init is None else init.describe())
     seed_all(cfg.seed)
@@ -314,6 +318,17 @@ def train(cfg: TrainConfig) -> int:
         summarize(run_dir)
     shutdown_distributed()
     return 0
+
+
+def record_template(run_dir: Path, cfg: TrainConfig) -> None:
+    """Keep the chat template the conversations were prepared with in the run folder (``chat_template.jinja``),
+    for export and generation; a resumed run must train with the same one."""
+    template = dataset_template([Dataset(spec.path, "train") for spec in cfg.data.datasets])
+    path = run_dir / TEMPLATE_FILE
+    if path.is_file() and path.read_text(encoding="utf-8") != template.source:
+        raise ConfigError("data.datasets", f"{path} holds another chat template than the one {template.origin} was "
+                          "prepared with; a run trains with one template: use a new run_dir or the same datasets")
+    atomic_write_text(path, template.source)
 
 
 def run_identity(cfg: TrainConfig, tokenizer, *, base: str | None = None) -> dict:
