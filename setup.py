@@ -19,8 +19,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["hataori", *(f"hataori.{name}" for name in SUBPACKAGES)],
-    # The JGLUE files evaluation reads offline (CC BY-SA 4.0; hataori/eval/jglue/README.md and LICENSE go with them).
-    package_data={"hataori.eval": ["jglue/*.json", "jglue/LICENSE", "jglue/README.md"]},
+    # The JGLUE files evaluation and the instruction set read offline (CC BY-SA 4.0; hataori/corpus/jglue/README.md
+    # and LICENSE go with them).
+    package_data={"hataori.corpus": ["jglue/*.json", "jglue/LICENSE", "jglue/README.md"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.15",

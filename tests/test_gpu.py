@@ -10,7 +10,7 @@
   fp32 PyTorch model scores the validation documents one by one, which must give the loss the run
   validated with in bf16. The first step's loss must be a fresh model's, about ln(vocab).
 
-The data is made here, from the Japanese text of the JGLUE files the repository ships (hataori/eval/jglue):
+The data is made here, from the Japanese text of the JGLUE files the repository ships (hataori/corpus/jglue):
 a 8k unigram tokenizer and its shards, so nothing is fetched. Without a GPU the module is skipped;
 ``HATAORI_GPU_REHEARSAL=1`` runs the same tests on the CPU at toy sizes (fp32 runs, SDPA), which is
 how ``scripts/gpu_check.sh --rehearse`` checks this file before a GPU minute is spent on it. With

@@ -58,9 +58,10 @@ def test_wheel_holds_only_the_hataori_namespace(wheel: Path):
         names = set(zf.namelist())
     for package in SUBPACKAGES:
         assert package.replace(".", "/") + "/__init__.py" in names
-    # The JGLUE files evaluation reads, with their license, travel with the package.
-    for name in ("jcommonsenseqa-train.json", "jcommonsenseqa-valid.json", "jnli-valid.json", "LICENSE", "README.md"):
-        assert f"hataori/eval/jglue/{name}" in names
+    # The JGLUE files evaluation and the instruction set read, with their license, travel with the package.
+    for name in ("jcommonsenseqa-train.json", "jcommonsenseqa-valid.json", "jnli-valid.json", "jsts-train.json",
+                 "jsts-valid.json", "jsquad-valid.json", "LICENSE", "README.md"):
+        assert f"hataori/corpus/jglue/{name}" in names
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """The tasks ``hataori eval`` knows: what an example of each is and how its file is read.
 
-Multiple-choice tasks (JGLUE v1.3, one JSON object a line; the files are bundled in ``jglue/``)::
+Multiple-choice tasks (JGLUE v1.3, one JSON object a line; the files are bundled in ``hataori/corpus/jglue/``)::
 
     jcommonsenseqa   question, choice0..choice4, label 0-4   (valid: 1,119; train for shots: 8,939)
     jnli             sentence1, sentence2, label             (valid: 2,434; no train file bundled)
@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from hataori.corpus.jglue_files import JGLUE_DIR
 from hataori.corpus.sources import iter_lines
 from hataori.errors import ConfigError, InputError
 
-JGLUE = Path(__file__).resolve().parent / "jglue"
+JGLUE = JGLUE_DIR
 
 
 @dataclass(frozen=True, slots=True)
