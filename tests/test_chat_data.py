@@ -198,3 +198,51 @@ def test_datasets_of_another_template_are_refused_together(records, chat_tokeniz
     assert dataset_template([a, a]).source == PRESET.read_text(encoding="utf-8")
     with pytest.raises(HataoriError, match="were prepared with different chat templates"):
         dataset_template([a, b])
+
+
+def test_preference_pairs_are_two_documents_of_one_split(chat_tokenizer, tmp_path, capsys):
+    """Each pair becomes its chosen and its rejected conversation, consecutive documents of the same split,
+    each equal to apply_chat_template's ids (then EOS) with the assistant mask; a pair preferring nothing, or a
+    conversation given as a pair, is refused naming its line; no loader trains on pairs yet."""
+    from transformers import AutoTokenizer
+
+    tokenizer = Tokenizer(chat_tokenizer)
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    write_hf_tokenizer(tokenizer, hf_dir, model_max_length=4096, chat_template=PRESET.read_text(encoding="utf-8"))
+    hf = AutoTokenizer.from_pretrained(hf_dir)
+    pairs = []
+    for messages in jcqa_conversations(60, seed=11):
+        prompt, answer = messages[:-1], messages[-1]["content"]
+        pairs.append({"prompt": prompt if len(prompt) > 1 else prompt[0]["content"], "chosen": answer,
+                      "rejected": answer[::-1] + "。"})
+    path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    assert prepare(path, chat_tokenizer, tmp_path / "pairs", "preference=true", "val_docs=6") == 0
+    assert "train preference pairs: 54 kept" in capsys.readouterr().out
+    expected = {}
+    for pair in pairs:
+        prompt = pair["prompt"] if isinstance(pair["prompt"], list) else [{"role": "user", "content": pair["prompt"]}]
+        both = []
+        for name in ("chosen", "rejected"):
+            out = hf.apply_chat_template([*prompt, {"role": "assistant", "content": pair[name]}], tokenize=True,
+                                         return_dict=True, return_assistant_tokens_mask=True)
+            both.append((tuple(out["input_ids"] + [tokenizer.eos_id]), tuple(out["assistant_masks"] + [0])))
+        expected[both[0]] = both[1]
+    for split in ("train", "val"):
+        data = Dataset(tmp_path / "pairs", split)
+        assert len(data) % 2 == 0
+        for i in range(0, len(data), 2):
+            chosen, rejected = ((tuple(data.doc(j).tolist()), tuple(data.doc_mask(j).tolist())) for j in (i, i + 1))
+            assert expected[chosen] == rejected
+    with pytest.raises(ConfigError, match="holds preference pairs, which no loader reads yet"):
+        DataConfig(datasets=[DatasetSpec(path=str(tmp_path / "pairs"))], seq_len=512).build(batch_size=2)
+
+    same = {"prompt": "x", "chosen": "同じ", "rejected": "同じ"}
+    for record, message in [(same, "c.jsonl:2: chosen and rejected are the same"),
+                            ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
+                             "c.jsonl:2: a preference record needs prompt (or messages), chosen and rejected"),
+                            ({"prompt": "x", "chosen": [{"role": "user", "content": "y"}], "rejected": "z"},
+                             "c.jsonl:2 (chosen): no assistant turn")]:
+        bad = write_jsonl(tmp_path / "c.jsonl", [pairs[0], record])
+        assert prepare(bad, chat_tokenizer, tmp_path / "bad", "preference=true") == 2
+        assert message in capsys.readouterr().err

@@ -8,8 +8,14 @@ Records, one JSON object a line (TRL's field names):
     A prompt and its completion: each a string (a user turn, an assistant turn) or a list of messages
     (the prompt's turns, then the completion's, which must include an assistant turn).
 
-A record with ``chosen`` and ``rejected`` is preference data, which supervised fine-tuning does not read;
-it is refused, as is a record with neither form, naming the file and line.
+Preference pairs (``preference=True``), also in TRL's names: ``{"prompt": ..., "chosen": ...,
+"rejected": ...}``, the prompt a string (a user turn) or a list of messages (``messages`` may give it
+instead), each answer a string (an assistant turn) or a list of messages. Each pair becomes two
+conversations, the prompt with the chosen answer and the prompt with the rejected one, written as two
+consecutive documents (chosen first) of the same split; a pair whose answers are the same is refused.
+
+A record of the other kind (a preference record among conversations, or a conversation among pairs) is
+refused, as is a record of neither form, naming the file and line.
 
 Each conversation is encoded by :meth:`hataori.tokenizer.chat.ChatTemplate.encode` (ids and the mask of
 the tokens the loss counts: every assistant turn's, as the template marks them) and gets the
@@ -67,10 +73,36 @@ def to_messages(record: Any, where: str) -> list[dict]:
     raise ChatError(f"{where}: neither messages nor prompt and completion (fields: {fields})")
 
 
-def iter_conversations(path: Path, skip_bad: bool = False,
-                       stats: ReadStats | None = None) -> Iterator[tuple[str, list[dict]]]:
-    """``(file:line, messages)`` of every record of a JSONL file; a malformed record is an error naming its
-    line, or with ``skip_bad`` counted in ``stats`` and skipped."""
+def to_pair(record: Any, where: str) -> list[list[dict]]:
+    """The chosen and the rejected conversation of one preference record (module docstring), checked."""
+    if not isinstance(record, dict) or "chosen" not in record or "rejected" not in record:
+        fields = ", ".join(repr(k) for k in list(record)[:8]) if isinstance(record, dict) else type(record).__name__
+        raise ChatError(f"{where}: a preference record needs prompt (or messages), chosen and rejected "
+                        f"(fields: {fields or 'none'})")
+    prompt = record.get("prompt", record.get("messages"))
+    if prompt is None:
+        raise ChatError(f"{where}: no prompt (or messages) before chosen and rejected")
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if not isinstance(turns, list):
+        raise ChatError(f"{where}: prompt is {type(prompt).__name__}; give a string or a list of messages")
+    pair = []
+    for name in ("chosen", "rejected"):
+        answer = record[name]
+        if isinstance(answer, str):
+            answer = [{"role": "assistant", "content": answer}]
+        elif not isinstance(answer, list):
+            raise ChatError(f"{where}: {name} is {type(answer).__name__}; give a string or a list of messages")
+        pair.append(check_messages([*turns, *answer], f"{where} ({name})"))
+    if pair[0] == pair[1]:
+        raise ChatError(f"{where}: chosen and rejected are the same, so the pair prefers nothing; fix or drop it")
+    return pair
+
+
+def iter_conversations(path: Path, skip_bad: bool = False, stats: ReadStats | None = None,
+                       preference: bool = False) -> Iterator[tuple[str, Any]]:
+    """``(file:line, messages)`` of every record of a JSONL file, or with ``preference`` ``(file:line, [chosen
+    messages, rejected messages])``; a malformed record is an error naming its line, or with ``skip_bad``
+    counted in ``stats`` and skipped."""
     stats = stats if stats is not None else ReadStats()
     for number, line in iter_lines(path, skip_bad, stats):
         if not line.strip():
@@ -81,15 +113,18 @@ def iter_conversations(path: Path, skip_bad: bool = False,
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ChatError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
-            messages = to_messages(record, where)
+            if preference:
+                value = to_pair(record, where)
+            else:
+                value = to_messages(record, where)
         except ChatError as err:
             if skip_bad:
                 stats.skip(str(err))
                 continue
             raise
         stats.documents += 1
-        stats.chars += sum(len(m["content"]) for m in messages)
-        yield where, messages
+        stats.chars += sum(len(m["content"]) for m in (value[0] + value[1] if preference else value))
+        yield where, value
 
 
 KEPT, TRUNCATED, DROPPED_OVERLONG, DROPPED_NO_LOSS = range(4)
@@ -135,6 +170,8 @@ class EncodedConversations:
     status: np.ndarray
     loss: np.ndarray
     notes: dict[int, str]
+    per_input: int = 1
+    """Documents each kept input gives: 1, or 2 for a preference pair (chosen, rejected)."""
 
     @property
     def kept(self) -> np.ndarray:
@@ -144,40 +181,50 @@ class EncodedConversations:
 class ConversationEncoder:
     """Conversations (:func:`payload` strings) to :class:`EncodedConversations`, by the module's rules."""
 
-    def __init__(self, tokenizer: Tokenizer, template: ChatTemplate, max_tokens: int, overlong: str):
+    def __init__(self, tokenizer: Tokenizer, template: ChatTemplate, max_tokens: int, overlong: str,
+                 preference: bool = False):
         if overlong not in OVERLONG_RULES:
             raise HataoriError(f"overlong: {overlong!r} is not one of {', '.join(OVERLONG_RULES)}")
         self.tokenizer, self.template, self.max_tokens, self.overlong = tokenizer, template, max_tokens, overlong
+        self.preference = preference
 
     def __call__(self, payloads: list[str], dtype: np.dtype) -> EncodedConversations:
         ids, masks, lengths = [], [], []
         status = np.full(len(payloads), KEPT, dtype=np.int8)
         loss = np.zeros(len(payloads), dtype=np.int64)
         notes = {}
-        eos = self.tokenizer.eos_id
         for i, text in enumerate(payloads):
-            where, messages = json.loads(text)
-            encoded = self.template.encode(messages, self.tokenizer, where=where)
-            example, mask = encoded.ids + [eos], encoded.mask + [False]
-            if len(example) > self.max_tokens:
+            where, value = json.loads(text)
+            examples = [self._example(m, f"{where} ({name})") for m, name in zip(value, ("chosen", "rejected"))] \
+                if self.preference else [self._example(value, where)]
+            longest = max(len(example) for example, _ in examples)
+            if longest > self.max_tokens:
                 if self.overlong == "refuse":
-                    raise ChatError(f"{where}: {len(example)} tokens with its EOS, more than max_tokens="
+                    raise ChatError(f"{where}: {longest} tokens with its EOS, more than max_tokens="
                                     f"{self.max_tokens}; raise max_tokens (the training seq_len + 1) or choose "
                                     "overlong=drop or overlong=truncate")
                 if self.overlong == "drop":
-                    status[i], notes[i] = DROPPED_OVERLONG, f"{where}: {len(example)} tokens (dropped)"
+                    status[i], notes[i] = DROPPED_OVERLONG, f"{where}: {longest} tokens (dropped)"
                     continue
-                example, mask = example[:self.max_tokens - 1] + [eos], mask[:self.max_tokens - 1] + [False]
+                examples = [(e[:self.max_tokens - 1] + [e[-1]], m[:self.max_tokens - 1] + [False]) if len(e) >
+                            self.max_tokens else (e, m) for e, m in examples]
                 status[i] = TRUNCATED
-            if not any(mask):
+            if not all(any(mask) for _, mask in examples):
                 status[i], notes[i] = DROPPED_NO_LOSS, f"{where}: no loss token (dropped)"
                 continue
-            ids.extend(example)
-            masks.extend(mask)
-            lengths.append(len(example))
-            loss[i] = sum(mask)
+            for example, mask in examples:
+                ids.extend(example)
+                masks.extend(mask)
+                lengths.append(len(example))
+                loss[i] += sum(mask)
         return EncodedConversations(np.asarray(ids, dtype=dtype), np.asarray(lengths, dtype=np.int64),
-                                    np.asarray(masks, dtype=np.uint8), status, loss, notes)
+                                    np.asarray(masks, dtype=np.uint8), status, loss, notes,
+                                    per_input=2 if self.preference else 1)
+
+    def _example(self, messages: list[dict], where: str) -> tuple[list[int], list[bool]]:
+        """A conversation's ids and mask, EOS appended outside the mask."""
+        encoded = self.template.encode(messages, self.tokenizer, where=where)
+        return encoded.ids + [self.tokenizer.eos_id], encoded.mask + [False]
 
 
 def payload(where: str, messages: list[dict]) -> str:
@@ -185,9 +232,9 @@ def payload(where: str, messages: list[dict]) -> str:
     return json.dumps([where, messages], ensure_ascii=False)
 
 
-def split_text(messages: list[dict]) -> str:
-    """The text a conversation's split is decided by: its messages, not where it was read."""
-    return json.dumps(messages, ensure_ascii=False, sort_keys=True)
+def split_text(value: Any) -> str:
+    """The text a conversation's (or a pair's) split is decided by: its messages, not where it was read."""
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
 def dataset_template(datasets: list) -> ChatTemplate:

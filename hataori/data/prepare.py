@@ -107,6 +107,9 @@ class PrepareConfig:
     """Conversations only: the most tokens of one, EOS included (the training seq_len + 1)."""
     overlong: Literal["drop", "truncate", "refuse"] = "drop"
     """Conversations only: what to do with one longer than max_tokens (hataori.data.chat)."""
+    preference: bool = False
+    """Conversations only: the inputs are preference pairs (prompt, chosen, rejected), each written as two
+    documents, chosen then rejected, in the same split (hataori.data.chat)."""
     progress: bool = True
     """Show a progress bar on stderr."""
 
@@ -122,10 +125,12 @@ class PrepareConfig:
         require(self.shard_tokens >= 1, "shard_tokens", f"must be positive, got {self.shard_tokens}")
         require(self.max_tokens >= 2, "max_tokens", f"must be at least 2 (a token and EOS), got {self.max_tokens}")
         require(self.overlong in OVERLONG_RULES, "overlong", f"must be one of {', '.join(OVERLONG_RULES)}")
+        require(self.chat_template or not self.preference, "preference",
+                "preference pairs are conversations: give the chat template (--chat-template) too")
 
-    def chat(self) -> tuple[str, int, str] | None:
-        """What the encoder needs for conversations (template, max_tokens, overlong), or None for text."""
-        return (self.chat_template, self.max_tokens, self.overlong) if self.chat_template else None
+    def chat(self) -> tuple[str, int, str, bool] | None:
+        """What the encoder needs for conversations (template, max_tokens, overlong, preference), or None."""
+        return (self.chat_template, self.max_tokens, self.overlong, self.preference) if self.chat_template else None
 
 
 # ----------------------------------------------------------------------------- encoding (worker side)
@@ -147,15 +152,15 @@ class _Encoded:
 class _Encoder:
     """Turns a batch of texts (or conversations, given ``chat``: see PrepareConfig.chat) into :class:`_Encoded`."""
 
-    def __init__(self, tokenizer_path: str, dtype: str, chat: tuple[str, int, str] | None = None):
+    def __init__(self, tokenizer_path: str, dtype: str, chat: tuple[str, int, str, bool] | None = None):
         self.tokenizer = Tokenizer(tokenizer_path)
         self.eos = self.tokenizer.eos_id
         self.dtype = np.dtype(dtype)
         self.conversations = None
         if chat is not None:
-            template, max_tokens, overlong = chat
+            template, max_tokens, overlong, preference = chat
             self.conversations = ConversationEncoder(self.tokenizer, check_template(template, self.tokenizer),
-                                                     max_tokens, overlong)
+                                                     max_tokens, overlong, preference)
 
     def __call__(self, texts: list[str]) -> "_Encoded | EncodedConversations":
         if self.conversations is not None:
@@ -256,8 +261,8 @@ def _documents(cfg: PrepareConfig, files: list[tuple[int, Path]],
     payload."""
     for s, path in files:
         if cfg.chat_template:
-            for where, messages in iter_conversations(path, cfg.skip_bad_lines, stats[s]):
-                yield s, split_text(messages), payload(where, messages)
+            for where, value in iter_conversations(path, cfg.skip_bad_lines, stats[s], cfg.preference):
+                yield s, split_text(value), payload(where, value)
         else:
             yield from ((s, doc, doc) for doc in iter_documents(path, cfg.sources[s], cfg.skip_bad_lines, stats[s]))
 
@@ -290,7 +295,7 @@ def _plan(cfg: PrepareConfig, tokenizer: Tokenizer, dtype: np.dtype, files: list
     for key in ("workers", "batch_docs", "progress", "output", "tokenizer"):
         settings.pop(key)
     if not cfg.chat_template:  # a text prepare's plan is what it was before conversations were read
-        for key in ("chat_template", "max_tokens", "overlong"):
+        for key in ("chat_template", "max_tokens", "overlong", "preference"):
             settings.pop(key)
     inputs = [{"path": str(p), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for _, p in files]
     plan = {"format_version": MASKED_VERSION if cfg.chat_template else FORMAT_VERSION,
@@ -507,7 +512,7 @@ class _Batches:
         for batch, doc_splits in results:
             if batch.status is not None:  # conversations: count them by split, and route only the kept ones
                 splits = np.array(doc_splits)
-                kept_splits = splits[batch.kept]
+                kept_splits = np.repeat(splits[batch.kept], batch.per_input)  # a pair is two documents
                 for split in SPLITS:
                     mine = splits == split
                     self.encoded["chat"][split].add(batch.status[mine], batch.lengths[kept_splits == split],
@@ -611,14 +616,15 @@ def _manifest(cfg, tokenizer, dtype, plan, files, splits_info, stats, per_source
                               "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
                 "sources": sources, "splits": splits_info, "config": config, "plan": plan, "last_run": run}
     if not cfg.chat_template:
-        for key in ("chat_template", "max_tokens", "overlong"):
+        for key in ("chat_template", "max_tokens", "overlong", "preference"):
             config.pop(key)
         return manifest
     template = check_template(cfg.chat_template, tokenizer)
     counts = {split: encoded["chat"][split].as_dict() for split in SPLITS}
     for split, info in counts.items():  # packing efficiency's ceiling: the share of tokens that carry a loss
         info["loss_share"] = round(info["loss_tokens"] / max(info["tokens"], 1), 4)
-    manifest["chat"] = {"template": {"path": str(Path(cfg.chat_template).resolve()), "sha256": template.sha256,
+    manifest["chat"] = {"kind": "preference" if cfg.preference else "conversations",
+                        "template": {"path": str(Path(cfg.chat_template).resolve()), "sha256": template.sha256,
                                      "source": template.source},
                         "max_tokens": cfg.max_tokens, "overlong": cfg.overlong, "splits": counts}
     return manifest
@@ -633,8 +639,9 @@ def report(manifest: dict) -> str:
     if skipped:
         examples = [e for s in manifest["sources"] for e in s["skipped_examples"]][:3]
         lines.append(f"skipped {skipped} bad lines, e.g. " + "; ".join(examples))
+    unit = "preference pairs" if manifest.get("chat", {}).get("kind") == "preference" else "conversations"
     for split, info in manifest.get("chat", {}).get("splits", {}).items():
-        lines.append(f"{split} conversations: {info['examples']} kept ({info['truncated']} truncated), "
+        lines.append(f"{split} {unit}: {info['examples']} kept ({info['truncated']} truncated), "
                      f"{info['dropped_overlong']} dropped over max_tokens={manifest['chat']['max_tokens']}, "
                      f"{info['dropped_no_loss']} without a loss token; {info['loss_tokens']} of {info['tokens']} "
                      f"tokens carry the loss ({info['loss_share']:.1%}), longest {info['longest']}")

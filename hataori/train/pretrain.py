@@ -195,10 +195,12 @@ def open_tokenizer(cfg: TrainConfig):
     against model.vocab_size."""
     datasets = [Dataset(spec.path, "train") for spec in cfg.data.datasets]
     kind = datasets_kind(datasets)
-    if (kind == "conversations") != (cfg.objective == "sft"):
-        got = "conversations (prepared with a chat template)" if kind == "conversations" else "text"
-        how = ("train on them with `hataori sft` (objective=sft)" if kind == "conversations" else
-               "supervised fine-tuning reads datasets from `hataori data prepare --chat-template`")
+    if kind == "preference" or (kind == "conversations") != (cfg.objective == "sft"):
+        got = {"conversations": "conversations (prepared with a chat template)", "text": "text",
+               "preference": "preference pairs"}[kind]
+        how = {"conversations": "train on them with `hataori sft` (objective=sft)",
+               "text": "supervised fine-tuning reads datasets from `hataori data prepare --chat-template`",
+               "preference": "the preference objective (DPO) is not in hataori yet"}[kind]
         raise ConfigError("data.datasets", f"{datasets[0].path} holds {got}, which objective={cfg.objective} does "
                           f"not read; {how}")
     path = cfg.tokenizer or datasets[0].manifest["tokenizer"]["path"]
