@@ -32,7 +32,7 @@ of the next example, the seed and the datasets' fingerprints; restored, the load
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -73,7 +73,6 @@ class PackingStats:
     positions: int = 0
     loss_positions: int = 0
     padding: int = 0
-    per_row: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         total = max(self.positions, 1)
