@@ -51,7 +51,7 @@ def jglue_text() -> list[str]:
     """The Japanese text of the repository's JGLUE files: each JCommonsenseQA training question with
     its choices, each JNLI sentence pair (about 11,400 documents, 440,000 characters)."""
     texts = []
-    folder = REPO / "hataori" / "eval" / "jglue"
+    folder = REPO / "hataori" / "corpus" / "jglue"
     with open(folder / "jcommonsenseqa-train.json", encoding="utf-8") as f:
         for line in f:
             item = json.loads(line)
