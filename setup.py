@@ -52,5 +52,5 @@ setup(
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "build>=1.0", "triton>=3.0,<3.8",
                 "peft>=0.11", "ruff>=0.6"],
     },
-    entry_points={"console_scripts": ["hataori = hataori.cli:main"]},
+    entry_points={"console_scripts": ["hataori = hataori.cli:run"]},
 )

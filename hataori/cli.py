@@ -113,5 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     return int(status or 0)
 
 
+def run() -> None:
+    """The ``hataori`` console script and ``python -m hataori.cli``: :func:`main`, its status the exit code. A
+    process that ran a process group (a rank of a training run) leaves without the interpreter's finalization
+    (:func:`hataori.train.zero.leave_process`)."""
+    status = main()
+    zero = sys.modules.get("hataori.train.zero")
+    if zero is not None and zero.group_ended():
+        zero.leave_process(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

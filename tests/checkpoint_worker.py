@@ -261,7 +261,7 @@ def worker_nan_weight(args) -> None:
 
 
 def main() -> None:
-    from hataori.train.zero import init_distributed, shutdown_distributed
+    from hataori.train.zero import init_distributed, leave_process, shutdown_distributed
 
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["faults", "nan", "callbacks"])
@@ -274,6 +274,7 @@ def main() -> None:
     init_distributed()
     {"faults": worker_faults, "nan": worker_nan, "callbacks": worker_callbacks}[args.mode](args)
     shutdown_distributed()
+    leave_process(0)  # no finalization (its docstring)
 
 
 if __name__ == "__main__":

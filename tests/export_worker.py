@@ -31,7 +31,7 @@ def worker_save(args) -> None:
     from hataori.config import to_dict
     from hataori.tokenizer.model import Tokenizer
     from hataori.train.optim import OptimConfig
-    from hataori.train.zero import ZeroConfig, init_distributed, shutdown_distributed
+    from hataori.train.zero import ZeroConfig, init_distributed, leave_process, shutdown_distributed
 
     env = init_distributed()
     cfg = model_config(Tokenizer(args.tokenizer).vocab_size)
@@ -54,6 +54,7 @@ def worker_save(args) -> None:
             1, loader_state={}, client_state={"tokens_seen": 4 * SEQ_LEN})
         engine.destroy()
     shutdown_distributed()
+    leave_process(0)  # no finalization (its docstring)
 
 
 if __name__ == "__main__":

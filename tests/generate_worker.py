@@ -32,7 +32,7 @@ def worker_train(args) -> None:
     from hataori.config import to_dict
     from hataori.tokenizer.model import Tokenizer
     from hataori.train.optim import OptimConfig, ScheduleConfig
-    from hataori.train.zero import ZeroConfig, init_distributed, shutdown_distributed
+    from hataori.train.zero import ZeroConfig, init_distributed, leave_process, shutdown_distributed
 
     env = init_distributed()
     run_dir = Path(args.run_dir)
@@ -59,6 +59,7 @@ def worker_train(args) -> None:
     if env.is_main:
         torch.save(weights, run_dir / "weights.pt")
     shutdown_distributed()
+    leave_process(0)  # no finalization (its docstring)
 
 
 if __name__ == "__main__":

@@ -139,8 +139,10 @@ LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "M
 def cpu_env(extensions: Path) -> dict[str, str]:
     """The environment of a ``hataori pretrain`` subprocess on the CPU: DeepSpeed's CPU accelerator, one
     thread a rank, no launcher's variables, and an empty ``TORCH_EXTENSIONS_DIR`` at ``extensions`` (nothing
-    may be JIT-compiled: the test checks that it stays absent)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(extensions)}
+    may be JIT-compiled: the test checks that it stays absent). A process that crashes (an abort, a
+    segfault) writes every thread's Python traceback to its log (faulthandler)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONFAULTHANDLER": "1",
+           "TORCH_EXTENSIONS_DIR": str(extensions)}
     for name in LAUNCHER_VARIABLES:
         env.pop(name, None)
     return env

@@ -17,7 +17,7 @@ def worker_load(args) -> None:
     from hataori.interop.hf import HFCheckpoint, model_fields
     from hataori.interop.load import InitConfig, load_initial_weights, open_source
     from hataori.model import ModelConfig
-    from hataori.train.zero import ZeroConfig, init_distributed, shutdown_distributed
+    from hataori.train.zero import ZeroConfig, init_distributed, leave_process, shutdown_distributed
 
     env = init_distributed()
     folder = Path(args.hf)
@@ -43,6 +43,7 @@ def worker_load(args) -> None:
     if env.is_main:
         torch.save({"weights": weights, "read": dict(enumerate(counts))}, args.out)
     shutdown_distributed()
+    leave_process(0)  # no finalization (its docstring)
 
 
 if __name__ == "__main__":

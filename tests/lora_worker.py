@@ -62,7 +62,7 @@ def worker_frozen(args) -> None:
 
 
 def main() -> None:
-    from hataori.train.zero import shutdown_distributed
+    from hataori.train.zero import leave_process, shutdown_distributed
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -72,6 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     {"frozen": worker_frozen}[args.mode](args)
     shutdown_distributed()
+    leave_process(0)  # no finalization (its docstring)
 
 
 if __name__ == "__main__":

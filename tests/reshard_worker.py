@@ -141,7 +141,7 @@ def worker_load(args) -> None:
 
 
 def main() -> None:
-    from hataori.train.zero import shutdown_distributed
+    from hataori.train.zero import leave_process, shutdown_distributed
 
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["save", "load"])
@@ -157,6 +157,7 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     {"save": worker_save, "load": worker_load}[args.mode](args)
     shutdown_distributed()
+    leave_process(0)  # no finalization (its docstring)
 
 
 if __name__ == "__main__":

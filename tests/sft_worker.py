@@ -68,7 +68,7 @@ def main() -> None:
     from hataori.model import LoRAConfig
     from hataori.train.optim import OptimConfig
     from hataori.train.trainer import Trainer, TrainerConfig
-    from hataori.train.zero import init_distributed, shutdown_distributed
+    from hataori.train.zero import init_distributed, leave_process, shutdown_distributed
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", required=True)
@@ -98,6 +98,7 @@ def main() -> None:
     if env.is_main:
         Path(args.out).write_text(json.dumps(results, indent=1))
     shutdown_distributed()
+    leave_process(0)  # no finalization (its docstring)
 
 
 if __name__ == "__main__":

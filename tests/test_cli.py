@@ -50,3 +50,26 @@ def test_options_and_overrides_intermix(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "shard_tokenz" in err and "did you mean 'shard_tokens'" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_rank_leaves_with_its_status_and_its_output(tmp_path):
+    """A process that ran a process group (here of one) and ended it leaves through leave_process: the exit code
+    is the command's, and what it printed to a pipe (block-buffered) is not lost by skipping finalization."""
+    import subprocess
+    import sys
+
+    from helpers import cpu_env
+
+    script = ("import sys\n"
+              "from hataori.train.zero import group_ended, init_distributed, leave_process, shutdown_distributed\n"
+              "init_distributed()\n"
+              "assert not group_ended()\n"
+              "shutdown_distributed()\n"
+              "print('saved', 'everything', end='')\n"
+              "sys.stderr.write('and said so')\n"
+              "leave_process(3 if group_ended() else 1)\n")
+    done = subprocess.run([sys.executable, "-c", script], env=cpu_env(tmp_path / "ext"), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert done.stdout == "saved everything"
+    assert done.stderr.endswith("and said so")

@@ -138,7 +138,7 @@ def worker_build(args) -> None:
 
 
 def main() -> None:
-    from hataori.train.zero import shutdown_distributed
+    from hataori.train.zero import leave_process, shutdown_distributed
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -161,6 +161,7 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     {"train": worker_train, "accum": worker_accum, "build": worker_build}[args.mode](args)
     shutdown_distributed()
+    leave_process(0)  # no finalization (its docstring)
 
 
 if __name__ == "__main__":

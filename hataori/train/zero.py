@@ -42,10 +42,11 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import torch
 import torch.nn as nn
@@ -280,13 +281,16 @@ def shutdown_distributed(timeout_s: float = 60.0) -> None:
     one abort ("terminate called without an active exception"); a barrier before the teardown does
     not prevent it (the teardown itself is not synchronised), so the ranks also meet afterwards on
     the group's key-value store, rank 0 last. A rank that never arrives (it died) is waited for at
-    most ``timeout_s``."""
+    most ``timeout_s``. The process should then end with :func:`leave_process` (``hataori``'s command
+    line does)."""
     import time
 
     from torch.distributed import distributed_c10d
 
+    global _GROUP_ENDED
     if not torch.distributed.is_initialized():
         return
+    _GROUP_ENDED = True
     store = distributed_c10d._get_default_store()
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.distributed.barrier()
@@ -299,6 +303,33 @@ def shutdown_distributed(timeout_s: float = 60.0) -> None:
         if key == "hataori/torn-down" or rank == 0:
             while store.add(key, 0) < world_size and time.monotonic() < deadline:
                 time.sleep(0.005)
+
+
+_GROUP_ENDED = False
+
+
+def group_ended() -> bool:
+    """Whether this process ran a process group and ended it (:func:`shutdown_distributed`)."""
+    return _GROUP_ENDED
+
+
+def leave_process(status: int) -> NoReturn:
+    """End a process whose process group has ended with exit code ``status``, without the interpreter's
+    finalization. What DeepSpeed and torch still hold (gloo's contexts and worker threads, the async work
+    of ZeRO's collectives and its tensors) is otherwise torn down by finalization, in no set order, and
+    a worker thread that needs the interpreter then makes the process abort ("terminate called without
+    an active exception", exit -6) after all its work was done and saved, now and then under load.
+    Everything the run writes is closed and flushed before the group ends; this flushes the standard
+    streams and logging, then exits."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or a broken pipe: nothing more can be written there
+            pass
+    os._exit(status)
 
 
 def skip_shm_comm_build() -> None:
