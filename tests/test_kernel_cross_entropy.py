@@ -75,6 +75,34 @@ def test_fp32_matches_materialised_logits(case):
     assert torch.equal(dh[ignored_rows], torch.zeros_like(dh[ignored_rows]))
 
 
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_token_losses_match_unreduced_cross_entropy(case):
+    """Each row's loss against F.cross_entropy(reduction="none") of the materialised fp32 logits, and the
+    gradients of a weighted sum of the rows (a different weight per row, as a per-sequence objective gives)."""
+    import torch.nn.functional as F
+
+    n_rows, width, padded, vocab, chunk, ignored = case
+    hidden, weight, targets = random_inputs(n_rows, width, padded, vocab, torch.float32, ignored, seed=7)
+    row_weights = torch.randn(n_rows, generator=torch.Generator().manual_seed(8))
+
+    def unreduced(h, w, t, *, ignore_index, vocab_size):
+        return F.cross_entropy(F.linear(h, w[:vocab_size]).float(), t, ignore_index=ignore_index, reduction="none")
+
+    results = []
+    for fn, kwargs in ((ce.chunked_token_losses, {"chunk_size": chunk}), (unreduced, {})):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        rows = fn(h, w, targets, ignore_index=IGNORE, vocab_size=vocab, **kwargs)
+        (rows * row_weights).sum().backward()
+        results.append((rows.detach(), h.grad, w.grad))
+    (rows, dh, dw), (ref_rows, ref_dh, ref_dw) = results
+    assert rows.shape == (n_rows,) and rows.dtype == torch.float32
+    assert torch.equal(rows[targets == IGNORE], torch.zeros(ignored))
+    torch.testing.assert_close(rows, ref_rows, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dh, ref_dh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dw, ref_dw, rtol=1e-5, atol=1e-6)
+    assert torch.equal(dw[vocab:], torch.zeros_like(dw[vocab:]))
+
+
 def test_fp32_gradients_against_fp64():
     """Independent of F.cross_entropy's backward: the analytic (softmax - onehot) gradient in fp64."""
     hidden, weight, targets = random_inputs(23, 12, 64, 50, torch.float32, n_ignored=3, seed=4)

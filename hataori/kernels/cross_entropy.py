@@ -23,6 +23,10 @@ runs wherever torch does, CPU included; the cost is recomputing the logits matmu
 Like ``F.cross_entropy``, the loss is NaN when every target is ``ignore_index``. Targets outside
 ``[0, vocab_size)`` (other than ``ignore_index``) are an error, which costs one host sync per call.
 
+``chunked_token_losses`` is the same computation without the mean: each row's loss (0 on ignored rows),
+what a per-sequence objective sums (the log-probabilities of preference optimisation); its backward
+takes a gradient per row.
+
 ``cross_entropy_ref`` beside it materialises the fp32 logits and calls ``F.cross_entropy``.
 """
 
@@ -69,65 +73,94 @@ def _chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor) -> torch.Ten
     return F.linear(hidden_chunk, weight).float()
 
 
+def _forward_rows(hidden, weight, targets, vocab_size, chunk_size, ignore_index):
+    """(per-row losses (N,) fp32, 0 on ignored rows; per-row log-sum-exp (N,) fp32), chunk by chunk."""
+    n_rows = hidden.shape[0]
+    w = weight[:vocab_size]  # (V, D), a view
+    valid = targets != ignore_index  # (N,)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)  # (N,)
+    rows = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)  # (N,)
+    for start in range(0, n_rows, chunk_size):
+        stop = min(start + chunk_size, n_rows)
+        logits = _chunk_logits(hidden[start:stop], w)  # (C, V) fp32
+        lse[start:stop] = torch.logsumexp(logits, dim=-1)
+        rows_valid = valid[start:stop]
+        safe_targets = targets[start:stop].masked_fill(~rows_valid, 0).long()
+        target_logit = logits.gather(1, safe_targets[:, None]).squeeze(1)  # (C,)
+        rows[start:stop] = torch.where(rows_valid, lse[start:stop] - target_logit, 0.0)
+        del logits
+    return rows, lse
+
+
+def _backward_rows(ctx, row_grad: torch.Tensor):
+    """The gradients of ``sum(row_grad * row losses)`` for hidden and weight (row_grad (N,) fp32, 0 on ignored
+    rows): per chunk ``(softmax - onehot) * row_grad``, cast to the input dtype and multiplied back."""
+    hidden, weight, targets, lse = ctx.saved_tensors
+    vocab_size, chunk_size = ctx.vocab_size, ctx.chunk_size
+    need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    n_rows = hidden.shape[0]
+    w = weight[:vocab_size]  # (V, D)
+    valid = targets != ctx.ignore_index  # (N,)
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    grad_weight = grad_w32 = None
+    if need_weight:
+        grad_weight = torch.zeros_like(weight)  # (V_padded, D), padded rows stay zero
+        grad_w32 = grad_weight[:vocab_size]
+        if weight.dtype != torch.float32:
+            grad_w32 = torch.zeros(vocab_size, weight.shape[1], dtype=torch.float32, device=weight.device)
+    for start in range(0, n_rows, chunk_size):
+        stop = min(start + chunk_size, n_rows)
+        h = hidden[start:stop]
+        rows_valid = valid[start:stop]
+        logits = _chunk_logits(h, w)  # (C, V) fp32
+        grad_logits = torch.exp_(logits.sub_(lse[start:stop, None]))  # softmax, in place
+        safe_targets = targets[start:stop].masked_fill(~rows_valid, 0).long()
+        grad_logits.scatter_add_(1, safe_targets[:, None],
+                                 torch.full_like(grad_logits[:, :1], -1.0))  # minus onehot
+        grad_logits.mul_(row_grad[start:stop, None])
+        grad_logits = grad_logits.to(hidden.dtype)  # (C, V), as the plain path's .float() backward
+        if need_hidden:
+            grad_hidden[start:stop] = grad_logits @ w  # (C, D)
+        if need_weight:
+            grad_w32 += (grad_logits.t() @ h).float()  # (V, D)
+        del logits, grad_logits
+    if need_weight and grad_w32.dtype != weight.dtype:
+        grad_weight[:vocab_size] = grad_w32
+    return grad_hidden, grad_weight, None, None, None, None
+
+
 class ChunkedCrossEntropyFunction(torch.autograd.Function):
     """Mean cross-entropy of ``hidden @ weight[:vocab_size].T``; saves the per-row log-sum-exp only."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, vocab_size, chunk_size, ignore_index):
-        n_rows = hidden.shape[0]
-        w = weight[:vocab_size]  # (V, D), a view
-        valid = targets != ignore_index  # (N,)
-        lse = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)  # (N,)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, n_rows, chunk_size):
-            stop = min(start + chunk_size, n_rows)
-            logits = _chunk_logits(hidden[start:stop], w)  # (C, V) fp32
-            lse[start:stop] = torch.logsumexp(logits, dim=-1)
-            rows_valid = valid[start:stop]
-            safe_targets = targets[start:stop].masked_fill(~rows_valid, 0).long()
-            target_logit = logits.gather(1, safe_targets[:, None]).squeeze(1)  # (C,)
-            total += torch.where(rows_valid, lse[start:stop] - target_logit, 0.0).sum()
-            del logits
-        num_valid = valid.sum()
+        rows, lse = _forward_rows(hidden, weight, targets, vocab_size, chunk_size, ignore_index)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.vocab_size, ctx.chunk_size, ctx.ignore_index = vocab_size, chunk_size, ignore_index
-        return total / num_valid
+        return rows.sum() / (targets != ignore_index).sum()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        vocab_size, chunk_size = ctx.vocab_size, ctx.chunk_size
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        n_rows = hidden.shape[0]
-        w = weight[:vocab_size]  # (V, D)
-        valid = targets != ctx.ignore_index  # (N,)
+        targets = ctx.saved_tensors[2]
+        valid = targets != ctx.ignore_index
         scale = grad_loss.float() / valid.sum()  # d loss / d (sum of row losses)
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = grad_w32 = None
-        if need_weight:
-            grad_weight = torch.zeros_like(weight)  # (V_padded, D), padded rows stay zero
-            grad_w32 = grad_weight[:vocab_size]
-            if weight.dtype != torch.float32:
-                grad_w32 = torch.zeros(vocab_size, weight.shape[1], dtype=torch.float32, device=weight.device)
-        for start in range(0, n_rows, chunk_size):
-            stop = min(start + chunk_size, n_rows)
-            h = hidden[start:stop]
-            rows_valid = valid[start:stop]
-            logits = _chunk_logits(h, w)  # (C, V) fp32
-            grad_logits = torch.exp_(logits.sub_(lse[start:stop, None]))  # softmax, in place
-            safe_targets = targets[start:stop].masked_fill(~rows_valid, 0).long()
-            grad_logits.scatter_add_(1, safe_targets[:, None],
-                                     torch.full_like(grad_logits[:, :1], -1.0))  # minus onehot
-            grad_logits.mul_(torch.where(rows_valid, scale, 0.0)[:, None])
-            grad_logits = grad_logits.to(hidden.dtype)  # (C, V), as the plain path's .float() backward
-            if need_hidden:
-                grad_hidden[start:stop] = grad_logits @ w  # (C, D)
-            if need_weight:
-                grad_w32 += (grad_logits.t() @ h).float()  # (V, D)
-            del logits, grad_logits
-        if need_weight and grad_w32.dtype != weight.dtype:
-            grad_weight[:vocab_size] = grad_w32
-        return grad_hidden, grad_weight, None, None, None, None
+        return _backward_rows(ctx, torch.where(valid, scale, 0.0))
+
+
+class ChunkedTokenLossFunction(torch.autograd.Function):
+    """Each row's cross-entropy (N,) of ``hidden @ weight[:vocab_size].T`` (0 on ignored rows), chunked alike."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, vocab_size, chunk_size, ignore_index):
+        rows, lse = _forward_rows(hidden, weight, targets, vocab_size, chunk_size, ignore_index)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.vocab_size, ctx.chunk_size, ctx.ignore_index = vocab_size, chunk_size, ignore_index
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        valid = ctx.saved_tensors[2] != ctx.ignore_index
+        return _backward_rows(ctx, torch.where(valid, grad_rows.float(), 0.0))
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -143,6 +176,16 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         chunk_size = DEFAULT_CHUNK_SIZE
     _check_inputs(hidden, weight, targets, vocab_size, chunk_size, ignore_index)
     return ChunkedCrossEntropyFunction.apply(hidden, weight, targets, vocab_size, chunk_size, ignore_index)
+
+
+def chunked_token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                         vocab_size: int, chunk_size: int | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """Each row's (fp32) cross-entropy, ``F.cross_entropy(..., reduction="none")`` of the same logits: (N,),
+    0 on rows whose target is ``ignore_index``. Arguments as :func:`chunked_cross_entropy`'s."""
+    if chunk_size is None:
+        chunk_size = DEFAULT_CHUNK_SIZE
+    _check_inputs(hidden, weight, targets, vocab_size, chunk_size, ignore_index)
+    return ChunkedTokenLossFunction.apply(hidden, weight, targets, vocab_size, chunk_size, ignore_index)
 
 
 def cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,

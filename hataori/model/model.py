@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hataori.config import require
 from hataori.errors import ConfigError
-from hataori.kernels.cross_entropy import chunked_cross_entropy
+from hataori.kernels.cross_entropy import chunked_cross_entropy, chunked_token_losses
 from hataori.model.attention import (BACKENDS, Documents, attention, document_positions, get_backend, resolve_backend,
                                      triton_installed)
 
@@ -447,8 +447,10 @@ class Transformer(nn.Module):
                     nn.init.ones_(module.weight)
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab_size) of the next token, or with ``targets`` the mean cross-entropy.
+                targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+        """Logits (B, T, vocab_size) of the next token, or with ``targets`` the mean cross-entropy, or with
+        ``reduction="none"`` each position's (B, T), 0 where the target does not count (minus the target's
+        log-probability: what per-sequence objectives sum).
 
         input_ids: (B, T) token ids. doc_ids: (B, T) document of each token (a new document starts
         where the id changes); used only with ``config.doc_masking``. targets: (B, T) next-token ids,
@@ -467,13 +469,19 @@ class Transformer(nn.Module):
             else:
                 x = block(x, ctx)
         x = self.norm(x)
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         if targets is not None and cfg.chunked_loss:
-            return chunked_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
-                                         vocab_size=cfg.vocab_size, ignore_index=IGNORE_INDEX)
+            loss = chunked_cross_entropy if reduction == "mean" else chunked_token_losses
+            found = loss(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), vocab_size=cfg.vocab_size,
+                         ignore_index=IGNORE_INDEX)
+            return found if reduction == "mean" else found.view(B, T)
         logits = self.lm_head(x)[..., :cfg.vocab_size]  # (B, T, V): padded rows dropped
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        found = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                reduction=reduction)
+        return found if reduction == "mean" else found.view(B, T)
 
     def context(self, x: torch.Tensor, doc_ids: torch.Tensor | None) -> Context:
         """The blocks' :class:`Context` for embeddings x (B, T, D): rotary positions 0..T-1, or
