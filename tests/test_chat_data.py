@@ -203,7 +203,7 @@ def test_datasets_of_another_template_are_refused_together(records, chat_tokeniz
 def test_preference_pairs_are_two_documents_of_one_split(chat_tokenizer, tmp_path, capsys):
     """Each pair becomes its chosen and its rejected conversation, consecutive documents of the same split,
     each equal to apply_chat_template's ids (then EOS) with the assistant mask; a pair preferring nothing, or a
-    conversation given as a pair, is refused naming its line; no loader trains on pairs yet."""
+    conversation given as a pair, is refused naming its line; the data config opens pairs with the pair loader."""
     from transformers import AutoTokenizer
 
     tokenizer = Tokenizer(chat_tokenizer)
@@ -234,8 +234,10 @@ def test_preference_pairs_are_two_documents_of_one_split(chat_tokenizer, tmp_pat
         for i in range(0, len(data), 2):
             chosen, rejected = ((tuple(data.doc(j).tolist()), tuple(data.doc_mask(j).tolist())) for j in (i, i + 1))
             assert expected[chosen] == rejected
-    with pytest.raises(ConfigError, match="holds preference pairs, which no loader reads yet"):
-        DataConfig(datasets=[DatasetSpec(path=str(tmp_path / "pairs"))], seq_len=512).build(batch_size=2)
+    from hataori.data.examples import PairLoader
+
+    loader = DataConfig(datasets=[DatasetSpec(path=str(tmp_path / "pairs"))], seq_len=2048).build(batch_size=2)
+    assert isinstance(loader, PairLoader)
 
     same = {"prompt": "x", "chosen": "同じ", "rejected": "同じ"}
     for record, message in [(same, "c.jsonl:2: chosen and rejected are the same"),

@@ -24,7 +24,12 @@ class Batch:
     """Conversations (:mod:`hataori.data.examples`): the targets of this batch that count."""
     step_loss_tokens: int | None = None
     """Conversations: the targets that count in the whole optimizer step, over every rank; the objective
-    divides the summed loss by it. None (text): every target counts and every batch holds as many."""
+    divides the summed loss by it. None (text): every target counts and every batch holds as many.
+    Preference pairs: both count pairs, the unit the preference objective's mean is over."""
+    pairs: np.ndarray | None = None
+    """Preference pairs (:class:`hataori.data.examples.PairLoader`): (batch_size, most pairs in a row), each
+    row's pairs by pooled index in row order, -1 past the last; pair ``k`` of a row is its segments ``2k``
+    (chosen) and ``2k + 1`` (rejected)."""
 
     def segment_starts(self) -> np.ndarray:
         """(batch_size, seq_len) bool: where a document segment starts."""

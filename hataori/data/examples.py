@@ -26,6 +26,11 @@ Steps and ranks
     mean over the step's loss tokens whatever the packing, the micro-batching and the number of processes
     (gradient-accumulation exact). The same global batch of rows comes out on any number of processes.
 
+Preference pairs
+    :class:`PairLoader` reads datasets of pairs (two consecutive documents, chosen then rejected): the unit of
+    the order and of packing is the pair, placed whole in one row (chosen, then rejected, each its own
+    segment), and the counts are of pairs (:mod:`hataori.train.preference`).
+
 The state after a step (:meth:`ExampleLoader.state_dict`) is the epoch and the position in its permutation
 of the next example, the seed and the datasets' fingerprints; restored, the loader continues exactly.
 """
@@ -33,12 +38,13 @@ of the next example, the seed and the datasets' fingerprints; restored, the load
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+import itertools
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from hataori.data.batch import Batch
-from hataori.data.shards import Dataset
+from hataori.data.shards import Dataset, dataset_kind
 from hataori.errors import HataoriError
 from hataori.model import IGNORE_INDEX
 
@@ -55,6 +61,8 @@ class Rows:
     targets: np.ndarray
     positions: np.ndarray
     sources: np.ndarray
+    units: np.ndarray
+    """(rows, most units in a row): the units each row holds, numbered in packing order; -1 past the last."""
 
     def batch(self, first: int, count: int, step_loss_tokens: int) -> Batch:
         part = slice(first, first + count)
@@ -81,51 +89,72 @@ class PackingStats:
                 "examples_per_row": self.examples / max(self.rows, 1)}
 
 
-def pack(examples: list[tuple[np.ndarray, np.ndarray, int]], *, seq_len: int, pad_id: int, pack_rows: bool = True,
-         rows: int | None = None, stats: PackingStats | None = None) -> tuple[Rows, int]:
+def pack(examples: Iterable[tuple[np.ndarray, np.ndarray, int]], *, seq_len: int, pad_id: int,
+         pack_rows: bool = True, rows: int | None = None, stats: PackingStats | None = None,
+         group: int = 1) -> tuple[Rows, int]:
     """Pack ``examples`` ((ids, mask, dataset index), in order) into rows (module docstring, Packing); with
-    ``rows`` exactly that many, stopping before the first example that does not fit. Returns the rows and
-    the number of examples placed."""
-    count = rows if rows is not None else _rows_needed(examples, seq_len, pack_rows)
+    ``rows`` exactly that many, stopping before the first unit that does not fit. A unit is ``group``
+    consecutive examples placed together in one row, each its own segment (a preference pair: 2). Returns the
+    rows (``units`` numbering the units placed in each row, in order) and the number of units placed."""
+    if rows is None:
+        examples = list(examples)
+    count = rows if rows is not None else _rows_needed(examples, seq_len, pack_rows, group)
     inputs = np.full((count, seq_len), pad_id, dtype=np.int64)
     targets = np.full((count, seq_len), IGNORE_INDEX, dtype=np.int64)
     positions = np.empty((count, seq_len), dtype=np.int32)
     sources = np.zeros((count, seq_len), dtype=np.uint8)
     row, used, placed = 0, 0, 0
     ends = []  # where each row's examples end
-    for ids, mask, source in examples:
-        n = len(ids) - 1
+    row_units: list[list[int]] = [[] for _ in range(count)]
+    for unit in _units(examples, group):
+        n = sum(len(ids) - 1 for ids, _, _ in unit)
         if n > seq_len:
-            raise HataoriError(f"an example of {len(ids)} tokens does not fit a row of seq_len={seq_len}")
+            what = "an example" if group == 1 else f"a unit of {group} examples"
+            raise HataoriError(f"{what} of {n + len(unit)} tokens does not fit a row of seq_len={seq_len}")
         if used + n > seq_len or (not pack_rows and used):
             ends.append(used)
             row, used = row + 1, 0
             if row == count:
                 break
-        inputs[row, used:used + n] = ids[:-1]
-        targets[row, used:used + n] = np.where(mask[1:] != 0, ids[1:].astype(np.int64), IGNORE_INDEX)
-        positions[row, used:used + n] = np.arange(n, dtype=np.int32)
-        sources[row, used:used + n] = source
-        used += n
+        for ids, mask, source in unit:
+            k = len(ids) - 1
+            inputs[row, used:used + k] = ids[:-1]
+            targets[row, used:used + k] = np.where(mask[1:] != 0, ids[1:].astype(np.int64), IGNORE_INDEX)
+            positions[row, used:used + k] = np.arange(k, dtype=np.int32)
+            sources[row, used:used + k] = source
+            used += k
+        row_units[row].append(placed)
         placed += 1
     else:
         ends.append(used)
     ends += [0] * (count - len(ends))
     for r, end in enumerate(ends):
         positions[r, end:] = np.arange(seq_len - end, dtype=np.int32)  # padding: a segment of its own
+    units = np.full((count, max((len(u) for u in row_units), default=0)), -1, dtype=np.int64)
+    for r, numbers in enumerate(row_units):
+        units[r, :len(numbers)] = numbers
     if stats is not None:
         stats.rows += count
-        stats.examples += placed
+        stats.examples += placed * group
         stats.positions += count * seq_len
         stats.loss_positions += int(np.count_nonzero(targets != IGNORE_INDEX))
         stats.padding += int(sum(seq_len - end for end in ends))
-    return Rows(inputs, targets, positions, sources), placed
+    return Rows(inputs, targets, positions, sources, units), placed
 
 
-def _rows_needed(examples, seq_len: int, pack_rows: bool) -> int:
+def _units(examples: Iterable, group: int) -> Iterator[list]:
+    """``examples`` in consecutive lists of ``group``."""
+    it = iter(examples)
+    while unit := list(itertools.islice(it, group)):
+        if len(unit) < group:
+            raise HataoriError(f"{len(unit)} example(s) left over after the last whole unit of {group}")
+        yield unit
+
+
+def _rows_needed(examples, seq_len: int, pack_rows: bool, group: int) -> int:
     rows, used = 0, seq_len
-    for ids, _, _ in examples:
-        n = len(ids) - 1
+    for unit in _units(examples, group):
+        n = sum(len(ids) - 1 for ids, _, _ in unit)
         if used + n > seq_len or not pack_rows:
             rows, used = rows + 1, 0
         used += n
@@ -134,6 +163,10 @@ def _rows_needed(examples, seq_len: int, pack_rows: bool) -> int:
 
 class ExampleLoader:
     """Yields the micro-batches of this rank, ``accum_steps`` an optimizer step, forever (module docstring)."""
+
+    KIND = KIND
+    GROUP = 1
+    """Examples (documents) a unit of the order and of packing holds."""
 
     def __init__(self, datasets: list[Dataset], *, seq_len: int, batch_size: int, accum_steps: int = 1,
                  seed: int = 0, rank: int = 0, world_size: int = 1, pack_rows: bool = True):
@@ -148,12 +181,13 @@ class ExampleLoader:
             raise HataoriError(f"the datasets must share one tokenizer, but they were encoded with different ones: "
                                f"{listing}; prepare them with the same tokenizer")
         for d in datasets:
+            self._check_dataset(d)
             if not d.masked:
                 raise HataoriError(f"{d.path}: a dataset of text, not of conversations; the conversation loader "
                                    "reads datasets prepared with `hataori data prepare --chat-template`")
             if d.num_docs == 0:
                 raise HataoriError(f"{d.path}: the {d.split} split holds no conversations")
-            longest = int(d.lengths().max())
+            longest = self._longest(d, seq_len)
             if longest > seq_len + 1:
                 raise HataoriError(f"{d.path}: its longest conversation has {longest} tokens, more than a row of "
                                    f"seq_len={seq_len} takes ({seq_len + 1} with the shifted target); prepare it "
@@ -163,7 +197,7 @@ class ExampleLoader:
         self.rank, self.world_size, self.pack_rows = rank, world_size, pack_rows
         self.fingerprints = [d.fingerprint for d in datasets]
         self.pad_id = datasets[0].eos_id
-        self._first = np.cumsum([0] + [len(d) for d in datasets])
+        self._first = np.cumsum([0] + [len(d) // self.GROUP for d in datasets])
         self.total = int(self._first[-1])
         self.epoch, self.position = 0, 0
         self._perm: tuple[int, np.ndarray] | None = None
@@ -176,15 +210,30 @@ class ExampleLoader:
             self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.total))
         return self._perm[1]
 
-    def _example(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
+    def _check_dataset(self, data: Dataset) -> None:
+        """Refuse what this loader cannot read (preference pairs: :class:`PairLoader` reads them)."""
+        if dataset_kind(data) == "preference":
+            raise HataoriError(f"{data.path}: preference pairs; supervised fine-tuning reads conversations, the "
+                               "preference objective (objective=dpo) reads pairs")
+
+    def _longest(self, data: Dataset, seq_len: int) -> int:
+        """The most tokens a unit of ``data`` puts in a row, plus one (a conversation's length)."""
+        return int(data.lengths().max())
+
+    def _unit(self, index: int) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """The examples of pooled unit ``index``."""
         d = int(np.searchsorted(self._first, index, side="right")) - 1
-        j = index - int(self._first[d])
-        return self.datasets[d].doc(j), self.datasets[d].doc_mask(j), d
+        first = (index - int(self._first[d])) * self.GROUP
+        data = self.datasets[d]
+        return [(data.doc(j), data.doc_mask(j), d) for j in range(first, first + self.GROUP)]
 
     def _upcoming(self) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         epoch, position = self.epoch, self.position
+        self._order = []  # the pooled units yielded, in order
         while True:
-            yield self._example(int(self.permutation(epoch)[position]))
+            index = int(self.permutation(epoch)[position])
+            self._order.append(index)
+            yield from self._unit(index)
             position += 1
             if position == self.total:
                 epoch, position = epoch + 1, 0
@@ -197,7 +246,10 @@ class ExampleLoader:
     def step_rows(self) -> Rows:
         """The rows of the next optimizer step (every rank's), the position moved past their examples."""
         rows, placed = pack(self._upcoming(), seq_len=self.seq_len, pad_id=self.pad_id, pack_rows=self.pack_rows,
-                            rows=self.world_size * self.accum_steps * self.batch_size, stats=self.stats)
+                            rows=self.world_size * self.accum_steps * self.batch_size, stats=self.stats,
+                            group=self.GROUP)
+        order = np.asarray(self._order, dtype=np.int64)
+        rows.units = np.where(rows.units >= 0, order[rows.units.clip(0)] if len(order) else -1, -1)
         self._advance(placed)
         return rows
 
@@ -207,23 +259,31 @@ class ExampleLoader:
     def __next__(self) -> Batch:
         if not self._pending:
             rows = self.step_rows()
-            step_loss = int(np.count_nonzero(rows.targets != IGNORE_INDEX))
+            step_loss = self._loss_count(rows)
             first = self.rank * self.accum_steps * self.batch_size
-            self._pending = [rows.batch(first + j * self.batch_size, self.batch_size, step_loss)
+            self._pending = [self._batch(rows, first + j * self.batch_size, step_loss)
                              for j in range(self.accum_steps)]
         return self._pending.pop(0)
+
+    def _loss_count(self, rows: Rows) -> int:
+        """What the objective's loss is a mean over, in ``rows``: the targets that count."""
+        return int(np.count_nonzero(rows.targets != IGNORE_INDEX))
+
+    def _batch(self, rows: Rows, first: int, step_loss: int) -> Batch:
+        return rows.batch(first, self.batch_size, step_loss)
 
     def state_dict(self) -> dict:
         """Where the loader stands after a whole step (the same on every rank), as a small JSON-ready dict."""
         if self._pending:
             raise HataoriError("the conversation loader's state is saved between optimizer steps, not inside one")
-        return {"version": STATE_VERSION, "kind": KIND, "datasets": [{"fingerprint": f} for f in self.fingerprints],
-                "seed": self.seed, "epoch": self.epoch, "position": self.position}
+        return {"version": STATE_VERSION, "kind": self.KIND,
+                "datasets": [{"fingerprint": f} for f in self.fingerprints], "seed": self.seed, "epoch": self.epoch,
+                "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != KIND or state.get("version") != STATE_VERSION:
+        if state.get("kind") != self.KIND or state.get("version") != STATE_VERSION:
             raise HataoriError(f"a loader state of kind {state.get('kind', 'text')!r} (version {state.get('version')}) "
-                               f"cannot resume the conversation loader (kind {KIND!r}, version {STATE_VERSION}); "
+                               f"cannot resume the {self.KIND} loader (kind {self.KIND!r}, version {STATE_VERSION}); "
                                "resume with the datasets the run was started with")
         saved = [entry["fingerprint"] for entry in state["datasets"]]
         if saved != self.fingerprints:
@@ -234,3 +294,40 @@ class ExampleLoader:
             raise HataoriError(f"the loader state was saved with data.seed={state['seed']}, the config has "
                                f"{self.seed}; resume with the same seed")
         self.epoch, self.position, self._pending = int(state["epoch"]), int(state["position"]), []
+
+
+class PairLoader(ExampleLoader):
+    """The conversation loader over preference pairs (:mod:`hataori.data.chat`: a pair is two consecutive
+    documents, chosen then rejected): the pairs are the units of the order, each packed whole into one row
+    (chosen, then rejected, each its own segment), and the objective's mean is over pairs: a batch's
+    ``loss_tokens`` and ``step_loss_tokens`` count pairs, and ``pairs`` gives each row's pooled pair indices."""
+
+    KIND = "preference"
+    GROUP = 2
+
+    def _check_dataset(self, data: Dataset) -> None:
+        if dataset_kind(data) != "preference":
+            raise HataoriError(f"{data.path}: not preference pairs; the preference objective reads datasets "
+                               "prepared with `hataori data prepare --chat-template ... preference=true`")
+        if len(data) % 2:
+            raise HataoriError(f"{data.path}: the {data.split} split holds {len(data)} documents, an odd number, "
+                               "so not whole pairs; prepare it again")
+
+    def _longest(self, data: Dataset, seq_len: int) -> int:
+        lengths = data.lengths()
+        longest = int((lengths[0::2] + lengths[1::2]).max()) - 1 if len(lengths) else 0
+        if longest > seq_len + 1:
+            raise HataoriError(f"{data.path}: its longest pair (chosen and rejected, in one row) has {longest + 1} "
+                               f"tokens, more than a row of seq_len={seq_len} takes ({seq_len + 2} with the "
+                               f"shifted targets); prepare it with max_tokens={seq_len // 2 + 1}, or raise "
+                               "data.seq_len")
+        return longest
+
+    def _loss_count(self, rows: Rows) -> int:
+        return int(np.count_nonzero(rows.units >= 0))
+
+    def _batch(self, rows: Rows, first: int, step_loss: int) -> Batch:
+        batch = rows.batch(first, self.batch_size, step_loss)
+        batch.pairs = rows.units[first:first + self.batch_size]
+        batch.loss_tokens = int(np.count_nonzero(batch.pairs >= 0))
+        return batch

@@ -50,8 +50,8 @@ from hataori.config import command_items, load, require
 from hataori.errors import ConfigError, HataoriError
 from hataori.sourcespec import parse_source
 from hataori.data.batch import Batch
-from hataori.data.examples import ExampleLoader
-from hataori.data.shards import Dataset
+from hataori.data.examples import ExampleLoader, PairLoader
+from hataori.data.shards import Dataset, dataset_kind
 
 STATE_VERSION = 1
 DRAW_BLOCK = 4096
@@ -96,26 +96,19 @@ class DataConfig:
               accum_steps: int = 1) -> "PackedLoader | ExampleLoader":
         """Open the datasets and return the loader of data-parallel ``rank`` of ``world_size``: the packing
         loader for text, the conversation loader (:mod:`hataori.data.examples`, packing ``accum_steps``
-        micro-batches an optimizer step) for datasets prepared with a chat template."""
+        micro-batches an optimizer step) for datasets prepared with a chat template, and its pair loader for
+        preference pairs."""
         datasets = [Dataset(spec.path, self.split, tokenizer_fingerprint) for spec in self.datasets]
         kind = datasets_kind(datasets)
-        if kind == "preference":
-            raise ConfigError("data.datasets", f"{datasets[0].path} holds preference pairs, which no loader reads "
-                              "yet: the preference objective (DPO) is not in hataori yet")
-        if kind == "conversations":
+        if kind in ("conversations", "preference"):
             for i, spec in enumerate(self.datasets):
                 require(spec.weight == 1.0, f"datasets[{i}].weight", "conversation datasets are pooled, every "
                         f"conversation read once an epoch; weights blend text only (got {spec.weight})")
-            return ExampleLoader(datasets, seq_len=self.seq_len, batch_size=batch_size, accum_steps=accum_steps,
+            loader = ExampleLoader if kind == "conversations" else PairLoader
+            return loader(datasets, seq_len=self.seq_len, batch_size=batch_size, accum_steps=accum_steps,
                                  seed=self.seed, rank=rank, world_size=world_size, pack_rows=self.pack)
         return PackedLoader(datasets, [spec.weight for spec in self.datasets], seq_len=self.seq_len,
                             batch_size=batch_size, seed=self.seed, rank=rank, world_size=world_size)
-
-
-def dataset_kind(data: Dataset) -> str:
-    """``text``, ``conversations`` (prepared with a chat template, with loss masks) or ``preference`` (pairs
-    of conversations, chosen then rejected)."""
-    return data.manifest.get("chat", {}).get("kind", "conversations") if data.masked else "text"
 
 
 def datasets_kind(datasets: list[Dataset]) -> str:

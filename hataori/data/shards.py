@@ -489,3 +489,9 @@ def main(args) -> int:
                 pieces = [tokenizer.decode(ids[a:b].tolist()) for a, b in zip(spans[::2], spans[1::2])]
                 print("--- its loss tokens, run by run: " + " | ".join(repr(p) for p in pieces))
     return 0
+
+
+def dataset_kind(data: Dataset) -> str:
+    """``text``, ``conversations`` (prepared with a chat template, with loss masks) or ``preference`` (pairs
+    of conversations, chosen then rejected)."""
+    return data.manifest.get("chat", {}).get("kind", "conversations") if data.masked else "text"
