@@ -25,6 +25,7 @@ from hataori.model import ModelConfig
 from hataori.model.lora import LoRAConfig
 from hataori.train.metrics import LoggingConfig
 from hataori.train.optim import OptimConfig, ScheduleConfig
+from hataori.train.preference import PreferenceConfig
 from hataori.train.trainer import TrainerConfig
 from hataori.train.validate import ValidationConfig
 from hataori.train.zero import ZeroConfig
@@ -50,10 +51,14 @@ class TrainConfig:
     lora: LoRAConfig | None = None
     """Low-rank adapters on the init source's frozen weights (hataori.model.lora); absent: every
     weight trains. Checkpoints then hold the adapters and the train_also modules, not the base."""
-    objective: Literal["pretrain", "sft"] = "pretrain"
+    objective: Literal["pretrain", "sft", "dpo"] = "pretrain"
     """``pretrain``: next-token loss on every token of text datasets. ``sft`` (supervised fine-tuning, what
     ``hataori sft`` sets): the loss over the assistant tokens of conversation datasets (prepared with a
-    chat template), per counted token across the global batch (hataori.train.trainer)."""
+    chat template), per counted token across the global batch (hataori.train.trainer). ``dpo`` (what
+    ``hataori dpo`` sets): the preference objective of ``preference`` on preference pairs, per pair across
+    the global batch (hataori.train.preference)."""
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    """The preference objective's loss and its beta (objective=dpo only)."""
     data: DataConfig
     """The training blend; validation reads the same datasets' validation split."""
     optim: OptimConfig = field(default_factory=OptimConfig)

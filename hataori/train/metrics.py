@@ -122,7 +122,7 @@ class MetricsLogger:
         if not self.is_main:
             return
         self._append({"kind": "train", "step": m.step, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
-                      "tokens": m.tokens, "tokens_seen": m.tokens_seen, "seconds": m.seconds})
+                      "tokens": m.tokens, "tokens_seen": m.tokens_seen, "seconds": m.seconds, **m.extra})
         self._window.append(m)
         if m.step % self.cfg.every_steps == 0 or m.step == self.max_steps:
             self._log_window()
@@ -169,6 +169,8 @@ class MetricsLogger:
                    "perf/tokens_per_s": tokens_per_s}
         if norms:
             scalars["train/grad_norm"] = sum(norms) / len(norms)
+        for name in window[-1].extra:
+            scalars[f"train/{name}"] = sum(m.extra[name] for m in window) / len(window)
         if self.peak_flops_total:
             scalars["perf/mfu"] = self.flops_per_token * tokens_per_s / self.peak_flops_total
         mem_name, mem = memory_scalar()
@@ -177,6 +179,9 @@ class MetricsLogger:
         parts = [f"step {last.step}/{self.max_steps}", f"loss {scalars['train/loss']:.4f}", f"lr {last.lr:.3e}"]
         if norms:
             parts.append(f"grad_norm {scalars['train/grad_norm']:.3f}")
+        if "rewards/accuracies" in last.extra:
+            parts.append(f"reward acc {scalars['train/rewards/accuracies']:.3f} "
+                         f"margin {scalars['train/rewards/margins']:.3f}")
         parts.append(f"{tokens_per_s:,.0f} tokens/s")
         if "perf/mfu" in scalars:
             parts.append(f"mfu {100 * scalars['perf/mfu']:.1f}%")

@@ -58,6 +58,7 @@ from hataori.tokenizer.model import Tokenizer
 from hataori.train.callbacks import Announce, Logging, Validation
 from hataori.train.config import TrainConfig, load_train_config
 from hataori.train.metrics import MetricsLogger, peak_flops
+from hataori.train.preference import PreferenceObjective, compute_reference, ensure_reference, reference_key
 from hataori.train.signals import stop_on_signals
 from hataori.train.trainer import Trainer
 from hataori.train.validate import EvalTasks, Validator
@@ -195,12 +196,13 @@ def open_tokenizer(cfg: TrainConfig):
     against model.vocab_size."""
     datasets = [Dataset(spec.path, "train") for spec in cfg.data.datasets]
     kind = datasets_kind(datasets)
-    if kind == "preference" or (kind == "conversations") != (cfg.objective == "sft"):
+    reads = {"pretrain": "text", "sft": "conversations", "dpo": "preference"}[cfg.objective]
+    if kind != reads:
         got = {"conversations": "conversations (prepared with a chat template)", "text": "text",
                "preference": "preference pairs"}[kind]
         how = {"conversations": "train on them with `hataori sft` (objective=sft)",
-               "text": "supervised fine-tuning reads datasets from `hataori data prepare --chat-template`",
-               "preference": "the preference objective (DPO) is not in hataori yet"}[kind]
+               "text": "the chat objectives read datasets from `hataori data prepare --chat-template`",
+               "preference": "train on them with `hataori dpo` (objective=dpo)"}[kind]
         raise ConfigError("data.datasets", f"{datasets[0].path} holds {got}, which objective={cfg.objective} does "
                           f"not read; {how}")
     path = cfg.tokenizer or datasets[0].manifest["tokenizer"]["path"]
@@ -267,7 +269,7 @@ def train(cfg: TrainConfig) -> int:
     if env.is_main:
         with disk_full_error(run_dir, option="run_dir"):
             record_run(run_dir, cfg, world_size=env.world_size)
-            if cfg.objective == "sft":
+            if cfg.objective in ("sft", "dpo"):
                 record_template(run_dir, cfg)
             record_provenance(run_dir, tokenizer=tokenizer, datasets=cfg.data.datasets,
                               init=None if init is None else init.describe())
@@ -311,7 +313,9 @@ def train(cfg: TrainConfig) -> int:
                                            is_main=env.is_main),
                  Validation(cfg.validation, validator, eval_tasks, logger, device=env.device,
                             max_steps=cfg.trainer.max_steps)]
-    trainer = Trainer(cfg.trainer, engine=engine, loader=loader, checkpointer=checkpointer, callbacks=callbacks)
+    objective = preference_objective(cfg, engine, env, resuming=resuming) if cfg.objective == "dpo" else None
+    trainer = Trainer(cfg.trainer, engine=engine, loader=loader, checkpointer=checkpointer, callbacks=callbacks,
+                      objective=objective)
     # Installed before resuming, which may take long: SIGUSR1 (time limit near) or SIGTERM then stops after
     # the first step, with a checkpoint
     stop_on_signals(trainer)
@@ -320,6 +324,25 @@ def train(cfg: TrainConfig) -> int:
         summarize(run_dir)
     shutdown_distributed()
     return 0
+
+
+def preference_objective(cfg: TrainConfig, engine, env, *, resuming: bool) -> PreferenceObjective:
+    """The preference objective of ``cfg``, with the reference log-probabilities of its training pairs (kept in
+    the run folder, computed by ``engine`` before its first step; :mod:`hataori.train.preference`)."""
+    reference = None
+    if cfg.preference.needs_reference:
+        datasets = [Dataset(spec.path, "train") for spec in cfg.data.datasets]
+        key = reference_key(datasets, precision=cfg.zero.precision, init=cfg.init)
+
+        def compute():
+            if env.is_main:
+                print(f"reference log-probabilities of {sum(len(d) // 2 for d in datasets):,} pairs", flush=True)
+            return compute_reference(engine, datasets, seq_len=cfg.data.seq_len, batch_size=cfg.zero.micro_batch_size,
+                                     device=env.device, rank=env.rank, world_size=env.world_size)
+
+        reference = ensure_reference(Path(cfg.run_dir), key, resuming=resuming, compute=compute,
+                                     is_main=env.is_main, device=env.device)
+    return PreferenceObjective(cfg.preference, reference)
 
 
 def record_template(run_dir: Path, cfg: TrainConfig) -> None:

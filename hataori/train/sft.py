@@ -24,11 +24,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    return run_objective(args, "sft")
+
+
+def run_objective(args: argparse.Namespace, objective: str) -> int:
+    """``hataori pretrain`` with ``objective`` set (refusing another given on the command line)."""
     given = [item.split("=", 1)[1].strip() for item in args.config
              if "=" in item and item.split("=", 1)[0].strip() == "objective"]
-    if any(value != "sft" for value in given):
-        raise ConfigError("objective", f"is {given[-1]!r}, but `hataori sft` trains objective=sft; use "
-                          "`hataori pretrain` for another objective")
+    if any(value != objective for value in given):
+        raise ConfigError("objective", f"is {given[-1]!r}, but `hataori {objective}` trains objective={objective}; "
+                          "use `hataori pretrain` for another objective")
     if not given:
-        args.config = [*args.config, "objective=sft"]
+        args.config = [*args.config, f"objective={objective}"]
     return pretrain.main(args)

@@ -46,6 +46,10 @@ targets divided by their number: per token across the global batch, whatever the
 micro-batch with no counted target (possible only in principle) runs its forward and backward with a
 loss scaled by 0, so every rank still takes part in ZeRO's collectives.
 
+An ``objective`` replaces the model's own loss: it returns a micro-batch's loss, a mean over the units the
+batch counts (the preference objective's pairs, :mod:`hataori.train.preference`), which is scaled the same
+way, and sums that the step adds up over its micro-batches and ranks and logs (``StepMetrics.extra``).
+
 :meth:`Trainer.request_stop` (e.g. from a signal handler) ends training after the current step
 with a checkpoint; the request is shared between ranks at each step, so it may reach any of them.
 """
@@ -54,7 +58,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
 
@@ -117,6 +121,8 @@ class StepMetrics:
     """Wall time of the step."""
     applied: bool = True
     """Whether the optimizer applied the update (False: skipped for overflow)."""
+    extra: dict[str, float] = field(default_factory=dict)
+    """What the objective logs besides the loss (the preference objective's rewards), over the step."""
 
     @property
     def finite(self) -> bool:
@@ -130,6 +136,16 @@ class BatchLike(Protocol):
     targets: np.ndarray
 
     def doc_ids(self) -> np.ndarray: ...
+
+
+class Objective(Protocol):
+    """A loss other than the model's own next-token mean (:class:`hataori.train.preference.PreferenceObjective`)."""
+
+    def __call__(self, engine: Any, batch: Any, tensor: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-batch's loss (before the trainer's scaling) and the sums it logs."""
+
+    def means(self, sums: torch.Tensor) -> dict[str, float]:
+        """The logged values of the step's sums (over its micro-batches and every rank)."""
 
 
 class Callback:
@@ -153,8 +169,9 @@ class Trainer:
     """Runs optimizer steps until ``max_steps``, saving checkpoints as configured."""
 
     def __init__(self, cfg: TrainerConfig, *, engine: Any, loader: Iterator[BatchLike], checkpointer: Checkpointer,
-                 callbacks: Iterable[Callback] = ()):
+                 callbacks: Iterable[Callback] = (), objective: Objective | None = None):
         self.cfg = cfg
+        self.objective = objective
         self.engine = engine
         self.loader = loader
         self.checkpointer = checkpointer
@@ -256,18 +273,23 @@ class Trainer:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
         began = time.perf_counter()
         lr = self.engine.get_lr()[0]
-        losses, tokens = [], 0
+        losses, tokens, sums = [], 0, None
         accum = self.engine.gradient_accumulation_steps()
         for _ in range(accum):
             batch = next(self.loader)
-            targets, scale = batch.targets, None
+            scale = None
             if batch.step_loss_tokens is not None:
                 scale = batch.loss_tokens * accum * dist.get_world_size() / batch.step_loss_tokens
-                if batch.loss_tokens == 0:  # a finite loss to scale by 0 (module docstring)
+            if self.objective is not None:
+                loss, batch_sums = self.objective(self.engine, batch, self._tensor)
+                sums = batch_sums if sums is None else sums + batch_sums
+            else:
+                targets = batch.targets
+                if scale is not None and batch.loss_tokens == 0:  # a finite loss to scale by 0 (module docstring)
                     targets = batch.targets.copy()
                     targets[0, 0] = 0
-            loss = self.engine(self._tensor(batch.inputs), doc_ids=self._tensor(batch.doc_ids()),
-                               targets=self._tensor(targets))
+                loss = self.engine(self._tensor(batch.inputs), doc_ids=self._tensor(batch.doc_ids()),
+                                   targets=self._tensor(targets))
             if scale is not None:
                 loss = loss * scale
             self.engine.backward(loss)
@@ -276,6 +298,10 @@ class Trainer:
             tokens += batch.inputs.size
         loss = torch.stack(losses).mean()
         dist.all_reduce(loss)
+        extra = {}
+        if sums is not None:
+            dist.all_reduce(sums)
+            extra = self.objective.means(sums)
         self.step += 1
         step_tokens = tokens * dist.get_world_size()  # every rank reads batches of the same shape
         self.tokens_seen += step_tokens
@@ -283,7 +309,7 @@ class Trainer:
         return StepMetrics(step=self.step, loss=loss.item() / dist.get_world_size(), lr=lr,
                            grad_norm=None if grad_norm is None else float(grad_norm), tokens=step_tokens,
                            tokens_seen=self.tokens_seen, seconds=time.perf_counter() - began,
-                           applied=self.engine.was_step_applied())
+                           applied=self.engine.was_step_applied(), extra=extra)
 
     def request_stop(self) -> None:
         """Stop after the current step, with a checkpoint (safe to call from a signal handler)."""

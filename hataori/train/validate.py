@@ -26,7 +26,8 @@ Conversations
     A dataset prepared with a chat template (:mod:`hataori.data.chat`) is scored as the objective trains
     on it: its conversations whole, packed into rows with :func:`hataori.data.examples.pack`, and only the
     targets its loss mask marks; ``loss`` is per such token and ``bpc`` per character of their decoded
-    text (the assistant turns). A validation reads text datasets or conversation datasets, not both.
+    text (the assistant turns). A validation reads text datasets or conversation datasets, not both. Of
+    preference pairs the chosen conversations are scored so (how well the model keeps the preferred answers).
 
 Processes
     The rows are dealt out to the ranks (row ``i`` to rank ``i % world_size``), padded with unscored
@@ -52,7 +53,7 @@ import torch.distributed as dist
 
 from hataori.config import require
 from hataori.data.examples import pack
-from hataori.data.shards import Dataset
+from hataori.data.shards import Dataset, dataset_kind
 from hataori.errors import ConfigError
 from hataori.eval.bpc import BpcResult, count_chars, pack_rows, summed_nll
 from hataori.eval.runner import ChoiceTask, EvalTaskConfig
@@ -116,13 +117,14 @@ def select_documents(datasets: list[Dataset], *, max_docs: int = 0, max_tokens: 
     return [doc for doc, _, _ in _select(datasets, max_docs, max_tokens, masks=False)]
 
 
-def _select(datasets: list[Dataset], max_docs: int, max_tokens: int, *,
-            masks: bool) -> list[tuple[np.ndarray, np.ndarray | None, int]]:
-    """(ids, loss mask or None, dataset index) of the first documents of each dataset, within the limits."""
+def _select(datasets: list[Dataset], max_docs: int, max_tokens: int, *, masks: bool,
+            every: int = 1) -> list[tuple[np.ndarray, np.ndarray | None, int]]:
+    """(ids, loss mask or None, dataset index) of the first documents of each dataset, within the limits;
+    ``every``: only every this many documents (2: the chosen answers of preference pairs)."""
     chosen: list[tuple[np.ndarray, np.ndarray | None, int]] = []
     tokens = 0
     for d, data in enumerate(datasets):
-        for i in range(len(data)):
+        for i in range(0, len(data), every):
             doc = np.asarray(data.doc(i), dtype=np.int64)
             if (max_docs and len(chosen) == max_docs) or (max_tokens and tokens + len(doc) > max_tokens):
                 return chosen
@@ -177,7 +179,8 @@ class Validator:
         if any(d.masked != conversations for d in datasets):
             raise ConfigError("data.datasets", f"{', '.join(dataset_paths)} mix text and conversation datasets; "
                               "a run trains on one kind")
-        docs = _select(datasets, cfg.max_docs, cfg.max_tokens, masks=conversations)
+        docs = _select(datasets, cfg.max_docs, cfg.max_tokens, masks=conversations,
+                       every=2 if dataset_kind(datasets[0]) == "preference" else 1)
         if not conversations:
             docs = [doc for doc, _, _ in docs]
         if not docs:
