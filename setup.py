@@ -48,9 +48,11 @@ setup(
         "gpu": ["flash-attn>=2.6", "triton>=3.0,<3.8"],
         # Triton runs the kernel tests on the CPU through its interpreter; PEFT loads the exported
         # LoRA adapter onto transformers' Llama in tests/test_lora.py (the independent reference); ruff is
-        # the lint tests/test_lint.py runs (ruff.toml).
+        # the lint tests/test_lint.py runs (ruff.toml); TRL's SFTTrainer and DPOTrainer are the reference the
+        # post-training losses, rewards and gradients are checked against (tests/test_trl.py): 1.16 is the API
+        # those tests call (labels built from the mask columns, fused_lm_head log-probabilities).
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "build>=1.0", "triton>=3.0,<3.8",
-                "peft>=0.11", "ruff>=0.6"],
+                "peft>=0.11", "ruff>=0.6", "trl>=1.16"],
     },
     entry_points={"console_scripts": ["hataori = hataori.cli:run"]},
 )
