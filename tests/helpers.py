@@ -373,3 +373,18 @@ def check_activation_formula(precision: str, dtype: torch.dtype, checkpointing: 
                                 lora=adapters)
         assert peak == (forward + B * T * (t["loss_backward"] + (t["block"] if checkpointing else 0))
                         + loss_backward_bytes(cfg, tokens=B * T, precision=precision, lora=adapters))
+
+
+def prepare_chat(folder: Path, records: list[dict], tokenizer: Path, *settings: str) -> Path:
+    """``records`` (conversations, or preference pairs with ``preference=true``) written to ``folder/chat.jsonl``
+    and prepared by `hataori data prepare` with the Japanese ChatML preset into ``folder/data``; ``settings``
+    are prepare's key=value settings."""
+    from hataori.cli import main as hataori_main
+
+    source = folder / "chat.jsonl"
+    source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    out = folder / "data"
+    assert hataori_main(["data", "prepare", "--input", str(source), "--tokenizer", str(tokenizer), "--chat-template",
+                         str(REPO / "configs/chat/ja-chatml.jinja"), "--output", str(out), "progress=false",
+                         *settings]) == 0
+    return out

@@ -15,9 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import REPO, cpu_env, jcqa_conversations, records, tiny_config
+from helpers import REPO, cpu_env, jcqa_conversations, prepare_chat, records, tiny_config
 
-from hataori.cli import main as hataori_main
 from hataori.data.examples import ExampleLoader, PairLoader
 from hataori.data.shards import Dataset
 from hataori.errors import HataoriError
@@ -34,19 +33,12 @@ LAUNCH_TIMEOUT_S = 240
 @pytest.fixture(scope="module")
 def pairs(chat_tokenizer, tmp_path_factory) -> Path:
     """Preference pairs from JCommonsenseQA conversations: the answer chosen, a reversed answer rejected."""
-    folder = tmp_path_factory.mktemp("dpo")
-    source = folder / "pairs.jsonl"
-    with open(source, "w", encoding="utf-8") as f:
-        for messages in jcqa_conversations(400, seed=3):
-            prompt, answer = messages[:-1], messages[-1]["content"]
-            f.write(json.dumps({"prompt": prompt, "chosen": answer, "rejected": answer[::-1] + "。"},
-                               ensure_ascii=False) + "\n")
-    out = folder / "data"
-    assert hataori_main(["data", "prepare", "--input", str(source), "--tokenizer", str(chat_tokenizer),
-                         "--chat-template", str(REPO / "configs/chat/ja-chatml.jinja"), "--output", str(out),
-                         f"max_tokens={SEQ_LEN // 2 + 1}", "overlong=drop", "preference=true", "val_docs=20",
-                         "progress=false"]) == 0
-    return out
+    records = []
+    for messages in jcqa_conversations(400, seed=3):
+        prompt, answer = messages[:-1], messages[-1]["content"]
+        records.append({"prompt": prompt, "chosen": answer, "rejected": answer[::-1] + "。"})
+    return prepare_chat(tmp_path_factory.mktemp("dpo"), records, chat_tokenizer, f"max_tokens={SEQ_LEN // 2 + 1}",
+                        "overlong=drop", "preference=true", "val_docs=20")
 
 
 def pair_docs(data: Dataset, pair: int) -> list[tuple[list[int], list[int]]]:

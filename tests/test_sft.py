@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import REPO, cpu_env, jcqa_conversations, records, tiny_config
+from helpers import REPO, cpu_env, jcqa_conversations, prepare_chat, records, tiny_config
 from ranks import launch_ranks, log_tails
 
 from hataori.cli import main as hataori_main
@@ -34,16 +34,9 @@ LAUNCH_TIMEOUT_S = 240
 @pytest.fixture(scope="module")
 def conversations(chat_tokenizer, tmp_path_factory) -> Path:
     """1,200 JCommonsenseQA conversations prepared for rows of 256 positions (40 for validation)."""
-    folder = tmp_path_factory.mktemp("sft")
-    source = folder / "chat.jsonl"
-    with open(source, "w", encoding="utf-8") as f:
-        for messages in jcqa_conversations(1200, seed=5):
-            f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
-    out = folder / "data"
-    assert hataori_main(["data", "prepare", "--input", str(source), "--tokenizer", str(chat_tokenizer),
-                         "--chat-template", str(REPO / "configs/chat/ja-chatml.jinja"), "--output", str(out),
-                         f"max_tokens={SEQ_LEN + 1}", "val_docs=40", "progress=false"]) == 0
-    return out
+    records = [{"messages": messages} for messages in jcqa_conversations(1200, seed=5)]
+    return prepare_chat(tmp_path_factory.mktemp("sft"), records, chat_tokenizer, f"max_tokens={SEQ_LEN + 1}",
+                        "val_docs=40")
 
 
 def examples_of(rows) -> list[tuple[list[int], list[int]]]:
