@@ -153,7 +153,7 @@ def test_cuda_device_without_cuda_is_refused(tmp_path, capsys, monkeypatch):
 
 def test_greedy_generation_is_argmax_decoding():
     """Each generated token is the argmax of one teacher-forced forward pass over the whole output, and
-    generation stops at EOS; contexts past max_seq_len keep their last max_seq_len tokens."""
+    generation stops at EOS; a prompt past max_seq_len keeps its last max_seq_len - max_new_tokens tokens."""
     torch.manual_seed(0)
     model = model_config().build().eval()
     prompt = [3, 14, 15, 92, 65]
@@ -169,7 +169,7 @@ def test_greedy_generation_is_argmax_decoding():
     long_prompt = list(range(1, 41))  # 40 > max_seq_len = 32
     first = generate(model, long_prompt, max_new_tokens=1, eos_id=None, sampling=Sampling(greedy=True))
     with torch.no_grad():
-        assert first == [int(model(torch.tensor([long_prompt[-SEQ_LEN:]]))[0, -1].argmax())]
+        assert first == [int(model(torch.tensor([long_prompt[-(SEQ_LEN - 1):]]))[0, -1].argmax())]
 
 
 @pytest.mark.parametrize("sampling", [Sampling(greedy=True), Sampling(top_k=20)], ids=["greedy", "sampled"])

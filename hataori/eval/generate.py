@@ -20,10 +20,15 @@ followed by the assistant's opening, and the reply stops at the piece that ends 
 (``<|im_end|>`` in the ChatML preset) or EOS; only the reply is printed.
 
 Decoding. The prompt is encoded after one EOS, as training documents begin (the packed loader's
-documents are preceded by the previous one's EOS). Each new token takes one full forward pass over
-the context (no key/value cache; the model has none, and for the small models this runs on a full
-recompute is fast enough); contexts longer than ``max_seq_len`` keep their last ``max_seq_len``
-tokens. Generation stops at EOS or after ``--max-new-tokens``.
+documents are preceded by the previous one's EOS). The prompt goes through the model once, filling
+the key/value cache (:mod:`hataori.model.cache`), then each new token takes one forward pass of one
+position (:func:`generate_batch`; several prompts of different lengths go together, left-padded).
+Context rule (:func:`fit_context`): prompt and new tokens together fit ``max_seq_len``. A prompt keeps
+its last ``max_seq_len - min(max_new_tokens, max_seq_len // 2)`` tokens (room for the new ones, but
+never less than half the context), and generation stops at EOS, at a stop id (``--chat``), after
+``--max-new-tokens``, or when the context is full.
+:func:`generate_uncached` (a full forward pass over the context for every new token) is the
+reference the cache is tested against.
 
 The model computes in ``--dtype`` (fp32 by default; a precision the device cannot run is refused,
 :mod:`hataori.precision`), its rotary tables in fp32 as in training; sampling reads fp32 logits.
@@ -44,6 +49,7 @@ import torch
 
 from hataori.errors import ConfigError, HataoriError
 from hataori.interop.load import open_run
+from hataori.model.cache import KVCache, left_pad
 from hataori.precision import DTYPES, PRECISIONS, torch_device
 from hataori.precision import check as check_precision
 
@@ -109,22 +115,75 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
 
 
+def check_finite(logits: torch.Tensor, new_token: int, dtype: torch.dtype) -> None:
+    if not torch.isfinite(logits).all():
+        raise HataoriError(f"the model's logits for new token {new_token} hold NaN or inf: its activations "
+                           f"overflowed in {dtype}, or its weights are damaged; run in a wider dtype (--dtype "
+                           "fp32), and check the checkpoint (hataori checkpoint verify)")
+
+
+def fit_context(prompt: list[int], max_seq_len: int, max_new_tokens: int) -> tuple[list[int], int]:
+    """(the prompt's tokens kept, how many new tokens fit after them) within ``max_seq_len``: its last
+    ``max_seq_len - min(max_new_tokens, max_seq_len // 2)`` tokens (module docstring)."""
+    if max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens", f"must be >= 1, got {max_new_tokens}")
+    kept = prompt[-(max_seq_len - min(max_new_tokens, max_seq_len // 2)):]
+    return kept, min(max_new_tokens, max_seq_len - len(kept))
+
+
 @torch.no_grad()
+def generate_batch(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | None,
+                   sampling: Sampling, generator: torch.Generator | None = None, stop_ids: tuple[int, ...] = (),
+                   pad_id: int = 0) -> list[list[int]]:
+    """Each prompt's new tokens (EOS, or one of ``stop_ids``, included if reached), with the key/value cache:
+    the prompts (each at least one token) left-padded with ``pad_id`` and run through the model together,
+    then one position a step for every row until each has stopped (module docstring's context rule)."""
+    if not prompts or not all(prompts):
+        raise ValueError("every prompt needs at least one token")
+    first = next(model.parameters())
+    cfg = model.config
+    fitted = [fit_context(p, cfg.max_seq_len, max_new_tokens) for p in prompts]
+    prompts, budgets = [kept for kept, _ in fitted], [budget for _, budget in fitted]
+    ids, valid = left_pad(prompts, pad_id)
+    max_new_tokens = max(budgets)  # every row's budget fits the cache: its prompt is padded to the longest
+    cache = KVCache.empty(cfg, len(prompts), min(ids.shape[1] + max_new_tokens, cfg.max_seq_len),
+                          device=first.device, dtype=first.dtype)
+    logits = model(ids.to(first.device), cache=cache, valid=valid.to(first.device))[:, -1].float()  # (B, V)
+    new: list[list[int]] = [[] for _ in prompts]
+    going = [True] * len(prompts)
+    for step in range(max_new_tokens):
+        rows = [row for row in range(len(prompts)) if going[row]]
+        check_finite(logits[rows], step + 1, first.dtype)
+        tokens = next_token(logits, sampling, generator)  # (B,)
+        for row, token in enumerate(tokens.tolist()):
+            if going[row]:
+                new[row].append(token)
+                going[row] = token != eos_id and token not in stop_ids and len(new[row]) < budgets[row]
+        if not any(going) or cache.length == cache.capacity:
+            break
+        logits = model(tokens[:, None], cache=cache)[:, -1].float()
+    return new
+
+
 def generate(model: torch.nn.Module, prompt: list[int], *, max_new_tokens: int, eos_id: int | None,
              sampling: Sampling, generator: torch.Generator | None = None, stop_ids: tuple[int, ...] = ()) -> list[int]:
-    """The new tokens after ``prompt`` (EOS, or one of ``stop_ids``, included if reached), one full forward
-    pass per token."""
-    device = next(model.parameters()).device
-    max_len = model.config.max_seq_len
-    tokens = list(prompt)
+    """The new tokens after ``prompt`` (EOS, or one of ``stop_ids``, included if reached), with the cache."""
+    return generate_batch(model, [prompt], max_new_tokens=max_new_tokens, eos_id=eos_id, sampling=sampling,
+                          generator=generator, stop_ids=stop_ids)[0]
+
+
+@torch.no_grad()
+def generate_uncached(model: torch.nn.Module, prompt: list[int], *, max_new_tokens: int, eos_id: int | None,
+                      sampling: Sampling, generator: torch.Generator | None = None,
+                      stop_ids: tuple[int, ...] = ()) -> list[int]:
+    """:func:`generate` without the cache: one full forward pass over the context for every new token (the
+    same context rule); the reference the cache is checked against, and the benchmark's baseline."""
+    first = next(model.parameters())
+    tokens, budget = fit_context(list(prompt), model.config.max_seq_len, max_new_tokens)
     new: list[int] = []
-    for _ in range(max_new_tokens):
-        context = torch.tensor([tokens[-max_len:]], device=device)  # (1, T)
-        logits = model(context)[0, -1].float()  # (V,)
-        if not torch.isfinite(logits).all():
-            raise HataoriError(f"the model's logits for new token {len(new) + 1} hold NaN or inf: its activations "
-                               f"overflowed in {next(model.parameters()).dtype}, or its weights are damaged; run in "
-                               "a wider dtype (--dtype fp32), and check the checkpoint (hataori checkpoint verify)")
+    for _ in range(budget):
+        logits = model(torch.tensor([tokens], device=first.device))[0, -1].float()  # (V,)
+        check_finite(logits, len(new) + 1, first.dtype)
         token = int(next_token(logits, sampling, generator))
         tokens.append(token)
         new.append(token)

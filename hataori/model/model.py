@@ -42,6 +42,7 @@ from hataori.errors import ConfigError
 from hataori.kernels.cross_entropy import chunked_cross_entropy, chunked_token_losses
 from hataori.model.attention import (BACKENDS, Documents, attention, document_positions, get_backend, resolve_backend,
                                      triton_installed)
+from hataori.model.cache import KVCache
 
 IGNORE_INDEX = -100
 """Target value of tokens that do not count in the loss (padding)."""
@@ -323,7 +324,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.fused_kernels) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.fused_kernels) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: Context, cache: tuple[KVCache, int] | None = None) -> torch.Tensor:
+        """x (B, T, D); with ``cache`` (the cache and this layer's index) the new tokens' keys and values are
+        stored and attention reads every cached position (:mod:`hataori.model.cache`)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, Dh)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, Dh)
@@ -331,7 +334,10 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = ctx.rotate(q, k)
-        y = attention(q, k, v, doc_ids=ctx.docs, backend=ctx.attention_backend)  # (B, T, H, Dh)
+        if cache is not None:
+            y = cache[0].attend(cache[1], q, k, v)  # (B, T, H, Dh)
+        else:
+            y = attention(q, k, v, doc_ids=ctx.docs, backend=ctx.attention_backend)  # (B, T, H, Dh)
         return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))  # (B, T, D)
 
 
@@ -379,8 +385,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.fused_kernels)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
-        h = self.attn(self.attn_norm(x), ctx)
+    def forward(self, x: torch.Tensor, ctx: Context, cache: tuple[KVCache, int] | None = None) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), ctx, cache)
         normed, x = self.mlp_norm(h, residual=x)  # x + h, and its norm
         return x + self.mlp(normed)
 
@@ -447,7 +453,8 @@ class Transformer(nn.Module):
                     nn.init.ones_(module.weight)
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+                targets: torch.Tensor | None = None, reduction: str = "mean", *, cache: KVCache | None = None,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) of the next token, or with ``targets`` the mean cross-entropy, or with
         ``reduction="none"`` each position's (B, T), 0 where the target does not count (minus the target's
         log-probability: what per-sequence objectives sum).
@@ -456,9 +463,15 @@ class Transformer(nn.Module):
         where the id changes); used only with ``config.doc_masking``. targets: (B, T) next-token ids,
         IGNORE_INDEX where a token does not count. The padded vocabulary rows never reach the
         logits or the loss; the loss is computed in fp32.
+
+        Generation (:mod:`hataori.model.cache`): with ``cache`` the tokens continue the cached ones, their
+        keys and values are added to it and the logits are returned; ``valid`` (B, T) marks the real tokens
+        (False for left padding; default all).
         """
         cfg = self.config
         B, T = input_ids.shape
+        if cache is not None:
+            return self._cached(input_ids, cache, valid)
         if T > cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len}")
         x = self.tok_embeddings(input_ids)  # (B, T, D)
@@ -482,6 +495,24 @@ class Transformer(nn.Module):
         found = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                                 reduction=reduction)
         return found if reduction == "mean" else found.view(B, T)
+
+    def _cached(self, input_ids: torch.Tensor, cache: KVCache, valid: torch.Tensor | None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) of tokens that continue ``cache``'s rows (module docstring of
+        :mod:`hataori.model.cache`)."""
+        cfg = self.config
+        if valid is None:
+            valid = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        positions = cache.advance(valid)  # (B, T)
+        x = self.tok_embeddings(input_ids)  # (B, T, D)
+        if use_triton(cfg.fused_kernels, x.device):  # the kernel reads the tables at each token's position
+            ctx = Context(self.rope_cos, self.rope_sin, positions, True, None, "cache")
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, Dh)
+            ctx = Context(cos.unsqueeze(2), sin.unsqueeze(2), None, False, None, "cache")
+        for i, block in enumerate(self.blocks):
+            x = block(x, ctx, (cache, i))
+        cache.done(input_ids.shape[1])
+        return self.lm_head(self.norm(x))[..., :cfg.vocab_size]
 
     def context(self, x: torch.Tensor, doc_ids: torch.Tensor | None) -> Context:
         """The blocks' :class:`Context` for embeddings x (B, T, D): rotary positions 0..T-1, or
