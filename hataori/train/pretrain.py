@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -335,10 +336,13 @@ def preference_objective(cfg: TrainConfig, engine, env, *, resuming: bool) -> Pr
         key = reference_key(datasets, precision=cfg.zero.precision, init=cfg.init)
 
         def compute():
+            began = time.perf_counter()
+            found = compute_reference(engine, datasets, seq_len=cfg.data.seq_len, batch_size=cfg.zero.micro_batch_size,
+                                      device=env.device, rank=env.rank, world_size=env.world_size)
             if env.is_main:
-                print(f"reference log-probabilities of {sum(len(d) // 2 for d in datasets):,} pairs", flush=True)
-            return compute_reference(engine, datasets, seq_len=cfg.data.seq_len, batch_size=cfg.zero.micro_batch_size,
-                                     device=env.device, rank=env.rank, world_size=env.world_size)
+                print(f"reference log-probabilities of {sum(len(d) // 2 for d in datasets):,} pairs in "
+                      f"{time.perf_counter() - began:.1f} s", flush=True)
+            return found
 
         reference = ensure_reference(Path(cfg.run_dir), key, resuming=resuming, compute=compute,
                                      is_main=env.is_main, device=env.device)
