@@ -262,8 +262,8 @@ def test_bpc_task_matches_documents_scored_window_by_window(model, tokenizer, tm
 
 
 def test_unknown_task_lists_the_known_ones(tmp_path, capsys):
-    assert hataori_main(["eval", str(tmp_path), "--task", "jsquad"]) == 2
-    assert "--task: unknown task 'jsquad'; known tasks: jcommonsenseqa (" in capsys.readouterr().err
+    assert hataori_main(["eval", str(tmp_path), "--task", "jemhopqa"]) == 2
+    assert "--task: unknown task 'jemhopqa'; known tasks: jcommonsenseqa (" in capsys.readouterr().err
 
 
 GOOD = {"q_id": 0, "question": "どれ？", "choice0": "あ", "choice1": "い", "choice2": "う", "choice3": "え",

@@ -83,8 +83,10 @@ def test_ranks_share_the_batches_and_their_sum_is_one_process(ja_tokenizer):
 
 
 @pytest.mark.parametrize("tasks, message", [
-    ("[{task: jsquad}]", "validation.tasks[0].task: unknown task 'jsquad'; tasks run during pretraining: "
-                         "jcommonsenseqa, jnli"),
+    ("[{task: jemhopqa}]", "validation.tasks[0].task: unknown task 'jemhopqa'; tasks run during pretraining: "
+                           "jcommonsenseqa, jnli"),
+    ("[{task: jsquad}]", "validation.tasks[0].task: jsquad is a generation task, which validation does not run "
+                         "yet"),
     ("[{task: bpc}]", "validation.tasks[0].task: bpc is not run during pretraining: every validation already "
                       "scores the validation split in bits per character (val/bpc)"),
     ("[{task: jnli, shots: 1}]", "validation.tasks[0].shots: jnli has no bundled train file to draw shots from; "
@@ -96,8 +98,8 @@ def test_ranks_share_the_batches_and_their_sum_is_one_process(ja_tokenizer):
     ("[{task: jnli}, {task: jnli, shots: 0}]", "validation.tasks[1].name: 'jnli' is the name of tasks[0] too"),
     ("[{task: jnli, every_steps: 3}]", "validation.tasks[0].every_steps: 3 is not a multiple of "
                                        "validation.every_steps=2"),
-], ids=["unknown", "bpc", "shots-without-train-file", "negative-limit", "template-of-another-task", "same-name",
-        "every-steps"])
+], ids=["unknown", "generation", "bpc", "shots-without-train-file", "negative-limit", "template-of-another-task",
+        "same-name", "every-steps"])
 def test_task_config_mistakes_are_named(tmp_path, capsys, tasks, message):
     code = hataori_main(["pretrain", str(TOY), "validation.every_steps=2", f"validation.tasks={tasks}",
                          "--data", str(tmp_path / "none"), "--run-dir", str(tmp_path / "run")])

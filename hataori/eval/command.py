@@ -117,7 +117,8 @@ def evaluate(model_path: str | Path, task: str, *, device: torch.device | str = 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="a run folder, its checkpoints/step_N folder, or a Hugging "
                         "Face model folder written by `hataori export hf`")
-    parser.add_argument("--task", required=True, help="jcommonsenseqa, jnli or bpc")
+    parser.add_argument("--task", required=True, help="jcommonsenseqa, jnli, bpc (log-likelihood), or jsquad, "
+                        "jcommonsenseqa-gen, jnli-gen (generated answers)")
     parser.add_argument("--template", help="a template name (configs/eval/NAME.yaml) or a YAML file "
                         "(default: the task's)")
     parser.add_argument("--shots", type=int, default=0, help="examples with their answers before each one")

@@ -44,6 +44,7 @@ import contextlib
 import math
 import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -134,10 +135,11 @@ def fit_context(prompt: list[int], max_seq_len: int, max_new_tokens: int) -> tup
 @torch.no_grad()
 def generate_batch(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | None,
                    sampling: Sampling, generator: torch.Generator | None = None, stop_ids: tuple[int, ...] = (),
-                   pad_id: int = 0) -> list[list[int]]:
+                   pad_id: int = 0, until: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
     """Each prompt's new tokens (EOS, or one of ``stop_ids``, included if reached), with the key/value cache:
     the prompts (each at least one token) left-padded with ``pad_id`` and run through the model together,
-    then one position a step for every row until each has stopped (module docstring's context rule)."""
+    then one position a step for every row until each has stopped (module docstring's context rule).
+    ``until(new_tokens)`` may stop a row too (a stop string in its decoded text)."""
     if not prompts or not all(prompts):
         raise ValueError("every prompt needs at least one token")
     first = next(model.parameters())
@@ -158,7 +160,8 @@ def generate_batch(model: torch.nn.Module, prompts: list[list[int]], *, max_new_
         for row, token in enumerate(tokens.tolist()):
             if going[row]:
                 new[row].append(token)
-                going[row] = token != eos_id and token not in stop_ids and len(new[row]) < budgets[row]
+                going[row] = (token != eos_id and token not in stop_ids and len(new[row]) < budgets[row]
+                              and not (until is not None and until(new[row])))
         if not any(going) or cache.length == cache.capacity:
             break
         logits = model(tokens[:, None], cache=cache)[:, -1].float()

@@ -28,6 +28,7 @@ from hataori.config import require
 from hataori.errors import ConfigError, HataoriError
 from hataori.eval.bpc import read_documents, score_documents
 from hataori.eval.choice import ChoiceSet, evaluate_choice, prepare_choices
+from hataori.eval.generation import GenerationSet, evaluate_generation, prepare_generation
 from hataori.eval.tasks import TASKS, get_task, read_examples
 from hataori.eval.templates import load_template
 from hataori.tokenizer.model import Tokenizer
@@ -82,6 +83,10 @@ class EvalTaskConfig:
                               "validation split in bits per character (val/bpc); for another corpus run "
                               "`hataori eval RUN --task bpc --data FILE` on a checkpoint. Tasks here: " + choice)
         require(self.task in TASKS, "task", f"unknown task {self.task!r}; tasks run during pretraining: {choice}")
+        require(TASKS[self.task].kind == "choice", "task",
+                f"{self.task} is a generation task, which validation does not run yet (the ranks would have to "
+                f"share the generation); score a checkpoint with `hataori eval RUN --task {self.task}`; tasks run "
+                f"during pretraining: {choice}")
         require(re.fullmatch(r"[\w.-]*", self.name) is not None, "name",
                 f"{self.name!r} names files and TensorBoard tags: use letters, digits, '_', '.' and '-'")
         for key in ("shots", "seed", "limit", "every_steps"):
@@ -131,13 +136,30 @@ class ChoiceTask:
         return {**self.setup, "batch_size": batch_size, **results}
 
 
+@dataclass(frozen=True, slots=True)
+class GenerationTask:
+    """A generation task ready to run on a model: its examples read, shots drawn and prompts tokenized once."""
+
+    setup: dict
+    prepared: GenerationSet
+    tokenizer: Tokenizer
+
+    def run(self, model, *, batch_size: int = 8) -> dict:
+        """The results of ``model`` (a module in eval mode) on one process
+        (:func:`hataori.eval.generation.evaluate_generation`)."""
+        results = evaluate_generation(model, self.prepared, self.tokenizer, batch_size=batch_size)
+        return {**self.setup, "batch_size": batch_size, **results}
+
+
 def prepare_task(tokenizer: Tokenizer, task: str, *, template: str | None = None, shots: int = 0, seed: int = 0,
-                 data: str | Path | None = None, train: str | Path | None = None, limit: int = 0) -> ChoiceTask:
-    """Read the examples of the multiple-choice ``task``, draw their shots and tokenize their requests
-    (the options are :func:`run_task`'s; a bad one is a ConfigError keyed by its ``hataori eval`` flag)."""
+                 data: str | Path | None = None, train: str | Path | None = None,
+                 limit: int = 0) -> ChoiceTask | GenerationTask:
+    """Read the examples of the multiple-choice or generation ``task``, draw their shots and tokenize their
+    requests or prompts (the options are :func:`run_task`'s; a bad one is a ConfigError keyed by its
+    ``hataori eval`` flag)."""
     spec = get_task(task)
-    if spec.kind != "choice":
-        raise ConfigError("--task", f"{spec.name} is not a multiple-choice task")
+    if spec.kind not in ("choice", "generate"):
+        raise ConfigError("--task", f"{spec.name} is neither a multiple-choice nor a generation task")
     _check_counts(shots=shots, limit=limit)
     loaded = load_template(template, spec)
     data_path = Path(data) if data else spec.data
@@ -154,10 +176,13 @@ def prepare_task(tokenizer: Tokenizer, task: str, *, template: str | None = None
         if shots > len(train_examples):
             raise ConfigError("--shots", f"{shots} shots is more than the {len(train_examples)} examples of "
                               f"{train_path}")
-    prepared = prepare_choices(tokenizer, loaded, examples, train=train_examples, shots=shots, seed=seed)
     setup = {"task": spec.name, "template": loaded.name, "template_file": str(loaded.path),
              "template_config": dataclasses.asdict(loaded.cfg), "shots": shots, "seed": seed,
              "data": str(data_path), "train": str(train_path) if shots else None, "limit": limit}
+    if spec.kind == "generate":
+        generation = prepare_generation(tokenizer, loaded, examples, train=train_examples, shots=shots, seed=seed)
+        return GenerationTask(setup=setup, prepared=generation, tokenizer=tokenizer)
+    prepared = prepare_choices(tokenizer, loaded, examples, train=train_examples, shots=shots, seed=seed)
     return ChoiceTask(setup=setup, prepared=prepared, pad_id=tokenizer.eos_id)
 
 

@@ -6,6 +6,14 @@ Multiple-choice tasks (JGLUE v1.3, one JSON object a line; the files are bundled
     jnli             sentence1, sentence2, label             (valid: 2,434; no train file bundled)
                      label: entailment / contradiction / neutral, the three choices in that order
 
+Generation tasks (an answer generated greedily after the prompt and scored by exact match and character
+F1 against the gold answers, :mod:`hataori.eval.generation` and :mod:`hataori.eval.answers`)::
+
+    jsquad              JGLUE JSQuAD v1.3 (SQuAD's JSON: title, paragraphs with context and qas); the gold
+                        answers are each question's answer texts          (valid: 4,442 questions)
+    jcommonsenseqa-gen  JCommonsenseQA's file; the gold answer is the right choice's text
+    jnli-gen            JNLI's file; the gold answer is the label as the template writes it (含意 ...)
+
 ``bpc`` scores the documents of any JSONL (``text`` field) or plain-text corpus file (``--data``)
 in bits per character, as pretraining validation does (:mod:`hataori.eval.bpc`).
 
@@ -35,9 +43,11 @@ class Example:
     choices: tuple[str, ...]
     """The choices as the task names them (JNLI: the label names); a template may rename them."""
     label: int
-    """Index of the correct choice."""
+    """Index of the correct choice (-1 for a task without choices)."""
     line: int
-    """Line of the task file the example is on."""
+    """Line of the task file the example is on (JSQuAD: the question's ordinal in the file)."""
+    answers: tuple[str, ...] = ()
+    """A generation task's gold answers, where they are not a choice (JSQuAD)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +56,8 @@ class Task:
 
     name: str
     kind: str
-    """``choice`` (multiple choice, scored by log-likelihood) or ``bpc`` (bits per character of a corpus)."""
+    """``choice`` (multiple choice, scored by log-likelihood), ``generate`` (an answer generated and compared
+    with the gold ones) or ``bpc`` (bits per character of a corpus)."""
     description: str
     fields: tuple[str, ...] = ()
     """The string fields of a record, all required; a template formats them."""
@@ -60,6 +71,8 @@ class Task:
     """The default template's name (configs/eval/<name>.yaml)."""
     example: Callable[[dict[str, Any], int], Example] | None = None
     """The Example of a record whose fields were checked, and its line; raises ValueError for a bad label."""
+    read: Callable[[Path], list[Example]] | None = None
+    """Reads a whole task file where it is not one record a line (JSQuAD's JSON)."""
 
 
 def _jcommonsenseqa(record: dict[str, Any], line: int) -> Example:
@@ -83,6 +96,39 @@ def _jnli(record: dict[str, Any], line: int) -> Example:
 
 JCOMMONSENSEQA_FIELDS = ("question", "choice0", "choice1", "choice2", "choice3", "choice4")
 JNLI_FIELDS = ("sentence1", "sentence2")
+JSQUAD_FIELDS = ("title", "context", "question")
+
+
+def _read_jsquad(path: Path) -> list[Example]:
+    """Every answerable question of a SQuAD-format JSON file, its gold answers deduplicated in order."""
+    try:
+        tree = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(path, f"not a readable SQuAD-format JSON file ({err})") from None
+    examples: list[Example] = []
+    articles = tree.get("data") if isinstance(tree, dict) else None
+    if not isinstance(articles, list):
+        raise InputError(path, "expected a JSON object with a 'data' list of articles (SQuAD's format)")
+    for a, article in enumerate(articles):
+        for p, paragraph in enumerate(article.get("paragraphs", []) if isinstance(article, dict) else []):
+            where = f"data[{a}].paragraphs[{p}]"
+            if not isinstance(paragraph, dict) or not isinstance(paragraph.get("context"), str):
+                raise InputError(path, f"{where}: no 'context' string")
+            for q, qa in enumerate(paragraph.get("qas", [])):
+                answers = [x.get("text") for x in qa.get("answers", [])] if isinstance(qa, dict) else None
+                if not isinstance(qa, dict) or not isinstance(qa.get("question"), str) or not answers or \
+                        not all(isinstance(x, str) for x in answers):
+                    raise InputError(path, f"{where}.qas[{q}]: needs a 'question' string and 'answers' with 'text' "
+                                     "strings")
+                if qa.get("is_impossible"):
+                    continue
+                examples.append(Example(fields={"title": str(article.get("title", "")),
+                                                "context": paragraph["context"], "question": qa["question"]},
+                                        choices=(), label=-1, line=len(examples) + 1,
+                                        answers=tuple(dict.fromkeys(answers))))
+    if not examples:
+        raise InputError(path, "holds no JSQuAD questions")
+    return examples
 
 TASKS: dict[str, Task] = {
     "jcommonsenseqa": Task(name="jcommonsenseqa", kind="choice", fields=JCOMMONSENSEQA_FIELDS,
@@ -92,6 +138,16 @@ TASKS: dict[str, Task] = {
     "jnli": Task(name="jnli", kind="choice", fields=JNLI_FIELDS,
                  description="JGLUE JNLI v1.3: entailment, contradiction or neutral between two sentences",
                  data=JGLUE / "jnli-valid.json", labels=JNLI_LABELS, template="jnli-v1", example=_jnli),
+    "jsquad": Task(name="jsquad", kind="generate", fields=JSQUAD_FIELDS,
+                   description="JGLUE JSQuAD v1.3: an answer taken from a passage, generated",
+                   data=JGLUE / "jsquad-valid.json", template="jsquad-v1", read=_read_jsquad),
+    "jcommonsenseqa-gen": Task(name="jcommonsenseqa-gen", kind="generate", fields=JCOMMONSENSEQA_FIELDS,
+                               description="JCommonsenseQA with the right choice's text generated",
+                               data=JGLUE / "jcommonsenseqa-valid.json", train=JGLUE / "jcommonsenseqa-train.json",
+                               template="jcommonsenseqa-gen-v1", example=_jcommonsenseqa),
+    "jnli-gen": Task(name="jnli-gen", kind="generate", fields=JNLI_FIELDS, labels=JNLI_LABELS,
+                     description="JNLI with the label generated", data=JGLUE / "jnli-valid.json",
+                     template="jnli-gen-v1", example=_jnli),
     "bpc": Task(name="bpc", kind="bpc", description="bits per character of a JSONL or text corpus file (--data)"),
 }
 
@@ -105,8 +161,10 @@ def get_task(name: str) -> Task:
 
 
 def read_examples(task: Task, path: str | Path) -> list[Example]:
-    """The examples of a task file (one JSON object a line, blank lines skipped)."""
+    """The examples of a task file (one JSON object a line, blank lines skipped; JSQuAD: its JSON file)."""
     path = Path(path)
+    if task.read is not None:
+        return task.read(path)
     examples = []
     for number, line in iter_lines(path):
         if not line.strip():

@@ -12,6 +12,10 @@ where a shot is ``prompt(shot) + answer(its correct choice)``; each choice ``ans
 then scored after the prompt. ``prompt`` formats the example's fields (``{question}``); ``answer``
 formats ``{answer}``, the choice's text (renamed by ``answers``, e.g. JNLI's ``entailment`` as 含意).
 Write a literal brace as ``{{`` or ``}}``.
+
+A generation task's template (``jsquad-v1.yaml``) writes the prompt the same way, each shot with its gold
+answer (the first of JSQuAD's); the model then generates up to ``max_new_tokens`` tokens greedily, and the
+answer is the text before the first of the ``stop`` strings (:mod:`hataori.eval.generation`).
 """
 
 from __future__ import annotations
@@ -44,11 +48,17 @@ class TemplateConfig:
     """The text of a task's fixed choices where it is not their name (JNLI: entailment: 含意 ...)."""
     shot_separator: str = "\n\n"
     """Between one shot and the next, and before the example."""
+    max_new_tokens: int = 32
+    """Generation tasks: the most tokens an answer may take."""
+    stop: list[str] = field(default_factory=lambda: ["\n"])
+    """Generation tasks: the answer ends before the first of these strings (and at EOS)."""
 
     def __post_init__(self) -> None:
-        require(self.task in TASKS and TASKS[self.task].kind == "choice", "task",
-                f"{self.task!r} is not a multiple-choice task; one of "
-                f"{', '.join(t.name for t in TASKS.values() if t.kind == 'choice')}")
+        require(self.task in TASKS and TASKS[self.task].kind in ("choice", "generate"), "task",
+                f"{self.task!r} is not a task with prompts; one of "
+                f"{', '.join(t.name for t in TASKS.values() if t.kind in ('choice', 'generate'))}")
+        require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        require(all(isinstance(x, str) and x for x in self.stop), "stop", "must be a list of non-empty strings")
         task = TASKS[self.task]
         _check_placeholders("prompt", self.prompt, task.fields)
         _check_placeholders("answer", self.answer, ("answer",))
@@ -85,17 +95,36 @@ class Template:
         raw = example.choices[index]
         return self.cfg.answer.format(answer=self.cfg.answers.get(raw, raw))
 
+    def golds(self, example: Example) -> list[str]:
+        """A generation task's gold answers: JSQuAD's own, or the right choice as the template names it
+        (without the ``answer`` format's surrounding text)."""
+        if example.answers:
+            return list(example.answers)
+        raw = example.choices[example.label]
+        return [self.cfg.answers.get(raw, raw)]
+
+    def solved(self, example: Example) -> str:
+        """A shot's answer as it follows its prompt: the first gold answer, in the ``answer`` format."""
+        if example.answers:
+            return self.cfg.answer.format(answer=example.answers[0])
+        return self.choice(example, example.label)
+
     def prompt(self, example: Example, shots: list[Example]) -> str:
         """The full context of ``example`` after ``shots``, each with its correct answer."""
-        parts = [self.context(shot) + self.choice(shot, shot.label) for shot in shots]
+        parts = [self.context(shot) + self.solved(shot) for shot in shots]
         return self.cfg.description + "".join(part + self.cfg.shot_separator for part in parts) + self.context(example)
 
 
 def known_templates(task: Task) -> list[str]:
-    """Names of the templates in configs/eval/ for ``task`` (files whose name starts with the task's)."""
-    if not TEMPLATES.is_dir():
-        return []
-    return sorted(p.stem for p in TEMPLATES.glob(f"{task.name}*.yaml"))
+    """Names of the templates in configs/eval/ that format ``task``'s examples."""
+    found = []
+    for path in sorted(TEMPLATES.glob("*.yaml")) if TEMPLATES.is_dir() else []:
+        try:
+            if load(TemplateConfig, [path]).task == task.name:
+                found.append(path.stem)
+        except ConfigError:
+            continue  # a broken template is reported when it is asked for
+    return found
 
 
 def load_template(name: str | None, task: Task) -> Template:

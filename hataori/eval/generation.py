@@ -1,0 +1,93 @@
+"""Generation tasks: an answer generated after each prompt and scored against the gold answers.
+
+Prompts
+    As for multiple-choice tasks (:mod:`hataori.eval.templates`): the description, ``k`` shots drawn by the
+    seeded rule of :func:`hataori.eval.choice.draw_shots`, each with its first gold answer, then the
+    example's prompt. Every prompt starts with EOS, as training documents do.
+
+Generation
+    Greedy, with the key/value cache (:func:`hataori.eval.generate.generate_batch`), up to the template's
+    ``max_new_tokens`` or until the text holds a ``stop`` string; a prompt longer than the model's context
+    keeps its last tokens by the generator's context rule (counted as ``truncated``). Prompts are sorted
+    by length (longest first) and generated ``batch_size`` at a time, left-padded; greedy decoding gives
+    each prompt the tokens it gets alone, so the batch size does not change a score.
+
+Scores
+    The answer is the generated text before the first of the template's ``stop`` strings (and before EOS),
+    stripped; ``exact_match`` and ``char_f1`` (:mod:`hataori.eval.answers`) are its best against the gold
+    answers, averaged over the examples. The results keep every example's prompt, output, answer, gold
+    answers and scores.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from hataori.eval.answers import char_f1, exact_match, first_line
+from hataori.eval.choice import draw_shots
+from hataori.eval.generate import Sampling, generate_batch
+from hataori.eval.tasks import Example
+from hataori.eval.templates import Template
+from hataori.tokenizer.model import Tokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationSet:
+    """Examples ready to generate for, prepared once: each one's prompt (shots included), its token ids (EOS
+    first) and its gold answers."""
+
+    examples: list[Example]
+    prompts: list[str]
+    ids: list[list[int]]
+    golds: list[list[str]]
+    max_new_tokens: int
+    stop: tuple[str, ...]
+
+
+def prepare_generation(tokenizer: Tokenizer, template: Template, examples: list[Example], *,
+                       train: list[Example] | None = None, shots: int = 0, seed: int = 0) -> GenerationSet:
+    """Draw the shots, write the prompts and tokenize them."""
+    texts = [template.prompt(example, draw_shots(train or [], shots, seed, i, example))
+             for i, example in enumerate(examples)]
+    ids = [[tokenizer.eos_id] + tokens for tokens in tokenizer.encode(texts)]
+    return GenerationSet(examples=examples, prompts=texts, ids=ids, golds=[template.golds(e) for e in examples],
+                         max_new_tokens=template.cfg.max_new_tokens, stop=tuple(template.cfg.stop))
+
+
+def evaluate_generation(model: torch.nn.Module, prepared: GenerationSet, tokenizer: Tokenizer, *,
+                        batch_size: int = 8) -> dict:
+    """Generate every example's answer and score it; counts, scores (exact_match, char_f1) and each example's
+    details. ``seconds`` is the generation's and scoring's wall time. The model's mode is the caller's to set."""
+    began = time.perf_counter()
+    order = sorted(range(len(prepared.ids)), key=lambda i: -len(prepared.ids[i]))
+    outputs: list[list[int]] = [[] for _ in prepared.ids]
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        new = generate_batch(model, [prepared.ids[i] for i in rows], max_new_tokens=prepared.max_new_tokens,
+                             eos_id=tokenizer.eos_id, sampling=Sampling(greedy=True), pad_id=tokenizer.eos_id,
+                             until=lambda tokens: any(stop in tokenizer.decode(tokens) for stop in prepared.stop))
+        for i, tokens in zip(rows, new):
+            outputs[i] = tokens
+    limit = model.config.max_seq_len - min(prepared.max_new_tokens, model.config.max_seq_len // 2)
+    details = []
+    for example, prompt, ids, golds, tokens in zip(prepared.examples, prepared.prompts, prepared.ids, prepared.golds,
+                                                   outputs):
+        text = tokenizer.decode([t for t in tokens if t != tokenizer.eos_id])
+        answer = first_line(text, prepared.stop)
+        details.append({"line": example.line, "prompt": prompt, "output": text, "answer": answer, "golds": golds,
+                        "exact_match": exact_match(answer, golds), "char_f1": char_f1(answer, golds),
+                        "prompt_tokens": len(ids), "new_tokens": len(tokens)})
+    seconds = time.perf_counter() - began
+    n = len(details)
+    return {
+        "counts": {"examples": n, "truncated": sum(len(ids) > limit for ids in prepared.ids),
+                   "new_tokens": sum(d["new_tokens"] for d in details)},
+        "scores": {"exact_match": sum(d["exact_match"] for d in details) / n,
+                   "char_f1": sum(d["char_f1"] for d in details) / n},
+        "max_new_tokens": prepared.max_new_tokens, "stop": list(prepared.stop),
+        "seconds": seconds, "examples_per_second": n / seconds,
+        "examples": details,
+    }

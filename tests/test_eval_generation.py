@@ -1,0 +1,164 @@
+"""Generation tasks of `hataori eval` (hataori/eval/generation.py, answers.py): the answer metrics against
+hand-worked cases, JSQuAD's reader, answers equal to the generator's for each prompt alone whatever the batch
+size, seeded shots, the results file, and bad templates and options."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import tiny_config
+
+from hataori.cli import main as hataori_main
+from hataori.errors import ConfigError, InputError
+from hataori.eval.answers import char_f1, exact_match, first_line, normalize
+from hataori.eval.generate import Sampling, generate
+from hataori.eval.runner import EvalTaskConfig, prepare_task, run_task
+from hataori.eval.tasks import TASKS, read_examples
+from hataori.eval.templates import TemplateConfig
+
+
+# ----------------------------------------------------------------------------- metrics, by hand
+
+
+@pytest.mark.parametrize("text, normalized", [
+    ("ＡＢＣ１２３", "ABC123"),          # full-width Latin and digits
+    ("ｶﾀｶﾅ", "カタカナ"),                # half-width katakana
+    ("「東京」です。", "東京です"),       # Japanese brackets and full stop
+    (" 東 京 \n", "東京"),               # whitespace anywhere
+    ("A・B、C!?", "ABC"),                # middle dot, comma, ASCII punctuation
+    ("１９４５年", "1945年"),
+])
+def test_normalize(text, normalized):
+    assert normalize(text) == normalized
+
+
+@pytest.mark.parametrize("answer, golds, em, f1", [
+    ("東京", ["東京"], 1.0, 1.0),
+    ("「東京」。", ["東京"], 1.0, 1.0),
+    ("東京都", ["東京"], 0.0, 0.8),                 # P 2/3, R 1: 2 * (2/3) / (5/3)
+    ("京都", ["東京"], 0.0, 0.5),                   # one shared character: P 1/2, R 1/2
+    ("大阪", ["東京"], 0.0, 0.0),
+    ("小笠原", ["小笠原諸島を除く日本", "小笠原諸島"], 0.0, 0.75),  # the better gold: P 1, R 3/5
+    ("ＡＢ", ["ab", "AB"], 1.0, 1.0),              # case is kept: the second gold matches
+    ("ああい", ["あいい"], 0.0, 2 / 3),              # characters as multisets: あ and い shared once each
+    ("", ["東京"], 0.0, 0.0),
+])
+def test_exact_match_and_char_f1(answer, golds, em, f1):
+    assert exact_match(answer, golds) == em
+    assert char_f1(answer, golds) == pytest.approx(f1)
+
+
+def test_first_line_cuts_at_the_first_stop():
+    assert first_line(" 東京 \n大阪", ["\n"]) == "東京"
+    assert first_line("東京。次は", ["\n", "。"]) == "東京"
+    assert first_line("東京", ["\n"]) == "東京"
+
+
+# ----------------------------------------------------------------------------- JSQuAD's file
+
+
+def test_jsquad_reader_takes_every_answerable_question(tmp_path):
+    spec = TASKS["jsquad"]
+    tree = json.loads(spec.data.read_text(encoding="utf-8"))
+    questions = [(p["context"], qa) for a in tree["data"] for p in a["paragraphs"] for qa in p["qas"]]
+    examples = read_examples(spec, spec.data)
+    assert len(examples) == sum(not qa.get("is_impossible") for _, qa in questions) == 4442
+    for example, (context, qa) in zip(examples, questions):
+        assert example.fields["context"] == context and example.fields["question"] == qa["question"]
+        assert list(example.answers) == list(dict.fromkeys(a["text"] for a in qa["answers"]))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"data": [{"paragraphs": [{"context": "文", "qas": [{"question": "何？"}]}]}]}))
+    with pytest.raises(InputError, match=r"bad.json: data\[0\].paragraphs\[0\].qas\[0\]: needs a 'question'"):
+        read_examples(spec, bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(InputError, match="bad.json: expected a JSON object with a 'data' list"):
+        read_examples(spec, bad)
+
+
+# ----------------------------------------------------------------------------- on a model
+
+
+@pytest.fixture(scope="module")
+def tokenizer(jcqa_tokenizer):
+    from hataori.tokenizer.model import Tokenizer
+
+    return Tokenizer(jcqa_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    return tiny_config(vocab_size=tokenizer.vocab_size, max_seq_len=512, init_std=0.2).build().eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task, shots", [("jsquad", 0), ("jcommonsenseqa-gen", 2), ("jnli-gen", 0)])
+def test_answers_are_the_generators_whatever_the_batch_size(model, tokenizer, task, shots):
+    """Each example's output is what greedy generation gives its prompt alone; batch sizes 1 and 5 give the
+    same results; the scores are the examples' mean metrics of the answer cut at the first stop string."""
+    results = [run_task(model, tokenizer, task, shots=shots, limit=7, batch_size=b) for b in (1, 5)]
+    for key in ("scores", "counts"):
+        assert results[0][key] == results[1][key]
+    assert [e["output"] for e in results[0]["examples"]] == [e["output"] for e in results[1]["examples"]]
+    prepared = prepare_task(tokenizer, task, shots=shots, limit=7)
+    stop = prepared.prepared.stop
+    for example, ids in zip(results[1]["examples"], prepared.prepared.ids):
+        alone = generate(model, ids, max_new_tokens=prepared.prepared.max_new_tokens, eos_id=tokenizer.eos_id,
+                         sampling=Sampling(greedy=True))
+        text = tokenizer.decode([t for t in alone if t != tokenizer.eos_id])
+        assert text.startswith(example["output"])  # the batch stopped at a stop string; alone it went on
+        assert example["answer"] == first_line(text, stop)
+        assert example["exact_match"] == exact_match(example["answer"], example["golds"])
+        assert example["char_f1"] == char_f1(example["answer"], example["golds"])
+    n = len(results[0]["examples"])
+    assert results[0]["scores"]["char_f1"] == pytest.approx(sum(e["char_f1"] for e in results[0]["examples"]) / n)
+
+
+def test_gold_answers_and_seeded_shots(tokenizer):
+    """JCommonsenseQA's gold is the right choice's text, JNLI's the label as the template writes it; shots carry
+    their gold answer after their prompt and repeat with the seed."""
+    jcqa = prepare_task(tokenizer, "jcommonsenseqa-gen", shots=2, seed=3, limit=4).prepared
+    first = read_examples(TASKS["jcommonsenseqa-gen"], TASKS["jcommonsenseqa-gen"].data)[0]
+    assert jcqa.golds[0] == [first.choices[first.label]]
+    again = prepare_task(tokenizer, "jcommonsenseqa-gen", shots=2, seed=3, limit=4).prepared
+    other = prepare_task(tokenizer, "jcommonsenseqa-gen", shots=2, seed=4, limit=4).prepared
+    assert jcqa.prompts == again.prompts and jcqa.prompts != other.prompts
+    assert jcqa.prompts[0].count("答え：") == 3  # two shots answered, then the example's own
+    jnli = prepare_task(tokenizer, "jnli-gen", limit=30).prepared
+    assert {g for golds in jnli.golds for g in golds} <= {"含意", "矛盾", "中立"}
+
+
+def test_the_results_file_keeps_every_example(model, tokenizer, tmp_path, capsys):
+    from hataori.checkpoint.record import record_run
+    from hataori.checkpoint.verify import adopt
+    from hataori.config import to_dict
+
+    run = record_run(tmp_path / "run", {"model": to_dict(model.config), "tokenizer": str(tokenizer.path.parent)})
+    checkpoint = run / "checkpoints" / "step_00000001"
+    checkpoint.mkdir(parents=True)
+    torch.save({"module": model.state_dict(), "step": 1, "world_size": 1}, checkpoint / "mp_rank_00_model_states.pt")
+    adopt(checkpoint)
+    out = tmp_path / "jsquad.json"
+    assert hataori_main(["eval", str(run), "--task", "jsquad", "--limit", "3", "--output", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("jsquad (jsquad-v1, 0-shot, seed 0): exact_match ")
+    results = json.loads(out.read_text(encoding="utf-8"))
+    assert results["counts"]["examples"] == 3 and results["template"] == "jsquad-v1"
+    for example in results["examples"]:
+        assert {"prompt", "output", "answer", "golds", "exact_match", "char_f1"} <= set(example)
+        assert example["prompt"].startswith("文章を読んで")
+
+
+def test_bad_templates_and_options(tmp_path):
+    with pytest.raises(ConfigError, match=r"placeholder \{passage\} is not one of \{title\}, \{context\}"):
+        TemplateConfig(task="jsquad", prompt="{passage}")
+    with pytest.raises(ConfigError, match="max_new_tokens: must be >= 1, got 0"):
+        TemplateConfig(task="jsquad", prompt="{context}", max_new_tokens=0)
+    with pytest.raises(ConfigError, match="stop: must be a list of non-empty strings"):
+        TemplateConfig(task="jsquad", prompt="{context}", stop=[""])
+    with pytest.raises(ConfigError, match="jsquad is a generation task, which validation does not run yet"):
+        EvalTaskConfig(task="jsquad")
+    assert Path(TASKS["jsquad"].data).is_file()
