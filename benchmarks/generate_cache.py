@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", help="a run folder or checkpoint (default: the preset with random weights)")
     parser.add_argument("--preset", default="configs/model/toy.yaml")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--contexts", type=int_list, default=[16, 128, 512])
+    parser.add_argument("--contexts", type=int_list(), default=(16, 128, 512))
     parser.add_argument("--new", type=int, default=64, help="new tokens a prompt")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

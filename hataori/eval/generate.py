@@ -150,7 +150,7 @@ def generate_batch(model: torch.nn.Module, prompts: list[list[int]], *, max_new_
     max_new_tokens = max(budgets)  # every row's budget fits the cache: its prompt is padded to the longest
     cache = KVCache.empty(cfg, len(prompts), min(ids.shape[1] + max_new_tokens, cfg.max_seq_len),
                           device=first.device, dtype=first.dtype)
-    logits = model(ids.to(first.device), cache=cache, valid=valid.to(first.device))[:, -1].float()  # (B, V)
+    logits = model(ids.to(first.device), cache=cache, valid=valid.to(first.device), last=1)[:, -1].float()  # (B, V)
     new: list[list[int]] = [[] for _ in prompts]
     going = [True] * len(prompts)
     for step in range(max_new_tokens):

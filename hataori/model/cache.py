@@ -1,10 +1,10 @@
 """The key/value cache for generation: a batch of prompts prefilled at once, then one token at a time.
 
 Layout. A :class:`KVCache` holds, for a batch of B rows, every layer's keys and values as two tensors of
-(B, capacity, H_kv, Dh) in the model's dtype: the keys after qk-norm and rotary, as attention reads them;
-the values as projected. Grouped-query attention keeps only the H_kv key/value heads (each serves
-H / H_kv query heads), so a position costs ``2 * n_layers * H_kv * Dh`` elements a row
-(:func:`bytes_per_token`). Beside them, for the batch:
+(B, H_kv, capacity, Dh) in the model's dtype, each head's positions contiguous as attention reads them: the
+keys after qk-norm and rotary, the values as projected. Grouped-query attention keeps only the H_kv
+key/value heads (each serves H / H_kv query heads), so a position costs ``2 * n_layers * H_kv * Dh``
+elements a row (:func:`bytes_per_token`). Beside them, for the batch:
 
 * ``valid`` (B, capacity) bool: which filled positions hold a real token, False for padding;
 * ``positions`` (B,) int64: the rotary position of each row's next token (its real tokens so far);
@@ -52,9 +52,9 @@ class KVCache:
     """Keys and values of every layer for a batch (module docstring); make one with :meth:`empty`."""
 
     keys: list[torch.Tensor]
-    """Per layer (B, capacity, H_kv, Dh)."""
+    """Per layer (B, H_kv, capacity, Dh)."""
     values: list[torch.Tensor]
-    """Per layer (B, capacity, H_kv, Dh)."""
+    """Per layer (B, H_kv, capacity, Dh)."""
     valid: torch.Tensor
     """(B, capacity) bool: the filled positions that hold a real token."""
     positions: torch.Tensor
@@ -62,7 +62,8 @@ class KVCache:
     length: int = 0
     """Positions filled, the same for every row."""
     mask: torch.Tensor | None = None
-    """The current forward's attention mask (B, 1, T, length + T), set by :meth:`advance`."""
+    """The current forward's attention mask (B, 1, T, length + T), set by :meth:`advance`; None for a first
+    forward without padding, which is plain causal attention."""
     nonfinite: list[bool] | None = None
     """Per layer: whether a non-finite key or value was ever stored (CPU; a GPU checks every step)."""
 
@@ -71,7 +72,7 @@ class KVCache:
         """A cache for ``batch`` rows of up to ``capacity`` positions (at most ``cfg.max_seq_len``)."""
         if not 0 < capacity <= cfg.max_seq_len:
             raise ValueError(f"capacity must be in [1, max_seq_len={cfg.max_seq_len}], got {capacity}")
-        shape = (batch, capacity, cfg.n_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.n_kv_heads, capacity, cfg.head_dim)
         return cls(keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
                    values=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
                    valid=torch.zeros((batch, capacity), device=device, dtype=torch.bool),
@@ -79,7 +80,7 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.valid.shape[1]
+        return self.valid.shape[1]  # (B, capacity)
 
     def advance(self, valid: torch.Tensor) -> torch.Tensor:
         """Take T new tokens (``valid`` (B, T): False where a token is padding) and return their rotary
@@ -92,6 +93,10 @@ class KVCache:
         positions = (self.positions[:, None] + valid.cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
         self.valid[:, start:end] = valid
         keys_valid = self.valid[:, None, :end]  # (B, 1, end)
+        if start == 0 and bool(valid.all()):  # a prefill without padding: causal attention, no mask to build
+            self.mask = None
+            self.positions += T
+            return torch.arange(T, device=valid.device).expand(B, T)
         keys_at = torch.arange(end, device=valid.device)[None, :]  # (1, end)
         queries_at = torch.arange(start, end, device=valid.device)[:, None]  # (T, 1)
         mask = (keys_valid & (keys_at <= queries_at)[None]) | (keys_at == queries_at)[None]  # (B, T, end)
@@ -104,11 +109,11 @@ class KVCache:
         position; (B, T, H, Dh)."""
         T = q.shape[1]
         start, end = self.length, self.length + T
-        self.keys[layer][:, start:end] = k
-        self.values[layer][:, start:end] = v
-        keys, values = self.keys[layer][:, :end], self.values[layer][:, :end]  # (B, end, H_kv, Dh)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                                             attn_mask=self.mask, enable_gqa=q.shape[2] != k.shape[2])
+        self.keys[layer][:, :, start:end] = k.transpose(1, 2)
+        self.values[layer][:, :, start:end] = v.transpose(1, 2)
+        keys, values = self.keys[layer][:, :, :end], self.values[layer][:, :, :end]  # (B, H_kv, end, Dh)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=self.mask,
+                                             is_causal=self.mask is None, enable_gqa=q.shape[2] != k.shape[2])
         out = out.transpose(1, 2)  # (B, T, H, Dh)
         if q.device.type == "cpu":  # SDPA's CPU kernels can return finite rows for a NaN query: check, once
             if self.nonfinite is None:
@@ -117,8 +122,10 @@ class KVCache:
             if not self.nonfinite[layer] and bool(torch.isfinite(q).all()):
                 return out
         # every query that reads a non-finite query, key or value gives NaN (hataori.model.attention's rule)
-        bad_kv = ~(torch.isfinite(keys).all(-1) & torch.isfinite(values).all(-1))  # (B, end, H_kv)
-        reads = (self.mask[:, 0, :, :, None] & bad_kv[:, None]).any(dim=2)  # (B, T, H_kv)
+        bad_kv = ~(torch.isfinite(keys).all(-1) & torch.isfinite(values).all(-1)).transpose(1, 2)  # (B, end, H_kv)
+        mask = self.mask[:, 0] if self.mask is not None else torch.ones(T, end, dtype=torch.bool,
+                                                                         device=q.device).tril()[None]
+        reads = (mask[..., None] & bad_kv[:, None]).any(dim=2)  # (B, T, H_kv)
         bad = ~torch.isfinite(q).all(-1) | reads.repeat_interleave(q.shape[2] // k.shape[2], dim=2)  # (B, T, H)
         return out.masked_fill(bad[..., None], float("nan"))
 

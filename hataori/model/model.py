@@ -454,7 +454,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None, reduction: str = "mean", *, cache: KVCache | None = None,
-                valid: torch.Tensor | None = None) -> torch.Tensor:
+                valid: torch.Tensor | None = None, last: int = 0) -> torch.Tensor:
         """Logits (B, T, vocab_size) of the next token, or with ``targets`` the mean cross-entropy, or with
         ``reduction="none"`` each position's (B, T), 0 where the target does not count (minus the target's
         log-probability: what per-sequence objectives sum).
@@ -466,12 +466,13 @@ class Transformer(nn.Module):
 
         Generation (:mod:`hataori.model.cache`): with ``cache`` the tokens continue the cached ones, their
         keys and values are added to it and the logits are returned; ``valid`` (B, T) marks the real tokens
-        (False for left padding; default all).
+        (False for left padding; default all); ``last``: only the last this many positions' logits (0: all;
+        a prompt's prefill needs only its last).
         """
         cfg = self.config
         B, T = input_ids.shape
         if cache is not None:
-            return self._cached(input_ids, cache, valid)
+            return self._cached(input_ids, cache, valid, last)
         if T > cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len}")
         x = self.tok_embeddings(input_ids)  # (B, T, D)
@@ -496,8 +497,8 @@ class Transformer(nn.Module):
                                 reduction=reduction)
         return found if reduction == "mean" else found.view(B, T)
 
-    def _cached(self, input_ids: torch.Tensor, cache: KVCache, valid: torch.Tensor | None) -> torch.Tensor:
-        """Logits (B, T, vocab_size) of tokens that continue ``cache``'s rows (module docstring of
+    def _cached(self, input_ids: torch.Tensor, cache: KVCache, valid: torch.Tensor | None, last: int) -> torch.Tensor:
+        """Logits (B, T or ``last``, vocab_size) of tokens that continue ``cache``'s rows (module docstring of
         :mod:`hataori.model.cache`)."""
         cfg = self.config
         if valid is None:
@@ -512,6 +513,8 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, ctx, (cache, i))
         cache.done(input_ids.shape[1])
+        if last:
+            x = x[:, -last:]
         return self.lm_head(self.norm(x))[..., :cfg.vocab_size]
 
     def context(self, x: torch.Tensor, doc_ids: torch.Tensor | None) -> Context:
