@@ -1,5 +1,5 @@
 """Generation tasks of `hataori eval` (hataori/eval/generation.py, answers.py): the answer metrics against
-hand-worked cases, JSQuAD's reader, answers equal to the generator's for each prompt alone whatever the batch
+hand-worked cases and numpy, JSQuAD's reader, JSTS's correlations, answers equal to the generator's for each prompt alone whatever the batch
 size, seeded shots, the results file, and bad templates and options."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from helpers import tiny_config
 
 from hataori.cli import main as hataori_main
 from hataori.errors import ConfigError, InputError
-from hataori.eval.answers import char_f1, exact_match, first_line, normalize
+from hataori.eval.answers import char_f1, exact_match, first_line, normalize, parse_number, pearson, ranks, spearman
 from hataori.eval.generate import Sampling, generate
 from hataori.eval.runner import EvalTaskConfig, prepare_task, run_task
 from hataori.eval.tasks import TASKS, read_examples
@@ -58,6 +58,25 @@ def test_first_line_cuts_at_the_first_stop():
     assert first_line("東京", ["\n"]) == "東京"
 
 
+@pytest.mark.parametrize("text, number", [("3.5", 3.5), ("３．５", 3.5), ("類似度は4です", 4.0), ("5点", 5.0),
+                                          ("なし", None), ("", None), ("-1", -1.0)])
+def test_parse_number(text, number):
+    assert parse_number(text) == number
+
+
+def test_correlations_against_numpy_and_hand_worked_ranks():
+    """Pearson's against numpy's corrcoef; ranks with ties by hand; Spearman's as Pearson's of those ranks (a
+    hand-worked case: one swapped pair of four gives 1 - 6 * 2 / (4 * 15) = 0.8)."""
+    import numpy as np
+
+    xs, ys = [0.5, 2.0, 3.5, 1.0, 4.8, 2.2], [1.0, 1.8, 4.0, 0.2, 5.0, 3.0]
+    assert pearson(xs, ys) == pytest.approx(float(np.corrcoef(xs, ys)[0, 1]), rel=1e-12)
+    assert ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert spearman(xs, ys) == pytest.approx(float(np.corrcoef(ranks(xs), ranks(ys))[0, 1]), rel=1e-12)
+    assert pearson([2.0, 2.0, 2.0], [1.0, 2.0, 3.0]) is None and spearman([1.0, 2.0], [3.0, 3.0]) is None
+
+
 # ----------------------------------------------------------------------------- JSQuAD's file
 
 
@@ -95,7 +114,6 @@ def model(tokenizer):
     return tiny_config(vocab_size=tokenizer.vocab_size, max_seq_len=512, init_std=0.2).build().eval()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("task, shots", [("jsquad", 0), ("jcommonsenseqa-gen", 2), ("jnli-gen", 0)])
 def test_answers_are_the_generators_whatever_the_batch_size(model, tokenizer, task, shots):
     """Each example's output is what greedy generation gives its prompt alone; batch sizes 1 and 5 give the
@@ -116,6 +134,22 @@ def test_answers_are_the_generators_whatever_the_batch_size(model, tokenizer, ta
         assert example["char_f1"] == char_f1(example["answer"], example["golds"])
     n = len(results[0]["examples"])
     assert results[0]["scores"]["char_f1"] == pytest.approx(sum(e["char_f1"] for e in results[0]["examples"]) / n)
+
+
+def test_jsts_reads_each_answers_number_and_correlates(model, tokenizer):
+    """JSTS: the gold similarity of every example, each answer's first number (or none, counted invalid and
+    scored as 0), and the correlations of those against the gold values."""
+    results = run_task(model, tokenizer, "jsts", shots=1, limit=12, batch_size=4)
+    details = results["examples"]
+    spec = TASKS["jsts"]
+    gold = [e.answers[0] for e in read_examples(spec, spec.data)[:12]]
+    assert [d["golds"][0] for d in details] == gold
+    assert all(d["prediction"] == parse_number(d["answer"]) for d in details)
+    predicted = [d["prediction"] if d["prediction"] is not None else 0.0 for d in details]
+    assert results["counts"]["invalid"] == sum(d["prediction"] is None for d in details)
+    assert results["scores"] == {"pearson": pearson(predicted, [float(g) for g in gold]),
+                                 "spearman": spearman(predicted, [float(g) for g in gold])}
+    assert "類似度：" in details[0]["prompt"] and details[0]["prompt"].count("類似度：") == 2  # a shot, then it
 
 
 def test_gold_answers_and_seeded_shots(tokenizer):

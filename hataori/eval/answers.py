@@ -12,12 +12,21 @@ Normalisation (:func:`normalize`), applied to the answer and to every gold one b
 taken over characters instead of words: the characters the two normalised strings share (as multisets)
 against the answer's length (precision) and the gold's (recall), the best over the gold answers. Both are
 0 for an empty answer unless a gold answer is empty too.
+
+A numeric answer (JSTS's similarity) is the first number in the answer after NFKC (:func:`parse_number`:
+``3.5``, ``３．５`` and ``類似度は4です`` all read); the predictions are scored against the gold values by
+Pearson's and Spearman's correlation (:func:`pearson`, :func:`spearman`, ties ranked by their mean rank).
+A correlation with a constant list is undefined and reported as None.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import unicodedata
 from collections import Counter
+
+NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
 
 def normalize(text: str) -> str:
@@ -52,3 +61,40 @@ def first_line(text: str, stops: list[str] | tuple[str, ...]) -> str:
     """``text`` up to the first of the ``stops`` strings (all of it where none occurs), stripped."""
     cut = min((i for i in (text.find(stop) for stop in stops if stop) if i >= 0), default=len(text))
     return text[:cut].strip()
+
+
+def parse_number(text: str) -> float | None:
+    """The first number in ``text`` (after NFKC), or None where it holds none."""
+    found = NUMBER.search(unicodedata.normalize("NFKC", text))
+    return float(found.group()) if found else None
+
+
+def pearson(xs: list[float], ys: list[float]) -> float | None:
+    """Pearson's correlation of two equally long lists; None where either is constant."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    if sxx == 0 or syy == 0:
+        return None
+    return sxy / math.sqrt(sxx * syy)
+
+
+def ranks(values: list[float]) -> list[float]:
+    """Each value's rank from 1, tied values sharing the mean of their ranks."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    found = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for i in order[start:end + 1]:
+            found[i] = (start + end) / 2 + 1
+        start = end + 1
+    return found
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's correlation: Pearson's of the ranks; None where either list is constant."""
+    return pearson(ranks(xs), ranks(ys))

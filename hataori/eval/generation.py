@@ -15,8 +15,10 @@ Generation
 Scores
     The answer is the generated text before the first of the template's ``stop`` strings (and before EOS),
     stripped; ``exact_match`` and ``char_f1`` (:mod:`hataori.eval.answers`) are its best against the gold
-    answers, averaged over the examples. The results keep every example's prompt, output, answer, gold
-    answers and scores.
+    answers, averaged over the examples. A ``correlation`` task (JSTS) reads the first number of each answer
+    (one without a number counts as 0, the scale's floor, and is counted as ``invalid``) and reports
+    Pearson's and Spearman's correlation with the gold values. The results keep every example's prompt,
+    output, answer, gold answers and scores.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hataori.eval.answers import char_f1, exact_match, first_line
+from hataori.eval.answers import char_f1, exact_match, first_line, parse_number, pearson, spearman
 from hataori.eval.choice import draw_shots
 from hataori.eval.generate import Sampling, generate_batch
 from hataori.eval.tasks import Example
@@ -45,16 +47,18 @@ class GenerationSet:
     golds: list[list[str]]
     max_new_tokens: int
     stop: tuple[str, ...]
+    metric: str = "match"
 
 
 def prepare_generation(tokenizer: Tokenizer, template: Template, examples: list[Example], *,
-                       train: list[Example] | None = None, shots: int = 0, seed: int = 0) -> GenerationSet:
+                       train: list[Example] | None = None, shots: int = 0, seed: int = 0,
+                       metric: str = "match") -> GenerationSet:
     """Draw the shots, write the prompts and tokenize them."""
     texts = [template.prompt(example, draw_shots(train or [], shots, seed, i, example))
              for i, example in enumerate(examples)]
     ids = [[tokenizer.eos_id] + tokens for tokens in tokenizer.encode(texts)]
     return GenerationSet(examples=examples, prompts=texts, ids=ids, golds=[template.golds(e) for e in examples],
-                         max_new_tokens=template.cfg.max_new_tokens, stop=tuple(template.cfg.stop))
+                         max_new_tokens=template.cfg.max_new_tokens, stop=tuple(template.cfg.stop), metric=metric)
 
 
 def evaluate_generation(model: torch.nn.Module, prepared: GenerationSet, tokenizer: Tokenizer, *,
@@ -77,16 +81,28 @@ def evaluate_generation(model: torch.nn.Module, prepared: GenerationSet, tokeniz
                                                    outputs):
         text = tokenizer.decode([t for t in tokens if t != tokenizer.eos_id])
         answer = first_line(text, prepared.stop)
-        details.append({"line": example.line, "prompt": prompt, "output": text, "answer": answer, "golds": golds,
-                        "exact_match": exact_match(answer, golds), "char_f1": char_f1(answer, golds),
-                        "prompt_tokens": len(ids), "new_tokens": len(tokens)})
+        detail = {"line": example.line, "prompt": prompt, "output": text, "answer": answer, "golds": golds,
+                  "prompt_tokens": len(ids), "new_tokens": len(tokens)}
+        if prepared.metric == "correlation":
+            detail["prediction"] = parse_number(answer)
+        else:
+            detail.update(exact_match=exact_match(answer, golds), char_f1=char_f1(answer, golds))
+        details.append(detail)
     seconds = time.perf_counter() - began
     n = len(details)
+    counts = {"examples": n, "truncated": sum(len(ids) > limit for ids in prepared.ids),
+              "new_tokens": sum(d["new_tokens"] for d in details)}
+    if prepared.metric == "correlation":
+        predicted = [d["prediction"] if d["prediction"] is not None else 0.0 for d in details]
+        gold = [float(d["golds"][0]) for d in details]
+        counts["invalid"] = sum(d["prediction"] is None for d in details)
+        scores = {"pearson": pearson(predicted, gold), "spearman": spearman(predicted, gold)}
+    else:
+        scores = {"exact_match": sum(d["exact_match"] for d in details) / n,
+                  "char_f1": sum(d["char_f1"] for d in details) / n}
     return {
-        "counts": {"examples": n, "truncated": sum(len(ids) > limit for ids in prepared.ids),
-                   "new_tokens": sum(d["new_tokens"] for d in details)},
-        "scores": {"exact_match": sum(d["exact_match"] for d in details) / n,
-                   "char_f1": sum(d["char_f1"] for d in details) / n},
+        "counts": counts,
+        "scores": scores,
         "max_new_tokens": prepared.max_new_tokens, "stop": list(prepared.stop),
         "seconds": seconds, "examples_per_second": n / seconds,
         "examples": details,

@@ -180,7 +180,8 @@ def prepare_task(tokenizer: Tokenizer, task: str, *, template: str | None = None
              "template_config": dataclasses.asdict(loaded.cfg), "shots": shots, "seed": seed,
              "data": str(data_path), "train": str(train_path) if shots else None, "limit": limit}
     if spec.kind == "generate":
-        generation = prepare_generation(tokenizer, loaded, examples, train=train_examples, shots=shots, seed=seed)
+        generation = prepare_generation(tokenizer, loaded, examples, train=train_examples, shots=shots, seed=seed,
+                                        metric=spec.metric)
         return GenerationTask(setup=setup, prepared=generation, tokenizer=tokenizer)
     prepared = prepare_choices(tokenizer, loaded, examples, train=train_examples, shots=shots, seed=seed)
     return ChoiceTask(setup=setup, prepared=prepared, pad_id=tokenizer.eos_id)
@@ -217,7 +218,8 @@ def _run_bpc(model, tokenizer, spec, *, template, shots, data, train, limit, bat
 
 def summary(results: dict) -> str:
     """The one-line summary ``hataori eval`` prints."""
-    scores = " ".join(f"{name} {value:.4f}" for name, value in results["scores"].items() if name != "nll")
+    scores = " ".join(f"{name} {'undefined' if value is None else f'{value:.4f}'}"
+                      for name, value in results["scores"].items() if name != "nll")
     setup = f" ({results['template']}, {results['shots']}-shot, seed {results['seed']})" if results["template"] else ""
     return (f"{results['task']}{setup}: {scores} over {results['counts']['examples']:,} examples, "
             f"{results['examples_per_second']:.1f} examples/s")

@@ -13,6 +13,8 @@ F1 against the gold answers, :mod:`hataori.eval.generation` and :mod:`hataori.ev
                         answers are each question's answer texts          (valid: 4,442 questions)
     jcommonsenseqa-gen  JCommonsenseQA's file; the gold answer is the right choice's text
     jnli-gen            JNLI's file; the gold answer is the label as the template writes it (含意 ...)
+    jsts                JGLUE JSTS v1.3: sentence1, sentence2, label (a similarity 0-5); the similarity is
+                        generated and scored by Pearson's and Spearman's correlation  (valid: 1,457; train: 12,451)
 
 ``bpc`` scores the documents of any JSONL (``text`` field) or plain-text corpus file (``--data``)
 in bits per character, as pretraining validation does (:mod:`hataori.eval.bpc`).
@@ -73,6 +75,9 @@ class Task:
     """The Example of a record whose fields were checked, and its line; raises ValueError for a bad label."""
     read: Callable[[Path], list[Example]] | None = None
     """Reads a whole task file where it is not one record a line (JSQuAD's JSON)."""
+    metric: str = "match"
+    """A generation task's scores: ``match`` (exact match, character F1) or ``correlation`` (a number
+    generated: Pearson's and Spearman's correlation with the gold values)."""
 
 
 def _jcommonsenseqa(record: dict[str, Any], line: int) -> Example:
@@ -92,6 +97,14 @@ def _jnli(record: dict[str, Any], line: int) -> Example:
         raise ValueError(f"label is {label!r}; JNLI labels are {', '.join(JNLI_LABELS)}")
     return Example(fields={key: record[key] for key in JNLI_FIELDS}, choices=JNLI_LABELS,
                    label=JNLI_LABELS.index(label), line=line)
+
+
+def _jsts(record: dict[str, Any], line: int) -> Example:
+    label = record["label"]
+    if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0 <= label <= 5:
+        raise ValueError(f"label is {label!r}; JSTS labels are similarities from 0 to 5")
+    return Example(fields={key: record[key] for key in JNLI_FIELDS}, choices=(), label=-1, line=line,
+                   answers=(f"{float(label):g}",))
 
 
 JCOMMONSENSEQA_FIELDS = ("question", "choice0", "choice1", "choice2", "choice3", "choice4")
@@ -148,6 +161,9 @@ TASKS: dict[str, Task] = {
     "jnli-gen": Task(name="jnli-gen", kind="generate", fields=JNLI_FIELDS, labels=JNLI_LABELS,
                      description="JNLI with the label generated", data=JGLUE / "jnli-valid.json",
                      template="jnli-gen-v1", example=_jnli),
+    "jsts": Task(name="jsts", kind="generate", fields=JNLI_FIELDS, metric="correlation",
+                 description="JGLUE JSTS v1.3: the similarity 0-5 of two sentences, generated",
+                 data=JGLUE / "jsts-valid.json", train=JGLUE / "jsts-train.json", template="jsts-v1", example=_jsts),
     "bpc": Task(name="bpc", kind="bpc", description="bits per character of a JSONL or text corpus file (--data)"),
 }
 
