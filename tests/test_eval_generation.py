@@ -1,6 +1,7 @@
 """Generation tasks of `hataori eval` (hataori/eval/generation.py, answers.py): the answer metrics against
-hand-worked cases and numpy, JSQuAD's reader, JSTS's correlations, answers equal to the generator's for each prompt alone whatever the batch
-size, seeded shots, the results file, and bad templates and options."""
+hand-worked cases and numpy, JSQuAD's reader, JSTS's correlations, answers equal to the generator's for each
+prompt alone whatever the batch size, chat prompts, seeded shots, the results file, and bad templates and
+options."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny_config
+from helpers import REPO, tiny_config
 
 from hataori.cli import main as hataori_main
 from hataori.errors import ConfigError, InputError
@@ -184,6 +185,34 @@ def test_the_results_file_keeps_every_example(model, tokenizer, tmp_path, capsys
     for example in results["examples"]:
         assert {"prompt", "output", "answer", "golds", "exact_match", "char_f1"} <= set(example)
         assert example["prompt"].startswith("文章を読んで")
+    assert hataori_main(["eval", str(run), "--task", "jsquad", "--limit", "3", "--chat"]) == 2
+    assert "--chat: " in capsys.readouterr().err  # a run not fine-tuned on conversations has no template
+
+
+def test_chat_prompts_are_a_user_turn_and_answers_end_at_the_end_of_turn(chat_tokenizer):
+    """With a chat template each prompt is one user turn rendered by it with the assistant's opening, and each
+    answer is what generation alone gives that prompt, stopping at <|im_end|> (never part of the answer)."""
+    from hataori.tokenizer.chat import ChatTemplate
+    from hataori.tokenizer.model import Tokenizer
+
+    tokenizer = Tokenizer(chat_tokenizer)
+    chat = ChatTemplate.load(REPO / "configs/chat/ja-chatml.jinja")
+    torch.manual_seed(0)
+    model = tiny_config(vocab_size=tokenizer.vocab_size, max_seq_len=512, init_std=0.2).build().eval()
+    prepared = prepare_task(tokenizer, "jcommonsenseqa-gen", limit=5, chat=chat).prepared
+    end = tokenizer.sp.piece_to_id("<|im_end|>")
+    assert prepared.stop_ids == (end,)
+    for text, ids in zip(prepared.prompts, prepared.ids):
+        assert ids == chat.encode([{"role": "user", "content": text}], tokenizer, add_generation_prompt=True).ids
+    results = run_task(model, tokenizer, "jcommonsenseqa-gen", limit=5, batch_size=2, chat=chat)
+    assert results["chat_template"]["sha256"] == chat.sha256
+    for example, ids in zip(results["examples"], prepared.ids):
+        alone = generate(model, ids, max_new_tokens=prepared.max_new_tokens, eos_id=tokenizer.eos_id,
+                         sampling=Sampling(greedy=True), stop_ids=(end,))
+        text = tokenizer.decode([t for t in alone if t not in (end, tokenizer.eos_id)])
+        assert text.startswith(example["output"]) and "<|im_end|>" not in example["output"]
+    with pytest.raises(ConfigError, match="--chat: renders a generation task's prompt as a user turn; jcommonsenseqa"):
+        run_task(model, tokenizer, "jcommonsenseqa", limit=2, chat=chat)
 
 
 def test_bad_templates_and_options(tmp_path):

@@ -2,7 +2,7 @@
 
     hataori eval MODEL --task NAME [--template NAME] [--shots K] [--seed S] [--data FILE]
         [--train FILE] [--limit N] [--batch-size B] [--output results.json [--replace]] [--device cpu]
-        [--dtype fp32|bf16|fp16]
+        [--dtype fp32|bf16|fp16] [--chat]
 
 MODEL is a run folder (its latest complete checkpoint), one of its ``checkpoints/step_N`` folders,
 or a model folder in transformers' layout with its ``tokenizer.model`` (what ``hataori export hf``
@@ -17,6 +17,10 @@ tokenizer's fingerprint and the checkpoint manifest's CRC (which covers every fi
 checkpoint); a Hugging Face folder's hashes the tokenizer's fingerprint, the SHA-256 of
 ``config.json`` and the CRC-32 of each weights file. One line goes to stdout: the scores and the
 examples per second.
+
+``--chat`` (generation tasks) renders each prompt as a user turn with the model's chat template: a
+fine-tuning run's ``chat_template.jinja``, or the ``chat_template`` of an export's
+``tokenizer_config.json``; the answer ends at the template's end of turn (:mod:`hataori.eval.generation`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 
 import torch
 
-from hataori.errors import InputError
+from hataori.errors import ConfigError, InputError
 from hataori.outputs import claim
 from hataori.precision import DTYPES, PRECISIONS, torch_device
 from hataori.precision import check as check_precision
@@ -97,8 +101,30 @@ def load(path: str | Path, device: torch.device | str = "cpu", dtype: str = "fp3
     return model, tokenizer, {**record, "dtype": dtype}
 
 
+def chat_template(path: str | Path):
+    """The chat template of MODEL: a run's ``chat_template.jinja``, or an export's ``tokenizer_config.json``'s."""
+    from hataori.interop.hf import CONFIG_FILE
+    from hataori.tokenizer.chat import TEMPLATE_FILE, ChatTemplate
+
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        config = path / "tokenizer_config.json"
+        has = config.is_file() and isinstance(json.loads(config.read_text(encoding="utf-8")).get("chat_template"), str)
+        found = config if has else None
+    else:
+        from hataori.interop.load import open_run
+
+        run_dir = open_run(path).run_dir
+        found = run_dir / TEMPLATE_FILE if (run_dir / TEMPLATE_FILE).is_file() else None
+    if found is None:
+        raise ConfigError("--chat", f"{path} has no chat template (a run's {TEMPLATE_FILE}, an export's "
+                          "tokenizer_config.json chat_template): it was not fine-tuned on conversations "
+                          "(`hataori sft`); evaluate without --chat")
+    return ChatTemplate.load(found)
+
+
 def evaluate(model_path: str | Path, task: str, *, device: torch.device | str = "cpu", dtype: str = "fp32",
-             **options) -> dict:
+             chat: bool = False, **options) -> dict:
     """Load MODEL and run ``task`` on it (``options``: those of :func:`hataori.eval.runner.run_task`);
     the results with the model's record."""
     # omegaconf and the model code: see load_run
@@ -107,8 +133,9 @@ def evaluate(model_path: str | Path, task: str, *, device: torch.device | str = 
 
     get_task(task)  # an unknown task is refused before the model is loaded
     check_precision(dtype, device, "--dtype")
+    template = chat_template(model_path) if chat else None
     model, tokenizer, record = load(model_path, device, dtype)
-    return {"model": record, **run_task(model, tokenizer, task, **options)}
+    return {"model": record, **run_task(model, tokenizer, task, chat=template, **options)}
 
 
 # ----------------------------------------------------------------------------- `hataori eval`
@@ -133,6 +160,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda where there is one)")
     parser.add_argument("--dtype", default="fp32", choices=PRECISIONS, help="the precision the model computes in")
+    parser.add_argument("--chat", action="store_true", help="generation tasks: each prompt a user turn rendered "
+                        "with the model's chat template (a model fine-tuned with `hataori sft`)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -146,7 +175,7 @@ def main(args: argparse.Namespace) -> int:
             out.check_replace(args.replace)
         results = evaluate(args.model, args.task, device=torch_device(args.device), dtype=args.dtype,
                            template=args.template, shots=args.shots, seed=args.seed, data=args.data, train=args.train,
-                           limit=args.limit, batch_size=args.batch_size)
+                           limit=args.limit, batch_size=args.batch_size, chat=args.chat)
         if out is not None:
             with out.file() as tmp:  # a full disk: an error naming the output (hataori.outputs)
                 tmp.write_text(json.dumps(results, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")

@@ -3,7 +3,9 @@
 Prompts
     As for multiple-choice tasks (:mod:`hataori.eval.templates`): the description, ``k`` shots drawn by the
     seeded rule of :func:`hataori.eval.choice.draw_shots`, each with its first gold answer, then the
-    example's prompt. Every prompt starts with EOS, as training documents do.
+    example's prompt. Every prompt starts with EOS, as training documents do. With a chat template (a
+    fine-tuned model's, ``hataori eval --chat``) the whole prompt is instead one user turn rendered by it,
+    followed by the assistant's opening, and the answer also ends at the token that ends an assistant turn.
 
 Generation
     Greedy, with the key/value cache (:func:`hataori.eval.generate.generate_batch`), up to the template's
@@ -33,6 +35,7 @@ from hataori.eval.choice import draw_shots
 from hataori.eval.generate import Sampling, generate_batch
 from hataori.eval.tasks import Example
 from hataori.eval.templates import Template
+from hataori.tokenizer.chat import ChatTemplate
 from hataori.tokenizer.model import Tokenizer
 
 
@@ -48,17 +51,26 @@ class GenerationSet:
     max_new_tokens: int
     stop: tuple[str, ...]
     metric: str = "match"
+    stop_ids: tuple[int, ...] = ()
+    """Token ids that end an answer besides EOS (a chat template's end of turn)."""
 
 
 def prepare_generation(tokenizer: Tokenizer, template: Template, examples: list[Example], *,
                        train: list[Example] | None = None, shots: int = 0, seed: int = 0,
-                       metric: str = "match") -> GenerationSet:
-    """Draw the shots, write the prompts and tokenize them."""
+                       metric: str = "match", chat: ChatTemplate | None = None) -> GenerationSet:
+    """Draw the shots, write the prompts and tokenize them (as a user turn of ``chat``, where given)."""
     texts = [template.prompt(example, draw_shots(train or [], shots, seed, i, example))
              for i, example in enumerate(examples)]
-    ids = [[tokenizer.eos_id] + tokens for tokens in tokenizer.encode(texts)]
+    if chat is None:
+        ids = [[tokenizer.eos_id] + tokens for tokens in tokenizer.encode(texts)]
+        stop_ids: tuple[int, ...] = ()
+    else:
+        ids = [chat.encode([{"role": "user", "content": text}], tokenizer, add_generation_prompt=True,
+                           where=f"the prompt of line {example.line}").ids for text, example in zip(texts, examples)]
+        stop_ids = tuple(chat.stop_ids(tokenizer))
     return GenerationSet(examples=examples, prompts=texts, ids=ids, golds=[template.golds(e) for e in examples],
-                         max_new_tokens=template.cfg.max_new_tokens, stop=tuple(template.cfg.stop), metric=metric)
+                         max_new_tokens=template.cfg.max_new_tokens, stop=tuple(template.cfg.stop), metric=metric,
+                         stop_ids=stop_ids)
 
 
 def evaluate_generation(model: torch.nn.Module, prepared: GenerationSet, tokenizer: Tokenizer, *,
@@ -72,6 +84,7 @@ def evaluate_generation(model: torch.nn.Module, prepared: GenerationSet, tokeniz
         rows = order[start:start + batch_size]
         new = generate_batch(model, [prepared.ids[i] for i in rows], max_new_tokens=prepared.max_new_tokens,
                              eos_id=tokenizer.eos_id, sampling=Sampling(greedy=True), pad_id=tokenizer.eos_id,
+                             stop_ids=prepared.stop_ids,
                              until=lambda tokens: any(stop in tokenizer.decode(tokens) for stop in prepared.stop))
         for i, tokens in zip(rows, new):
             outputs[i] = tokens
@@ -79,7 +92,7 @@ def evaluate_generation(model: torch.nn.Module, prepared: GenerationSet, tokeniz
     details = []
     for example, prompt, ids, golds, tokens in zip(prepared.examples, prepared.prompts, prepared.ids, prepared.golds,
                                                    outputs):
-        text = tokenizer.decode([t for t in tokens if t != tokenizer.eos_id])
+        text = tokenizer.decode([t for t in tokens if t != tokenizer.eos_id and t not in prepared.stop_ids])
         answer = first_line(text, prepared.stop)
         detail = {"line": example.line, "prompt": prompt, "output": text, "answer": answer, "golds": golds,
                   "prompt_tokens": len(ids), "new_tokens": len(tokens)}

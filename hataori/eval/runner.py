@@ -31,23 +31,28 @@ from hataori.eval.choice import ChoiceSet, evaluate_choice, prepare_choices
 from hataori.eval.generation import GenerationSet, evaluate_generation, prepare_generation
 from hataori.eval.tasks import TASKS, get_task, read_examples
 from hataori.eval.templates import load_template
+from hataori.tokenizer.chat import ChatTemplate
 from hataori.tokenizer.model import Tokenizer
 
 
 def run_task(model: torch.nn.Module, tokenizer: Tokenizer, task: str, *, template: str | None = None, shots: int = 0,
              seed: int = 0, data: str | Path | None = None, train: str | Path | None = None, limit: int = 0,
-             batch_size: int = 8) -> dict:
+             batch_size: int = 8, chat: ChatTemplate | None = None) -> dict:
     """Evaluate ``model`` on ``task`` (see the module docstring); ``data`` replaces the task's file, ``train``
-    its few-shot file, ``limit`` keeps the first examples (documents for bpc; 0: all)."""
+    its few-shot file, ``limit`` keeps the first examples (documents for bpc; 0: all); ``chat``: a generation
+    task's prompts as a user turn of this chat template (:mod:`hataori.eval.generation`)."""
     spec = get_task(task)
     _check_counts(shots=shots, limit=limit)
     if batch_size < 1:
         raise ConfigError("--batch-size", f"must be >= 1, got {batch_size}")
+    if chat is not None and spec.kind != "generate":
+        raise ConfigError("--chat", f"renders a generation task's prompt as a user turn; {spec.name} is scored by "
+                          "log-likelihood of the text itself: leave out --chat")
     if spec.kind == "bpc":
         return _run_bpc(model, tokenizer, spec, template=template, shots=shots, data=data, train=train, limit=limit,
                         batch_size=batch_size)
     prepared = prepare_task(tokenizer, task, template=template, shots=shots, seed=seed, data=data, train=train,
-                            limit=limit)
+                            limit=limit, chat=chat)
     model.eval()
     return prepared.run(model, batch_size=batch_size)
 
@@ -152,8 +157,8 @@ class GenerationTask:
 
 
 def prepare_task(tokenizer: Tokenizer, task: str, *, template: str | None = None, shots: int = 0, seed: int = 0,
-                 data: str | Path | None = None, train: str | Path | None = None,
-                 limit: int = 0) -> ChoiceTask | GenerationTask:
+                 data: str | Path | None = None, train: str | Path | None = None, limit: int = 0,
+                 chat: ChatTemplate | None = None) -> ChoiceTask | GenerationTask:
     """Read the examples of the multiple-choice or generation ``task``, draw their shots and tokenize their
     requests or prompts (the options are :func:`run_task`'s; a bad one is a ConfigError keyed by its
     ``hataori eval`` flag)."""
@@ -180,8 +185,9 @@ def prepare_task(tokenizer: Tokenizer, task: str, *, template: str | None = None
              "template_config": dataclasses.asdict(loaded.cfg), "shots": shots, "seed": seed,
              "data": str(data_path), "train": str(train_path) if shots else None, "limit": limit}
     if spec.kind == "generate":
+        setup["chat_template"] = None if chat is None else {"origin": str(chat.origin), "sha256": chat.sha256}
         generation = prepare_generation(tokenizer, loaded, examples, train=train_examples, shots=shots, seed=seed,
-                                        metric=spec.metric)
+                                        metric=spec.metric, chat=chat)
         return GenerationTask(setup=setup, prepared=generation, tokenizer=tokenizer)
     prepared = prepare_choices(tokenizer, loaded, examples, train=train_examples, shots=shots, seed=seed)
     return ChoiceTask(setup=setup, prepared=prepared, pad_id=tokenizer.eos_id)
