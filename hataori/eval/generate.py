@@ -135,15 +135,20 @@ def fit_context(prompt: list[int], max_seq_len: int, max_new_tokens: int) -> tup
 @torch.no_grad()
 def generate_batch(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | None,
                    sampling: Sampling, generator: torch.Generator | None = None, stop_ids: tuple[int, ...] = (),
-                   pad_id: int = 0, until: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
+                   pad_id: int = 0, until: Callable[[list[int]], bool] | None = None,
+                   sync: Callable[[bool], bool] | None = None) -> list[list[int]]:
     """Each prompt's new tokens (EOS, or one of ``stop_ids``, included if reached), with the key/value cache:
     the prompts (each at least one token) left-padded with ``pad_id`` and run through the model together,
     then one position a step for every row until each has stopped (module docstring's context rule).
-    ``until(new_tokens)`` may stop a row too (a stop string in its decoded text)."""
+    ``until(new_tokens)`` may stop a row too (a stop string in its decoded text).
+
+    ``model`` may be a DeepSpeed engine. Under ZeRO-3 every rank must run as many forward passes as the
+    others: ``sync(this rank goes on)`` returns whether any rank does, and a rank that has stopped runs a
+    one-token pass whose output is not used until none goes on."""
     if not prompts or not all(prompts):
         raise ValueError("every prompt needs at least one token")
     first = next(model.parameters())
-    cfg = model.config
+    cfg = getattr(model, "module", model).config
     fitted = [fit_context(p, cfg.max_seq_len, max_new_tokens) for p in prompts]
     prompts, budgets = [kept for kept, _ in fitted], [budget for _, budget in fitted]
     ids, valid = left_pad(prompts, pad_id)
@@ -153,19 +158,28 @@ def generate_batch(model: torch.nn.Module, prompts: list[list[int]], *, max_new_
     logits = model(ids.to(first.device), cache=cache, valid=valid.to(first.device), last=1)[:, -1].float()  # (B, V)
     new: list[list[int]] = [[] for _ in prompts]
     going = [True] * len(prompts)
-    for step in range(max_new_tokens):
-        rows = [row for row in range(len(prompts)) if going[row]]
-        check_finite(logits[rows], step + 1, first.dtype)
-        tokens = next_token(logits, sampling, generator)  # (B,)
-        for row, token in enumerate(tokens.tolist()):
-            if going[row]:
-                new[row].append(token)
-                going[row] = (token != eos_id and token not in stop_ids and len(new[row]) < budgets[row]
-                              and not (until is not None and until(new[row])))
-        if not any(going) or cache.length == cache.capacity:
-            break
-        logits = model(tokens[:, None], cache=cache)[:, -1].float()
-    return new
+    step = 0
+    while True:
+        if any(going):
+            rows = [row for row in range(len(prompts)) if going[row]]
+            check_finite(logits[rows], step + 1, first.dtype)
+            tokens = next_token(logits, sampling, generator)  # (B,)
+            for row, token in enumerate(tokens.tolist()):
+                if going[row]:
+                    new[row].append(token)
+                    going[row] = (token != eos_id and token not in stop_ids and len(new[row]) < budgets[row]
+                                  and not (until is not None and until(new[row])))
+            if cache.length == cache.capacity:
+                going = [False] * len(prompts)
+        step += 1
+        mine = any(going)
+        if not (sync(mine) if sync is not None else mine):
+            return new
+        if mine:
+            logits = model(tokens[:, None], cache=cache)[:, -1].float()
+        else:  # in step with the ranks still generating (ZeRO-3 gathers weights in every pass)
+            idle = KVCache.empty(cfg, 1, 1, device=first.device, dtype=first.dtype)
+            model(torch.zeros((1, 1), dtype=torch.long, device=first.device), cache=idle)
 
 
 def generate(model: torch.nn.Module, prompt: list[int], *, max_new_tokens: int, eos_id: int | None,

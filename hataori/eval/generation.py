@@ -14,6 +14,13 @@ Generation
     by length (longest first) and generated ``batch_size`` at a time, left-padded; greedy decoding gives
     each prompt the tokens it gets alone, so the batch size does not change a score.
 
+Processes
+    Pretraining validation generates on every rank of its process group: batch ``b`` goes to rank
+    ``b % world_size`` (a rank with a batch fewer generates for a one-token prompt it does not use), every
+    rank runs as many forward passes as the others at each step (:func:`generate_batch`'s ``sync``: under
+    ZeRO-3 each pass gathers the weights from all ranks), and the answers are gathered, so every rank returns
+    the results one process gives.
+
 Scores
     The answer is the generated text before the first of the template's ``stop`` strings (and before EOS),
     stripped; ``exact_match`` and ``char_f1`` (:mod:`hataori.eval.answers`) are its best against the gold
@@ -25,10 +32,12 @@ Scores
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from hataori.eval.answers import char_f1, exact_match, first_line, parse_number, pearson, spearman
 from hataori.eval.choice import draw_shots
@@ -73,25 +82,43 @@ def prepare_generation(tokenizer: Tokenizer, template: Template, examples: list[
                          stop_ids=stop_ids)
 
 
+def any_rank(going: bool, device: torch.device | str) -> bool:
+    """Whether ``going`` holds on any rank of the process group (every rank must call this)."""
+    flag = torch.tensor([1.0 if going else 0.0], device=device)
+    dist.all_reduce(flag)
+    return bool(flag.item() > 0)
+
+
 def evaluate_generation(model: torch.nn.Module, prepared: GenerationSet, tokenizer: Tokenizer, *,
-                        batch_size: int = 8) -> dict:
-    """Generate every example's answer and score it; counts, scores (exact_match, char_f1) and each example's
-    details. ``seconds`` is the generation's and scoring's wall time. The model's mode is the caller's to set."""
+                        batch_size: int = 8, rank: int = 0, world_size: int = 1,
+                        device: torch.device | str | None = None) -> dict:
+    """Generate every example's answer and score it; counts, scores and each example's details; on
+    ``world_size`` ranks every rank calls it and gets the same results (module docstring, Processes).
+    ``seconds`` is the generation's and scoring's wall time. The model's mode is the caller's to set."""
     began = time.perf_counter()
+    device = device or next(model.parameters()).device
     order = sorted(range(len(prepared.ids)), key=lambda i: -len(prepared.ids[i]))
-    outputs: list[list[int]] = [[] for _ in prepared.ids]
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        new = generate_batch(model, [prepared.ids[i] for i in rows], max_new_tokens=prepared.max_new_tokens,
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    sync = (lambda going: any_rank(going, device)) if world_size > 1 else None
+    outputs: dict[int, list[int]] = {}
+    for k in range(math.ceil(len(batches) / world_size)):
+        b = k * world_size + rank
+        rows = batches[b] if b < len(batches) else []
+        prompts = [prepared.ids[i] for i in rows] or [[tokenizer.eos_id]]  # the idle rank's unused prompt
+        new = generate_batch(model, prompts, max_new_tokens=prepared.max_new_tokens if rows else 1,
                              eos_id=tokenizer.eos_id, sampling=Sampling(greedy=True), pad_id=tokenizer.eos_id,
-                             stop_ids=prepared.stop_ids,
+                             stop_ids=prepared.stop_ids, sync=sync,
                              until=lambda tokens: any(stop in tokenizer.decode(tokens) for stop in prepared.stop))
-        for i, tokens in zip(rows, new):
-            outputs[i] = tokens
-    limit = model.config.max_seq_len - min(prepared.max_new_tokens, model.config.max_seq_len // 2)
+        outputs.update(zip(rows, new))
+    if world_size > 1:
+        gathered: list[dict[int, list[int]] | None] = [None] * world_size
+        dist.all_gather_object(gathered, outputs)
+        outputs = {i: tokens for part in gathered for i, tokens in part.items()}
+    config = getattr(model, "module", model).config
+    limit = config.max_seq_len - min(prepared.max_new_tokens, config.max_seq_len // 2)
     details = []
     for example, prompt, ids, golds, tokens in zip(prepared.examples, prepared.prompts, prepared.ids, prepared.golds,
-                                                   outputs):
+                                                   [outputs[i] for i in range(len(prepared.ids))]):
         text = tokenizer.decode([t for t in tokens if t != tokenizer.eos_id and t not in prepared.stop_ids])
         answer = first_line(text, prepared.stop)
         detail = {"line": example.line, "prompt": prompt, "output": text, "answer": answer, "golds": golds,

@@ -59,11 +59,12 @@ def run_task(model: torch.nn.Module, tokenizer: Tokenizer, task: str, *, templat
 
 @dataclass(kw_only=True, slots=True)
 class EvalTaskConfig:
-    """A multiple-choice task that pretraining scores its model on at validations (``validation.tasks``),
-    as ``hataori eval MODEL --task TASK`` would score a checkpoint of that step."""
+    """A multiple-choice or generation task that pretraining scores its model on at validations
+    (``validation.tasks``), as ``hataori eval MODEL --task TASK`` would score a checkpoint of that step."""
 
     task: str
-    """jcommonsenseqa or jnli (:mod:`hataori.eval.tasks`)."""
+    """A multiple-choice task (jcommonsenseqa, jnli) or a generation task (jsquad, jcommonsenseqa-gen, jnli-gen,
+    jsts; :mod:`hataori.eval.tasks`)."""
     name: str = ""
     """Names the scores (TensorBoard ``eval/NAME/acc``, metrics.jsonl) and results files
     (``eval/NAME-step_N.json``); empty: the task's name. Give a task run twice a name for each."""
@@ -82,16 +83,12 @@ class EvalTaskConfig:
     validation.every_steps), and at those before the first step and after the last; 0: at every validation."""
 
     def __post_init__(self) -> None:
-        choice = ", ".join(t.name for t in TASKS.values() if t.kind == "choice")
+        choice = ", ".join(t.name for t in TASKS.values() if t.kind in ("choice", "generate"))
         if self.task == "bpc":
             raise ConfigError("task", "bpc is not run during pretraining: every validation already scores the "
                               "validation split in bits per character (val/bpc); for another corpus run "
                               "`hataori eval RUN --task bpc --data FILE` on a checkpoint. Tasks here: " + choice)
         require(self.task in TASKS, "task", f"unknown task {self.task!r}; tasks run during pretraining: {choice}")
-        require(TASKS[self.task].kind == "choice", "task",
-                f"{self.task} is a generation task, which validation does not run yet (the ranks would have to "
-                f"share the generation); score a checkpoint with `hataori eval RUN --task {self.task}`; tasks run "
-                f"during pretraining: {choice}")
         require(re.fullmatch(r"[\w.-]*", self.name) is not None, "name",
                 f"{self.name!r} names files and TensorBoard tags: use letters, digits, '_', '.' and '-'")
         for key in ("shots", "seed", "limit", "every_steps"):
@@ -115,7 +112,7 @@ class EvalTaskConfig:
         """Whether to run at the validation after ``step`` optimizer steps."""
         return last or self.every_steps == 0 or step % self.every_steps == 0
 
-    def prepare(self, tokenizer: Tokenizer) -> ChoiceTask:
+    def prepare(self, tokenizer: Tokenizer) -> ChoiceTask | GenerationTask:
         """The task's examples read, shots drawn and requests tokenized (:func:`prepare_task`)."""
         return prepare_task(tokenizer, self.task, template=self.template or None, shots=self.shots, seed=self.seed,
                             limit=self.limit)
@@ -149,10 +146,13 @@ class GenerationTask:
     prepared: GenerationSet
     tokenizer: Tokenizer
 
-    def run(self, model, *, batch_size: int = 8) -> dict:
-        """The results of ``model`` (a module in eval mode) on one process
-        (:func:`hataori.eval.generation.evaluate_generation`)."""
-        results = evaluate_generation(model, self.prepared, self.tokenizer, batch_size=batch_size)
+    def run(self, model, *, batch_size: int = 8, rank: int = 0, world_size: int = 1, max_len: int | None = None,
+            device: torch.device | str | None = None) -> dict:
+        """The results of ``model`` (a module in eval mode, or a DeepSpeed engine); on ``world_size`` ranks,
+        every rank calls it and gets the same results (:func:`hataori.eval.generation.evaluate_generation`).
+        ``max_len`` is the model's own max_seq_len here (the generator's context rule)."""
+        results = evaluate_generation(model, self.prepared, self.tokenizer, batch_size=batch_size, rank=rank,
+                                      world_size=world_size, device=device)
         return {**self.setup, "batch_size": batch_size, **results}
 
 

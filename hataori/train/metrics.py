@@ -148,7 +148,8 @@ class MetricsLogger:
         self._append({"kind": "eval", "step": step, "name": name, "task": results["task"],
                       "template": results["template"], "shots": results["shots"], "seed": results["seed"],
                       "examples": results["counts"]["examples"], **scores, "seconds": results["seconds"]})
-        self._scalars(step, {f"eval/{name}/{score}": value for score, value in scores.items()})
+        self._scalars(step, {f"eval/{name}/{score}": value for score, value in scores.items()
+                             if value is not None})  # an undefined correlation has no scalar
         print(f"eval at step {step}: {summary(results)}, {results['seconds']:.1f} s", flush=True)
 
     def close(self) -> None:
