@@ -138,3 +138,22 @@ def test_memory_per_token_is_what_the_cache_allocates(dtype):
         held = sum(t.numel() * t.element_size() for t in cache.keys + cache.values)
         assert held == 3 * 40 * bytes_per_token(cfg, dtype)
         assert bytes_per_token(cfg, dtype) == 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize
+
+
+def test_a_non_finite_value_in_the_cache_is_never_hidden():
+    """A token whose embedding is NaN makes its own and every later position of its row NaN, in the prefill and
+    in every step after it (the queries read its key and value from the cache), as the plain forward does; the
+    other rows of the batch stay finite. (Positions before it may turn NaN too, a masked NaN times a zero
+    weight: spreading is allowed, hiding is not; hataori.model.attention's rule.)"""
+    model = model_of()
+    with torch.no_grad():
+        model.tok_embeddings.weight[777] = float("nan")
+        prompts = [[3, 14, 777, 92, 65], [5, 6, 7]]
+        ids, valid = left_pad(prompts, pad_id=0)
+        cache = KVCache.empty(model.config, 2, 16, device="cpu", dtype=torch.float32)
+        first = model(ids, cache=cache, valid=valid)
+        step = model(torch.tensor([[8], [9]]), cache=cache)
+        plain = model(torch.tensor([prompts[0] + [8]]))[0]
+    assert torch.isnan(first[0, 2:]).all() and torch.isnan(step[0]).all()
+    assert torch.isnan(plain[2:]).all()
+    assert torch.isfinite(first[1, valid[1]]).all() and torch.isfinite(step[1]).all()

@@ -64,8 +64,11 @@ class KVCache:
     mask: torch.Tensor | None = None
     """The current forward's attention mask (B, 1, T, length + T), set by :meth:`advance`; None for a first
     forward without padding, which is plain causal attention."""
+    bad: list[torch.Tensor] | None = None
+    """Per layer (B, capacity, H_kv) bool: where a stored key or value is not finite (checked as it is
+    written, so that no step reads the whole cache again to find out)."""
     nonfinite: list[bool] | None = None
-    """Per layer: whether a non-finite key or value was ever stored (CPU; a GPU checks every step)."""
+    """Per layer: whether any stored key or value is not finite (CPU, where the check is one read)."""
 
     @classmethod
     def empty(cls, cfg, batch: int, capacity: int, *, device: torch.device | str, dtype: torch.dtype) -> KVCache:
@@ -73,8 +76,10 @@ class KVCache:
         if not 0 < capacity <= cfg.max_seq_len:
             raise ValueError(f"capacity must be in [1, max_seq_len={cfg.max_seq_len}], got {capacity}")
         shape = (batch, cfg.n_kv_heads, capacity, cfg.head_dim)
+        flags = (batch, capacity, cfg.n_kv_heads)
         return cls(keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
                    values=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+                   bad=[torch.zeros(flags, device=device, dtype=torch.bool) for _ in range(cfg.n_layers)],
                    valid=torch.zeros((batch, capacity), device=device, dtype=torch.bool),
                    positions=torch.zeros(batch, device=device, dtype=torch.long))
 
@@ -111,6 +116,8 @@ class KVCache:
         start, end = self.length, self.length + T
         self.keys[layer][:, :, start:end] = k.transpose(1, 2)
         self.values[layer][:, :, start:end] = v.transpose(1, 2)
+        written = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # (B, T, H_kv)
+        self.bad[layer][:, start:end] = written
         keys, values = self.keys[layer][:, :, :end], self.values[layer][:, :, :end]  # (B, H_kv, end, Dh)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=self.mask,
                                              is_causal=self.mask is None, enable_gqa=q.shape[2] != k.shape[2])
@@ -118,11 +125,11 @@ class KVCache:
         if q.device.type == "cpu":  # SDPA's CPU kernels can return finite rows for a NaN query: check, once
             if self.nonfinite is None:
                 self.nonfinite = [False] * len(self.keys)
-            self.nonfinite[layer] |= not bool(torch.isfinite(k).all() and torch.isfinite(v).all())
+            self.nonfinite[layer] |= bool(written.any())
             if not self.nonfinite[layer] and bool(torch.isfinite(q).all()):
                 return out
         # every query that reads a non-finite query, key or value gives NaN (hataori.model.attention's rule)
-        bad_kv = ~(torch.isfinite(keys).all(-1) & torch.isfinite(values).all(-1)).transpose(1, 2)  # (B, end, H_kv)
+        bad_kv = self.bad[layer][:, :end]  # (B, end, H_kv)
         mask = self.mask[:, 0] if self.mask is not None else torch.ones(T, end, dtype=torch.bool,
                                                                          device=q.device).tril()[None]
         reads = (mask[..., None] & bad_kv[:, None]).any(dim=2)  # (B, T, H_kv)
