@@ -388,3 +388,18 @@ def prepare_chat(folder: Path, records: list[dict], tokenizer: Path, *settings: 
                          str(REPO / "configs/chat/ja-chatml.jinja"), "--output", str(out), "progress=false",
                          *settings]) == 0
     return out
+
+
+def post_train(objective: str, run: Path, data: Path, vocab: int, seq_len: int, *overrides: str, nproc: int = 2,
+               timeout: float = 240) -> subprocess.CompletedProcess:
+    """`hataori sft` or `hataori dpo` (``objective``) on the sft-toy preset shrunk to a 2-layer width-64 model,
+    rows of ``seq_len``, 2 rows a micro-batch, 4 steps with checkpoints and validations every 2; in a subprocess
+    with the CPU DeepSpeed environment, its output captured."""
+    command = [sys.executable, "-m", "hataori.cli", objective, str(REPO / "configs/train/sft-toy.yaml"),
+               "--data", str(data), "--run-dir", str(run), "--nproc", str(nproc), f"model.vocab_size={vocab}",
+               "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
+               f"data.seq_len={seq_len}", "zero.micro_batch_size=2", f"zero.global_batch_tokens={2 * 2 * 2 * seq_len}",
+               "trainer.max_steps=4", "schedule.warmup_steps=1", "checkpoint.every_steps=2", "validation.every_steps=2",
+               "logging.every_steps=1", *overrides]
+    return subprocess.run(command, env=cpu_env(run.parent / "torch_extensions"), cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)

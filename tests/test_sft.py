@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import REPO, cpu_env, jcqa_conversations, prepare_chat, records, tiny_config
+from helpers import REPO, jcqa_conversations, post_train, prepare_chat, records, tiny_config
 from ranks import launch_ranks, log_tails
 
 from hataori.cli import main as hataori_main
@@ -156,14 +155,7 @@ def test_the_step_loss_is_per_counted_token_across_the_global_batch_under_every_
 
 
 def sft(run: Path, data: Path, vocab: int, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "hataori.cli", "sft", str(REPO / "configs/train/sft-toy.yaml"),
-               "--data", str(data), "--run-dir", str(run), "--nproc", str(nproc), f"model.vocab_size={vocab}",
-               "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
-               f"data.seq_len={SEQ_LEN}", "zero.micro_batch_size=2", f"zero.global_batch_tokens={2 * 2 * 2 * SEQ_LEN}",
-               "trainer.max_steps=4", "schedule.warmup_steps=1", "checkpoint.every_steps=2", "validation.every_steps=2",
-               "logging.every_steps=1", *overrides]
-    return subprocess.run(command, env=cpu_env(run.parent / "torch_extensions"), cwd=REPO, capture_output=True,
-                          text=True, timeout=LAUNCH_TIMEOUT_S)
+    return post_train("sft", run, data, vocab, SEQ_LEN, *overrides, nproc=nproc, timeout=LAUNCH_TIMEOUT_S)
 
 
 @pytest.mark.slow
